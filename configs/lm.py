@@ -1,0 +1,52 @@
+"""Base config for decoder language models (nets/llama.py) on byte-level text.
+
+Sizes (``size=`` in the config argument): ``test`` (tests only), ``tiny`` (the ``make run`` job),
+``small`` and ``base``.
+"""
+
+import ml_collections
+
+from configs import parse_arg
+
+SIZES = {
+    #          layers d_model heads kv_heads mlp_dim
+    "test": (2, 64, 4, 2, 128),
+    "tiny": (4, 128, 4, 2, 384),
+    "small": (6, 256, 8, 4, 768),
+    "base": (12, 768, 12, 4, 2048),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Config groups: model, data, mesh, parallel, train, opt, ckpt, log, eval, sample, seed."""
+  args = parse_arg(arg, {"size": "tiny"})
+  if args["size"] not in SIZES:
+    raise ValueError(f"size={args['size']!r} is not one of {sorted(SIZES)}.")
+  layers, d_model, heads, kv_heads, mlp_dim = SIZES[args["size"]]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      name="llama", vocab_size=384,  # 259 byte ids padded to a multiple of 128 for sharding
+      num_layers=layers, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
+      mlp_dim=mlp_dim, max_len=2048, rope_theta=10000.0, tie_embeddings=False,
+      dtype="float32", param_dtype="float32"))
+  c.data = ml_collections.ConfigDict(dict(
+      name="stdlib", path="", val_fraction=0.05,
+      num_threads=0,  # in-memory windows: reader threads only add GIL contention
+      prefetch=2))
+  # -1 fills the remaining devices; the product must equal the device count.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
+  c.parallel = ml_collections.ConfigDict(dict(
+      attention="dense",
+      rules=(),  # extra (logical, mesh axes) rows placed before parallel/sharding.py RULES
+  ))
+  c.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, seq_len=256, remat="none"))
+  c.opt = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1, clip_norm=1.0, decay_embeddings=False))
+  c.ckpt = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every=10, progress=True))
+  c.eval = ml_collections.ConfigDict(dict(every=200, steps=8, batch_size=32))
+  c.sample = ml_collections.ConfigDict(dict(
+      prompt="def ", max_new_tokens=200, temperature=0.7, num_samples=4))
+  return c

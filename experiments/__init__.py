@@ -1,0 +1,1 @@
+"""Launchable experiments: each imports a base config and overrides a few fields."""

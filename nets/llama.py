@@ -1,0 +1,221 @@
+"""Llama-style decoder-only LM: RMSNorm, RoPE, grouped-query attention, SwiGLU, pre-norm.
+
+Layers are stacked with ``nn.scan`` so compile time does not grow with depth; ``remat`` wraps the
+scanned block. Attention is a pure function passed in as ``attention_fn`` (nets/attention.py by
+default; parallel/attention.py supplies sequence-parallel versions), so this file names no mesh.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nets import attention
+
+REMAT_POLICIES = ("none", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters; built only by ``Config.from_config(config.model)``."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  max_len: int
+  head_dim: int = 0  # 0 means d_model // num_heads
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # one of REMAT_POLICIES
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides) -> "Config":
+    """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in model_cfg.items() if k != "name"}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+      raise ValueError(f"config.model has unknown field(s) {unknown} for model 'llama'; "
+                       f"known fields: {sorted(fields)}.")
+    cfg = cls(**{**given, **overrides})
+    cfg.validate()
+    return cfg
+
+  def validate(self):
+    """Raises ValueError with one sentence for inconsistent hyperparameters."""
+    if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a positive multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention).")
+    if not self.head_dim and self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                       f"{self.num_heads}; set model.head_dim explicitly or change the sizes.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}.")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not a dtype name.") from None
+    if self.head_size % 2:
+      raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings.")
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+
+def num_params(cfg: Config) -> int:
+  """Closed-form parameter count (tests check it against the initialised model)."""
+  E, D, H, K, M, V = (cfg.d_model, cfg.head_size, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim,
+                      cfg.vocab_size)
+  per_layer = 2 * E + E * H * D + 2 * E * K * D + H * D * E + 3 * E * M
+  return V * E + cfg.num_layers * per_layer + E + (0 if cfg.tie_embeddings else E * V)
+
+
+def _init(cfg: Config, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+class Proj(nn.Module):
+  """Contracts the last ``n_in`` dims of x with a kernel of shape in_dims + ``out_shape``.
+
+  (Not nn.DenseGeneral: it initialises a flattened 2-D kernel and applies the logical sharding
+  constraint before reshaping, which fails for N-D kernels under a mesh.)
+  """
+  cfg: Config
+  out_shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  n_in: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(self.cfg, self.axes),
+                        x.shape[x.ndim - self.n_in:] + tuple(self.out_shape),
+                        jnp.dtype(self.cfg.param_dtype))
+    dtype = jnp.dtype(self.cfg.dtype)
+    return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, E]; ``attend`` reuses it as the output projection when tied."""
+  cfg: Config
+
+  def setup(self):
+    self.embedding = self.param("embedding", _init(self.cfg, ("vocab", "embed")),
+                                (self.cfg.vocab_size, self.cfg.d_model),
+                                jnp.dtype(self.cfg.param_dtype))
+
+  def __call__(self, tokens_BxS):
+    # A row gather from a sharded table has no efficient SPMD partitioning (XLA replicates the
+    # whole lookup, with a warning). Gather the table first, as FSDP does for every weight before
+    # use; the gradient flows back reduce-scattered into the sharded table.
+    table_VxE = nn.with_logical_constraint(self.embedding, (None, None))
+    return jnp.take(table_VxE, tokens_BxS, axis=0).astype(self.cfg.dtype)
+
+  def attend(self, x_BxSxE):
+    dtype = jnp.dtype(self.cfg.dtype)
+    return jnp.einsum("bse,ve->bsv", x_BxSxE.astype(dtype), self.embedding.astype(dtype))
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm computed in float32, cast back to the compute dtype."""
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, x_BxSxE):
+    scale_E = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                         (x_BxSxE.shape[-1],), jnp.dtype(self.cfg.param_dtype))
+    x = x_BxSxE.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (x * scale_E.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+def rotary(x_BxSxNxD, positions_BxS, theta: float):
+  """Rotary position embedding, rotate-half convention (as in Hugging Face Llama)."""
+  D = x_BxSxNxD.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+  angles_BxSxD2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxSxD2)[:, :, None, :]
+  sin = jnp.sin(angles_BxSxD2)[:, :, None, :]
+  x = x_BxSxNxD.astype(jnp.float32)
+  x1, x2 = x[..., : D // 2], x[..., D // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxSxNxD.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
+  cfg: Config
+  attention_fn: Callable[..., Any]
+
+  @nn.compact
+  def __call__(self, x_BxSxE, positions_BxS, segment_ids_BxS):
+    cfg = self.cfg
+    dense = lambda out_shape, n_in, axes, name: Proj(cfg, out_shape, axes, n_in, name=name)
+    x_BxSxE = nn.with_logical_constraint(x_BxSxE, ("act_batch", "act_seq", "act_embed"))
+
+    h_BxSxE = RMSNorm(cfg, name="attn_norm")(x_BxSxE)
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+    q_BxSxHxD = dense((H, D), 1, ("embed", "heads", "head_dim"), "q")(h_BxSxE)
+    k_BxSxKxD = dense((K, D), 1, ("embed", "kv_heads", "head_dim"), "k")(h_BxSxE)
+    v_BxSxKxD = dense((K, D), 1, ("embed", "kv_heads", "head_dim"), "v")(h_BxSxE)
+    q_BxSxHxD = rotary(q_BxSxHxD, positions_BxS, cfg.rope_theta)
+    k_BxSxKxD = rotary(k_BxSxKxD, positions_BxS, cfg.rope_theta)
+    q_BxSxHxD = nn.with_logical_constraint(q_BxSxHxD,
+                                           ("act_batch", "act_seq", "act_heads", "head_dim"))
+    k_BxSxKxD = nn.with_logical_constraint(k_BxSxKxD,
+                                           ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
+    v_BxSxKxD = nn.with_logical_constraint(v_BxSxKxD,
+                                           ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
+    o_BxSxHxD = self.attention_fn(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
+                                  segment_ids_BxS=segment_ids_BxS)
+    o_BxSxHxD = nn.with_logical_constraint(o_BxSxHxD,
+                                           ("act_batch", "act_seq", "act_heads", "head_dim"))
+    x_BxSxE = x_BxSxE + dense((cfg.d_model,), 2, ("heads", "head_dim", "embed"), "o")(o_BxSxHxD)
+
+    h_BxSxE = RMSNorm(cfg, name="mlp_norm")(x_BxSxE)
+    gate_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "gate")(h_BxSxE)
+    up_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "up")(h_BxSxE)
+    hidden_BxSxM = nn.with_logical_constraint(nn.silu(gate_BxSxM) * up_BxSxM,
+                                              ("act_batch", "act_seq", "act_mlp"))
+    x_BxSxE = x_BxSxE + dense((cfg.d_model,), 1, ("mlp", "embed"), "down")(hidden_BxSxM)
+    x_BxSxE = nn.with_logical_constraint(x_BxSxE, ("act_batch", "act_seq", "act_embed"))
+    return x_BxSxE, None
+
+
+class Model(nn.Module):
+  """Decoder LM: tokens [B, S] int32 -> logits [B, S, V] float32."""
+  cfg: Config
+  attention_fn: Callable[..., Any] = attention.dot_product_attention
+
+  @nn.compact
+  def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
+    cfg = self.cfg
+    if positions_BxS is None:
+      positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+    embed = Embed(cfg, name="embed")
+    x_BxSxE = embed(tokens_BxS)
+
+    block = Block
+    if cfg.remat == "full":
+      block = nn.remat(Block, prevent_cse=False)  # scan already prevents CSE across layers
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxSxE, _ = blocks(cfg, self.attention_fn, name="layers")(x_BxSxE, positions_BxS,
+                                                               segment_ids_BxS)
+    x_BxSxE = RMSNorm(cfg, name="final_norm")(x_BxSxE)
+    if cfg.tie_embeddings:
+      logits_BxSxV = embed.attend(x_BxSxE)
+    else:
+      logits_BxSxV = Proj(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxSxE)
+    logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
+    return logits_BxSxV.astype(jnp.float32)

@@ -1,0 +1,92 @@
+"""The one logical->mesh rule table, sharded initialisation, and batch sharding."""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Logical axis -> mesh axis (or axes). Names not listed are replicated; a mesh axis already used
+# earlier in the same array's spec is not reused (so ("act_batch", ..., "embed") never double-books
+# fsdp). Earlier rows win; config.parallel.rules rows are placed before these.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", "seq"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("expert", "expert"),
+)
+
+
+def rules_from_config(parallel_cfg) -> tuple[tuple[str, Any], ...]:
+  """RULES with the user's override rows (config.parallel.rules) taking precedence."""
+  extra = tuple((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+                for name, axes in parallel_cfg.rules)
+  return extra + RULES
+
+
+def state_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a pytree of logically-partitioned (boxed) abstract values."""
+  specs = nn.get_partition_spec(abstract_boxed)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract_boxed: Any, shardings: Any, what: str = "parameter") -> None:
+  """Raises one sentence naming the first array whose sharded dimension does not divide evenly."""
+  leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_boxed))
+  for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      if axes is None:
+        continue
+      axes = axes if isinstance(axes, tuple) else (axes,)
+      n = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+      if size % n:
+        raise ValueError(f"{what} {jax.tree_util.keystr(path)} has size {size} in dimension {dim}, "
+                         f"which mesh axes {axes} (size {n}) cannot split evenly; change the model "
+                         "size or config.mesh.")
+
+
+def abstract_and_shardings(init_boxed: Callable[[], Any], mesh: Mesh, rules):
+  """Shapes and shardings of ``init_boxed()`` without allocating or compiling anything.
+
+  ``init_boxed`` takes no arguments and returns a pytree whose leaves may be nn.Partitioned boxes
+  (their logical names decide the sharding). Returns (ShapeDtypeStructs carrying their shardings,
+  shardings); the structs are also the restore target for checkpoints.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init_boxed)
+    shardings = state_shardings(abstract, mesh, rules)
+  check_divisible(abstract, shardings)
+  structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         nn.unbox(abstract), shardings)
+  return structs, shardings
+
+
+def init_sharded(init_boxed: Callable[[], Any], shardings: Any, mesh: Mesh, rules):
+  """Runs ``init_boxed`` under jit so every array is created directly in its target sharding."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=shardings)()
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, seq, ...] input: batch over the data axes, seq over the seq axis."""
+  logical = ("act_batch", "act_seq") + (None,) * (ndim - 2)
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+  """Turns this process's share of a batch into global arrays sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+          for k, v in local.items()}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

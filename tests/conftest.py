@@ -1,0 +1,20 @@
+"""Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
+
+import os
+import sys
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+  assert jax.device_count() == 8, (
+      f"the tests need 8 simulated CPU devices, found {jax.device_count()}; XLA_FLAGS="
+      f"{os.environ.get('XLA_FLAGS')!r} must set --xla_force_host_platform_device_count=8")

@@ -1,0 +1,35 @@
+"""``python -m train --config=FILE[:ARG] --workdir=DIR [--config.a.b=v ...] [--cpu_devices=N]``."""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally FILE:ARG (e.g. experiments/lm_stdlib.py:"
+    "size=tiny); override fields with --config.group.field=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for checkpoints, metrics and samples; rerunning resumes from it.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "Simulate this many CPU devices; an XLA_FLAGS device count from the "
+    "environment is respected and must agree.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
+  # Imported here: the device count must be set before JAX initialises its backends.
+  from parallel import devices
+  from train import loop, validate
+  try:
+    devices.set_cpu_devices(_CPU_DEVICES.value)
+    validate.validate(_CONFIG.value)
+  except ValueError as e:
+    sys.exit(f"odyssey: {e}")
+  loop.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,80 @@
+"""Config validation: every check runs before anything is traced or compiled, one sentence each."""
+
+import dataclasses
+
+import jax
+
+from parallel import attention as parallel_attention
+from parallel import mesh as parallel_mesh
+from train import data, models
+
+GROUPS = ("model", "data", "mesh", "parallel", "train", "opt", "ckpt", "log", "eval", "sample",
+          "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What validation resolved: the mesh sizes and the model hyperparameters."""
+  mesh: dict[str, int]
+  model_cfg: object
+
+
+def validate(config, num_devices: int | None = None, process_count: int | None = None) -> Plan:
+  """Raises ValueError with one clear sentence for the first problem found in ``config``."""
+  missing = [g for g in GROUPS if g not in config]
+  if missing:
+    raise ValueError(f"config is missing the group(s) {missing}; see configs/lm.py for a "
+                     "complete config.")
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  model_cfg = models.model_config(config)
+  data.check_data_config(config.data)
+  sizes = parallel_mesh.mesh_shape(config.mesh, num_devices)
+  if config.parallel.attention not in parallel_attention.KERNELS:
+    raise ValueError(f"config.parallel.attention={config.parallel.attention!r} is not one of "
+                     f"{parallel_attention.KERNELS}.")
+
+  t = config.train
+  _positive(t.steps, "train.steps")
+  _positive(t.batch_size, "train.batch_size")
+  _positive(t.seq_len, "train.seq_len")
+  for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
+    group, field = name.split(".")
+    _positive(config[group][field], name)
+  dp = sizes["data"] * sizes["fsdp"]
+  if t.batch_size % dp:
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
+                     f"mesh.data*mesh.fsdp={dp}; use a multiple of {dp}.")
+  if t.batch_size % process_count:
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {process_count} "
+                     "processes, so the per-process batch would be uneven.")
+  if config.eval.batch_size % dp:
+    raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
+                     f"data-parallel size mesh.data*mesh.fsdp={dp}; use a multiple of {dp}.")
+  if t.seq_len % sizes["seq"]:
+    raise ValueError(f"train.seq_len={t.seq_len} is not divisible by mesh.seq={sizes['seq']}.")
+  if t.seq_len > model_cfg.max_len:
+    raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}.")
+  if model_cfg.vocab_size < data.BYTE_VOCAB:
+    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
+                     f"tokenizer's {data.BYTE_VOCAB} ids.")
+  _divisible_by_axis(model_cfg, sizes)
+  return Plan(mesh=sizes, model_cfg=model_cfg)
+
+
+def _positive(value, name):
+  if not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.{name}={value!r} must be a positive integer.")
+
+
+def _divisible_by_axis(model_cfg, sizes):
+  """Model widths that the rule table splits over a mesh axis must divide evenly."""
+  checks = [("num_heads", "tensor"), ("num_kv_heads", "tensor"), ("mlp_dim", "tensor"),
+            ("vocab_size", "tensor"), ("d_model", "fsdp")]
+  for field, axis in checks:
+    value = getattr(model_cfg, field, None)
+    if value is not None and value % sizes[axis]:
+      hint = (" (grouped-query KV heads are sharded over tensor like the query heads)"
+              if field == "num_kv_heads" else "")
+      raise ValueError(f"model.{field}={value} is not divisible by mesh.{axis}={sizes[axis]}"
+                       f"{hint}; use a mesh.{axis} that divides {value} or change the model.")
