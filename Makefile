@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 WORKDIR ?= workdirs/lm_stdlib
-# Test workers: the suite is mostly single-threaded XLA compiles, so two processes use both cores.
+# Test workers: the suite is mostly single-threaded XLA compiles, so two processes use both cores;
+# whole files go to one worker so module-scoped fixtures (the end-to-end runs) execute once.
 TEST_WORKERS ?= 2
 
 .PHONY: run test install clean
@@ -30,7 +31,7 @@ run: $(STAMP)
 	  --config=experiments/lm_stdlib.py:size=tiny --workdir=$(WORKDIR) --cpu_devices=8
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=10 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
 
 clean:
 	rm -rf workdirs

@@ -37,7 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # -1 fills the remaining devices; the product must equal the device count.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
   c.parallel = ml_collections.ConfigDict(dict(
-      attention="dense",
+      attention="auto",  # local kernel: dense | blockwise | cudnn | auto (cuDNN on GPU)
+      seq_strategy="auto",  # over mesh.seq: ulysses | ring | usp | allgather | auto
+      usp_ulysses=0,  # usp: Ulysses group size (0 = the largest that divides the heads)
+      block_size=512,  # blockwise kernel query/key block
       rules=(),  # extra (logical, mesh axes) rows placed before parallel/sharding.py RULES
   ))
   c.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, seq_len=256, remat="none"))

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 
 
 def dot_product_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, *, causal: bool,
-                          segment_ids_BxS=None, segment_ids_BxT=None):
+                          positions_BxS=None, segment_ids_BxS=None, segment_ids_BxT=None):
   """Softmax attention with grouped-query heads (H % K == 0); logits and softmax in float32.
 
-  Masks: ``causal`` keeps key t <= query s (S == T, aligned positions); segment ids, when given,
-  keep only pairs in the same segment (packed documents or padding, id 0 by convention is not
-  special here: pass distinct ids per document).
+  Masks: ``causal`` keeps keys whose position is <= the query's (positions default to 0..S-1 and
+  are shared by queries and keys, S == T); segment ids, when given, keep only pairs in the same
+  segment (packed documents; give padding its own id).
   """
   B, S, H, D = q_BxSxHxD.shape
   T, K = k_BxTxKxD.shape[1], k_BxTxKxD.shape[2]
@@ -23,7 +23,11 @@ def dot_product_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, *, causal: bool,
                                 preferred_element_type=jnp.float32) * (D ** -0.5)
   mask = jnp.ones((1, 1, 1, S, T), dtype=bool)
   if causal:
-    mask = mask & (jnp.arange(S)[:, None] >= jnp.arange(T)[None, :])[None, None, None]
+    if positions_BxS is None:
+      mask = mask & (jnp.arange(S)[:, None] >= jnp.arange(T)[None, :])[None, None, None]
+    else:
+      later_BxSxT = positions_BxS[:, :, None] >= positions_BxS[:, None, :]
+      mask = mask & later_BxSxT[:, None, None]
   if segment_ids_BxS is not None:
     seg_k = segment_ids_BxS if segment_ids_BxT is None else segment_ids_BxT
     same_BxSxT = segment_ids_BxS[:, :, None] == seg_k[:, None, :]

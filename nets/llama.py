@@ -176,7 +176,7 @@ class Block(nn.Module):
     v_BxSxKxD = nn.with_logical_constraint(v_BxSxKxD,
                                            ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
     o_BxSxHxD = self.attention_fn(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
-                                  segment_ids_BxS=segment_ids_BxS)
+                                  positions_BxS=positions_BxS, segment_ids_BxS=segment_ids_BxS)
     o_BxSxHxD = nn.with_logical_constraint(o_BxSxHxD,
                                            ("act_batch", "act_seq", "act_heads", "head_dim"))
     x_BxSxE = x_BxSxE + dense((cfg.d_model,), 2, ("heads", "head_dim", "embed"), "o")(o_BxSxHxD)

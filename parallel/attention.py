@@ -1,21 +1,166 @@
-"""Attention entry point: picks the attention function that nets call, by config name.
+"""The attention entry point nets call: local kernel + sequence-parallel strategy, by config.
 
-Sequence-parallel strategies (Ulysses, ring, hybrid) and memory-efficient kernels plug in here;
-each is a pure function with the signature of nets.attention.dot_product_attention.
+``config.parallel.attention`` picks the local kernel (dense | blockwise | cudnn | auto) and
+``config.parallel.seq_strategy`` how attention crosses the ``seq`` mesh axis:
+  ulysses    all-to-all seq->heads, local attention over the whole sequence, all-to-all back;
+  ring       K/V blocks travel around the seq axis with an online softmax (any head count);
+  usp        Ulysses inside groups of ``usp_ulysses`` consecutive seq devices, ring across groups;
+  allgather  all-gather K/V (the Megatron-SP-style baseline, for comparison);
+  auto       Ulysses when the heads divide, else USP when some degree > 1 divides them, else ring.
+With mesh.seq == 1 the local kernel runs alone (the compiler partitions batch and heads).
+
+Outside attention nothing changes: activations keep their ("act_batch", "act_seq", ...) logical
+names, so norms and MLPs stay sequence-sharded and per-device activation memory falls with P.
+Ring and USP process the sequence in zigzag order (device i holds chunks i and 2P-1-i) so causal
+work is balanced; the train/eval steps apply ``plan.permutation`` to tokens, targets and positions
+(the loss is a sum over tokens, so the order does not change it).
 """
 
+import dataclasses
+import functools
 from typing import Callable
 
-from jax.sharding import Mesh
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
-from nets.attention import dot_product_attention
+from parallel import kernels, ring, ulysses
 
-KERNELS = ("dense",)
+STRATEGIES = ("auto", "ulysses", "ring", "usp", "allgather")
+KERNEL_NAMES = tuple(sorted(kernels.KERNELS)) + ("auto",)
+BATCH_AXES = ("data", "fsdp")
 
 
-def get_attention_fn(name: str, mesh: Mesh | None = None) -> Callable:
-  """The attention function for config.parallel.attention."""
-  del mesh  # the dense kernel lets the compiler partition it (batch/heads sharded, seq whole)
-  if name == "dense":
-    return dot_product_attention
-  raise ValueError(f"config.parallel.attention={name!r} is not one of {KERNELS}.")
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What runs: the resolved strategy and kernel, and the degrees along the seq axis."""
+  strategy: str  # "local" when mesh.seq == 1
+  kernel: str
+  seq: int  # mesh.seq
+  ulysses: int  # all-to-all group size (1 for ring/allgather/local)
+  ring: int  # ring length (1 for ulysses/allgather/local)
+  block_size: int
+
+  def describe(self) -> str:
+    if self.strategy == "local":
+      return f"attention: local {self.kernel} kernel (no sequence parallelism)"
+    detail = {"ulysses": f"all-to-all over seq={self.seq}", "ring": f"ring of {self.ring}",
+              "usp": f"Ulysses groups of {self.ulysses} x ring of {self.ring}",
+              "allgather": f"K/V all-gather over seq={self.seq}"}[self.strategy]
+    kernel = "" if self.strategy == "ring" else f", local {self.kernel} kernel"
+    return f"attention: {self.strategy} ({detail}{kernel})"
+
+  def permutation(self, seq_len: int) -> np.ndarray | None:
+    """Sequence order the steps apply before the model (zigzag for ring-based strategies)."""
+    if self.strategy in ("ring", "usp"):
+      return ring.zigzag_permutation(seq_len, self.ring)
+    return None
+
+
+def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: int,
+              seq_len: int) -> Plan:
+  """Resolves "auto" and validates the combination; raises one sentence naming the fix."""
+  strategy, kernel_name = parallel_cfg.seq_strategy, parallel_cfg.attention
+  if strategy not in STRATEGIES:
+    raise ValueError(f"config.parallel.seq_strategy={strategy!r} is not one of {STRATEGIES}.")
+  if kernel_name not in KERNEL_NAMES:
+    raise ValueError(f"config.parallel.attention={kernel_name!r} is not one of {KERNEL_NAMES}.")
+  kernel = kernels.pick_kernel(kernel_name)
+  P, tp = mesh_sizes["seq"], mesh_sizes["tensor"]
+  heads = num_heads // tp  # query heads on one tensor shard
+  block = int(parallel_cfg.block_size)
+  if seq_len % P:
+    raise ValueError(f"train.seq_len={seq_len} is not divisible by mesh.seq={P}; sequence "
+                     f"parallelism gives each device seq_len/{P} tokens.")
+  if P == 1:
+    plan = Plan("local", kernel, 1, 1, 1, block)
+  elif strategy == "auto":
+    if heads % P == 0:
+      plan = Plan("ulysses", kernel, P, P, 1, block)
+    else:
+      u = max(d for d in range(1, P + 1) if P % d == 0 and heads % d == 0)
+      plan = Plan("usp" if u > 1 else "ring", kernel, P, u, P // u, block)
+  elif strategy == "ulysses":
+    if heads % P:
+      raise ValueError(
+          f"model.num_heads={num_heads} split over mesh.tensor={tp} leaves {heads} heads per "
+          f"device, which is not divisible by mesh.seq={P} as Ulysses needs; use "
+          f"parallel.seq_strategy='ring' or 'usp' (or 'auto'), or a mesh.seq dividing {heads}.")
+    plan = Plan("ulysses", kernel, P, P, 1, block)
+  elif strategy == "usp":
+    u = int(parallel_cfg.usp_ulysses) or max(
+        d for d in range(1, P + 1) if P % d == 0 and heads % d == 0)
+    if P % u or heads % u:
+      raise ValueError(f"parallel.usp_ulysses={u} must divide both mesh.seq={P} and the {heads} "
+                       "heads per tensor shard; set it to a common divisor (0 picks one).")
+    plan = Plan("usp", kernel, P, u, P // u, block)
+  else:
+    plan = Plan(strategy, kernel, P, 1, P if strategy == "ring" else 1, block)
+  if plan.strategy in ("ring", "usp") and seq_len % (2 * plan.ring):
+    raise ValueError(f"train.seq_len={seq_len} is not divisible by 2 x {plan.ring} (ring length), "
+                     f"which {plan.strategy} attention's zigzag layout needs; use a multiple of "
+                     f"{2 * plan.ring}.")
+  attended = seq_len if plan.strategy in ("local", "ulysses", "allgather") else None
+  if plan.kernel == "blockwise" and attended is not None:
+    local_q = seq_len // P if plan.strategy == "allgather" else seq_len
+    for n in {local_q, attended}:
+      if n % min(block, n):
+        raise ValueError(f"parallel.block_size={block} does not divide the attended length {n}; "
+                         "choose a block size that divides it.")
+  return plan
+
+
+def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
+  """The function nets call: fn(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None)."""
+  kernel = kernels.KERNELS[plan.kernel]
+  if plan.kernel == "blockwise":
+    kernel = functools.partial(kernel, block_q=plan.block_size, block_kv=plan.block_size)
+
+  def local(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None):
+    mask = kernels.make_mask(q.shape[1], batch=q.shape[0], q_positions=positions_BxS,
+                             q_segments=segment_ids_BxS)
+    return kernel(q, k, v, causal=causal, mask=mask)
+
+  if plan.strategy == "local":
+    return local
+  if plan.strategy == "ulysses":
+    per_device = functools.partial(ulysses.ulysses_attention, kernel=kernel, axis_name="seq",
+                                   degree=plan.seq)
+  elif plan.strategy == "allgather":
+    per_device = functools.partial(ulysses.allgather_attention, kernel=kernel, axis_name="seq")
+  elif plan.strategy == "ring":
+    per_device = functools.partial(ring.ring_attention, axis_name="seq", ring_size=plan.ring,
+                                   stride=1, chunks=2)
+  else:
+    per_device = functools.partial(_usp, axis_name="seq", ulysses_degree=plan.ulysses,
+                                   ring_size=plan.ring)
+  return functools.partial(_sharded, per_device=per_device, mesh=mesh)
+
+
+def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size):
+  """Ulysses within consecutive groups of the seq axis, ring attention across the groups."""
+  groups = ulysses.consecutive_groups(ulysses_degree * ring_size, ulysses_degree)
+  q, k, v, group_mask = ulysses.seq_to_heads(q, k, v, mask, axis_name=axis_name,
+                                             degree=ulysses_degree, groups=groups)
+  o = ring.ring_attention(q, k, v, causal=causal, mask=group_mask, axis_name=axis_name,
+                          ring_size=ring_size, stride=ulysses_degree, chunks=2)
+  return ulysses.heads_to_seq(o, axis_name=axis_name, groups=groups)
+
+
+def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, per_device, mesh):
+  """Runs ``per_device`` in shard_map: batch over data/fsdp, sequence over seq, heads over tensor."""
+  B, N = q.shape[:2]
+  if positions_BxS is None:
+    positions_BxS = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
+  qkv_spec, seq_spec = P(BATCH_AXES, "seq", "tensor", None), P(BATCH_AXES, "seq")
+  has_segments = segment_ids_BxS is not None
+
+  def body(q, k, v, positions, *segments):
+    seg = segments[0] if has_segments else None
+    return per_device(q, k, v, causal=causal, mask=kernels.Mask(positions, positions, seg, seg))
+
+  args = (q, k, v, positions_BxS.astype(jnp.int32)) + ((segment_ids_BxS,) if has_segments else ())
+  specs = (qkv_spec,) * 3 + (seq_spec,) * (2 if has_segments else 1)
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv_spec,
+                       check_vma=False)(*args)

@@ -30,7 +30,8 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel_mesh.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.parallel)
-  model, _ = models.build(config, mesh)
+  model, _, attention_plan = models.build(config, mesh)
+  permutation = attention_plan.permutation(config.train.seq_len)
   tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
   t = config.train
 
@@ -61,14 +62,14 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   writer.message(f"odyssey: model {config.model.name} ({_count(abstract.params):,} params), mesh "
                  f"{plan.mesh} on {jax.device_count()} {jax.devices()[0].platform} devices, "
                  + (f"resumed from step {resumed_from}" if resumed_from is not None
-                    else "fresh start") + f"; workdir {workdir}")
+                    else "fresh start") + f"; {attention_plan.describe()}; workdir {workdir}")
   batch_sharding = sharding.batch_sharding(mesh, rules)
   summary = {"start_step": start_step}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step = jax.jit(steps.make_train_step(model, tx, lr_schedule),
+    train_step = jax.jit(steps.make_train_step(model, tx, lr_schedule, permutation),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-    eval_step = jax.jit(steps.make_eval_step(model), in_shardings=(shardings.params, batch_sharding),
+    eval_step = jax.jit(steps.make_eval_step(model, permutation), in_shardings=(shardings.params, batch_sharding),
                         out_shardings=sharding.replicated(mesh))
 
     def evaluate(step, params):
@@ -124,7 +125,8 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
     ckpt.close()
     finished = int(jax.device_get(state.step)) >= t.steps
     if finished and config.sample.max_new_tokens > 0:
-      summary["samples"] = _write_samples(model, state.params, config, plan, mesh, rules,
+      sampler, _, _ = models.build(config, mesh, seq_parallel=False)
+      summary["samples"] = _write_samples(sampler, state.params, config, plan, mesh, rules,
                                           workdir, writer)
   summary["final_step"] = int(jax.device_get(state.step))
   summary["checkpoints"] = ckpt.all_steps()

@@ -4,7 +4,7 @@ import importlib
 import pkgutil
 
 import nets
-from parallel.attention import get_attention_fn
+from parallel import attention
 
 
 def families() -> list[str]:
@@ -30,8 +30,23 @@ def model_config(config):
   return family(config.model.name).Config.from_config(config.model, remat=config.train.remat)
 
 
-def build(config, mesh=None):
-  """Returns (Model instance, its Config) with the attention function chosen by config."""
+def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
+  """The attention kernel and sequence-parallel strategy for this config (validated)."""
+  return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
+                             num_kv_heads=getattr(model_cfg, "num_kv_heads", model_cfg.num_heads),
+                             seq_len=config.train.seq_len)
+
+
+def build(config, mesh, *, seq_parallel: bool = True):
+  """Returns (Model, its Config, attention Plan) with attention chosen by config.parallel.
+
+  ``seq_parallel=False`` gives the same model with the local kernel only (for sampling, whose
+  sequence lengths need not divide the seq axis).
+  """
   module = family(config.model.name)
   cfg = model_config(config)
-  return module.Model(cfg, attention_fn=get_attention_fn(config.parallel.attention, mesh)), cfg
+  sizes = dict(mesh.shape)
+  if not seq_parallel:
+    sizes["seq"] = 1
+  plan = attention_plan(config, sizes, cfg)
+  return module.Model(cfg, attention_fn=attention.attention_fn(plan, mesh)), cfg, plan

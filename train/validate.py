@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 
-from parallel import attention as parallel_attention
 from parallel import mesh as parallel_mesh
 from train import data, models
 
@@ -17,6 +16,7 @@ class Plan:
   """What validation resolved: the mesh sizes and the model hyperparameters."""
   mesh: dict[str, int]
   model_cfg: object
+  attention: object  # parallel.attention.Plan
 
 
 def validate(config, num_devices: int | None = None, process_count: int | None = None) -> Plan:
@@ -30,9 +30,6 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   model_cfg = models.model_config(config)
   data.check_data_config(config.data)
   sizes = parallel_mesh.mesh_shape(config.mesh, num_devices)
-  if config.parallel.attention not in parallel_attention.KERNELS:
-    raise ValueError(f"config.parallel.attention={config.parallel.attention!r} is not one of "
-                     f"{parallel_attention.KERNELS}.")
 
   t = config.train
   _positive(t.steps, "train.steps")
@@ -59,7 +56,8 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
     raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
                      f"tokenizer's {data.BYTE_VOCAB} ids.")
   _divisible_by_axis(model_cfg, sizes)
-  return Plan(mesh=sizes, model_cfg=model_cfg)
+  attention = models.attention_plan(config, sizes, model_cfg)
+  return Plan(mesh=sizes, model_cfg=model_cfg, attention=attention)
 
 
 def _positive(value, name):
