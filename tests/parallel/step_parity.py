@@ -1,0 +1,94 @@
+"""Shared harness: one Llama step on a mesh vs the single-device reference (not a test file)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import lm
+from parallel import mesh as parallel_mesh
+from parallel import sharding
+from train import models, optimizer, steps
+from train import state as state_lib
+
+B, S = 8, 16
+
+
+def setup(mesh_sizes: dict, devices=None, **parallel):
+  config = lm.get_config("size=test")
+  config.mesh.update(**mesh_sizes)
+  config.parallel.update(**parallel)
+  config.train.seq_len = S
+  mesh = parallel_mesh.make_mesh(config.mesh, devices)
+  rules = sharding.rules_from_config(config.parallel)
+  model, _, plan = models.build(config, mesh)
+  tx, lr = optimizer.make(config.opt, total_steps=10)
+  init = lambda: state_lib.create(model, tx, (jnp.zeros((B, S), jnp.int32),), config.seed)
+  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  return config, mesh, rules, model, tx, lr, init, shardings, plan
+
+
+def batch():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+@functools.lru_cache(maxsize=None)
+def reference():
+  """Loss, gradients and post-step params on one device (the dense reference)."""
+  return run_one_step(dict(data=1, fsdp=1, tensor=1, seq=1, expert=1), jax.devices()[:1])
+
+
+def run_one_step(mesh_sizes, devices=None, **parallel):
+  config, mesh, rules, model, tx, lr, init, shardings, plan = setup(mesh_sizes, devices, **parallel)
+  permutation = plan.permutation(S)
+  state = sharding.init_sharded(init, shardings, mesh, rules)
+  bs = sharding.batch_sharding(mesh, rules)
+  data = {k: jax.device_put(v, bs) for k, v in batch().items()}
+
+  def loss_fn(params, data):
+    inputs, targets, positions = steps.reorder(data, permutation)
+    loss_sum, count = steps.token_loss(model.apply({"params": params}, inputs, positions),
+                                       targets)
+    return loss_sum / count
+
+  train_step = steps.make_train_step(model, tx, lr, permutation)
+
+  def loss_grads_and_step(state, data):
+    # One program (one compile) for the gradients and the real optimizer step.
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, data)
+    new_state, metrics = train_step(state, data)
+    return loss, grads, new_state, metrics
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = jax.jit(loss_grads_and_step, in_shardings=(shardings, bs),
+                       out_shardings=(None, shardings.params, shardings, None)).lower(
+                           state, data).compile()
+    init_params = jax.device_get(state.params)
+    loss, grads, new_state, metrics = compiled(state, data)
+  return dict(loss=float(loss), grads=grads, init_params=init_params, new_state=new_state,
+              step_loss=float(metrics["loss"]), mesh=mesh, shardings=shardings, plan=plan,
+              hlo=compiled.as_text())
+
+
+def assert_matches_reference(got, ref):
+  """Same init, loss, gradients and post-AdamW parameters as the single-device run."""
+  # Sharded initialisation draws the same numbers as the single-device one (partitionable PRNG).
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), ref["init_params"],
+               got["init_params"])
+  np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-6)
+  np.testing.assert_allclose(got["step_loss"], ref["step_loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.device_get(got["grads"]), jax.device_get(ref["grads"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(got["new_state"].params), jax.device_get(ref["new_state"].params))
+
+
+def axes(data=1, fsdp=1, tensor=1, seq=1):
+  return dict(data=data, fsdp=fsdp, tensor=tensor, seq=seq, expert=1)
+
+
+
