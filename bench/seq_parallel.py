@@ -506,7 +506,8 @@ def markdown(doc: dict) -> str:
                  _mib(formula), ratio, _ops(r["forward"]["by_op"]),
                  _mib(r["forward_backward"]["buffer_bytes"]), _mib(r["fwd_bwd_temp_bytes"])])
   out += ["## 1. Bytes communicated per device per attention layer (from compiled HLO)", "",
-          f"B={ATT['batch']}, H={ATT['heads']}, D={ATT['head_dim']} (h={ATT['heads'] * ATT['head_dim']}),"
+          f"B={ATT['batch']}, H={ATT['heads']}, D={ATT['head_dim']} "
+          f"(h={ATT['heads'] * ATT['head_dim']}),"
           f" causal, float32, N = {doc['settings']['tokens_per_device']}·P. MiB = 2^20 bytes. "
           "buffer = whole arrays (primary); wire = bytes leaving the device. formula = "
           "4·N·h/P × 4 B (Ulysses only).", "",

@@ -102,7 +102,7 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
                      f"which {plan.strategy} attention's zigzag layout needs; use a multiple of "
                      f"{2 * plan.ring}.")
   attended = seq_len if plan.strategy in ("local", "ulysses", "allgather") else None
-  if plan.kernel == "blockwise" and attended is not None:
+  if plan.kernel in ("blockwise", "cudnn") and attended is not None:
     local_q = seq_len // P if plan.strategy == "allgather" else seq_len
     for n in {local_q, attended}:
       if n % min(block, n):
@@ -114,7 +114,7 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
 def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
   """The function nets call: fn(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None)."""
   kernel = kernels.KERNELS[plan.kernel]
-  if plan.kernel == "blockwise":
+  if plan.kernel in ("blockwise", "cudnn"):  # cudnn falls back to blockwise for float32
     kernel = functools.partial(kernel, block_q=plan.block_size, block_kv=plan.block_size)
 
   def local(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None):

@@ -248,12 +248,18 @@ def _int_cotangent(x):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def cudnn_attention(q, k, v, *, causal: bool, mask: Mask):
-  """cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs only).
+def cudnn_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
+                    block_kv: int = 512):
+  """cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs).
 
-  It supports causal masking by index and no segment ids here, so it is used only when positions
-  are the identity and there are no segments (the caller checks).
+  cuDNN takes bf16/fp16 and masks causally by index, without segment ids. Inputs it cannot take
+  (float32, segment masks) go to the blockwise kernel instead; the decision is static, at trace
+  time. Positions must be 0..N-1 in order, which holds wherever a local kernel is used (only
+  ring/USP reorder the sequence, and they use their own block primitives).
   """
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or mask.q_segments is not None:
+    return blockwise_attention(q, k, v, causal=causal, mask=mask, block_q=block_q,
+                               block_kv=block_kv)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 

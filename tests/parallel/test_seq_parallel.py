@@ -105,9 +105,20 @@ def test_strategy_matches_dense(strategy, mesh_name, causal, num_kv_heads, padde
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-@pytest.mark.parametrize("num_kv_heads", [1, 8])
-def test_gqa_head_counts_on_seq8(strategy, num_kv_heads):
-  check(sharded(strategy, "seq8", num_kv_heads, True, True), reference(num_kv_heads, True, True))
+@pytest.mark.parametrize("mesh_name, num_kv_heads", [("seq8", 1), ("seq8", 8), ("data2_seq4", 1),
+                                                     ("fsdp2_seq4", 1)])
+def test_gqa_head_counts(strategy, mesh_name, num_kv_heads):
+  # (One KV head cannot be split over tensor=2, so the tensor mesh uses 2 and H above.)
+  check(sharded(strategy, mesh_name, num_kv_heads, True, True),
+        reference(num_kv_heads, True, True))
+
+
+def test_cudnn_kernel_falls_back_to_blockwise_for_float32_and_segments():
+  q, k, v, w, seg = inputs(2)
+  mask = kernels.make_mask(N, batch=B, q_segments=seg)
+  got = kernels.cudnn_attention(q, k, v, causal=True, mask=mask, block_q=8, block_kv=8)
+  np.testing.assert_allclose(got, kernels.dense_attention(q, k, v, causal=True, mask=mask),
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ring", "usp"])
