@@ -6,7 +6,7 @@ Sizes (``size=`` in the config argument): ``test`` (tests only), ``tiny`` (the `
 
 import ml_collections
 
-from configs import parse_arg
+from configs import base, parse_arg
 
 SIZES = {
     #          layers d_model heads kv_heads mlp_dim
@@ -18,13 +18,13 @@ SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Config groups: model, data, mesh, parallel, train, opt, ckpt, log, eval, sample, seed."""
+  """Config groups: task, model, data, mesh, parallel, train, opt, ckpt, log, eval, sample, seed."""
   args = parse_arg(arg, {"size": "tiny"})
   if args["size"] not in SIZES:
     raise ValueError(f"size={args['size']!r} is not one of {sorted(SIZES)}.")
   layers, d_model, heads, kv_heads, mlp_dim = SIZES[args["size"]]
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = base.shared(steps=1000, batch_size=32, lr=3e-3, warmup_steps=100)
+  c.task = "lm"
   c.model = ml_collections.ConfigDict(dict(
       name="llama", vocab_size=384,  # 259 byte ids padded to a multiple of 128 for sharding
       num_layers=layers, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
@@ -34,22 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="stdlib", path="", val_fraction=0.05,
       num_threads=0,  # in-memory windows: reader threads only add GIL contention
       prefetch=2))
-  # -1 fills the remaining devices; the product must equal the device count.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
-  c.parallel = ml_collections.ConfigDict(dict(
-      attention="auto",  # local kernel: dense | blockwise | cudnn | auto (cuDNN on GPU)
-      seq_strategy="auto",  # over mesh.seq: ulysses | ring | usp | allgather | auto
-      usp_ulysses=0,  # usp: Ulysses group size (0 = the largest that divides the heads)
-      block_size=512,  # blockwise kernel query/key block
-      rules=(),  # extra (logical, mesh axes) rows placed before parallel/sharding.py RULES
-  ))
-  c.train = ml_collections.ConfigDict(dict(steps=1000, batch_size=32, seq_len=256, remat="none"))
-  c.opt = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.1, clip_norm=1.0, decay_embeddings=False))
-  c.ckpt = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every=10, progress=True))
-  c.eval = ml_collections.ConfigDict(dict(every=200, steps=8, batch_size=32))
+  c.train.seq_len = 256
   c.sample = ml_collections.ConfigDict(dict(
       prompt="def ", max_new_tokens=200, temperature=0.7, num_samples=4))
   return c

@@ -76,15 +76,24 @@ def init_sharded(init_boxed: Callable[[], Any], shardings: Any, mesh: Mesh, rule
     return jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=shardings)()
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, seq, ...] input: batch over the data axes, seq over the seq axis."""
-  logical = ("act_batch", "act_seq") + (None,) * (ndim - 2)
+def logical_sharding(mesh: Mesh, rules, logical: tuple) -> NamedSharding:
+  """The NamedSharding of an array whose dimensions have these logical names."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
-  """Turns this process's share of a batch into global arrays sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, seq, ...] input: batch over the data axes, seq over the seq axis."""
+  return logical_sharding(mesh, rules, ("act_batch", "act_seq") + (None,) * (ndim - 2))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules,
+                 shardings: dict | None = None) -> dict[str, jax.Array]:
+  """Turns this process's share of a batch into global arrays sharded over the mesh.
+
+  ``shardings`` gives each entry's sharding (a task's batch layout); by default [batch, seq, ...].
+  """
+  return {k: jax.make_array_from_process_local_data(
+      shardings[k] if shardings else batch_sharding(mesh, rules, v.ndim), v)
           for k, v in local.items()}
 
 

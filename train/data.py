@@ -221,14 +221,21 @@ def make_dataset(data_cfg, *, split: str, seq_len: int, global_batch_size: int, 
                  shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
   """Returns this process's batches {"inputs", "targets": int32[local_b, seq_len]} of `split`."""
   check_data_config(data_cfg)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
-                     f"{process_count} JAX processes; make it a multiple of {process_count}.")
   source = WindowSource(token_stream(data_cfg, split), seq_len)
   if len(source) < global_batch_size:
     raise ValueError(f"The {split!r} split of data {data_cfg.name!r} has {len(source)} windows of "
                      f"seq_len={seq_len}, fewer than one batch of {global_batch_size}.")
+  return batched(source, data_cfg, global_batch_size=global_batch_size, seed=seed,
+                 shuffle=shuffle, num_epochs=num_epochs)
+
+
+def batched(source, data_cfg, *, global_batch_size: int, seed: int, shuffle: bool,
+            num_epochs: int | None) -> grain.IterDataset:
+  """The grain pipeline every dataset shares: shuffle -> repeat -> this process's share -> batch."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
+                     f"{process_count} JAX processes; make it a multiple of {process_count}.")
   ds = grain.MapDataset.source(source)
   if shuffle:
     # Before repeat, so each epoch is a full fresh permutation (repeat reseeds per epoch).

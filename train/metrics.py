@@ -31,11 +31,12 @@ class Writer:
     for name, value in values.items():
       self._tb.add_scalar(f"{split}/{name}", value, int(step))
 
-  def progress(self, step: int, metrics: dict):
-    """Moves the bar to ``step`` and shows loss, lr and tokens/s (ETA comes from tqdm)."""
+  def progress(self, step: int, metrics: dict, unit: str = "tokens"):
+    """Moves the bar to ``step`` and shows loss, lr and throughput (ETA comes from tqdm)."""
     self._bar.update(step - self._bar.n)
-    self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                          tok_s=f"{metrics.get('tokens_per_s', 0.0):,.0f}", refresh=False)
+    self._bar.set_postfix({"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                           f"{unit}/s": f"{metrics.get(f'{unit}_per_s', 0.0):,.0f}"},
+                          refresh=False)
 
   def message(self, text: str):
     """Prints a line without breaking the progress bar."""

@@ -30,11 +30,24 @@ def model_config(config):
   return family(config.model.name).Config.from_config(config.model, remat=config.train.remat)
 
 
+def attention_length(config, model_cfg) -> int:
+  """The (shortest) sequence attention sees: what mesh.seq must split evenly."""
+  if config.task == "lm":
+    return config.train.seq_len
+  side = getattr(model_cfg, "input_size", None) or model_cfg.image_size
+  tokens = (side // model_cfg.patch_size) ** 2
+  if getattr(model_cfg, "pool", "") == "token":
+    tokens += 1  # the class token
+  if hasattr(model_cfg, "depths"):  # U-DiT: deepest level, attention within 2x2 sub-maps
+    tokens //= 4 ** (model_cfg.num_levels + 1)
+  return tokens
+
+
 def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
   """The attention kernel and sequence-parallel strategy for this config (validated)."""
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=getattr(model_cfg, "num_kv_heads", model_cfg.num_heads),
-                             seq_len=config.train.seq_len)
+                             seq_len=attention_length(config, model_cfg))
 
 
 def build(config, mesh, *, seq_parallel: bool = True):

@@ -5,9 +5,9 @@ import dataclasses
 import jax
 
 from parallel import mesh as parallel_mesh
-from train import data, models
+from train import models, tasks
 
-GROUPS = ("model", "data", "mesh", "parallel", "train", "opt", "ckpt", "log", "eval", "sample",
+GROUPS = ("task", "model", "data", "mesh", "parallel", "train", "opt", "ckpt", "log", "eval",
           "seed")
 
 
@@ -27,14 +27,14 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                      "complete config.")
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
+  task = tasks.get(config)
   model_cfg = models.model_config(config)
-  data.check_data_config(config.data)
+  task.check(model_cfg)
   sizes = parallel_mesh.mesh_shape(config.mesh, num_devices)
 
   t = config.train
   _positive(t.steps, "train.steps")
   _positive(t.batch_size, "train.batch_size")
-  _positive(t.seq_len, "train.seq_len")
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
     _positive(config[group][field], name)
@@ -48,13 +48,6 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   if config.eval.batch_size % dp:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                      f"data-parallel size mesh.data*mesh.fsdp={dp}; use a multiple of {dp}.")
-  if t.seq_len % sizes["seq"]:
-    raise ValueError(f"train.seq_len={t.seq_len} is not divisible by mesh.seq={sizes['seq']}.")
-  if t.seq_len > model_cfg.max_len:
-    raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_len={model_cfg.max_len}.")
-  if model_cfg.vocab_size < data.BYTE_VOCAB:
-    raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
-                     f"tokenizer's {data.BYTE_VOCAB} ids.")
   _divisible_by_axis(model_cfg, sizes)
   attention = models.attention_plan(config, sizes, model_cfg)
   return Plan(mesh=sizes, model_cfg=model_cfg, attention=attention)

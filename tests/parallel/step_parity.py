@@ -11,6 +11,7 @@ from configs import lm
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from train import models, optimizer, steps
+from train.tasks import lm as lm_task
 from train import state as state_lib
 
 B, S = 8, 16
@@ -49,13 +50,9 @@ def run_one_step(mesh_sizes, devices=None, **parallel):
   bs = sharding.batch_sharding(mesh, rules)
   data = {k: jax.device_put(v, bs) for k, v in batch().items()}
 
-  def loss_fn(params, data):
-    inputs, targets, positions = steps.reorder(data, permutation)
-    loss_sum, count = steps.token_loss(model.apply({"params": params}, inputs, positions),
-                                       targets)
-    return loss_sum / count
-
-  train_step = steps.make_train_step(model, tx, lr, permutation)
+  task_loss = lm_task.LMTask(config).loss_fn(model, permutation)
+  loss_fn = lambda params, data: task_loss(params, data, jax.random.PRNGKey(0))[0]
+  train_step = steps.make_train_step(task_loss, tx, lr)
 
   def loss_grads_and_step(state, data):
     # One program (one compile) for the gradients and the real optimizer step.

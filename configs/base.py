@@ -1,0 +1,26 @@
+"""Config groups every family shares; a family config adds task, model, data and train."""
+
+import ml_collections
+
+
+def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_collections.ConfigDict:
+  """seed, mesh, parallel, train (steps, batch, remat), opt, ckpt, log and eval groups."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # -1 fills the remaining devices; the product must equal the device count.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
+  c.parallel = ml_collections.ConfigDict(dict(
+      attention="auto",  # local kernel: dense | blockwise | cudnn | auto (cuDNN on GPU)
+      seq_strategy="auto",  # over mesh.seq: ulysses | ring | usp | allgather | auto
+      usp_ulysses=0,  # usp: Ulysses group size (0 = the largest that divides the heads)
+      block_size=512,  # blockwise kernel query/key block
+      rules=(),  # extra (logical, mesh axes) rows placed before parallel/sharding.py RULES
+  ))
+  c.train = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, remat="none"))
+  c.opt = ml_collections.ConfigDict(dict(
+      name="adamw", lr=lr, warmup_steps=warmup_steps, final_lr_frac=0.1, b1=0.9, b2=0.95,
+      eps=1e-8, weight_decay=0.1, clip_norm=1.0, decay_embeddings=False))
+  c.ckpt = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
+  c.log = ml_collections.ConfigDict(dict(every=10, progress=True))
+  c.eval = ml_collections.ConfigDict(dict(every=200, steps=8, batch_size=batch_size))
+  return c

@@ -1,0 +1,24 @@
+"""Training tasks: what a batch is, the loss, evaluation and samples, chosen by ``config.task``.
+
+A task object (built from the config) provides:
+  check()                      -> raises one sentence for a config this task cannot run
+  datasets()                   -> (train grain dataset, val grain dataset)
+  example_batch(batch_size)    -> zeros with the global shapes of one batch
+  batch_axes                   -> logical axes of each batch entry (for its sharding)
+  init_args(batch)             -> positional arguments of model.init
+  loss_fn(model, permutation)  -> fn(params, batch, rng) -> (loss, metrics)
+  eval_fn(model, permutation)  -> fn(params, batch) -> sums; summarize(sums) -> metrics
+  samples(model, params, step, final, out) -> writes samples (text, PNG grid) and returns them
+"""
+
+from train.tasks import classification, diffusion, lm
+
+TASKS = {"lm": lm.LMTask, "classification": classification.ClassificationTask,
+         "diffusion": diffusion.DiffusionTask}
+
+
+def get(config):
+  """The task object for ``config.task``."""
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not one of {sorted(TASKS)}.")
+  return TASKS[config.task](config)

@@ -1,0 +1,132 @@
+"""Class-conditional diffusion (DiT, U-DiT): DDPM or flow-matching loss, sample grids per eval."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train import diffusion, image_data
+from train.tasks.classification import IMAGE_AXES
+
+OBJECTIVES = ("ddpm", "flow")
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("flow",)}
+
+
+class DiffusionTask:
+  batch_axes = {"images": IMAGE_AXES, "labels": ("act_batch",)}
+
+  def __init__(self, config):
+    self.config = config
+    d = config.diffusion
+    self.schedule = (diffusion.make_schedule(d.schedule, d.num_steps)
+                     if d.objective == "ddpm" else None)
+    self._sample_fns = {}
+
+  def check(self, model_cfg):
+    d = self.config.diffusion
+    image_data.check_image_config(self.config.data)
+    if d.objective not in OBJECTIVES:
+      raise ValueError(f"diffusion.objective={d.objective!r} is not one of {OBJECTIVES}.")
+    if d.sampler not in SAMPLERS[d.objective]:
+      raise ValueError(f"diffusion.sampler={d.sampler!r} does not fit objective {d.objective!r}; "
+                       f"use one of {SAMPLERS[d.objective]}.")
+    classes = image_data.num_classes(self.config.data)
+    if model_cfg.num_classes != classes:
+      raise ValueError(f"model.num_classes={model_cfg.num_classes} but data "
+                       f"{self.config.data.name!r} has {classes} classes.")
+    if d.objective == "flow" and model_cfg.learn_sigma:
+      raise ValueError("model.learn_sigma=True needs diffusion.objective='ddpm' (flow matching "
+                       "predicts a velocity, not a variance).")
+
+  def datasets(self):
+    c = self.config
+    make = lambda split, batch, shuffle, epochs: image_data.make_dataset(
+        c.data, split=split, global_batch_size=batch, seed=c.seed, shuffle=shuffle,
+        num_epochs=epochs)
+    return make("train", c.train.batch_size, True, None), make("val", c.eval.batch_size, False, 1)
+
+  def example_batch(self, batch_size: int) -> dict:
+    h, w, ch = image_data.image_shape(self.config.data)
+    return {"images": np.zeros((batch_size, h, w, ch), np.float32),
+            "labels": np.zeros((batch_size,), np.int32)}
+
+  def init_args(self, batch):
+    return (batch["images"], jnp.zeros(batch["labels"].shape, jnp.float32), batch["labels"])
+
+  def _loss(self, model, params, batch, rng, train: bool):
+    drop_rng, noise_rng = jax.random.split(rng)
+
+    def model_fn(x, t, y, _rng=None):
+      return model.apply({"params": params}, x, t, y, train=train, rngs={"dropout": drop_rng})
+
+    if self.config.diffusion.objective == "ddpm":
+      return diffusion.ddpm_loss(model_fn, self.schedule, batch["images"], batch["labels"],
+                                 noise_rng, learn_sigma=model.cfg.learn_sigma)
+    return diffusion.flow_loss(model_fn, batch["images"], batch["labels"], noise_rng)
+
+  def loss_fn(self, model, permutation=None):
+    del permutation  # bidirectional attention: no causal balancing needed
+    return lambda params, batch, rng: self._loss(model, params, batch, rng, train=True)
+
+  def eval_fn(self, model, permutation=None):
+    del permutation
+
+    def eval_fn(params, batch):
+      # A fixed noise draw, so successive evaluations compare the same (x0, t, noise) triples.
+      loss, _ = self._loss(model, params, batch, jax.random.PRNGKey(self.config.seed), False)
+      n = jnp.float32(batch["labels"].shape[0])
+      return {"loss_sum": loss * n, "count": n}
+    return eval_fn
+
+  def summarize(self, sums: dict) -> dict:
+    return {"loss": float(sums["loss_sum"]) / max(float(sums["count"]), 1.0)}
+
+  def headline(self, metrics: dict) -> str:
+    return f"val loss {metrics['loss']:.4f}"
+
+  def throughput_unit(self) -> tuple[str, int]:
+    return "images", self.config.train.batch_size
+
+  def sample_images(self, model, params, labels, seed: int):
+    """Class-conditional samples [len(labels), H, W, C] in [-1, 1], with guidance."""
+    key = (id(model), tuple(np.asarray(labels).shape))
+    if key not in self._sample_fns:
+      self._sample_fns[key] = jax.jit(functools.partial(self._sample, model))
+    return self._sample_fns[key](params, jnp.asarray(labels), jax.random.PRNGKey(seed))
+
+  def _sample(self, model, params, labels, rng):
+    d = self.config.diffusion
+    h, w, ch = image_data.image_shape(self.config.data)
+    shape = (labels.shape[0], h, w, ch)
+    model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    if d.cfg_scale != 1.0:
+      model_fn = diffusion.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)
+    if d.sampler == "ddpm":
+      return diffusion.ddpm_sample(model_fn, self.schedule, shape, labels, rng,
+                                   learn_sigma=model.cfg.learn_sigma, steps=d.sample_steps)
+    if d.sampler == "ddim":
+      return diffusion.ddim_sample(model_fn, self.schedule, shape, labels, rng,
+                                   steps=d.sample_steps, eta=d.ddim_eta,
+                                   learn_sigma=model.cfg.learn_sigma)
+    return diffusion.flow_sample(model_fn, shape, labels, rng, steps=d.sample_steps)
+
+  def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
+              sharding) -> str | None:
+    """A PNG grid, one row per class, written to workdir/samples/step_NNNNNN.png at every eval."""
+    del final
+    d = self.config.diffusion
+    classes = model.cfg.num_classes
+    per_class = d.samples_per_class
+    n = classes * per_class
+    padded = -(-n // data_parallel) * data_parallel
+    labels = np.concatenate([np.repeat(np.arange(classes), per_class),
+                             np.zeros(padded - n, np.int64)]).astype(np.int32)
+    labels = jax.device_put(labels, sharding["labels"])
+    images = np.asarray(jax.device_get(self.sample_images(model, params, labels, self.config.seed)))
+    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      diffusion.save_grid(images[:n], path, rows=classes)
+    return path

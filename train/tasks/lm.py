@@ -1,0 +1,109 @@
+"""Next-token prediction on byte-level text (train/data.py): loss, bits per byte, text samples."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import data, sampling
+
+
+def token_loss(logits_BxSxV, targets_BxS):
+  """Summed float32 cross-entropy over non-padding targets, and their count."""
+  weights_BxS = (targets_BxS != data.PAD_ID).astype(jnp.float32)
+  losses_BxS = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxSxV.astype(jnp.float32), targets_BxS)
+  return jnp.sum(losses_BxS * weights_BxS), jnp.sum(weights_BxS)
+
+
+def reorder(batch: dict, permutation):
+  """Applies the attention plan's sequence order to inputs and targets, with true positions.
+
+  Every op but attention is position-wise and the loss is a sum over tokens, so running the model
+  on a permuted sequence (with its original positions for RoPE and causal masking) changes
+  nothing but which device holds which tokens.
+  """
+  inputs, targets = batch["inputs"], batch["targets"]
+  if permutation is None:
+    return inputs, targets, None
+  positions = jnp.broadcast_to(jnp.asarray(permutation, jnp.int32), inputs.shape)
+  return inputs[:, permutation], targets[:, permutation], positions
+
+
+class LMTask:
+  batch_axes = {"inputs": ("act_batch", "act_seq"), "targets": ("act_batch", "act_seq")}
+
+  def __init__(self, config):
+    self.config = config
+
+  def check(self, model_cfg):
+    data.check_data_config(self.config.data)
+    if not isinstance(self.config.train.seq_len, int) or self.config.train.seq_len < 1:
+      raise ValueError(f"config.train.seq_len={self.config.train.seq_len!r} must be a positive "
+                       "integer.")
+    if model_cfg.vocab_size < data.BYTE_VOCAB:
+      raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
+                       f"tokenizer's {data.BYTE_VOCAB} ids.")
+    if self.config.train.seq_len > model_cfg.max_len:
+      raise ValueError(f"train.seq_len={self.config.train.seq_len} exceeds "
+                       f"model.max_len={model_cfg.max_len}.")
+
+  def datasets(self):
+    c = self.config
+    make = lambda split, batch, shuffle, epochs: data.make_dataset(
+        c.data, split=split, seq_len=c.train.seq_len, global_batch_size=batch, seed=c.seed,
+        shuffle=shuffle, num_epochs=epochs)
+    return make("train", c.train.batch_size, True, None), make("val", c.eval.batch_size, False, 1)
+
+  def example_batch(self, batch_size: int) -> dict:
+    shape = (batch_size, self.config.train.seq_len)
+    return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+
+  def init_args(self, batch):
+    return (batch["inputs"],)
+
+  def loss_fn(self, model, permutation=None):
+    def loss_fn(params, batch, rng):
+      inputs, targets, positions = reorder(batch, permutation)
+      logits = model.apply({"params": params}, inputs, positions, rngs={"dropout": rng})
+      loss_sum, count = token_loss(logits, targets)
+      return loss_sum / jnp.maximum(count, 1.0), {"tokens": count}
+    return loss_fn
+
+  def eval_fn(self, model, permutation=None):
+    def eval_fn(params, batch):
+      inputs, targets, positions = reorder(batch, permutation)
+      loss_sum, count = token_loss(model.apply({"params": params}, inputs, positions), targets)
+      return {"loss_sum": loss_sum, "tokens": count}
+    return eval_fn
+
+  def summarize(self, sums: dict) -> dict:
+    loss = float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)
+    return {"loss": loss, "bits_per_byte": loss / math.log(2), "tokens": float(sums["tokens"])}
+
+  def headline(self, metrics: dict) -> str:
+    return f"val loss {metrics['loss']:.4f}, {metrics['bits_per_byte']:.3f} bits/byte"
+
+  def throughput_unit(self) -> tuple[str, int]:
+    return "tokens", self.config.train.batch_size * self.config.train.seq_len
+
+  def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
+              sharding) -> list[str] | None:
+    """Text continuing ``sample.prompt`` at the end of the run, appended to samples.txt."""
+    s = self.config.sample
+    if not final or s.max_new_tokens <= 0:
+      return None
+    n = -(-s.num_samples // data_parallel) * data_parallel  # the batch must split over the data axes
+    tokens = sampling.sample(model, params, data.encode(s.prompt), num_samples=n,
+                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                             seed=self.config.seed, valid_vocab=256, pad_id=data.PAD_ID,
+                             sharding=sharding["inputs"])
+    texts = [data.decode(row) for row in tokens[:s.num_samples]]
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "samples.txt"), "a") as f:
+        for i, text in enumerate(texts):
+          f.write(f"=== sample {i} (step {step}, temperature {s.temperature}) ===\n{text}\n")
+    return texts
