@@ -20,7 +20,7 @@ the step time is read from compiled programs, so no accelerator is needed:
 Prints a JSON document and markdown tables, and writes seq_parallel.{json,md,png} to --out.
 Expectations that do not hold are printed as not holding, with the reason in the notes.
 
-What to expect (full run, about 6 minutes on 2 busy cores; --quick about 2.5): Ulysses moves
+What to expect (full run about 6 minutes on 2 shared cores, --quick 2.5-4): Ulysses moves
 8.0 MiB per device per layer at every P (1.001-1.004x the formula), a quarter of the allgather
 baseline at P=8; the train-step peak at P=8 is 0.127x that of P=1; the longest N within 1 GiB
 grows 9216 -> 28160 from P=1 to P=8, which is NOT linear: the blockwise masks are materialised
@@ -590,6 +590,7 @@ def plot(doc: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   ax = axes[0]
@@ -599,7 +600,7 @@ def plot(doc: dict, path: str) -> None:
             label=s)
   ps = sorted({r["P"] for r in doc["communication"] if r["P"] > 1})
   tpd = doc["settings"]["tokens_per_device"]
-  ax.plot(ps, [ulysses_formula_bytes(tpd * p, p) / MiB for p in ps], "k--",
+  ax.plot(ps, [ulysses_formula_bytes(tpd * p, p) / MiB for p in ps], "k--", lw=1, zorder=0,
           label="4·N·h/P × 4 B")
   ax.set(xscale="log", xticks=DEVICE_COUNTS, xticklabels=DEVICE_COUNTS, xlabel="P (seq devices)",
          ylabel="MiB per device per layer (forward)",
@@ -625,6 +626,8 @@ def plot(doc: dict, path: str) -> None:
          xlabel="P", ylabel="longest N",
          title=f"Longest N within {doc['max_sequence']['budget_mib']} MiB/device")
   ax.legend()
+  for ax in axes:
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -730,12 +733,14 @@ def checks_and_notes(doc: dict) -> tuple[list, list]:
          for d in doc.get("hoisting_diagnostic") or []):
     notes.append(
         "Cause (bug report, not fixed here since bench/ only): the N² arrays appear only when the "
-        "positions are loop-invariant across the layer scan and (checked with make_jaxpr while "
-        "writing this benchmark) only under reverse-mode AD, not in the plain forward. JAX's "
+        "positions are loop-invariant across the layer scan, and (checked while writing this "
+        "benchmark: jaxpr for blockwise, compiled memory for ring) only under reverse-mode AD, "
+        "not in the plain forward. JAX's "
         "scan partial-evaluation rule hoists loop-invariant work out of the layer loop "
-        "(jax-ml/jax#1664); the kernels' per-block masks (and, in ring, values built from them "
-        "under lax.cond) depend only on the positions, so they are computed once outside the "
-        "loop and stacked over every block pair / ring step of the inner map/scan. The custom "
+        "(jax-ml/jax#1664); the kernels' per-block masks depend only on the positions, so they "
+        "are computed once outside the loop and stacked over every block pair / ring step of "
+        "the inner map/scan (in ring the stacked arrays are f32 and score-sized; which "
+        "mask-derived values they hold was not pinned down further). The custom "
         "VJPs of _blockwise and _ring do not prevent it. Where: nets/llama.py Model passes "
         "positions with in_axes=nn.broadcast; parallel/kernels.py block_forward and "
         "parallel/ring.py _forward build the masks. Possible fix in parallel/: at the entry of "
@@ -766,7 +771,7 @@ def checks_and_notes(doc: dict) -> tuple[list, list]:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="smaller sizes (about 2 minutes)")
+  parser.add_argument("--quick", action="store_true", help="smaller sizes (2.5-4 minutes on 2 cores)")
   parser.add_argument("--out", default="bench/results", help="folder for json, md and png")
   parser.add_argument("--budget_mib", type=int, default=None,
                       help="per-device memory budget for item 3 (default: 1024, quick: 128)")

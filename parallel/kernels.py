@@ -150,6 +150,10 @@ def blockwise_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512
   """Online-softmax attention over blocks; memory O(N * block) in forward and backward."""
   bq = _blocks(q.shape[1], block_q)
   bk = _blocks(k.shape[1], block_kv)
+  # Tie the mask to q: otherwise, under reverse-mode autodiff of a layer scan, the masks (which
+  # depend only on loop-invariant positions) are hoisted out of the loop and every block pair's
+  # mask is materialised at once, O(N^2) memory (bench/seq_parallel.py measured it).
+  q, mask = jax.lax.optimization_barrier((q, mask))
   return _blockwise(q, k, v, mask, causal, bq, bk)
 
 

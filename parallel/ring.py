@@ -58,6 +58,10 @@ def ring_attention(q, k, v, *, causal: bool, mask: Mask, axis_name: str, ring_si
     [B, N_l, H, D] in q's dtype.
   """
   cfg = _validate(q, k, v, mask, causal, axis_name, ring_size, stride, chunks)
+  # Tie the mask to q: otherwise, under reverse-mode autodiff of a layer scan, the masks (which
+  # depend only on loop-invariant positions) are hoisted out of the loop and every block pair's
+  # mask is materialised at once, O(N^2) memory (bench/seq_parallel.py measured it).
+  q, mask = jax.lax.optimization_barrier((q, mask))
   return _ring(q, k, v, mask, cfg)
 
 

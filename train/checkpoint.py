@@ -1,10 +1,17 @@
 """Orbax checkpoints of the train state and the grain iterator position, saved together."""
 
+import json
 import os
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
-from train import data
+from parallel import mesh as parallel_mesh
+from parallel import sharding
+from train import data, models, optimizer, tasks
+from train import state as state_lib
 
 
 class Checkpointer:
@@ -51,3 +58,33 @@ class Checkpointer:
     """Waits for pending async saves, then releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_trained(workdir: str, *, step: int | None = None, devices=None):
+  """(config, model, mesh, params) of a trained workdir, for inference on ``devices`` (default: one).
+
+  The config is the run's own ``config.json``; the mesh is replaced by plain data parallelism
+  over ``devices``, and the model uses the local attention kernel.
+  """
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  devices = jax.devices()[:1] if devices is None else devices
+  config.mesh.update(data=len(devices), fsdp=1, tensor=1, seq=1, expert=1)
+  mesh = parallel_mesh.make_mesh(config.mesh, devices)
+  rules = sharding.rules_from_config(config.parallel)
+  model, _, _ = models.build(config, mesh, seq_parallel=False)
+  task = tasks.get(config)
+  tx, _ = optimizer.make(config.opt, config.train.steps)
+  example = task.example_batch(len(devices))
+  init = lambda: state_lib.create(model, tx, task.init_args(
+      jax.tree.map(jnp.asarray, example)), config.seed)
+  abstract, _ = sharding.abstract_and_shardings(init, mesh, rules)
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                  item_names=("state", "data"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(f"{workdir} has no checkpoint to load.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))
+  manager.close()
+  return config, model, mesh, restored.state.params

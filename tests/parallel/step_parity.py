@@ -1,57 +1,81 @@
-"""Shared harness: one Llama step on a mesh vs the single-device reference (not a test file)."""
+"""Shared harness: one train step on a mesh vs the single-device reference (not a test file)."""
 
 import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from configs import lm
+from configs import diffusion, lm, vit
 from parallel import mesh as parallel_mesh
 from parallel import sharding
-from train import models, optimizer, steps
-from train.tasks import lm as lm_task
+from train import image_data, models, optimizer, steps, tasks
 from train import state as state_lib
 
 B, S = 8, 16
+KINDS = ("lm", "vit", "dit")
 
 
-def setup(mesh_sizes: dict, devices=None, **parallel):
-  config = lm.get_config("size=test")
+def make_config(kind: str):
+  """Tiny configs: the test Llama (seq_len 16), the digits ViT and the digits DiT."""
+  if kind == "lm":
+    config = lm.get_config("size=test")
+    config.train.seq_len = S
+  elif kind == "vit":
+    config = vit.get_config("variant=digits")
+  else:
+    config = diffusion.get_config("model=dit,variant=digits")
+  config.train.batch_size = B
+  return config
+
+
+def setup(mesh_sizes: dict, devices=None, kind: str = "lm", **parallel):
+  config = make_config(kind)
   config.mesh.update(**mesh_sizes)
   config.parallel.update(**parallel)
-  config.train.seq_len = S
   mesh = parallel_mesh.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.parallel)
   model, _, plan = models.build(config, mesh)
   tx, lr = optimizer.make(config.opt, total_steps=10)
-  init = lambda: state_lib.create(model, tx, (jnp.zeros((B, S), jnp.int32),), config.seed)
+  task = tasks.get(config)
+  example = task.example_batch(B)
+  init = lambda: state_lib.create(model, tx, task.init_args(example), config.seed)
   abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
   return config, mesh, rules, model, tx, lr, init, shardings, plan
 
 
-def batch():
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+def batch(kind: str = "lm"):
+  """One fixed batch: random bytes for the LM, the first training digits for vision."""
+  if kind == "lm":
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  source = image_data.source(make_config(kind).data, "train")
+  items = [source[i] for i in range(B)]
+  return {"images": np.stack([x["images"] for x in items]),
+          "labels": np.array([x["labels"] for x in items], np.int32)}
 
 
 @functools.lru_cache(maxsize=None)
-def reference():
+def reference(kind: str = "lm"):
   """Loss, gradients and post-step params on one device (the dense reference)."""
-  return run_one_step(dict(data=1, fsdp=1, tensor=1, seq=1, expert=1), jax.devices()[:1])
+  return run_one_step(dict(data=1, fsdp=1, tensor=1, seq=1, expert=1), jax.devices()[:1],
+                      kind=kind)
 
 
-def run_one_step(mesh_sizes, devices=None, **parallel):
-  config, mesh, rules, model, tx, lr, init, shardings, plan = setup(mesh_sizes, devices, **parallel)
-  permutation = plan.permutation(S)
+def run_one_step(mesh_sizes, devices=None, kind: str = "lm", **parallel):
+  config, mesh, rules, model, tx, lr, init, shardings, plan = setup(mesh_sizes, devices, kind,
+                                                                   **parallel)
+  task = tasks.get(config)
+  permutation = plan.permutation(S) if kind == "lm" else None
   state = sharding.init_sharded(init, shardings, mesh, rules)
-  bs = sharding.batch_sharding(mesh, rules)
-  data = {k: jax.device_put(v, bs) for k, v in batch().items()}
+  bs = {k: sharding.logical_sharding(mesh, rules, axes) for k, axes in task.batch_axes.items()}
+  data = {k: jax.device_put(v, bs[k]) for k, v in batch(kind).items()}
 
-  task_loss = lm_task.LMTask(config).loss_fn(model, permutation)
-  loss_fn = lambda params, data: task_loss(params, data, jax.random.PRNGKey(0))[0]
+  # The same rng for the reference and the sharded run: noise, timesteps and label dropout agree
+  # because JAX's PRNG is partitionable (values do not depend on the sharding).
+  task_loss = task.loss_fn(model, permutation)
+  loss_fn = lambda params, data: task_loss(params, data, jax.random.split(state.rng)[1])[0]
   train_step = steps.make_train_step(task_loss, tx, lr)
 
   def loss_grads_and_step(state, data):

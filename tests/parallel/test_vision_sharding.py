@@ -1,0 +1,28 @@
+"""ViT and DiT steps sharded (data x fsdp x tensor; data x seq with Ulysses and ring) equal the
+single-device step: loss, gradients and the AdamW update."""
+
+import functools
+
+import pytest
+
+from tests.parallel.step_parity import assert_matches_reference, axes, reference, run_one_step
+
+MESHES = {
+    "data2_fsdp2_tensor2": (axes(data=2, fsdp=2, tensor=2), {}),
+    "data2_seq4_ulysses": (axes(data=2, seq=4), dict(seq_strategy="ulysses")),
+    "data2_seq4_ring": (axes(data=2, seq=4), dict(seq_strategy="ring")),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def sharded(kind, name):
+  sizes, parallel = MESHES[name]
+  return run_one_step(sizes, kind=kind, **parallel)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+@pytest.mark.parametrize("kind", ["vit", "dit"])
+def test_vision_step_equals_single_device(kind, name):
+  got = sharded(kind, name)
+  assert got["plan"].strategy == MESHES[name][1].get("seq_strategy", "local")
+  assert_matches_reference(got, reference(kind))
