@@ -8,9 +8,14 @@ batch) is the same one train/data.py uses for text.
     (360 images), the rest train (1,437). Optionally resized to 16x16 (``data.image_size``).
   * "folder": ``data.path/<class name>/*.png|jpg|jpeg``; classes are the sorted subfolder names,
     ``data.val_fraction`` of each class's files (by a hash of the file name) form the val split.
+  * "arrayrecord": pre-encoded arrays, e.g. VAE latents for DiT on ImageNet:
+    ``data.path/{train,val}-*.array_record`` whose records are a little-endian int32 label followed
+    by the raw array, and ``metadata.json`` = {"shape": [H, W, C], "dtype": "float16",
+    "num_classes": N}. ``write_arrayrecord`` writes that layout.
 """
 
 import functools
+import json
 import os
 import zlib
 
@@ -20,7 +25,7 @@ from PIL import Image
 
 from train import data
 
-KNOWN = ("digits", "folder")
+KNOWN = ("digits", "folder", "arrayrecord")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -35,6 +40,10 @@ def check_image_config(data_cfg) -> None:
     if not _folder_index(os.path.realpath(data_cfg.path))[1]:
       raise ValueError(f"data.path={data_cfg.path!r} has no class subfolders with "
                        f"{'/'.join(IMAGE_SUFFIXES)} files.")
+  if data_cfg.name == "arrayrecord":
+    if not data_cfg.path or not os.path.isfile(os.path.join(data_cfg.path, "metadata.json")):
+      raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; an 'arrayrecord' image "
+                       "dataset is a folder written by train.image_data.write_arrayrecord.")
   if data_cfg.image_size not in (0, 8, 16, 32) and data_cfg.name == "digits":
     raise ValueError(f"data.image_size={data_cfg.image_size} must be 8, 16 or 32 for digits "
                      "(0 keeps 8).")
@@ -82,6 +91,42 @@ class ArraySource:
     return {"images": self.images[i], "labels": self.labels[i]}
 
 
+class ArrayRecordSource:
+  """Records of (int32 label, raw array) from ArrayRecord shards, decoded on demand."""
+
+  def __init__(self, root: str, split: str):
+    with open(os.path.join(root, "metadata.json")) as f:
+      self.meta = json.load(f)
+    shards = sorted(os.path.join(root, n) for n in os.listdir(root)
+                    if n.startswith(f"{split}-") and n.endswith(".array_record"))
+    self._source = grain.sources.ArrayRecordDataSource(shards) if shards else []
+    self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i):
+    record = self._source[i.__index__()]
+    label = np.frombuffer(record[:4], "<i4")[0]
+    image = np.frombuffer(record[4:], self._dtype).reshape(self.meta["shape"])
+    return {"images": image.astype(np.float32), "labels": np.int32(label)}
+
+
+def write_arrayrecord(path: str, split: str, images: np.ndarray, labels: np.ndarray,
+                      num_classes: int, dtype: str = "float16"):
+  """Writes (label, array) records of ``split`` and metadata.json: the "arrayrecord" layout."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  os.makedirs(path, exist_ok=True)
+  writer = ArrayRecordWriter(os.path.join(path, f"{split}-00000-of-00001.array_record"),
+                             "group_size:1")
+  for image, label in zip(images, labels):
+    writer.write(np.int32(label).astype("<i4").tobytes()
+                 + np.asarray(image, np.dtype(dtype).newbyteorder("<")).tobytes())
+  writer.close()
+  with open(os.path.join(path, "metadata.json"), "w") as f:
+    json.dump({"shape": list(images.shape[1:]), "dtype": dtype, "num_classes": num_classes}, f)
+
+
 class FolderSource:
   """Random-access images decoded from files on demand (resized to size x size, RGB)."""
 
@@ -107,6 +152,8 @@ def source(data_cfg, split: str):
     test = np.arange(len(labels)) % 5 == 0
     keep = test if split == "val" else ~test
     return ArraySource(images[keep], labels[keep])
+  if data_cfg.name == "arrayrecord":
+    return ArrayRecordSource(os.path.realpath(data_cfg.path), split)
   root = os.path.realpath(data_cfg.path)
   _, files = _folder_index(root)
   in_val = lambda rel: zlib.crc32(rel.encode()) % 1000 < round(data_cfg.val_fraction * 1000)
@@ -114,14 +161,23 @@ def source(data_cfg, split: str):
   return FolderSource(root, chosen, data_cfg.image_size or 32)
 
 
+def _metadata(data_cfg) -> dict:
+  with open(os.path.join(data_cfg.path, "metadata.json")) as f:
+    return json.load(f)
+
+
 def image_shape(data_cfg) -> tuple[int, int, int]:
   """(H, W, C) of one image of this dataset."""
+  if data_cfg.name == "arrayrecord":
+    return tuple(_metadata(data_cfg)["shape"])
   return tuple(source(data_cfg, "train")[0]["images"].shape)
 
 
 def num_classes(data_cfg) -> int:
   if data_cfg.name == "digits":
     return 10
+  if data_cfg.name == "arrayrecord":
+    return int(_metadata(data_cfg)["num_classes"])
   return len(_folder_index(os.path.realpath(data_cfg.path))[0])
 
 

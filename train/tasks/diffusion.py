@@ -117,7 +117,7 @@ class DiffusionTask:
     """A PNG grid, one row per class, written to workdir/samples/step_NNNNNN.png at every eval."""
     del final
     d = self.config.diffusion
-    classes = model.cfg.num_classes
+    classes = min(model.cfg.num_classes, d.sample_classes or model.cfg.num_classes)
     per_class = d.samples_per_class
     n = classes * per_class
     padded = -(-n // data_parallel) * data_parallel
