@@ -8,17 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import diffusion, image_data
-from train.tasks.classification import IMAGE_AXES
+from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("flow",)}
 
 
-class DiffusionTask:
-  batch_axes = {"images": IMAGE_AXES, "labels": ("act_batch",)}
+class DiffusionTask(images.ImageTask):
+  """Class-conditional generation: denoising loss, guided sample grids."""
 
   def __init__(self, config):
-    self.config = config
+    super().__init__(config)
     d = config.diffusion
     self.schedule = (diffusion.make_schedule(d.schedule, d.num_steps)
                      if d.objective == "ddpm" else None)
@@ -26,31 +26,15 @@ class DiffusionTask:
 
   def check(self, model_cfg):
     d = self.config.diffusion
-    image_data.check_image_config(self.config.data)
+    super().check(model_cfg)
     if d.objective not in OBJECTIVES:
       raise ValueError(f"diffusion.objective={d.objective!r} is not one of {OBJECTIVES}.")
     if d.sampler not in SAMPLERS[d.objective]:
       raise ValueError(f"diffusion.sampler={d.sampler!r} does not fit objective {d.objective!r}; "
                        f"use one of {SAMPLERS[d.objective]}.")
-    classes = image_data.num_classes(self.config.data)
-    if model_cfg.num_classes != classes:
-      raise ValueError(f"model.num_classes={model_cfg.num_classes} but data "
-                       f"{self.config.data.name!r} has {classes} classes.")
     if d.objective == "flow" and model_cfg.learn_sigma:
       raise ValueError("model.learn_sigma=True needs diffusion.objective='ddpm' (flow matching "
                        "predicts a velocity, not a variance).")
-
-  def datasets(self):
-    c = self.config
-    make = lambda split, batch, shuffle, epochs: image_data.make_dataset(
-        c.data, split=split, global_batch_size=batch, seed=c.seed, shuffle=shuffle,
-        num_epochs=epochs)
-    return make("train", c.train.batch_size, True, None), make("val", c.eval.batch_size, False, 1)
-
-  def example_batch(self, batch_size: int) -> dict:
-    h, w, ch = image_data.image_shape(self.config.data)
-    return {"images": np.zeros((batch_size, h, w, ch), np.float32),
-            "labels": np.zeros((batch_size,), np.int32)}
 
   def init_args(self, batch):
     return (batch["images"], jnp.zeros(batch["labels"].shape, jnp.float32), batch["labels"])
@@ -85,9 +69,6 @@ class DiffusionTask:
 
   def headline(self, metrics: dict) -> str:
     return f"val loss {metrics['loss']:.4f}"
-
-  def throughput_unit(self) -> tuple[str, int]:
-    return "images", self.config.train.batch_size
 
   def sample_images(self, model, params, labels, seed: int):
     """Class-conditional samples [len(labels), H, W, C] in [-1, 1], with guidance."""
