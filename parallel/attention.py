@@ -11,9 +11,10 @@ With mesh.seq == 1 the local kernel runs alone (the compiler partitions batch an
 
 Outside attention nothing changes: activations keep their ("act_batch", "act_seq", ...) logical
 names, so norms and MLPs stay sequence-sharded and per-device activation memory falls with P.
-Ring and USP process the sequence in zigzag order (device i holds chunks i and 2P-1-i) so causal
-work is balanced; the train/eval steps apply ``plan.permutation`` to tokens, targets and positions
-(the loss is a sum over tokens, so the order does not change it).
+For causal LMs, ring and USP process the sequence in zigzag order (device i holds chunks i and
+2P-1-i) so causal work is balanced; the LM task applies ``plan.permutation`` to tokens, targets
+and positions (the loss is a sum over tokens, so the order does not change it). Bidirectional
+vision models keep their patch order: without a causal mask every ring step is equal work.
 """
 
 import dataclasses
