@@ -57,19 +57,24 @@ class Config:
     if not self.head_dim and self.d_model % self.num_heads:
       raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
                        f"{self.num_heads}; set model.head_dim explicitly or change the sizes.")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}.")
-    for name in ("dtype", "param_dtype"):
-      try:
-        jnp.dtype(getattr(self, name))
-      except TypeError:
-        raise ValueError(f"model.{name}={getattr(self, name)!r} is not a dtype name.") from None
+    check_remat_and_dtypes(self)
     if self.head_size % 2:
       raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings.")
 
   @property
   def head_size(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+
+def check_remat_and_dtypes(cfg) -> None:
+  """Checks every family shares: a known remat policy and valid dtype / param_dtype names."""
+  if cfg.remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={cfg.remat!r} is not one of {REMAT_POLICIES}.")
+  for name in ("dtype", "param_dtype"):
+    try:
+      jnp.dtype(getattr(cfg, name))
+    except TypeError:
+      raise ValueError(f"model.{name}={getattr(cfg, name)!r} is not a dtype name.") from None
 
 
 def num_params(cfg: Config) -> int:

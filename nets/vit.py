@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nets import attention
-from nets.llama import REMAT_POLICIES
+from nets import attention, llama
 
 # width, depth, mlp_dim, heads: ViT paper Table 1 (B, L, H); Ti and S from DeiT.
 _SIZES = {"Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "B": (768, 12, 3072, 12),
@@ -61,13 +60,7 @@ def check_basics(cfg, family: str, size_fields: tuple[str, ...]):
     if getattr(cfg, name) <= 0:
       raise ValueError(f"model.{name}={getattr(cfg, name)} must be positive; set model.variant "
                        f"(see nets/{family}.py VARIANTS) or model.{name}.")
-  if cfg.remat not in REMAT_POLICIES:
-    raise ValueError(f"remat={cfg.remat!r} is not one of {REMAT_POLICIES}.")
-  for name in ("dtype", "param_dtype"):
-    try:
-      jnp.dtype(getattr(cfg, name))
-    except TypeError:
-      raise ValueError(f"model.{name}={getattr(cfg, name)!r} is not a dtype name.") from None
+  llama.check_remat_and_dtypes(cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +83,7 @@ class Config:
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat: str = "none"  # one of REMAT_POLICIES
+  remat: str = "none"  # one of nets.llama.REMAT_POLICIES
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
