@@ -10,3 +10,13 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
       raise ValueError(f"config argument {item!r} is not key=value with key in {sorted(defaults)}.")
     out[key] = type(defaults[key])(value)
   return out
+
+
+def moe_group(**overrides):
+  """``config.model.moe`` with every field of nets.moe.Config (num_experts=0: dense MLPs)."""
+  import dataclasses
+
+  import ml_collections
+
+  from nets import moe
+  return ml_collections.ConfigDict({**dataclasses.asdict(moe.Config()), **overrides})

@@ -5,7 +5,7 @@ Config argument: ``model=dit|udit,variant=NAME`` (a key of the family's VARIANTS
 
 import ml_collections
 
-from configs import base, parse_arg
+from configs import base, moe_group, parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -15,6 +15,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name=args["model"], variant=args["variant"], input_size=8, in_channels=1, num_classes=10,
       learn_sigma=True, class_dropout_prob=0.1, dtype="float32", param_dtype="float32"))
+  if args["model"] == "dit":  # DiT-MoE: set model.moe.num_experts
+    c.model.moe = moe_group(activation="gelu")
   c.data = ml_collections.ConfigDict(dict(
       name="digits", path="", val_fraction=0.1, image_size=8, num_threads=0, prefetch=2))
   c.diffusion = ml_collections.ConfigDict(dict(

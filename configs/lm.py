@@ -6,7 +6,7 @@ Sizes (``size=`` in the config argument): ``test`` (tests only), ``tiny`` (the `
 
 import ml_collections
 
-from configs import base, parse_arg
+from configs import base, moe_group, parse_arg
 
 SIZES = {
     #          layers d_model heads kv_heads mlp_dim
@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="llama", vocab_size=384,  # 259 byte ids padded to a multiple of 128 for sharding
       num_layers=layers, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
       mlp_dim=mlp_dim, max_len=2048, rope_theta=10000.0, tie_embeddings=False,
-      dtype="float32", param_dtype="float32"))
+      dtype="float32", param_dtype="float32",
+      moe=moe_group()))
   c.data = ml_collections.ConfigDict(dict(
       name="stdlib", path="", val_fraction=0.05,
       num_threads=0,  # in-memory windows: reader threads only add GIL contention

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nets import attention
+from nets import attention, moe
+from nets.moe import Config as MoEConfig
 from nets.vit import (Attention, Dense, LayerNorm, Mlp, build_config, check_basics, patchify,
                       scanned, sincos_2d)
 
@@ -55,10 +56,13 @@ class Config:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of nets.llama.REMAT_POLICIES
+  # num_experts > 0: DiT-MoE blocks (routed GELU experts, optional shared experts; nets/moe.py)
+  moe: MoEConfig = MoEConfig()
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
     """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
+    overrides = {"moe": MoEConfig.from_config(model_cfg.get("moe")), **overrides}
     return build_config(cls, "dit", VARIANTS, model_cfg, overrides)
 
   def validate(self):
@@ -74,6 +78,9 @@ class Config:
     if self.hidden_size % 4:
       raise ValueError(f"model.hidden_size={self.hidden_size} must be a multiple of 4 for the "
                        "2-D sin-cos positions.")
+    if self.moe.enabled and self.depth % self.moe.every:
+      raise ValueError(f"model.depth={self.depth} is not a multiple of "
+                       f"model.moe.every={self.moe.every}.")
     if not 0.0 <= self.class_dropout_prob <= 1.0:
       raise ValueError(f"model.class_dropout_prob={self.class_dropout_prob} must be in [0, 1].")
 
@@ -86,21 +93,26 @@ class Config:
     return self.num_classes
 
 
-def num_params(cfg: Config, include_pos_embed: bool = False) -> int:
+def num_params(cfg: Config, include_pos_embed: bool = False, active: bool = False) -> int:
   """Closed-form parameter count (tests check it against the initialised model).
 
   The fixed positions are a constant here, not a parameter; the reference stores them as a frozen
-  nn.Parameter and counts them, which ``include_pos_embed=True`` reproduces.
+  nn.Parameter and counts them, which ``include_pos_embed=True`` reproduces. ``active=True``
+  counts the top_k routed experts a token uses in MoE blocks, not all of them.
   """
   E, P = cfg.hidden_size, cfg.patch_size ** 2
   M = int(E * cfg.mlp_ratio)
-  block = (3 * E * E + 3 * E) + (E * E + E) + (E * M + M) + (M * E + E) + (6 * E * E + 6 * E)
+  mlp = (E * M + M) + (M * E + E)
+  block = (3 * E * E + 3 * E) + (E * E + E) + mlp + (6 * E * E + 6 * E)
   n = P * cfg.in_channels * E + E  # patch embedding
   n += FREQUENCY_EMBEDDING_SIZE * E + E + E * E + E  # timestep MLP
   n += (cfg.num_classes + (cfg.class_dropout_prob > 0)) * E  # label table (+ null row)
   n += cfg.depth * block + (2 * E * E + 2 * E) + (E * P * cfg.out_channels + P * cfg.out_channels)
   if include_pos_embed:
     n += (cfg.input_size // cfg.patch_size) ** 2 * E
+  if cfg.moe.enabled:
+    total, used = cfg.moe.num_params(E, M)
+    n += (cfg.depth // cfg.moe.every) * ((used if active else total) - mlp)
   return n
 
 
@@ -198,6 +210,8 @@ class Block(nn.Module):
   """
   cfg: Any
   attention_fn: Callable[..., Any]
+  moe_layout: moe.Layout = moe.Layout()
+  use_moe: bool = False  # DiT-MoE: the MLP is a mixture of experts
 
   @nn.compact
   def __call__(self, x_BxSxE, c_BxE):
@@ -211,7 +225,13 @@ class Block(nn.Module):
     h_BxSxE = Attention(cfg, self.attention_fn, cfg.num_heads, name="attn")(h_BxSxE)
     x_BxSxE = x_BxSxE + gate_msa[:, None] * h_BxSxE
     h_BxSxE = modulate(LayerNorm(cfg, affine=False)(x_BxSxE), shift_mlp, scale_mlp)
-    h_BxSxE = Mlp(cfg, int(E * cfg.mlp_ratio), name="mlp")(h_BxSxE)
+    if self.use_moe:
+      h_BxSxE = moe.MoE(cfg.moe, int(E * cfg.mlp_ratio), cfg.dtype, cfg.param_dtype,
+                        nn.initializers.xavier_uniform(),
+                        nn.initializers.xavier_uniform(batch_axis=(0,)), self.moe_layout,
+                        name="moe")(h_BxSxE)
+    else:
+      h_BxSxE = Mlp(cfg, int(E * cfg.mlp_ratio), name="mlp")(h_BxSxE)
     x_BxSxE = x_BxSxE + gate_mlp[:, None] * h_BxSxE
     return nn.with_logical_constraint(x_BxSxE, _ACT), None
 
@@ -242,6 +262,7 @@ class Model(nn.Module):
   """DiT: x [B, H, W, C], t [B], y [B] int -> [B, H, W, C_out] float32."""
   cfg: Config
   attention_fn: Callable[..., Any] = attention.dot_product_attention
+  moe_layout: moe.Layout = moe.Layout()  # MoE dispatch groups and expert parallelism
 
   @nn.compact
   def __call__(self, x_BxHxWxC, t_B, y_B, train: bool = False, force_drop_ids_B=None):
@@ -256,8 +277,9 @@ class Model(nn.Module):
              + LabelEmbedder(cfg, E, name="y_embedder")(y_B))
     c_BxE = nn.with_logical_constraint(c_BxE, ("act_batch", "act_embed"))
 
-    blocks = scanned(Block, cfg, cfg.depth, num_broadcast=1)
-    x_BxSxE, _ = blocks(cfg, self.attention_fn, name="layers")(x_BxSxE, c_BxE)
+    blocks = moe.stack(Block, cfg.moe, (cfg, self.attention_fn, self.moe_layout), cfg.depth,
+                       lambda unit, length: scanned(unit, cfg, length, num_broadcast=1))
+    x_BxSxE, _ = blocks(x_BxSxE, c_BxE)
     out_BxSxP = FinalLayer(cfg, p * p * cfg.out_channels, name="final_layer")(x_BxSxE, c_BxE)
     out_BxSxP = nn.with_logical_constraint(out_BxSxP, ("act_batch", "act_seq", None))
     return unpatchify(out_BxSxP, g, g, p).astype(jnp.float32)

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nets import attention
+from nets import attention, moe
+from nets.moe import Config as MoEConfig
 
 REMAT_POLICIES = ("none", "full")
 
@@ -35,6 +36,7 @@ class Config:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
+  moe: MoEConfig = MoEConfig()  # num_experts > 0: Mixtral-style MoE MLPs (nets/moe.py)
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
@@ -45,12 +47,16 @@ class Config:
     if unknown:
       raise ValueError(f"config.model has unknown field(s) {unknown} for model 'llama'; "
                        f"known fields: {sorted(fields)}.")
+    given["moe"] = moe.Config.from_config(given.get("moe"))
     cfg = cls(**{**given, **overrides})
     cfg.validate()
     return cfg
 
   def validate(self):
     """Raises ValueError with one sentence for inconsistent hyperparameters."""
+    if self.moe.enabled and self.num_layers % self.moe.every:
+      raise ValueError(f"model.num_layers={self.num_layers} is not a multiple of "
+                       f"model.moe.every={self.moe.every}.")
     if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must be a positive multiple of "
                        f"model.num_kv_heads={self.num_kv_heads} (grouped-query attention).")
@@ -77,12 +83,19 @@ def check_remat_and_dtypes(cfg) -> None:
       raise ValueError(f"model.{name}={getattr(cfg, name)!r} is not a dtype name.") from None
 
 
-def num_params(cfg: Config) -> int:
-  """Closed-form parameter count (tests check it against the initialised model)."""
+def num_params(cfg: Config, active: bool = False) -> int:
+  """Closed-form parameter count (tests check it against the initialised model).
+
+  ``active=True`` counts what one token uses: top_k routed experts per MoE layer, not all.
+  """
   E, D, H, K, M, V = (cfg.d_model, cfg.head_size, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim,
                       cfg.vocab_size)
-  per_layer = 2 * E + E * H * D + 2 * E * K * D + H * D * E + 3 * E * M
-  return V * E + cfg.num_layers * per_layer + E + (0 if cfg.tie_embeddings else E * V)
+  attn = 2 * E + E * H * D + 2 * E * K * D + H * D * E
+  n = V * E + cfg.num_layers * (attn + 3 * E * M) + E + (0 if cfg.tie_embeddings else E * V)
+  if cfg.moe.enabled:
+    total, used = cfg.moe.num_params(E, M)
+    n += (cfg.num_layers // cfg.moe.every) * ((used if active else total) - 3 * E * M)
+  return n
 
 
 def _init(cfg: Config, axes: tuple[str, ...]):
@@ -157,9 +170,11 @@ def rotary(x_BxSxNxD, positions_BxS, theta: float):
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
+  """Pre-norm residual block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)) (or + MoE(...))."""
   cfg: Config
   attention_fn: Callable[..., Any]
+  moe_layout: moe.Layout = moe.Layout()
+  use_moe: bool = False
 
   @nn.compact
   def __call__(self, x_BxSxE, positions_BxS, segment_ids_BxS):
@@ -187,6 +202,11 @@ class Block(nn.Module):
     x_BxSxE = x_BxSxE + dense((cfg.d_model,), 2, ("heads", "head_dim", "embed"), "o")(o_BxSxHxD)
 
     h_BxSxE = RMSNorm(cfg, name="mlp_norm")(x_BxSxE)
+    if self.use_moe:
+      init = nn.initializers.normal(cfg.init_std)
+      x_BxSxE = x_BxSxE + moe.MoE(cfg.moe, cfg.mlp_dim, cfg.dtype, cfg.param_dtype, init, init,
+                                  self.moe_layout, name="moe")(h_BxSxE)
+      return nn.with_logical_constraint(x_BxSxE, ("act_batch", "act_seq", "act_embed")), None
     gate_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "gate")(h_BxSxE)
     up_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "up")(h_BxSxE)
     hidden_BxSxM = nn.with_logical_constraint(nn.silu(gate_BxSxM) * up_BxSxM,
@@ -200,6 +220,7 @@ class Model(nn.Module):
   """Decoder LM: tokens [B, S] int32 -> logits [B, S, V] float32."""
   cfg: Config
   attention_fn: Callable[..., Any] = attention.dot_product_attention
+  moe_layout: moe.Layout = moe.Layout()  # MoE dispatch groups and expert parallelism
 
   @nn.compact
   def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
@@ -209,14 +230,16 @@ class Model(nn.Module):
     embed = Embed(cfg, name="embed")
     x_BxSxE = embed(tokens_BxS)
 
-    block = Block
-    if cfg.remat == "full":
-      block = nn.remat(Block, prevent_cse=False)  # scan already prevents CSE across layers
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+    def scan(unit, length):
+      if cfg.remat == "full":
+        unit = nn.remat(unit, prevent_cse=False)  # scan already prevents CSE across layers
+      return nn.scan(unit, variable_axes={"params": 0, "aux": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=length,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x_BxSxE, _ = blocks(cfg, self.attention_fn, name="layers")(x_BxSxE, positions_BxS,
-                                                               segment_ids_BxS)
+
+    blocks = moe.stack(Block, cfg.moe, (cfg, self.attention_fn, self.moe_layout), cfg.num_layers,
+                       scan)
+    x_BxSxE, _ = blocks(x_BxSxE, positions_BxS, segment_ids_BxS)
     x_BxSxE = RMSNorm(cfg, name="final_norm")(x_BxSxE)
     if cfg.tie_embeddings:
       logits_BxSxV = embed.attend(x_BxSxE)

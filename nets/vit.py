@@ -153,7 +153,8 @@ def scanned(block: type[nn.Module], cfg, length: int, num_broadcast: int):
   """
   if cfg.remat == "full":
     block = nn.remat(block, prevent_cse=False)  # scan already prevents CSE across layers
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+  return nn.scan(block, variable_axes={"params": 0, "aux": 0},
+                 split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * num_broadcast, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})
 

@@ -30,7 +30,7 @@ from parallel import kernels, ring, ulysses
 
 STRATEGIES = ("auto", "ulysses", "ring", "usp", "allgather")
 KERNEL_NAMES = tuple(sorted(kernels.KERNELS)) + ("auto",)
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # as "act_batch" in parallel/sharding.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size):
 
 
 def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, per_device, mesh):
-  """Runs ``per_device`` in shard_map: batch over data/fsdp, sequence over seq, heads over tensor."""
+  """Runs ``per_device`` in shard_map: batch over data/fsdp/expert, sequence over seq, heads over tensor."""
   B, N = q.shape[:2]
   if positions_BxS is None:
     positions_BxS = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))

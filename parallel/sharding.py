@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # earlier in the same array's spec is not reused (so ("act_batch", ..., "embed") never double-books
 # fsdp). Earlier rows win; config.parallel.rules rows are placed before these.
 RULES: tuple[tuple[str, Any], ...] = (
-    ("act_batch", ("data", "fsdp")),
+    ("act_batch", ("data", "fsdp", "expert")),  # expert: data-parallel outside the MoE layers
     ("act_seq", "seq"),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from parallel import mesh as parallel_mesh
+from parallel import moe as parallel_moe
 from parallel import sharding
 from train import checkpoint, metrics, models, optimizer, steps, tasks
 from train import state as state_lib
@@ -72,7 +73,7 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
                         in_shardings=(shardings.params, batch_shardings),
                         out_shardings=sharding.replicated(mesh))
     sampler, _, _ = models.build(config, mesh, seq_parallel=False)
-    dp = plan.mesh["data"] * plan.mesh["fsdp"]
+    dp = parallel_moe.data_parallel(plan.mesh)
 
     def evaluate(step, params, final=False):
       sums = None

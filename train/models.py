@@ -1,10 +1,12 @@
 """Model selection by name: ``config.model.name`` is the module under nets/ that defines it."""
 
+import dataclasses
 import importlib
 import pkgutil
 
 import nets
 from parallel import attention
+from parallel import moe as parallel_moe
 
 
 def families() -> list[str]:
@@ -62,4 +64,10 @@ def build(config, mesh, *, seq_parallel: bool = True):
   if not seq_parallel:
     sizes["seq"] = 1
   plan = attention_plan(config, sizes, cfg)
-  return module.Model(cfg, attention_fn=attention.attention_fn(plan, mesh)), cfg, plan
+  kwargs = {}
+  moe_cfg = getattr(cfg, "moe", None)
+  if moe_cfg is not None and moe_cfg.enabled:
+    if not seq_parallel:  # sampling batches are padded to the data-parallel size only
+      moe_cfg = dataclasses.replace(moe_cfg, groups=0)
+    kwargs["moe_layout"] = parallel_moe.layout(moe_cfg, sizes, mesh)
+  return module.Model(cfg, attention_fn=attention.attention_fn(plan, mesh), **kwargs), cfg, plan

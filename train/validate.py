@@ -4,7 +4,9 @@ import dataclasses
 
 import jax
 
+from nets import moe as moe_lib
 from parallel import mesh as parallel_mesh
+from parallel import moe as parallel_moe
 from train import models, tasks
 
 GROUPS = ("task", "model", "data", "mesh", "parallel", "train", "opt", "ckpt", "log", "eval",
@@ -38,19 +40,32 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
     _positive(config[group][field], name)
-  dp = sizes["data"] * sizes["fsdp"]
+  dp = parallel_moe.data_parallel(sizes)
   if t.batch_size % dp:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
-                     f"mesh.data*mesh.fsdp={dp}; use a multiple of {dp}.")
+                     f"mesh.data*mesh.fsdp*mesh.expert={dp}; use a multiple of {dp}.")
   if t.batch_size % process_count:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {process_count} "
                      "processes, so the per-process batch would be uneven.")
   if config.eval.batch_size % dp:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                     f"data-parallel size mesh.data*mesh.fsdp={dp}; use a multiple of {dp}.")
+                     f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={dp}; use a multiple "
+                     f"of {dp}.")
   _divisible_by_axis(model_cfg, sizes)
+  moe_cfg = getattr(model_cfg, "moe", None)
+  if moe_cfg is not None or sizes["expert"] > 1:
+    width = moe_cfg.hidden(_mlp_width(model_cfg)) if moe_cfg is not None else 0
+    parallel_moe.check(moe_cfg or moe_lib.Config(), sizes, expert_width=width,
+                       batch_sizes={"train.batch_size": t.batch_size,
+                                    "eval.batch_size": config.eval.batch_size})
   attention = models.attention_plan(config, sizes, model_cfg)
   return Plan(mesh=sizes, model_cfg=model_cfg, attention=attention)
+
+
+def _mlp_width(model_cfg) -> int:
+  if hasattr(model_cfg, "mlp_dim"):
+    return model_cfg.mlp_dim
+  return int(model_cfg.hidden_size * model_cfg.mlp_ratio)  # DiT
 
 
 def _positive(value, name):

@@ -14,18 +14,31 @@ from train import state as state_lib
 
 B, S = 8, 16
 KINDS = ("lm", "vit", "dit")
+# MoE variants: a Mixtral-style LM (dropless top-2), the same with capacity dropping (8 fixed
+# dispatch groups, so any mesh groups tokens alike) and micro-batch balance, and DiT-MoE with a
+# shared expert and every other block MoE.
+MOE = {
+    "lm_moe": dict(num_experts=8, top_k=2),
+    "lm_moe_capacity": dict(num_experts=8, top_k=2, capacity_factor=1.0, groups=8,
+                            balance="micro", router="sigmoid"),
+    "dit_moe": dict(num_experts=4, top_k=1, shared_experts=1, every=2, activation="gelu"),
+}
 
 
 def make_config(kind: str):
-  """Tiny configs: the test Llama (seq_len 16), the digits ViT and the digits DiT."""
-  if kind == "lm":
+  """Tiny configs: the test Llama (seq_len 16), the digits ViT and the digits DiT (+ MoE)."""
+  base_kind = kind.split("_")[0]
+  if base_kind == "lm":
     config = lm.get_config("size=test")
     config.train.seq_len = S
-  elif kind == "vit":
+  elif base_kind == "vit":
     config = vit.get_config("variant=digits")
   else:
     config = diffusion.get_config("model=dit,variant=digits")
+  if kind in MOE:
+    config.model.moe.update(MOE[kind])
   config.train.batch_size = B
+  config.eval.batch_size = B
   return config
 
 
@@ -46,7 +59,7 @@ def setup(mesh_sizes: dict, devices=None, kind: str = "lm", **parallel):
 
 def batch(kind: str = "lm"):
   """One fixed batch: random bytes for the LM, the first training digits for vision."""
-  if kind == "lm":
+  if kind.startswith("lm"):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -67,7 +80,7 @@ def run_one_step(mesh_sizes, devices=None, kind: str = "lm", **parallel):
   config, mesh, rules, model, tx, lr, init, shardings, plan = setup(mesh_sizes, devices, kind,
                                                                    **parallel)
   task = tasks.get(config)
-  permutation = plan.permutation(S) if kind == "lm" else None
+  permutation = plan.permutation(S) if kind.startswith("lm") else None
   state = sharding.init_sharded(init, shardings, mesh, rules)
   bs = {k: sharding.logical_sharding(mesh, rules, axes) for k, axes in task.batch_axes.items()}
   data = {k: jax.device_put(v, bs[k]) for k, v in batch(kind).items()}
@@ -108,8 +121,8 @@ def assert_matches_reference(got, ref):
                jax.device_get(got["new_state"].params), jax.device_get(ref["new_state"].params))
 
 
-def axes(data=1, fsdp=1, tensor=1, seq=1):
-  return dict(data=data, fsdp=fsdp, tensor=tensor, seq=seq, expert=1)
+def axes(data=1, fsdp=1, tensor=1, seq=1, expert=1):
+  return dict(data=data, fsdp=fsdp, tensor=tensor, seq=seq, expert=expert)
 
 
 

@@ -79,7 +79,8 @@ def test_batch_sharding_splits_batch_over_data_axes_and_seq_over_seq():
   mesh = parallel_mesh.make_mesh(ml_collections.ConfigDict(
       dict(data=2, fsdp=2, tensor=1, seq=2, expert=1)))
   rules = sharding.RULES
-  assert _equal_specs(sharding.batch_sharding(mesh, rules).spec, P(("data", "fsdp"), "seq"))
+  assert _equal_specs(sharding.batch_sharding(mesh, rules).spec,
+                      P(("data", "fsdp", "expert"), "seq"))
   local = {"inputs": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
   arr = sharding.global_batch(local, mesh, rules)["inputs"]
   assert arr.shape == (8, 4)

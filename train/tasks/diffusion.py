@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nets import moe
 from train import diffusion, image_data
 from train.tasks import images
 
@@ -41,14 +42,24 @@ class DiffusionTask(images.ImageTask):
 
   def _loss(self, model, params, batch, rng, train: bool):
     drop_rng, noise_rng = jax.random.split(rng)
+    aux = []  # the MoE auxiliary loss and metrics of the one model call
 
     def model_fn(x, t, y, _rng=None):
-      return model.apply({"params": params}, x, t, y, train=train, rngs={"dropout": drop_rng})
+      out, aux_loss, aux_metrics = moe.apply_with_aux(model, {"params": params}, x, t, y,
+                                                      train=train, rngs={"dropout": drop_rng})
+      aux.append((aux_loss, aux_metrics))
+      return out
 
     if self.config.diffusion.objective == "ddpm":
-      return diffusion.ddpm_loss(model_fn, self.schedule, batch["images"], batch["labels"],
-                                 noise_rng, learn_sigma=model.cfg.learn_sigma)
-    return diffusion.flow_loss(model_fn, batch["images"], batch["labels"], noise_rng)
+      loss, metrics = diffusion.ddpm_loss(model_fn, self.schedule, batch["images"],
+                                          batch["labels"], noise_rng,
+                                          learn_sigma=model.cfg.learn_sigma)
+    else:
+      loss, metrics = diffusion.flow_loss(model_fn, batch["images"], batch["labels"], noise_rng)
+    (aux_loss, aux_metrics), = aux
+    if aux_metrics:
+      metrics = {**metrics, "denoise_loss": loss, **aux_metrics}
+    return loss + aux_loss, metrics
 
   def loss_fn(self, model, permutation=None):
     del permutation  # bidirectional attention: no causal balancing needed
@@ -59,7 +70,9 @@ class DiffusionTask(images.ImageTask):
 
     def eval_fn(params, batch):
       # A fixed noise draw, so successive evaluations compare the same (x0, t, noise) triples.
-      loss, _ = self._loss(model, params, batch, jax.random.PRNGKey(self.config.seed), False)
+      loss, metrics = self._loss(model, params, batch, jax.random.PRNGKey(self.config.seed),
+                                 False)
+      loss = metrics.get("denoise_loss", loss)  # without the MoE auxiliary terms
       n = jnp.float32(batch["labels"].shape[0])
       return {"loss_sum": loss * n, "count": n}
     return eval_fn

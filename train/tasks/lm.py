@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nets import moe
 from train import data, sampling
 
 
@@ -68,9 +69,12 @@ class LMTask:
   def loss_fn(self, model, permutation=None):
     def loss_fn(params, batch, rng):
       inputs, targets, positions = reorder(batch, permutation)
-      logits = model.apply({"params": params}, inputs, positions, rngs={"dropout": rng})
+      logits, aux_loss, aux_metrics = moe.apply_with_aux(
+          model, {"params": params}, inputs, positions, rngs={"dropout": rng})
       loss_sum, count = token_loss(logits, targets)
-      return loss_sum / jnp.maximum(count, 1.0), {"tokens": count}
+      ce = loss_sum / jnp.maximum(count, 1.0)
+      # "loss" is what is minimised (cross-entropy + MoE auxiliary terms); "ce_loss" alone.
+      return ce + aux_loss, {"tokens": count, "ce_loss": ce, **aux_metrics}
     return loss_fn
 
   def eval_fn(self, model, permutation=None):
