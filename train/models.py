@@ -45,8 +45,20 @@ def attention_length(config, model_cfg) -> int:
   return tokens
 
 
+def sequence_parallel(name: str) -> bool:
+  """Whether the family runs with mesh.seq > 1 (its module's SEQUENCE_PARALLEL, default True)."""
+  return getattr(family(name), "SEQUENCE_PARALLEL", True)
+
+
 def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
-  """The attention kernel and sequence-parallel strategy for this config (validated)."""
+  """The attention kernel and sequence-parallel strategy for this config (validated).
+
+  Families without sequence parallelism (Mamba, MEGABYTE) get the local kernel; validation has
+  already refused mesh.seq > 1 for them.
+  """
+  if not sequence_parallel(config.model.name):
+    return attention.make_plan(config.parallel, {**mesh_sizes, "seq": 1, "tensor": 1},
+                               num_heads=1, num_kv_heads=1, seq_len=config.train.seq_len)
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=getattr(model_cfg, "num_kv_heads", model_cfg.num_heads),
                              seq_len=attention_length(config, model_cfg))

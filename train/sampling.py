@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@partial(jax.jit, static_argnames=("model", "prompt_len", "valid_vocab"))
-def _sample(model, params, buf_BxN, rng, temperature, *, prompt_len: int, valid_vocab: int):
-  N = buf_BxN.shape[1]
+@partial(jax.jit, static_argnames=("model", "prompt_len", "valid_vocab", "end"))
+def _sample(model, params, buf_BxN, rng, temperature, *, prompt_len: int, valid_vocab: int,
+            end: int):
+  N = end
 
   def body(t, carry):
     buf_BxN, rng = carry
@@ -29,12 +30,16 @@ def _sample(model, params, buf_BxN, rng, temperature, *, prompt_len: int, valid_
 
 def sample(model, params, prompt_ids: np.ndarray, *, num_samples: int, max_new_tokens: int,
            temperature: float, seed: int, valid_vocab: int, pad_id: int,
-           sharding=None) -> np.ndarray:
-  """Returns [num_samples, prompt + max_new_tokens] token ids continuing ``prompt_ids``."""
-  P = len(prompt_ids)
-  buf = np.full((num_samples, P + max_new_tokens), pad_id, np.int32)
+           sharding=None, length_multiple: int = 1) -> np.ndarray:
+  """Returns [num_samples, prompt + max_new_tokens] token ids continuing ``prompt_ids``.
+
+  ``length_multiple``: the model's inputs must be a multiple of this long (MEGABYTE patches);
+  the buffer is padded at the end, which a causal model never looks at.
+  """
+  P, end = len(prompt_ids), len(prompt_ids) + max_new_tokens
+  buf = np.full((num_samples, -(-end // length_multiple) * length_multiple), pad_id, np.int32)
   buf[:, :P] = prompt_ids
   buf = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
   out = _sample(model, params, buf, jax.random.PRNGKey(seed),
-                jnp.float32(temperature), prompt_len=P, valid_vocab=valid_vocab)
-  return np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))
+                jnp.float32(temperature), prompt_len=P, valid_vocab=valid_vocab, end=end)
+  return np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:, :end]

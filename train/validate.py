@@ -51,6 +51,9 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                      f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={dp}; use a multiple "
                      f"of {dp}.")
+  if sizes["seq"] > 1 and not models.sequence_parallel(config.model.name):
+    raise ValueError(f"model '{config.model.name}' has no sequence-parallel implementation; use "
+                     f"mesh.seq=1 (got {sizes['seq']}) and put those devices on mesh.data.")
   _divisible_by_axis(model_cfg, sizes)
   moe_cfg = getattr(model_cfg, "moe", None)
   if moe_cfg is not None or sizes["expert"] > 1:
@@ -79,6 +82,8 @@ def _divisible_by_axis(model_cfg, sizes):
             ("vocab_size", "tensor"), ("d_model", "fsdp")]
   for field, axis in checks:
     value = getattr(model_cfg, field, None)
+    if isinstance(value, tuple):  # per-stage sizes (MEGABYTE): the first that does not divide
+      value = next((v for v in value if v % sizes[axis]), value[0])
     if value is not None and value % sizes[axis]:
       hint = (" (grouped-query KV heads are sharded over tensor like the query heads)"
               if field == "num_kv_heads" else "")

@@ -48,6 +48,10 @@ class LMTask:
     if model_cfg.vocab_size < data.BYTE_VOCAB:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
                        f"tokenizer's {data.BYTE_VOCAB} ids.")
+    multiple = getattr(model_cfg, "length_multiple", 1)
+    if self.config.train.seq_len % multiple:
+      raise ValueError(f"train.seq_len={self.config.train.seq_len} is not a multiple of "
+                       f"{multiple}, the bytes in one global patch (model.patch_sizes).")
     if self.config.train.seq_len > model_cfg.max_len:
       raise ValueError(f"train.seq_len={self.config.train.seq_len} exceeds "
                        f"model.max_len={model_cfg.max_len}.")
@@ -104,7 +108,8 @@ class LMTask:
     tokens = sampling.sample(model, params, data.encode(s.prompt), num_samples=n,
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                              seed=self.config.seed, valid_vocab=256, pad_id=data.PAD_ID,
-                             sharding=sharding["inputs"])
+                             sharding=sharding["inputs"],
+                             length_multiple=getattr(model.cfg, "length_multiple", 1))
     texts = [data.decode(row) for row in tokens[:s.num_samples]]
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "samples.txt"), "a") as f:

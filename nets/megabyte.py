@@ -1,0 +1,227 @@
+"""MEGABYTE (Yu et al., "MEGABYTE: Predicting Million-byte Sequences with Multiscale Transformers",
+2023) generalised to an N-stage hierarchy as in MBLM (Egli et al., "Multiscale Byte Language
+Models", 2025): each stage is a stack of Transformer (nets.llama.Block) or Mamba
+(nets.mamba.Block) blocks chosen by ``blocks``.
+
+``patch_sizes=(P1, ..., Pn-1)`` gives n stages. Stage 0 (global) runs over tokens of
+G0 = P1·…·Pn-1 bytes; stage s > 0 runs, separately for every stage-(s-1) token, over its Ps
+sub-tokens of Gs = Ps+1·…·Pn-1 bytes; the last stage runs over single bytes. (8,) is classic
+two-stage MEGABYTE: a global model over 8-byte patches and a local model within each patch.
+
+A stage's token embedding concatenates the embeddings of its Gs bytes (a table of width
+E_b = d_model[-1] per stage) and projects them to d_model[s]. Positions: the concatenation's slots
+already tell the projection each byte's offset in its patch, and Transformer stages add RoPE over
+their own sequence; Mamba stages need none. Stage s > 0 adds to the input of sub-token j a
+projection of its parent's output, one projection per j (MEGABYTE's w^GL).
+
+Causality, with this codebase's LM convention that logits[t] predicts inputs[t+1]: every stage
+but the last shifts its token inputs right by one (a learned start token first), so a token's
+output sees only bytes before the token begins; the last stage gets each byte itself, which is
+the "previous byte" of the byte it predicts (MEGABYTE's learned start byte stands in for the byte
+that, in its convention of predicting byte t from bytes < t, lies in the previous patch). So
+logits[t] depends exactly on inputs[<= t], across patch boundaries too.
+Extra legend: N flattened parent tokens (batch × earlier stages), P a stage's sequence length,
+G bytes per token of a stage.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from nets import attention, llama, mamba
+from nets.llama import Embed, Proj, RMSNorm
+
+BLOCKS = ("transformer", "mamba")
+_PER_STAGE = ("d_model", "num_layers", "num_heads", "mlp_dim")
+
+
+# Sequence parallelism (mesh.seq > 1) is not implemented for this family: its stages attend within patches, not across a seq-sharded sequence.
+SEQUENCE_PARALLEL = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Hyperparameters; built only by ``Config.from_config(config.model)``.
+
+  Per-stage tuples are ordered global first and have len(patch_sizes) + 1 entries; num_heads and
+  mlp_dim are ignored for Mamba stages.
+  """
+  vocab_size: int
+  patch_sizes: tuple[int, ...]
+  d_model: tuple[int, ...]
+  num_layers: tuple[int, ...]
+  num_heads: tuple[int, ...]
+  mlp_dim: tuple[int, ...]
+  blocks: tuple[str, ...] = ()  # one of BLOCKS per stage; () means all "transformer"
+  max_len: int = 2048
+  rope_theta: float = 10000.0
+  d_state: int = 16  # Mamba stages: see nets/mamba.py
+  d_conv: int = 4
+  expand: int = 2
+  dt_rank: int = 0
+  scan_chunk: int = 0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False  # the head reuses the last stage's byte table
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # one of nets.llama.REMAT_POLICIES
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides) -> "Config":
+    """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in model_cfg.items() if k != "name"}
+    given.update(overrides)
+    unknown = sorted(set(given) - fields)
+    if unknown:
+      raise ValueError(f"config.model has unknown field(s) {unknown} for model 'megabyte'; "
+                       f"known fields: {sorted(fields)}.")
+    for name in ("patch_sizes", "blocks") + _PER_STAGE:
+      if isinstance(given.get(name), (list, tuple)):
+        given[name] = tuple(given[name])  # ConfigDict/CLI lists; the dataclass must be hashable
+    cfg = cls(**given)
+    cfg.validate()
+    return cfg
+
+  def validate(self):
+    """Raises ValueError with one sentence for inconsistent hyperparameters."""
+    if (not isinstance(self.patch_sizes, tuple) or not self.patch_sizes
+        or any(p < 1 for p in self.patch_sizes)):
+      raise ValueError(f"model.patch_sizes={self.patch_sizes} must be a non-empty tuple of "
+                       "positive sizes, one per stage after the global one.")
+    n = self.num_stages
+    for name in _PER_STAGE + (("blocks",) if self.blocks else ()):
+      value = getattr(self, name)
+      if not isinstance(value, tuple) or len(value) != n:
+        raise ValueError(f"model.{name}={value!r} must be a tuple of {n} entries, one per stage "
+                         f"(global first), since model.patch_sizes={self.patch_sizes}.")
+    for s, kind in enumerate(self.stage_blocks):
+      if kind not in BLOCKS:
+        raise ValueError(f"model.blocks[{s}]={kind!r} is not one of {BLOCKS}.")
+      sizes = ("d_model", "num_layers") + (("num_heads", "mlp_dim") if kind == "transformer"
+                                           else ())
+      for name in sizes:
+        if getattr(self, name)[s] < 1:
+          raise ValueError(f"model.{name}[{s}]={getattr(self, name)[s]} must be positive.")
+      d, h = self.d_model[s], self.num_heads[s]
+      if kind == "transformer" and (d % h or (d // h) % 2):
+        raise ValueError(f"model.d_model[{s}]={d} must be model.num_heads[{s}]={h} times an even "
+                         "head size (rotary embeddings).")
+    llama.check_remat_and_dtypes(self)
+    for s in range(n):
+      stage_config(self, s).validate()
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.patch_sizes) + 1
+
+  @property
+  def stage_blocks(self) -> tuple[str, ...]:
+    return self.blocks or ("transformer",) * self.num_stages
+
+  @property
+  def group_sizes(self) -> tuple[int, ...]:
+    """Bytes per token of each stage: (P1·…·Pn-1, …, Pn-1, 1)."""
+    return tuple(math.prod(self.patch_sizes[s:]) for s in range(self.num_stages))
+
+  @property
+  def length_multiple(self) -> int:
+    """Input lengths must be multiples of this (the bytes in one global token)."""
+    return self.group_sizes[0]
+
+
+def stage_config(cfg: Config, s: int):
+  """The nets.llama or nets.mamba Config of stage ``s``'s blocks."""
+  common = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers[s], d_model=cfg.d_model[s],
+                max_len=cfg.max_len, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings,
+                init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                remat=cfg.remat)
+  if cfg.stage_blocks[s] == "mamba":
+    return mamba.Config(**common, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                        dt_rank=cfg.dt_rank, scan_chunk=cfg.scan_chunk)
+  return llama.Config(**common, num_heads=cfg.num_heads[s], num_kv_heads=cfg.num_heads[s],
+                      mlp_dim=cfg.mlp_dim[s], rope_theta=cfg.rope_theta)
+
+
+def num_params(cfg: Config) -> int:
+  """Closed-form parameter count (tests check it against the initialised model)."""
+  V, Eb, n = cfg.vocab_size, cfg.d_model[-1], cfg.num_stages
+  total = 0 if cfg.tie_embeddings else Eb * V  # head
+  for s in range(n):
+    d, sub = cfg.d_model[s], stage_config(cfg, s)
+    if cfg.stage_blocks[s] == "mamba":
+      per_layer = mamba.block_params(sub)
+    else:  # llama.Block with num_kv_heads = num_heads, so heads × head size = d
+      per_layer = 2 * d + 4 * d * d + 3 * d * cfg.mlp_dim[s]
+    total += V * Eb + cfg.num_layers[s] * per_layer + d  # byte table, blocks, output norm
+    if s < n - 1:
+      total += cfg.group_sizes[s] * Eb * d + d  # patch projection, start token
+    if s > 0:
+      total += cfg.d_model[s - 1] * cfg.patch_sizes[s - 1] * d  # from the parent token
+  return total
+
+
+class Model(nn.Module):
+  """Byte LM: tokens [B, S] int32 -> logits [B, S, V] float32; S must divide into global tokens.
+
+  Same call signature as nets.llama.Model; positions are ignored (each stage numbers its own
+  sequence), and segment ids are refused because a patch may straddle two documents.
+  """
+  cfg: Config
+  attention_fn: Callable[..., Any] = attention.dot_product_attention
+
+  @nn.compact
+  def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
+    del positions_BxS
+    cfg = self.cfg
+    if segment_ids_BxS is not None:
+      raise ValueError("megabyte does not support segment ids (packed documents), because a patch "
+                       "may straddle two documents; pass segment_ids_BxS=None.")
+    B, S = tokens_BxS.shape
+    G0 = cfg.group_sizes[0]
+    if S % G0:
+      raise ValueError(f"sequence length {S} is not divisible by {G0}, the product of "
+                       f"model.patch_sizes={cfg.patch_sizes}; change train.seq_len or the patches.")
+    n, Eb = cfg.num_stages, cfg.d_model[-1]
+    byte_cfg = stage_config(cfg, n - 1)  # width Eb: every stage's byte table has it
+    lengths = (S // G0,) + cfg.patch_sizes  # each stage's sequence length
+    parent_NxPxD = None
+    for s in range(n):
+      sub, d, P, G = stage_config(cfg, s), cfg.d_model[s], lengths[s], cfg.group_sizes[s]
+      embed = Embed(byte_cfg, name=f"embed_{s}")
+      e_NxPxGxE = embed(tokens_BxS.reshape(-1, P, G))
+      if s < n - 1:
+        x_NxPxD = Proj(sub, (d,), (None, None, "embed"), n_in=2, name=f"patch_{s}")(e_NxPxGxE)
+        start_D = self.param(f"start_{s}", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.init_std), ("embed",)), (d,), jnp.dtype(cfg.param_dtype))
+        start_Nx1xD = jnp.broadcast_to(start_D.astype(x_NxPxD.dtype), (x_NxPxD.shape[0], 1, d))
+        x_NxPxD = jnp.concatenate([start_Nx1xD, x_NxPxD[:, :-1]], axis=1)
+      else:
+        x_NxPxD = e_NxPxGxE[:, :, 0]  # G == 1 and d == Eb
+      if parent_NxPxD is not None:
+        parent_NxD = parent_NxPxD.reshape(-1, parent_NxPxD.shape[-1])
+        x_NxPxD = x_NxPxD + Proj(sub, (P, d), ("embed", None, None),
+                                 name=f"from_parent_{s}")(parent_NxD)
+      x_NxPxD = nn.with_logical_constraint(x_NxPxD, ("act_batch", "act_seq", "act_embed"))
+      if cfg.stage_blocks[s] == "mamba":
+        stack = mamba.scanned(mamba.Block, sub, sub.num_layers, (nn.broadcast, nn.broadcast))
+        x_NxPxD, _ = stack(sub, name=f"stage_{s}")(x_NxPxD, None, None)
+      else:
+        positions_NxP = jnp.broadcast_to(jnp.arange(P), x_NxPxD.shape[:2])
+        stack = mamba.scanned(llama.Block, sub, sub.num_layers, (nn.broadcast, nn.broadcast))
+        x_NxPxD, _ = stack(sub, self.attention_fn, name=f"stage_{s}")(x_NxPxD, positions_NxP,
+                                                                       None)
+      parent_NxPxD = RMSNorm(sub, name=f"norm_{s}")(x_NxPxD)
+
+    x_BxSxE = parent_NxPxD.reshape(B, S, Eb)
+    if cfg.tie_embeddings:  # ``embed`` is the last stage's byte table
+      logits_BxSxV = embed.attend(x_BxSxE)
+    else:
+      logits_BxSxV = Proj(byte_cfg, (cfg.vocab_size,), ("embed", "vocab"),
+                          name="lm_head")(x_BxSxE)
+    logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
+    return logits_BxSxV.astype(jnp.float32)
