@@ -44,7 +44,8 @@ class Config:
   dt_rank: int = 0  # R; 0 means ceil(d_model / 16)
   dt_min: float = 1e-3  # Δ is initialised log-uniform in [dt_min, dt_max]
   dt_max: float = 1e-1
-  scan_chunk: int = 0  # 0: one associative scan over the sequence; > 0: chunks of this many steps
+  scan_chunk: int = 0  # 0: one scan over the sequence; > 0: chunks of this many steps
+  scan: str = "auto"  # one of SCANS: associative | sequential | auto (sequential on CPU only)
   max_len: int = 2048  # read only by the LM task's length check: Mamba has no position table
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
@@ -74,6 +75,8 @@ class Config:
     for name in ("dt_rank", "scan_chunk"):
       if getattr(self, name) < 0:
         raise ValueError(f"model.{name}={getattr(self, name)} must be >= 0 (0 picks the default).")
+    if self.scan not in SCANS:
+      raise ValueError(f"model.scan={self.scan!r} is not one of {SCANS}.")
     if not 0.0 < self.dt_min <= self.dt_max:
       raise ValueError(f"model.dt_min={self.dt_min} and model.dt_max={self.dt_max} must satisfy "
                        "0 < dt_min <= dt_max.")
@@ -122,13 +125,42 @@ def _combine(left, right):
   return a1 * a2, a2 * b1 + b2
 
 
-def _scan_span(u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, h0_BxIxN, keep_BxS):
-  """One associative scan over S steps from state h0 (None: zeros); returns (C·h [B,S,I], h_S)."""
+SCANS = ("auto", "associative", "sequential")
+
+
+def scan_impl(name: str) -> str:
+  """"auto": the associative scan on accelerators; on CPU the sequential ``lax.scan``, which
+  does O(S) work instead of the parallel scan's extra passes and measured 2.6x faster forward +
+  backward for [16, 128, 256, 16] on a 2-core CPU."""
+  if name == "auto":
+    return "sequential" if jax.default_backend() == "cpu" else "associative"
+  return name
+
+
+def _sequential(a_BxSxIxN, b_BxSxIxN):
+  """The recurrence h_t = a_t·h_{t-1} + b_t from h = 0, one step at a time; returns (Π a, h)."""
+  def step(carry, ab):
+    (prod, h), (a, b) = carry, ab
+    prod, h = prod * a, a * h + b
+    return (prod, h), (prod, h)
+
+  zeros = jnp.zeros_like(a_BxSxIxN[:, 0])
+  _, (prod, h) = jax.lax.scan(step, (jnp.ones_like(zeros), zeros),
+                              (jnp.moveaxis(a_BxSxIxN, 1, 0), jnp.moveaxis(b_BxSxIxN, 1, 0)))
+  return jnp.moveaxis(prod, 0, 1), jnp.moveaxis(h, 0, 1)
+
+
+def _scan_span(u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, h0_BxIxN, keep_BxS,
+               impl: str = "associative"):
+  """One scan over S steps from state h0 (None: zeros); returns (C·h [B,S,I], h_S)."""
   a_BxSxIxN = jnp.exp(dt_BxSxI[..., None] * A_IxN)
   if keep_BxS is not None:
     a_BxSxIxN = a_BxSxIxN * keep_BxS[:, :, None, None]  # a = 0 drops the state (new segment)
   b_BxSxIxN = (dt_BxSxI * u_BxSxI)[..., None] * B_BxSxN[:, :, None, :]
-  a_BxSxIxN, h_BxSxIxN = jax.lax.associative_scan(_combine, (a_BxSxIxN, b_BxSxIxN), axis=1)
+  if impl == "sequential":
+    a_BxSxIxN, h_BxSxIxN = _sequential(a_BxSxIxN, b_BxSxIxN)
+  else:
+    a_BxSxIxN, h_BxSxIxN = jax.lax.associative_scan(_combine, (a_BxSxIxN, b_BxSxIxN), axis=1)
   if h0_BxIxN is not None:
     h_BxSxIxN = h_BxSxIxN + a_BxSxIxN * h0_BxIxN[:, None]
   y_BxSxI = jnp.einsum("bsin,bsn->bsi", h_BxSxIxN, C_BxSxN)
@@ -136,21 +168,23 @@ def _scan_span(u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, h0_BxIxN, keep_BxS):
 
 
 def selective_scan(u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, D_I, *, h0_BxIxN=None,
-                   keep_BxS=None, chunk: int = 0):
+                   keep_BxS=None, chunk: int = 0, impl: str = "associative"):
   """y_t = C_t·h_t + D ⊙ u_t, h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t, all in float32.
 
   ``h0_BxIxN`` is the state before step 0 (zeros if None); ``keep_BxS`` (0/1) multiplies the
   decay, so 0 starts a fresh state at that step. ``chunk`` > 0 scans chunks of that many steps in
   a ``lax.scan`` with a rematerialised body, so the [B, chunk, I, N] tensors are the largest held
   and the backward pass keeps only one [B, I, N] state per chunk. A sequence that the chunk does
-  not divide is padded with identity steps (Δ = 0, so a = 1, b = 0). Returns (y [B, S, I], h_S).
+  not divide is padded with identity steps (Δ = 0, so a = 1, b = 0). ``impl``: "associative"
+  (``jax.lax.associative_scan``) or "sequential" (``lax.scan``, step by step; same values).
+  Returns (y [B, S, I], h_S).
   """
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   u, dt, A, Bm, Cm, h0, keep = map(f32, (u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, h0_BxIxN,
                                          keep_BxS))
   Bsz, S, I = u.shape
   if chunk <= 0 or chunk >= S:
-    y, h_last = _scan_span(u, dt, A, Bm, Cm, h0, keep)
+    y, h_last = _scan_span(u, dt, A, Bm, Cm, h0, keep, impl)
   else:
     n = -(-S // chunk)
     pad = n * chunk - S
@@ -166,7 +200,7 @@ def selective_scan(u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, D_I, *, h0_BxIxN=
     @jax.checkpoint
     def body(h_BxIxN, xs):
       u_c, dt_c, B_c, C_c, keep_c = xs
-      y_c, h_BxIxN = _scan_span(u_c, dt_c, A, B_c, C_c, h_BxIxN, keep_c)
+      y_c, h_BxIxN = _scan_span(u_c, dt_c, A, B_c, C_c, h_BxIxN, keep_c, impl)
       return h_BxIxN, y_c
 
     h_last, y_nxBxcxI = jax.lax.scan(body, h0, (chunks(u), chunks(dt), chunks(Bm), chunks(Cm),
@@ -259,7 +293,7 @@ class Block(nn.Module):
     y_BxSxI, h_BxIxN = selective_scan(
         u_BxSxI, dt_BxSxI, -jnp.exp(A_log_IxN.astype(jnp.float32)), B_BxSxN, C_BxSxN, D_I,
         h0_BxIxN=None if cache is None else cache["ssm"], keep_BxS=keep_BxS,
-        chunk=cfg.scan_chunk)
+        chunk=cfg.scan_chunk, impl=scan_impl(cfg.scan))
     y_BxSxI = nn.with_logical_constraint(y_BxSxI.astype(cfg.dtype) * nn.silu(z_BxSxI),
                                          _ACT_INNER)
     x_BxSxE = x_BxSxE + Proj(cfg, (E,), ("mlp", "embed"), name="out_proj")(y_BxSxI)

@@ -63,6 +63,7 @@ class Config:
   expand: int = 2
   dt_rank: int = 0
   scan_chunk: int = 0
+  scan: str = "auto"  # Mamba stages: see nets.mamba.Config.scan
   norm_eps: float = 1e-5
   tie_embeddings: bool = False  # the head reuses the last stage's byte table
   init_std: float = 0.02
@@ -142,7 +143,7 @@ def stage_config(cfg: Config, s: int):
                 remat=cfg.remat)
   if cfg.stage_blocks[s] == "mamba":
     return mamba.Config(**common, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
-                        dt_rank=cfg.dt_rank, scan_chunk=cfg.scan_chunk)
+                        dt_rank=cfg.dt_rank, scan_chunk=cfg.scan_chunk, scan=cfg.scan)
   return llama.Config(**common, num_heads=cfg.num_heads[s], num_kv_heads=cfg.num_heads[s],
                       mlp_dim=cfg.mlp_dim[s], rope_theta=cfg.rope_theta)
 

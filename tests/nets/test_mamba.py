@@ -33,11 +33,13 @@ def scan_inputs(seed=0, Bsz=2, S=12, I=3, N=4):
   return f(Bsz, S, I), dt, A, f(Bsz, S, N), f(Bsz, S, N), f(I), f(Bsz, I, N)
 
 
-def test_associative_scan_matches_sequential_numpy_recurrence():
+@pytest.mark.parametrize("impl", ["associative", "sequential"])
+def test_scan_matches_sequential_numpy_recurrence(impl):
   u, dt, A, Bm, Cm, D, h0 = scan_inputs(S=7)
   keep = np.ones((2, 7), np.float32)
   keep[1, 4] = 0.0  # a new segment starts at step 4 of the second row
-  y, h_last = jit(mamba.selective_scan)(u, dt, A, Bm, Cm, D, h0_BxIxN=h0, keep_BxS=keep)
+  y, h_last = jit(functools.partial(mamba.selective_scan, impl=impl))(
+      u, dt, A, Bm, Cm, D, h0_BxIxN=h0, keep_BxS=keep)
   h = h0.astype(np.float64)
   ref = np.zeros(u.shape)
   for t in range(u.shape[1]):
@@ -62,12 +64,15 @@ def test_causal_conv_matches_numpy():
 def test_chunked_scan_equals_unchunked_forward_and_gradients():
   """Chunks of 5 do not divide S = 12, so identity steps pad the last chunk (the sharded model
   test below runs the same chunking inside the model)."""
-  def loss(inputs, chunk):
+  def loss(inputs, chunk, impl="associative"):
     u, dt, A, Bm, Cm, D, h0 = inputs
-    y, h_last = mamba.selective_scan(u, dt, A, Bm, Cm, D, h0_BxIxN=h0, chunk=chunk)
+    y, h_last = mamba.selective_scan(u, dt, A, Bm, Cm, D, h0_BxIxN=h0, chunk=chunk, impl=impl)
     return jnp.sum(jnp.sin(y)) + jnp.sum(h_last ** 2), (y, h_last)
 
-  grads = jit(lambda inputs: [jax.grad(loss, has_aux=True)(inputs, c) for c in (0, 5)])
+  # Also the sequential scan (CPU's "auto" choice), whole and chunked, against the same numbers.
+  grads = jit(lambda inputs: [jax.grad(loss, has_aux=True)(inputs, c, i)
+                              for c, i in ((0, "associative"), (5, "associative"),
+                                           (0, "sequential"), (5, "sequential"))])
   (g0, (y0, h0)), *chunked = grads(scan_inputs())
   for g1, (y1, h1) in chunked:
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
