@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -18,7 +20,7 @@ def quick(tmp_path_factory):
   proc = subprocess.run(
       [sys.executable, "-m", "bench.moe", "--quick", f"--out={out}"], cwd=REPO,
       capture_output=True, text=True, timeout=300,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / "moe.json") as f:
     return dict(doc=json.load(f), out=out, stdout=proc.stdout)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -19,7 +21,7 @@ def cli(config, workdir, steps):
        "--config.eval.steps=1", "--config.eval.batch_size=8", "--config.sample.max_new_tokens=6",
        "--config.sample.num_samples=1"],
       cwd=REPO, capture_output=True, text=True, timeout=400,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from parallel import mesh as parallel_mesh
 from parallel import sharding
+from tests import cli_env
 from train import image_data, models, optimizer, tasks, validate
 from train import state as state_lib
 
@@ -98,7 +99,7 @@ def test_dit_digits_through_the_cli_writes_a_png_grid(tmp_path):
        "--config.eval.batch_size=16", "--config.diffusion.sample_steps=2",
        "--config.diffusion.samples_per_class=1", "--config.log.progress=False"],
       cwd=REPO, capture_output=True, text=True, timeout=400,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   grid = workdir / "samples" / "step_000003.png"
   with Image.open(grid) as im:

@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import lm
+from tests import cli_env
 from train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,7 +113,7 @@ def test_cli_trains_and_samples(tmp_path):
        "--config.eval.batch_size=8", "--config.log.every=1", "--config.sample.max_new_tokens=16",
        "--config.sample.num_samples=2"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "done: step 2." in proc.stdout and "sample:" in proc.stdout
   assert [m["step"] for m in read_metrics(workdir) if m["split"] == "train"] == [1, 2]

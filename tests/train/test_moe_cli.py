@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
 
@@ -17,7 +19,7 @@ def cli(config, workdir, *flags, timeout=400):
       [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}",
        "--cpu_devices=8", "--config.log.progress=False", *flags],
       cwd=REPO, capture_output=True, text=True, timeout=timeout,
-      env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+      env=cli_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return proc.stdout, [json.loads(line) for line in f if '"train"' in line]

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from configs import lm
+from tests import cli_env
 from train import loop, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +37,7 @@ BAD = {
                                             r"\[.*'llama'.*\]"),
     "batch vs data parallel": ("train.batch_size", 6, r"train.batch_size=6 is not divisible by "
                                                       r"the data-parallel size mesh.data\*mesh."
-                                                      r"fsdp=4"),
+                                                      r"fsdp\*mesh.expert=4"),
     "mesh vs devices": ("mesh.tensor", 4, r"needs 16 devices but 8 are available"),
     "heads vs tensor": ("model.num_heads", 3, r"model.num_heads=3 is not divisible by "
                                               r"mesh.tensor=2"),
@@ -76,7 +77,7 @@ def test_cli_prints_one_sentence_and_no_traceback(tmp_path):
       [sys.executable, "-m", "train", "--config=experiments/lm_stdlib.py:size=test",
        f"--workdir={tmp_path}/w", "--cpu_devices=8", "--config.model.num_heads=3"],
       cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "XLA_FLAGS": ""})
+      env=cli_env())
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
