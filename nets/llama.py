@@ -41,16 +41,8 @@ class Config:
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
     """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in model_cfg.items() if k != "name"}
-    unknown = sorted(set(given) - fields)
-    if unknown:
-      raise ValueError(f"config.model has unknown field(s) {unknown} for model 'llama'; "
-                       f"known fields: {sorted(fields)}.")
-    given["moe"] = moe.Config.from_config(given.get("moe"))
-    cfg = cls(**{**given, **overrides})
-    cfg.validate()
-    return cfg
+    overrides = {"moe": MoEConfig.from_config(model_cfg.get("moe")), **overrides}
+    return build_config(cls, "llama", {}, model_cfg, overrides)
 
   def validate(self):
     """Raises ValueError with one sentence for inconsistent hyperparameters."""
@@ -70,6 +62,29 @@ class Config:
   @property
   def head_size(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+
+def build_config(cls, family: str, variants: dict, model_cfg, overrides: dict):
+  """``Config.from_config`` of every family: the dataclass ``cls`` from ``config.model``.
+
+  ``name`` (the family) is not a field. ``variant`` (vision families) presets what config.model
+  leaves unset; a field given in config.model (or in ``overrides``) wins over the variant's value,
+  and a field set to None counts as unset. Unknown fields and unknown variants raise a sentence.
+  """
+  fields = {f.name for f in dataclasses.fields(cls)}
+  given = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
+  given.update(overrides)
+  unknown = sorted(set(given) - fields)
+  if unknown:
+    raise ValueError(f"config.model has unknown field(s) {unknown} for model '{family}'; "
+                     f"known fields: {sorted(fields)}.")
+  variant = given.get("variant", "")
+  if variant and variant not in variants:
+    raise ValueError(f"model.variant={variant!r} is not a known {family} variant; known variants: "
+                     f"{sorted(variants)}.")
+  cfg = cls(**{**variants.get(variant, {}), **given})
+  cfg.validate()
+  return cfg
 
 
 def check_remat_and_dtypes(cfg) -> None:

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nets.llama import Embed, Proj, RMSNorm, check_remat_and_dtypes
+from nets.llama import Embed, Proj, RMSNorm, build_config, check_remat_and_dtypes
 
 _ACT = ("act_batch", "act_seq", "act_embed")
 _ACT_INNER = ("act_batch", "act_seq", "act_mlp")
@@ -57,15 +57,7 @@ class Config:
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
     """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in model_cfg.items() if k != "name"}
-    unknown = sorted(set(given) - fields)
-    if unknown:
-      raise ValueError(f"config.model has unknown field(s) {unknown} for model 'mamba'; "
-                       f"known fields: {sorted(fields)}.")
-    cfg = cls(**{**given, **overrides})
-    cfg.validate()
-    return cfg
+    return build_config(cls, "mamba", {}, model_cfg, overrides)
 
   def validate(self):
     """Raises ValueError with one sentence for inconsistent hyperparameters."""

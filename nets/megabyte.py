@@ -74,19 +74,10 @@ class Config:
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
     """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in model_cfg.items() if k != "name"}
-    given.update(overrides)
-    unknown = sorted(set(given) - fields)
-    if unknown:
-      raise ValueError(f"config.model has unknown field(s) {unknown} for model 'megabyte'; "
-                       f"known fields: {sorted(fields)}.")
-    for name in ("patch_sizes", "blocks") + _PER_STAGE:
-      if isinstance(given.get(name), (list, tuple)):
-        given[name] = tuple(given[name])  # ConfigDict/CLI lists; the dataclass must be hashable
-    cfg = cls(**given)
-    cfg.validate()
-    return cfg
+    # ConfigDict/CLI lists become tuples: the dataclass must be hashable.
+    tuples = {name: tuple(value) for name in ("patch_sizes", "blocks") + _PER_STAGE
+              if isinstance(value := {**model_cfg, **overrides}.get(name), (list, tuple))}
+    return llama.build_config(cls, "megabyte", {}, model_cfg, {**overrides, **tuples})
 
   def validate(self):
     """Raises ValueError with one sentence for inconsistent hyperparameters."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import attention, llama
+from nets.llama import build_config
 
 # width, depth, mlp_dim, heads: ViT paper Table 1 (B, L, H); Ti and S from DeiT.
 _SIZES = {"Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "B": (768, 12, 3072, 12),
@@ -30,28 +31,6 @@ VARIANTS["digits"] = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_siz
 POSEMBS = ("learn", "sincos2d")
 POOLS = ("token", "gap")
 _ACT = ("act_batch", "act_seq", "act_embed")
-
-
-def build_config(cls, family: str, variants: dict, model_cfg, overrides: dict):
-  """``Config.from_config`` for a vision family: ``variant`` presets what config.model leaves unset.
-
-  A field given in config.model (or in ``overrides``) wins over the variant's value; a field set
-  to None counts as unset. Unknown fields and unknown variants raise a sentence.
-  """
-  fields = {f.name for f in dataclasses.fields(cls)}
-  given = {k: v for k, v in model_cfg.items() if k != "name" and v is not None}
-  given.update(overrides)
-  unknown = sorted(set(given) - fields)
-  if unknown:
-    raise ValueError(f"config.model has unknown field(s) {unknown} for model '{family}'; "
-                     f"known fields: {sorted(fields)}.")
-  variant = given.get("variant", "")
-  if variant and variant not in variants:
-    raise ValueError(f"model.variant={variant!r} is not a known {family} variant; known variants: "
-                     f"{sorted(variants)}.")
-  cfg = cls(**{**variants.get(variant, {}), **given})
-  cfg.validate()
-  return cfg
 
 
 def check_basics(cfg, family: str, size_fields: tuple[str, ...]):
