@@ -12,20 +12,14 @@ at equal budgets. ``scan_chunk`` > 0 bounds the scan's memory for long contexts.
 
 import ml_collections
 
-from configs import lm
+from experiments import lm_stdlib
 
 
 def get_config(arg: str | None = None):
   del arg
-  c = lm.get_config("size=tiny")
+  c = lm_stdlib.get_config("size=tiny")  # its data, budget, optimizer and mesh
   c.model = ml_collections.ConfigDict(dict(
       name="mamba", vocab_size=384, num_layers=7, d_model=128, d_state=16, d_conv=4, expand=2,
       dt_rank=0, scan_chunk=0, max_len=2048, tie_embeddings=False, dtype="float32",
       param_dtype="float32"))
-  c.mesh.update(data=2, fsdp=2, tensor=2, seq=1, expert=1)
-  c.train.update(steps=500, batch_size=16, seq_len=128)
-  c.opt.update(lr=3e-3, warmup_steps=50)
-  c.ckpt.update(every=100, keep=2)
-  c.log.update(every=10)
-  c.eval.update(every=100, steps=8, batch_size=32)
   return c

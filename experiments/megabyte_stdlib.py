@@ -14,23 +14,18 @@ optimizer, for the README's bits-per-byte comparison.
 
 import ml_collections
 
-from configs import lm, parse_arg
+from configs import parse_arg
+from experiments import lm_stdlib
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, {"local": "transformer", "patches": "4"})
   patches = tuple(int(p) for p in args["patches"].split("-"))
   stages = len(patches) + 1
-  c = lm.get_config("size=tiny")
+  c = lm_stdlib.get_config("size=tiny")  # its data, budget, optimizer and mesh
   c.model = ml_collections.ConfigDict(dict(
       name="megabyte", vocab_size=384, patch_sizes=patches, d_model=(128,) * stages,
       num_layers=(2,) * stages, num_heads=(4,) * stages, mlp_dim=(384,) * stages,
       blocks=("transformer",) + (args["local"],) * (stages - 1), max_len=2048,
       tie_embeddings=False, dtype="float32", param_dtype="float32"))
-  c.mesh.update(data=2, fsdp=2, tensor=2, seq=1, expert=1)
-  c.train.update(steps=500, batch_size=16, seq_len=128)
-  c.opt.update(lr=3e-3, warmup_steps=50)
-  c.ckpt.update(every=100, keep=2)
-  c.log.update(every=10)
-  c.eval.update(every=100, steps=8, batch_size=32)
   return c

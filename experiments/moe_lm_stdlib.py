@@ -16,19 +16,15 @@ Same steps, batch, data and optimizer as lm_stdlib for a like-for-like compariso
 Config argument: ``experts=N,top_k=K`` (defaults 8, 2).
 """
 
-from configs import lm, parse_arg
+from configs import parse_arg
+from experiments import lm_stdlib
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, {"experts": 8, "top_k": 2})
-  c = lm.get_config("size=tiny")
+  c = lm_stdlib.get_config("size=tiny")  # its data, budget and optimizer
   c.model.moe.update(num_experts=args["experts"], top_k=args["top_k"],
                      expert_dim=384 // args["top_k"], capacity_factor=1.25, balance="global",
                      aux_loss_coef=0.01, z_loss_coef=0.001)
   c.mesh.update(data=2, fsdp=1, tensor=1, seq=1, expert=4)
-  c.train.update(steps=500, batch_size=16, seq_len=128)
-  c.opt.update(lr=3e-3, warmup_steps=50)
-  c.ckpt.update(every=100, keep=2)
-  c.log.update(every=10)
-  c.eval.update(every=100, steps=8, batch_size=32)
   return c
