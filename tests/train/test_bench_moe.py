@@ -2,26 +2,17 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests import cli_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import run_module
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
   """Runs ``python -m bench.moe --quick`` once; a subprocess, so the script sets its own devices."""
   out = tmp_path_factory.mktemp("bench_moe")
-  proc = subprocess.run(
-      [sys.executable, "-m", "bench.moe", "--quick", f"--out={out}"], cwd=REPO,
-      capture_output=True, text=True, timeout=300,
-      env=cli_env())
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_module("bench.moe", "--quick", f"--out={out}", timeout=300)
   with open(out / "moe.json") as f:
     return dict(doc=json.load(f), out=out, stdout=proc.stdout)
 

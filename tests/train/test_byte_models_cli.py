@@ -2,27 +2,19 @@
 more steps resumes from the checkpoint instead of starting over."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests import cli_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import run_module
 
 
 def cli(config, workdir, steps):
-  proc = subprocess.run(
-      [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}",
-       "--cpu_devices=8", "--config.log.progress=False", f"--config.train.steps={steps}",
-       "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.log.every=1",
-       "--config.eval.steps=1", "--config.eval.batch_size=8", "--config.sample.max_new_tokens=6",
-       "--config.sample.num_samples=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=400,
-      env=cli_env())
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_module(
+      "train", f"--config={config}", f"--workdir={workdir}", "--cpu_devices=8",
+      "--config.log.progress=False", f"--config.train.steps={steps}",
+      "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.log.every=1",
+      "--config.eval.steps=1", "--config.eval.batch_size=8", "--config.sample.max_new_tokens=6",
+      "--config.sample.num_samples=1")
   return proc.stdout
 
 

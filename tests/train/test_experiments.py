@@ -3,8 +3,6 @@ end to end through the CLI and writes a PNG grid; image sources read what they s
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -15,11 +13,9 @@ from PIL import Image
 
 from parallel import mesh as parallel_mesh
 from parallel import sharding
-from tests import cli_env
+from tests import REPO, run_module
 from train import image_data, models, optimizer, tasks, validate
 from train import state as state_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def experiment(name: str):
@@ -92,15 +88,11 @@ def test_image_folder_source(tmp_path):
 
 def test_dit_digits_through_the_cli_writes_a_png_grid(tmp_path):
   workdir = tmp_path / "dit"
-  proc = subprocess.run(
-      [sys.executable, "-m", "train", "--config=experiments/dit_digits.py",
-       f"--workdir={workdir}", "--cpu_devices=8", "--config.train.steps=3",
-       "--config.train.batch_size=16", "--config.eval.every=3", "--config.eval.steps=1",
-       "--config.eval.batch_size=16", "--config.diffusion.sample_steps=2",
-       "--config.diffusion.samples_per_class=1", "--config.log.progress=False"],
-      cwd=REPO, capture_output=True, text=True, timeout=400,
-      env=cli_env())
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_module(
+      "train", "--config=experiments/dit_digits.py", f"--workdir={workdir}", "--cpu_devices=8",
+      "--config.train.steps=3", "--config.train.batch_size=16", "--config.eval.every=3",
+      "--config.eval.steps=1", "--config.eval.batch_size=16", "--config.diffusion.sample_steps=2",
+      "--config.diffusion.samples_per_class=1", "--config.log.progress=False")
   grid = workdir / "samples" / "step_000003.png"
   with Image.open(grid) as im:
     width, height = im.size

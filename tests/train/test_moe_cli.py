@@ -3,24 +3,17 @@ trajectory; DiT-MoE trains, logs its auxiliary metrics and writes samples."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests import cli_env
+from tests import run_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
 
 
 def cli(config, workdir, *flags, timeout=400):
-  proc = subprocess.run(
-      [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}",
-       "--cpu_devices=8", "--config.log.progress=False", *flags],
-      cwd=REPO, capture_output=True, text=True, timeout=timeout,
-      env=cli_env())
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_module("train", f"--config={config}", f"--workdir={workdir}", "--cpu_devices=8",
+                    "--config.log.progress=False", *flags, timeout=timeout)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return proc.stdout, [json.loads(line) for line in f if '"train"' in line]
 

@@ -1,16 +1,10 @@
 """Every invalid config named in the contract produces its one-sentence message before compiling."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from configs import lm
-from tests import cli_env
+from tests import run_module
 from train import loop, validate
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def good():
@@ -73,11 +67,9 @@ def test_invalid_config_message(case, tmp_path):
 
 
 def test_cli_prints_one_sentence_and_no_traceback(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "train", "--config=experiments/lm_stdlib.py:size=test",
-       f"--workdir={tmp_path}/w", "--cpu_devices=8", "--config.model.num_heads=3"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env=cli_env())
+  proc = run_module("train", "--config=experiments/lm_stdlib.py:size=test",
+                    f"--workdir={tmp_path}/w", "--cpu_devices=8", "--config.model.num_heads=3",
+                    timeout=120, ok=False)
   assert proc.returncode != 0
   assert "Traceback" not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
