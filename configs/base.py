@@ -15,12 +15,19 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
       usp_ulysses=0,  # usp: Ulysses group size (0 = the largest that divides the heads)
       block_size=512,  # blockwise kernel query/key block
       rules=(),  # extra (logical, mesh axes) rows placed before parallel/sharding.py RULES
+      loop="mesh",  # mesh: jit over config.mesh | pmap: jax.pmap data parallelism, same step body
   ))
-  c.train = ml_collections.ConfigDict(dict(steps=steps, batch_size=batch_size, remat="none"))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=batch_size,
+      remat="none",  # activation checkpointing: none | full | selective | offload
+      grad_accum=1,  # micro-batches per step (a scan inside the step); batch_size must divide
+      max_bad_steps=5,  # consecutive non-finite (skipped) steps before the run stops
+  ))
   c.opt = ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, warmup_steps=warmup_steps, final_lr_frac=0.1, b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.1, clip_norm=1.0, decay_embeddings=False))
   c.ckpt = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
-  c.log = ml_collections.ConfigDict(dict(every=10, progress=True))
+  # profile_steps "a:b": a jax.profiler trace of steps a..b (inclusive) into workdir/profile.
+  c.log = ml_collections.ConfigDict(dict(every=10, progress=True, profile_steps=""))
   c.eval = ml_collections.ConfigDict(dict(every=200, steps=8, batch_size=batch_size))
   return c

@@ -99,3 +99,39 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, rules,
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def stack_replicas(tree: Any, mesh: Mesh) -> Any:
+  """A replicated pytree viewed as [devices, ...] arrays (one row per device), without copying.
+
+  The pmap loop's step takes its state this way; every device's row is that device's own copy of
+  the replicated array, so the view costs nothing.
+  """
+  def stack(x):
+    shards = sorted(x.addressable_shards, key=lambda s: s.device.id)
+    return jax.make_array_from_single_device_arrays(
+        (x.sharding.num_devices,) + x.shape, _rows(mesh), [s.data[None] for s in shards])
+  return jax.tree.map(stack, tree)
+
+
+def unstack_replicas(tree: Any, mesh: Mesh) -> Any:
+  """The inverse of ``stack_replicas`` for rows that are equal on every device (pmean'd state)."""
+  def unstack(x):
+    shards = sorted(x.addressable_shards, key=lambda s: s.device.id)
+    return jax.make_array_from_single_device_arrays(
+        x.shape[1:], replicated(mesh), [s.data.reshape(x.shape[1:]) for s in shards])
+  return jax.tree.map(unstack, tree)
+
+
+def per_device_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """The pmap loop's batch: this process's rows split into [local devices, rows per device, ...].
+
+  Device i of the data axis gets the same rows as in the mesh loop's batch sharding.
+  """
+  n = len(mesh.local_devices)
+  return {k: jax.make_array_from_process_local_data(
+      _rows(mesh), v.reshape(n, v.shape[0] // n, *v.shape[1:])) for k, v in local.items()}
+
+
+def _rows(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or None))

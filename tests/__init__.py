@@ -12,16 +12,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
-def run_module(module: str, *args: str, timeout: int = 400,
-               ok: bool = True) -> subprocess.CompletedProcess:
-  """Runs ``python -m module *args`` from the repository root, as a user would.
+def module_command(module: str, *args: str) -> dict:
+  """Popen/run keyword arguments for ``python -m module *args`` from the repository root.
 
   The environment drops the test's device-count flag (the CLI sets devices with --cpu_devices)
-  and keeps the fast-compile flags. ``ok`` asserts exit status 0, showing stderr's tail if not.
+  and keeps the fast-compile flags.
   """
-  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout,
-                        env={**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS})
+  return dict(args=[sys.executable, "-m", module, *args], cwd=REPO, text=True,
+              env={**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS})
+
+
+def run_module(module: str, *args: str, timeout: int = 400,
+               ok: bool = True) -> subprocess.CompletedProcess:
+  """Runs ``python -m module *args`` as a user would; ``ok`` asserts exit status 0."""
+  proc = subprocess.run(**module_command(module, *args), capture_output=True, timeout=timeout)
   if ok:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc

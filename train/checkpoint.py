@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +50,42 @@ class Checkpointer:
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state, data_iter):
-    """Restores the state into ``abstract_state``'s shardings and ``data_iter`` in place."""
+    """Restores the state into ``abstract_state``'s shardings and ``data_iter`` in place.
+
+    ``abstract_state`` may have any mesh (a different device count, other fsdp/tensor sizes):
+    Orbax reads each array straight into its new sharding (elastic restore).
+    """
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=data.checkpoint_args_restore(data_iter))
     return self.manager.restore(step, args=args).state
+
+  def restore_newest_valid(self, abstract_state, data_iter, report) -> tuple[int | None, object]:
+    """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
+
+    A checkpoint that fails to restore (truncated or missing files, a missing item, unreadable
+    metadata) is reported through ``report(sentence)`` and moved to
+    ``workdir/checkpoints_corrupt/<step>`` (kept for inspection, and so a later save of the same
+    step cannot collide with it); the previous step is tried next. Nothing is deleted.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, data_iter)
+      except Exception as e:  # Orbax/TensorStore raise many types for a damaged checkpoint
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        moved = self._quarantine(step)
+        report(f"checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); moved it to "
+               f"{moved} and trying the previous checkpoint.")
+    return None, None
+
+  def _quarantine(self, step: int) -> str:
+    target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        target = f"{target}.{len(os.listdir(os.path.dirname(target)))}"
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def close(self):
     """Waits for pending async saves, then releases the manager."""

@@ -1,7 +1,11 @@
 """The training loop: ``run(config, workdir)`` is what ``python -m train`` calls."""
 
+import contextlib
+import functools
 import math
 import os
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -20,11 +24,15 @@ from train.validate import validate
 def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = None) -> dict:
   """Trains and evaluates as ``config`` says; rerunning with the same workdir resumes.
 
-  Resume order: the newest checkpoint in ``workdir/checkpoints`` (state and data position
-  together), else a fresh initialisation from ``config.seed``.
-  ``should_stop(step)`` returning True ends the run early as a preemption would: the state and
-  data position after that step are checkpointed, so rerunning continues exactly there.
-  Returns a summary: steps, last train metrics, first and last validation metrics, checkpoints.
+  Resume order: the newest readable checkpoint in ``workdir/checkpoints`` (state and data
+  position together; unreadable ones are reported and moved aside), else a fresh initialisation
+  from ``config.seed``. The checkpoint may come from another mesh or device count.
+  ``should_stop(step)`` returning True, SIGTERM or SIGINT end the run early as a preemption
+  would: the current step finishes, the state and data position after it are checkpointed, and
+  rerunning continues exactly there. Non-finite steps are skipped (train/steps.py) and the run
+  stops with a sentence after ``train.max_bad_steps`` of them in a row, saving nothing.
+  Returns a summary: steps, last train metrics, first and last validation metrics, checkpoints,
+  and ``stopped_by`` when the run ended early.
   """
   plan = validate(config)
   task = tasks.get(config)
@@ -44,10 +52,9 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
   train_ds, val_ds = task.datasets()
   train_iter = iter(train_ds)
-  resumed_from = ckpt.latest_step()
-  if resumed_from is not None:
-    state = ckpt.restore(resumed_from, abstract, train_iter)
-  else:
+  resumed_from, state = ckpt.restore_newest_valid(
+      abstract, train_iter, report=lambda m: print(f"odyssey: {m}", flush=True))
+  if resumed_from is None:
     state = sharding.init_sharded(init_boxed, shardings, mesh, rules)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
@@ -56,8 +63,10 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
 
   writer = metrics.Writer(workdir, total_steps=t.steps, start_step=start_step,
                           progress=config.log.progress)
+  pmap = config.parallel.loop == "pmap"
   writer.message(f"odyssey: {config.task} with model {config.model.name} "
-                 f"({_count(abstract.params):,} params), mesh {plan.mesh} on "
+                 f"({_count(abstract.params):,} params), "
+                 f"{'pmap over' if pmap else 'mesh ' + str(plan.mesh) + ' on'} "
                  f"{jax.device_count()} {jax.devices()[0].platform} devices, "
                  + (f"resumed from step {resumed_from}" if resumed_from is not None
                     else "fresh start") + f"; {attention_plan.describe()}; workdir {workdir}")
@@ -65,43 +74,51 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
                      for k, axes in task.batch_axes.items()}
   unit, units_per_step = task.throughput_unit()
   summary = {"start_step": start_step}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    train_step = jax.jit(steps.make_train_step(task.loss_fn(model, permutation), tx, lr_schedule),
-                         in_shardings=(shardings, batch_shardings),
-                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-    eval_step = jax.jit(task.eval_fn(model, permutation),
-                        in_shardings=(shardings.params, batch_shardings),
-                        out_shardings=sharding.replicated(mesh))
-    sampler, _, _ = models.build(config, mesh, seq_parallel=False)
-    dp = parallel_moe.data_parallel(plan.mesh)
+  step_body = steps.make_train_step(
+      task.loss_fn(model, permutation), tx, lr_schedule, grad_accum=t.grad_accum,
+      batch_axes=None if pmap else task.batch_axes, axis_name=steps.PMAP_AXIS if pmap else None)
+  in_mesh = functools.partial(_mesh_context, mesh, rules)
+  if pmap:  # called outside the mesh context: inside pmap every array is one device's
+    train_step = steps.pmapped(step_body, mesh)
+    to_device = lambda local: sharding.per_device_batch(local, mesh)
+  else:
+    train_step = _within(in_mesh, jax.jit(
+        step_body, in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0))
+    to_device = lambda local: sharding.global_batch(local, mesh, rules, batch_shardings)
+  eval_step = _within(in_mesh, jax.jit(task.eval_fn(model, permutation),
+                                       in_shardings=(shardings.params, batch_shardings),
+                                       out_shardings=sharding.replicated(mesh)))
+  sampler, _, _ = models.build(config, mesh, seq_parallel=False)
+  dp = parallel_moe.data_parallel(plan.mesh)
+  stop = _StopSignal()
+  profile = _profile_window(config.log.profile_steps)
 
-    def evaluate(step, params, final=False):
-      sums = None
-      for _, local in zip(range(config.eval.steps), val_ds):
-        out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-      result = task.summarize(jax.device_get(sums))
-      writer.write(step, result, split="val")
-      writer.message(f"step {step}: {task.headline(result)}")
-      summary.setdefault("first_val", result)
-      summary["last_val"] = result
+  def evaluate(step, params, final=False):
+    sums = None
+    for _, local in zip(range(config.eval.steps), val_ds):
+      out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
+      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    result = task.summarize(jax.device_get(sums))
+    writer.write(step, result, split="val")
+    writer.message(f"step {step}: {task.headline(result)}")
+    summary.setdefault("first_val", result)
+    summary["last_val"] = result
+    with in_mesh():
       produced = task.samples(sampler, params, step=step, final=final, workdir=workdir,
                               data_parallel=dp, sharding=batch_shardings)
-      if produced is not None:
-        summary["samples"] = produced
-        if isinstance(produced, list) and produced and isinstance(produced[0], str):
-          writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
+    if produced is not None:
+      summary["samples"] = produced
+      if isinstance(produced, list) and produced and isinstance(produced[0], str):
+        writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
 
+  with stop.installed(), contextlib.closing(ckpt):
     if start_step == 0:
       evaluate(0, state.params)
     clock = {"time": time.perf_counter(), "step": start_step}
 
     def flush(step, device_metrics):
       host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      if not math.isfinite(host["loss"]):
-        raise FloatingPointError(
-            f"train loss is {host['loss']} at step {step}; stopping without saving this state "
-            f"(newest checkpoint: step {ckpt.latest_step()}). Lower opt.lr or check the data.")
       now = time.perf_counter()
       rate = (step - clock["step"]) / max(now - clock["time"], 1e-9)
       clock.update(time=now, step=step)
@@ -110,22 +127,37 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
       writer.progress(step, host, unit)
       summary["last_train"] = host
 
-    # Metrics are fetched one step late so the host never waits on the step it just dispatched.
+    # Metrics are fetched one step late so the host never waits on the step it just dispatched;
+    # the consecutive non-finite count is read the same way, every step.
     pending = None
+    previous_bad = None
     for step in range(start_step + 1, t.steps + 1):  # `step` counts completed steps
-      batch = sharding.global_batch(next(train_iter), mesh, rules, batch_shardings)
-      state, step_metrics = train_step(state, batch)
+      if step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, step_metrics = train_step(state, next_batch(train_iter, to_device))
+      if step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        writer.message(f"profile of steps {profile[0]}..{step} written to "
+                       f"{os.path.join(workdir, 'profile')} (open it with TensorBoard or xprof).")
+      if previous_bad is not None:
+        _check_bad_steps(int(previous_bad[1]), previous_bad[0], t.max_bad_steps, ckpt)
+      previous_bad = (step, step_metrics["bad_steps"])
       if pending is not None:
         flush(*pending)
       pending = (step, step_metrics) if step % config.log.every == 0 or step == t.steps else None
-      stopping = should_stop is not None and should_stop(step)
-      if ckpt.should_save(step) or step == t.steps or stopping:
-        if pending is not None:  # never checkpoint a state whose loss was not looked at
+      stopped_by = ("should_stop" if should_stop is not None and should_stop(step)
+                    else stop.agreed())
+      if ckpt.should_save(step) or step == t.steps or stopped_by:
+        # Never checkpoint a state whose bad-step count and loss were not looked at.
+        _check_bad_steps(int(previous_bad[1]), step, t.max_bad_steps, ckpt)
+        if pending is not None:
           flush(*pending)
           pending = None
         ckpt.save(step, state, train_iter, force=True)
-      if stopping:
-        writer.message(f"stopping after step {step} (checkpointed); rerun to resume.")
+      if stopped_by:
+        summary["stopped_by"] = stopped_by
         break
       if step % config.eval.every == 0 or step == t.steps:
         evaluate(step, state.params, final=step == t.steps)
@@ -133,12 +165,94 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
       flush(*pending)
     if start_step >= t.steps:
       evaluate(start_step, state.params, final=True)
-    ckpt.close()
+  if "stopped_by" in summary:  # the checkpoint is complete: closing waited for it
+    writer.message(f"stopped by {summary['stopped_by']} after step {step}; its checkpoint is "
+                   "written. Rerun the same command to resume from it.")
   summary["final_step"] = int(jax.device_get(state.step))
   summary["checkpoints"] = ckpt.all_steps()
   writer.message(_outputs_message(workdir, summary, task))
   writer.close()
   return summary
+
+
+@contextlib.contextmanager
+def _mesh_context(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def _within(context, fn):
+  """``fn`` called inside ``context()`` (the mesh and logical rules its tracing needs)."""
+  def wrapped(*args):
+    with context():
+      return fn(*args)
+  return wrapped
+
+
+def next_batch(train_iter, to_device):
+  """The next training batch on the devices (a function so fault tests can poison it)."""
+  return to_device(next(train_iter))
+
+
+class BadStepsError(FloatingPointError):
+  """Raised after train.max_bad_steps consecutive non-finite steps."""
+
+
+def _check_bad_steps(consecutive: int, step: int, limit: int, ckpt) -> None:
+  if consecutive >= limit:
+    raise BadStepsError(
+        f"{consecutive} consecutive training steps up to step {step} had a non-finite loss or "
+        f"gradients and were skipped (train.max_bad_steps={limit}); stopping without saving "
+        f"(newest checkpoint: step {ckpt.latest_step()}). Lower opt.lr or check the data.")
+
+
+class _StopSignal:
+  """SIGTERM / SIGINT ask the loop to stop after the current step (a second SIGINT aborts)."""
+
+  def __init__(self):
+    self.received = None
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self  # signal handlers can only be set from the main thread
+      return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, _):
+      name = signal.Signals(signum).name
+      if self.received == "SIGINT" and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now, no checkpoint
+      self.received = name
+      print(f"odyssey: {name} received; finishing the current step and checkpointing "
+            "(Ctrl-C again to abort without saving).", flush=True)
+
+    for s in previous:
+      signal.signal(s, handler)
+    try:
+      yield self
+    finally:
+      for s, h in previous.items():
+        signal.signal(s, h)
+
+  def agreed(self) -> str | None:
+    """The signal name if any process received one (every process must stop at the same step)."""
+    if jax.process_count() == 1:
+      return self.received
+    from jax.experimental import multihost_utils
+    names = ("SIGTERM", "SIGINT")
+    flags = multihost_utils.process_allgather(
+        np.array([self.received == n for n in names], np.int32))
+    hit = np.asarray(flags).reshape(-1, len(names)).any(axis=0)
+    return next((n for n, h in zip(names, hit) if h), None)
+
+
+def _profile_window(spec: str) -> tuple[int, int]:
+  """(first, last) step of ``log.profile_steps="a:b"``; (0, 0) when empty (validated before)."""
+  if not spec:
+    return 0, 0
+  first, last = (int(x) for x in str(spec).split(":"))
+  return first, last
 
 
 def _outputs_message(workdir, summary, task) -> str:

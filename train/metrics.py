@@ -16,7 +16,9 @@ class Writer:
     self.enabled = jax.process_index() == 0
     self._jsonl = self._tb = None
     if self.enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_lines_after(path, start_step)
+      self._jsonl = open(path, "a")
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                           disable=not (progress and self.enabled), mininterval=1.0)
@@ -48,6 +50,27 @@ class Writer:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _drop_lines_after(path: str, step: int):
+  """Keeps the complete lines of ``path`` up to ``step`` (where a resumed run continues).
+
+  Lines past the restored checkpoint describe steps whose state was lost (a crash or kill -9
+  after them), and a killed writer can leave half a line; the resumed run logs those steps again.
+  """
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if line.endswith("\n") and json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        pass
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 def _scalar(v):

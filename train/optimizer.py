@@ -1,4 +1,5 @@
-"""optax AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+"""optax AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask,
+wrapped in ``optax.apply_if_finite`` so a non-finite gradient never reaches the parameters."""
 
 import flax.linen as nn
 import jax
@@ -31,7 +32,13 @@ def decay_mask(params, decay_embeddings: bool):
 
 
 def make(opt_cfg, total_steps: int):
-  """Returns (tx, lr_schedule)."""
+  """Returns (tx, lr_schedule).
+
+  The outer ``optax.apply_if_finite`` rejects (zero update, optimizer state kept) every step
+  whose gradients are not finite and counts them in its state (``notfinite_count`` consecutive,
+  ``total_notfinite`` in all), which is checkpointed with the rest; its own give-up threshold
+  is never reached, because the loop stops the run at ``train.max_bad_steps`` instead.
+  """
   if opt_cfg.name != "adamw":
     raise ValueError(f"config.opt.name={opt_cfg.name!r} is not supported; use 'adamw'.")
   lr = schedule(opt_cfg, total_steps)
@@ -40,4 +47,7 @@ def make(opt_cfg, total_steps: int):
       optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                   weight_decay=opt_cfg.weight_decay,
                   mask=lambda p: decay_mask(p, opt_cfg.decay_embeddings)))
-  return tx, lr
+  return optax.apply_if_finite(tx, max_consecutive_errors=NEVER_ACCEPT), lr
+
+
+NEVER_ACCEPT = 2**30  # apply_if_finite accepts non-finite updates only after this many in a row

@@ -1,27 +1,129 @@
-"""Pure step functions: train_step(state, batch) -> (state, metrics) and eval_step(params, batch).
+"""Pure step functions: train_step(state, batch) -> (state, metrics), shared by both loops.
 
-A task supplies ``loss_fn(params, batch, rng) -> (loss, metrics)`` and
-``eval_fn(params, batch) -> sums``; these wrap them with the optimizer, the PRNG stream and the
-metrics every task reports.
+A task supplies ``loss_fn(params, batch, rng) -> (loss, metrics)``; ``make_train_step`` wraps it
+with gradient accumulation, the optimizer, the PRNG stream, the non-finite guard and the metrics
+every task reports. The mesh loop jits that one body with shardings; the pmap loop
+(``parallel.loop="pmap"``) maps the same body over devices with ``axis_name`` set, which adds the
+``pmean`` of gradients and metrics. There is no second copy of the model or optimizer logic.
 """
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
+from parallel import sharding
 from train.state import TrainState
 
+PMAP_AXIS = "batch"  # the pmap loop's device axis
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule):
-  """Builds the pure train step; jit it once with in/out shardings and donate the state."""
+# Metrics that are counts: summed over micro-batches and devices, not averaged.
+COUNT_METRICS = ("tokens",)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
+                    grad_accum: int = 1, batch_axes: dict | None = None,
+                    axis_name: str | None = None):
+  """Builds the pure train step; the caller jits (or pmaps) it once and donates the state.
+
+  ``grad_accum`` > 1 splits the batch into that many micro-batches inside the step (a
+  ``lax.scan``), so activations are held for one micro-batch at a time while the update equals
+  the one of the whole batch: micro-batch gradients are averaged with weights equal to their
+  ``tokens`` count when the task reports one (token-mean losses), else equally. Micro-batch ``a``
+  takes rows ``a, a+A, a+2A, ...`` so every data-parallel device contributes to every micro-batch
+  and no resharding is needed; ``batch_axes`` (the task's logical batch axes) pins that layout.
+
+  ``axis_name`` (the pmap loop) averages gradients and metrics over that device axis
+  (``lax.pmean``; counts are summed) and folds the device index into the step's PRNG key so
+  devices draw different noise.
+
+  A step whose loss or gradients are not finite changes nothing but the step counter and the
+  data position: ``optimizer.make`` wraps the optimizer in ``optax.apply_if_finite``, which
+  returns zero updates and keeps its inner state, and counts consecutive (``bad_steps``) and
+  total (``skipped_steps``) rejected steps; a non-finite loss poisons the gradients so it is
+  rejected too. The loop stops the run after ``train.max_bad_steps`` consecutive bad steps.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def single(params, batch, rng):
+    (loss, metrics), grads = grad_fn(params, batch, rng)
+    return loss, metrics, grads
+
+  def accumulated(params, batch, rng):
+    micro = jax.tree.map(lambda x: _split_micro(x, grad_accum), batch)
+    if batch_axes is not None:
+      micro = {k: nn.with_logical_constraint(v, (None,) + tuple(batch_axes[k]))
+               for k, v in micro.items()}
+
+    def body(carry, xs):
+      micro_batch, micro_rng = xs
+      loss, metrics, grads = single(params, micro_batch, micro_rng)
+      w = metrics.get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+      weighted = jax.tree.map(lambda g: g.astype(jnp.float32) * w, grads)
+      summed = {k: (v if k in COUNT_METRICS else v * w) for k, v in metrics.items()}
+      new = (carry[0] + w, jax.tree.map(jnp.add, carry[1], weighted), carry[2] + loss * w,
+             jax.tree.map(jnp.add, carry[3], summed))
+      return new, None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    _, _, first_metrics = jax.eval_shape(single, *jax.tree.map(
+        abstract, (params, jax.tree.map(lambda x: x[0], micro), rng)))
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), first_metrics)
+    rngs = jax.random.split(rng, grad_accum)
+    (w, grads, loss, metrics), _ = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros_g, jnp.zeros((), jnp.float32), zeros_m),
+        (micro, rngs))
+    grads = jax.tree.map(lambda g, p: (g / w).astype(p.dtype), grads, params)
+    metrics = {k: (v if k in COUNT_METRICS else v / w) for k, v in metrics.items()}
+    return loss / w, metrics, grads
+
+  compute = single if grad_accum == 1 else accumulated
 
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
-                                                                        step_rng)
+    if axis_name is not None:
+      step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+    loss, metrics, grads = compute(state.params, batch, step_rng)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+      loss = jax.lax.pmean(loss, axis_name)
+      metrics = {k: (jax.lax.psum(v, axis_name) if k in COUNT_METRICS
+                     else jax.lax.pmean(v, axis_name)) for k, v in metrics.items()}
+    # A non-finite loss makes every gradient NaN, so apply_if_finite rejects the step.
+    poison = jnp.where(jnp.isfinite(loss), 0.0, jnp.nan)
+    grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": lr_schedule(state.step)}
+               "lr": lr_schedule(state.step), **bad_step_counts(opt_state)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
   return train_step
+
+
+def bad_step_counts(opt_state) -> dict:
+  """``bad_steps`` (consecutive rejected steps) and ``skipped_steps`` (all rejected steps)."""
+  return {"bad_steps": opt_state.notfinite_count, "skipped_steps": opt_state.total_notfinite}
+
+
+def _split_micro(x, num: int):
+  """[B, ...] -> [num, B/num, ...] with micro-batch a = rows a, a+num, a+2num, ..."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+
+def pmapped(train_step, mesh):
+  """The pmap loop's step: ``train_step`` mapped over every device with ``jax.pmap``.
+
+  It takes and returns the same replicated state (and replicated metrics) as the mesh loop's
+  jitted step, so everything around it (checkpoints, evaluation, sampling) is shared: the state
+  is viewed as a stacked [devices, ...] array on entry and as one replicated array on exit, both
+  without copying. ``batch`` must already be split per device (``sharding.per_device_batch``).
+  """
+  step = jax.pmap(train_step, axis_name=PMAP_AXIS, donate_argnums=0)
+
+  def run(state, batch):
+    state, metrics = step(sharding.stack_replicas(state, mesh), batch)
+    return sharding.unstack_replicas(state, mesh), sharding.unstack_replicas(metrics, mesh)
+
+  return run

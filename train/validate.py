@@ -37,6 +37,9 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   t = config.train
   _positive(t.steps, "train.steps")
   _positive(t.batch_size, "train.batch_size")
+  _positive(t.grad_accum, "train.grad_accum")
+  _positive(t.max_bad_steps, "train.max_bad_steps")
+  _check_profile_steps(config.log.profile_steps)
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
     _positive(config[group][field], name)
@@ -44,6 +47,10 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   if t.batch_size % dp:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
                      f"mesh.data*mesh.fsdp*mesh.expert={dp}; use a multiple of {dp}.")
+  if t.batch_size % (dp * t.grad_accum):
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
+                     f"{t.grad_accum} x the data-parallel size {dp}, so the micro-batches would "
+                     f"not split evenly; use a multiple of {dp * t.grad_accum}.")
   if t.batch_size % process_count:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {process_count} "
                      "processes, so the per-process batch would be uneven.")
@@ -56,6 +63,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                      f"mesh.seq=1 (got {sizes['seq']}) and put those devices on mesh.data.")
   _divisible_by_axis(model_cfg, sizes)
   moe_cfg = getattr(model_cfg, "moe", None)
+  _check_loop(config.parallel.loop, sizes, moe_cfg)
   if moe_cfg is not None or sizes["expert"] > 1:
     width = moe_cfg.hidden(_mlp_width(model_cfg)) if moe_cfg is not None else 0
     parallel_moe.check(moe_cfg or moe_lib.Config(), sizes, expert_width=width,
@@ -63,6 +71,35 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                                     "eval.batch_size": config.eval.batch_size})
   attention = models.attention_plan(config, sizes, model_cfg)
   return Plan(mesh=sizes, model_cfg=model_cfg, attention=attention)
+
+
+LOOPS = ("mesh", "pmap")
+
+
+def _check_loop(loop, sizes, moe_cfg):
+  """parallel.loop: the pmap loop is pure data parallelism over every device."""
+  if loop not in LOOPS:
+    raise ValueError(f"config.parallel.loop={loop!r} is not one of {LOOPS}.")
+  if loop != "pmap":
+    return
+  others = {a: n for a, n in sizes.items() if a != "data" and n > 1}
+  if others:
+    raise ValueError(f"parallel.loop='pmap' is data parallelism only, but config.mesh has "
+                     f"{others}; set those axes to 1 (mesh.data=-1) or use parallel.loop='mesh'.")
+  if moe_cfg is not None and moe_cfg.enabled:
+    raise ValueError("parallel.loop='pmap' does not run MoE layers (their dispatch groups and "
+                     "global balance loss need the mesh); use parallel.loop='mesh'.")
+
+
+def _check_profile_steps(spec):
+  """log.profile_steps: "" or "a:b" with 1 <= a <= b."""
+  if spec in ("", None):
+    return
+  parts = str(spec).split(":")
+  ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+  if not ok or not 1 <= int(parts[0]) <= int(parts[1]):
+    raise ValueError(f"config.log.profile_steps={spec!r} must be 'a:b' with 1 <= a <= b "
+                     "(the first and last step to trace), or '' for no profile.")
 
 
 def _mlp_width(model_cfg) -> int:

@@ -58,7 +58,7 @@ def test_parameters_are_sharded_as_the_rule_table_says():
     assert _equal_specs(_spec(leaf), spec), (path, _spec(leaf), spec)
     assert leaf.addressable_shards[0].data.shape == shard_shape, path
   # AdamW moments are sharded exactly like their parameters (FSDP shards optimizer state too).
-  mu = got["new_state"].opt_state[1][0].mu
+  mu = got["new_state"].opt_state.inner_state[1][0].mu
   jax.tree.map(lambda p, m: assert_same_spec(p, m), params, mu)
 
 
