@@ -67,7 +67,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
 
     zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    _, _, first_metrics = jax.eval_shape(single, *jax.tree.map(
+    _, first_metrics, _ = jax.eval_shape(single, *jax.tree.map(
         abstract, (params, jax.tree.map(lambda x: x[0], micro), rng)))
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), first_metrics)
     rngs = jax.random.split(rng, grad_accum)

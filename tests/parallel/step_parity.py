@@ -76,7 +76,7 @@ def reference(kind: str = "lm"):
                       kind=kind)
 
 
-def run_one_step(mesh_sizes, devices=None, kind: str = "lm", **parallel):
+def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1, **parallel):
   config, mesh, rules, model, tx, lr, init, shardings, plan = setup(mesh_sizes, devices, kind,
                                                                    **parallel)
   task = tasks.get(config)
@@ -89,7 +89,8 @@ def run_one_step(mesh_sizes, devices=None, kind: str = "lm", **parallel):
   # because JAX's PRNG is partitionable (values do not depend on the sharding).
   task_loss = task.loss_fn(model, permutation)
   loss_fn = lambda params, data: task_loss(params, data, jax.random.split(state.rng)[1])[0]
-  train_step = steps.make_train_step(task_loss, tx, lr)
+  train_step = steps.make_train_step(task_loss, tx, lr, grad_accum=grad_accum,
+                                     batch_axes=task.batch_axes)
 
   def loss_grads_and_step(state, data):
     # One program (one compile) for the gradients and the real optimizer step.
