@@ -16,7 +16,7 @@ import numpy as np
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
 from parallel import sharding
-from train import checkpoint, metrics, models, optimizer, steps, tasks
+from train import checkpoint, flops, metrics, models, optimizer, steps, tasks
 from train import state as state_lib
 from train.validate import validate
 
@@ -73,6 +73,10 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
                      for k, axes in task.batch_axes.items()}
   unit, units_per_step = task.throughput_unit()
+  step_flops = flops.model_flops_per_step(config, plan.mesh)
+  peak = flops.peak_flops(config.model.dtype)
+  writer.message(f"model FLOPs: {step_flops.model:.4g} per step ({step_flops.model_per_unit:.4g} "
+                 f"per {unit[:-1]}); peak {peak:.4g} FLOP/s ({_peak_source()}); MFU is their ratio")
   summary = {"start_step": start_step}
   step_body = steps.make_train_step(
       task.loss_fn(model, permutation), tx, lr_schedule, grad_accum=t.grad_accum,
@@ -122,7 +126,9 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
       now = time.perf_counter()
       rate = (step - clock["step"]) / max(now - clock["time"], 1e-9)
       clock.update(time=now, step=step)
-      host.update(steps_per_s=rate, **{f"{unit}_per_s": rate * units_per_step})
+      host.update(steps_per_s=rate, **{f"{unit}_per_s": rate * units_per_step},
+                  model_flops_per_s=rate * step_flops.model,
+                  mfu=flops.mfu(step_flops.model, 1 / max(rate, 1e-12), peak))
       writer.write(step, host)
       writer.progress(step, host, unit)
       summary["last_train"] = host
@@ -173,6 +179,13 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   writer.message(_outputs_message(workdir, summary, task))
   writer.close()
   return summary
+
+
+def _peak_source() -> str:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return "the host's matmul rate, measured at start-up; simulated CPU devices share it"
+  return f"{jax.device_count()} x {device.device_kind}"
 
 
 @contextlib.contextmanager

@@ -75,8 +75,10 @@ def test_loss_falls_and_metrics_lines_follow_the_contract(runs):
   lines = read_metrics(runs["straight"])
   train = [m for m in lines if m["split"] == "train"]
   for m in train:
-    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(m)
-    assert np.isfinite(m["loss"]) and m["tokens_per_s"] > 0
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "mfu", "model_flops_per_s",
+            "bad_steps", "skipped_steps"} <= set(m)
+    assert np.isfinite(m["loss"]) and m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1
+    assert m["bad_steps"] == m["skipped_steps"] == 0
   val = [m for m in lines if m["split"] == "val"]
   assert [m["step"] for m in val] == [0, 3, 6]
   assert val[-1]["loss"] < val[0]["loss"]
