@@ -246,8 +246,8 @@ class FinalLayer(nn.Module):
     mod_Bx2xE = AdaLN(self.cfg, 2, name="adaLN")(c_BxE)
     h_BxSxE = modulate(LayerNorm(self.cfg, affine=False)(x_BxSxE), mod_Bx2xE[:, 0],
                        mod_Bx2xE[:, 1])
-    return Dense(self.cfg, (self.out_dim,), ("embed", "patch"),
-                 kernel_init=nn.initializers.zeros, name="linear")(h_BxSxE)
+    return Dense(self.cfg, (self.out_dim,), ("embed", "patch"), kernel_init=nn.initializers.zeros,
+                 out_dtype=jnp.float32, name="linear")(h_BxSxE)
 
 
 def check_input(cfg, x_BxHxWxC):

@@ -1,8 +1,9 @@
 """Llama-style decoder-only LM: RMSNorm, RoPE, grouped-query attention, SwiGLU, pre-norm.
 
 Layers are stacked with ``nn.scan`` so compile time does not grow with depth; ``remat`` wraps the
-scanned block. Attention is a pure function passed in as ``attention_fn`` (nets/attention.py by
-default; parallel/attention.py supplies sequence-parallel versions), so this file names no mesh.
+scanned block of every family with one of REMAT_POLICIES. Attention is a pure function passed in as
+``attention_fn`` (nets/attention.py by default; parallel/attention.py supplies sequence-parallel
+versions), so this file names no mesh.
 """
 
 import dataclasses
@@ -10,12 +11,14 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 
 from nets import attention, moe
 from nets.moe import Config as MoEConfig
 
-REMAT_POLICIES = ("none", "full")
+# train.remat, what a scanned block keeps for the backward pass; see ``remat``.
+REMAT_POLICIES = ("none", "full", "selective", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,59 @@ def check_remat_and_dtypes(cfg) -> None:
       raise ValueError(f"model.{name}={getattr(cfg, name)!r} is not a dtype name.") from None
 
 
+_EXPERT_NAMES = jax.checkpoint_policies.save_only_these_names(moe.EXPERT_MATMUL)
+
+
+def _selective(prim, *args, **params) -> bool:
+  """Keeps weight-matmul outputs: dot_generals without batch dimensions (every projection is a
+  tensordot of activations with a kernel, while attention's q·k and p·v einsums batch over B and
+  the KV heads) and MoE expert matmuls, which are batched over experts and so tagged by name."""
+  return (jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params)
+          or _EXPERT_NAMES(prim, *args, **params))
+
+
+def _offload(prim, *args, **params):
+  """What ``_selective`` keeps, moved to pinned host memory until the backward pass needs it."""
+  if _selective(prim, *args, **params):
+    return jax.ad_checkpoint.Offloadable(src="device", dst="pinned_host")
+  return jax.ad_checkpoint.Recompute
+
+
+_REMAT = {"full": jax.checkpoint_policies.nothing_saveable, "selective": _selective,
+          "offload": _offload}
+
+
+def remat(module_cls, policy: str):
+  """``module_cls`` wrapped for ``policy`` (one of REMAT_POLICIES): the scanned block of every
+  family goes through here, so the policies mean the same thing in every family.
+
+  none: unchanged; the backward pass keeps every intermediate of every layer.
+  full: only the block's inputs are kept and its whole forward runs again in the backward pass.
+  selective (Megatron-style): the outputs of the weight matmuls are kept (q/k/v/o, MLP, MoE
+    router and experts, Mamba's projections, adaLN); norms, activations, RoPE, attention's
+    logits and softmax and Mamba's scan are recomputed: cheap work, and the largest tensors.
+  offload: what selective keeps, but in pinned host memory (``check_remat_supported``). XLA:CPU
+    ignores memory kinds when lowering, so on CPU it is the selective program.
+  """
+  if policy == "none":
+    return module_cls
+  # scan already prevents CSE across layers
+  return nn.remat(module_cls, prevent_cse=False, policy=_REMAT[policy])
+
+
+def check_remat_supported(policy: str, devices) -> None:
+  """Raises one sentence when ``policy`` needs a memory space the ``devices`` lack (before
+  anything compiles; train/validate.py passes the devices it will run on)."""
+  if policy != "offload":
+    return
+  for device in devices:
+    kinds = sorted(m.kind for m in device.addressable_memories())
+    if "pinned_host" not in kinds:
+      raise ValueError(f"train.remat='offload' needs devices with a pinned_host memory space "
+                       f"to offload to; this {device.platform} device has only {kinds}, so use "
+                       "train.remat='selective' instead.")
+
+
 def num_params(cfg: Config, active: bool = False) -> int:
   """Closed-form parameter count (tests check it against the initialised model).
 
@@ -120,6 +176,8 @@ def _init(cfg: Config, axes: tuple[str, ...]):
 class Proj(nn.Module):
   """Contracts the last ``n_in`` dims of x with a kernel of shape in_dims + ``out_shape``.
 
+  The product runs in the compute dtype and, with ``out_dtype`` float32 (the output heads), is
+  accumulated and returned in float32, so bf16 logits are not rounded before the loss.
   (Not nn.DenseGeneral: it initialises a flattened 2-D kernel and applies the logical sharding
   constraint before reshaping, which fails for N-D kernels under a mesh.)
   """
@@ -127,6 +185,7 @@ class Proj(nn.Module):
   out_shape: tuple[int, ...]
   axes: tuple[str, ...]
   n_in: int = 1
+  out_dtype: Any = None  # None: the compute dtype
 
   @nn.compact
   def __call__(self, x):
@@ -134,7 +193,8 @@ class Proj(nn.Module):
                         x.shape[x.ndim - self.n_in:] + tuple(self.out_shape),
                         jnp.dtype(self.cfg.param_dtype))
     dtype = jnp.dtype(self.cfg.dtype)
-    return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+    return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in,
+                         preferred_element_type=self.out_dtype)
 
 
 class Embed(nn.Module):
@@ -154,8 +214,10 @@ class Embed(nn.Module):
     return jnp.take(table_VxE, tokens_BxS, axis=0).astype(self.cfg.dtype)
 
   def attend(self, x_BxSxE):
+    """Logits [B, S, V] in float32 (a compute-dtype matmul accumulated in float32)."""
     dtype = jnp.dtype(self.cfg.dtype)
-    return jnp.einsum("bse,ve->bsv", x_BxSxE.astype(dtype), self.embedding.astype(dtype))
+    return jnp.einsum("bse,ve->bsv", x_BxSxE.astype(dtype), self.embedding.astype(dtype),
+                      preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -246,11 +308,9 @@ class Model(nn.Module):
     x_BxSxE = embed(tokens_BxS)
 
     def scan(unit, length):
-      if cfg.remat == "full":
-        unit = nn.remat(unit, prevent_cse=False)  # scan already prevents CSE across layers
-      return nn.scan(unit, variable_axes={"params": 0, "aux": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast), length=length,
-                     metadata_params={nn.PARTITION_NAME: "layers"})
+      return nn.scan(remat(unit, cfg.remat), variable_axes={"params": 0, "aux": 0},
+                     split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                     length=length, metadata_params={nn.PARTITION_NAME: "layers"})
 
     blocks = moe.stack(Block, cfg.moe, (cfg, self.attention_fn, self.moe_layout), cfg.num_layers,
                        scan)
@@ -259,6 +319,7 @@ class Model(nn.Module):
     if cfg.tie_embeddings:
       logits_BxSxV = embed.attend(x_BxSxE)
     else:
-      logits_BxSxV = Proj(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxSxE)
+      logits_BxSxV = Proj(cfg, (cfg.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32,
+                          name="lm_head")(x_BxSxE)
     logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
     return logits_BxSxV.astype(jnp.float32)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nets.llama import Embed, Proj, RMSNorm, build_config, check_remat_and_dtypes
+from nets.llama import Embed, Proj, RMSNorm, build_config, check_remat_and_dtypes, remat
 
 _ACT = ("act_batch", "act_seq", "act_embed")
 _ACT_INNER = ("act_batch", "act_seq", "act_mlp")
@@ -104,10 +104,9 @@ def init_cache(cfg: Config, batch_size: int) -> dict:
 
 def scanned(block: type[nn.Module], cfg, length: int, in_axes: tuple):
   """``length`` copies of ``block`` stacked by nn.scan, parameters on a leading "layers" axis."""
-  if cfg.remat == "full":
-    block = nn.remat(block, prevent_cse=False)  # scan already prevents CSE across layers
-  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+  return nn.scan(remat(block, cfg.remat), variable_axes={"params": 0},
+                 split_rngs={"params": True}, in_axes=in_axes, length=length,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 def _combine(left, right):
@@ -317,7 +316,8 @@ class Model(nn.Module):
     if cfg.tie_embeddings:
       logits_BxSxV = embed.attend(x_BxSxE)
     else:
-      logits_BxSxV = Proj(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(x_BxSxE)
+      logits_BxSxV = Proj(cfg, (cfg.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32,
+                          name="lm_head")(x_BxSxE)
     logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
     logits_BxSxV = logits_BxSxV.astype(jnp.float32)
     return logits_BxSxV if cache is None else (logits_BxSxV, cache)

@@ -214,6 +214,6 @@ class Model(nn.Module):
       logits_BxSxV = embed.attend(x_BxSxE)
     else:
       logits_BxSxV = Proj(byte_cfg, (cfg.vocab_size,), ("embed", "vocab"),
-                          name="lm_head")(x_BxSxE)
+                          out_dtype=jnp.float32, name="lm_head")(x_BxSxE)
     logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
     return logits_BxSxV.astype(jnp.float32)

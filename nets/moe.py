@@ -45,10 +45,14 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 ROUTERS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu")
 BALANCE = ("global", "micro")
+# The expert matmul outputs are batched over experts (or are ragged_dot), which the dot-based
+# remat policies skip; this name lets train.remat='selective' keep them (nets.llama.remat).
+EXPERT_MATMUL = "moe_expert_matmul"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +147,12 @@ class Layout:
 
 def _mlp(x, weights, activation: str, matmul):
   """The expert MLP given a matmul(x, w) that knows which expert each row belongs to."""
+  named = lambda a, w: checkpoint_name(matmul(a, w), EXPERT_MATMUL)
   if activation == "swiglu":
-    h = nn.silu(matmul(x, weights["gate"])) * matmul(x, weights["up"])
+    h = nn.silu(named(x, weights["gate"])) * named(x, weights["up"])
   else:
-    h = nn.gelu(matmul(x, weights["up"]), approximate=True)
-  return matmul(h, weights["down"])
+    h = nn.gelu(named(x, weights["up"]), approximate=True)
+  return named(h, weights["down"])
 
 
 def grouped_mlp(rows_RxE, expert_R, weights: dict, num_experts: int, activation: str):

@@ -130,9 +130,7 @@ def scanned(block: type[nn.Module], cfg, length: int, num_broadcast: int):
 
   The block is called as ``block(carry, *broadcast_args) -> (carry, None)``.
   """
-  if cfg.remat == "full":
-    block = nn.remat(block, prevent_cse=False)  # scan already prevents CSE across layers
-  return nn.scan(block, variable_axes={"params": 0, "aux": 0},
+  return nn.scan(llama.remat(block, cfg.remat), variable_axes={"params": 0, "aux": 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * num_broadcast, length=length,
                  metadata_params={nn.PARTITION_NAME: "layers"})
@@ -145,7 +143,8 @@ class Dense(nn.Module):
   references; like Proj, it avoids nn.DenseGeneral (which breaks for N-D kernels under a mesh).
   ``kernel_init=None`` is Xavier-uniform over the flattened (in, out) dims, as torch's
   xavier_uniform_ on the equivalent nn.Linear. The bias is zero-initialised and takes the output
-  dims' logical names.
+  dims' logical names. ``out_dtype`` float32 (the output heads) accumulates and returns the
+  compute-dtype product in float32, so what the loss sees is not rounded to bf16.
   """
   cfg: Any  # reads dtype and param_dtype
   out_shape: tuple[int, ...]
@@ -153,6 +152,7 @@ class Dense(nn.Module):
   n_in: int = 1
   use_bias: bool = True
   kernel_init: Callable[..., Any] | None = None
+  out_dtype: Any = None  # None: the compute dtype
 
   @nn.compact
   def __call__(self, x):
@@ -164,12 +164,13 @@ class Dense(nn.Module):
     param_dtype, dtype = jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                         in_shape + tuple(self.out_shape), param_dtype)
-    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in,
+                      preferred_element_type=self.out_dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              self.axes[self.n_in:]),
                         tuple(self.out_shape), param_dtype)
-      y = y + bias.astype(dtype)
+      y = y + bias.astype(y.dtype)
     return y
 
 
@@ -295,6 +296,7 @@ class Model(nn.Module):
     pooled_BxE = nn.with_logical_constraint(pooled_BxE, ("act_batch", "act_embed"))
     # Zero-initialised head (big_vision's default): every class starts equally likely.
     logits_BxK = Dense(cfg, (cfg.num_classes,), ("embed", "classes"),
-                       kernel_init=nn.initializers.zeros, name="head")(pooled_BxE)
+                       kernel_init=nn.initializers.zeros, out_dtype=jnp.float32,
+                       name="head")(pooled_BxE)
     logits_BxK = nn.with_logical_constraint(logits_BxK, ("act_batch", None))
     return logits_BxK.astype(jnp.float32)

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 
+from nets import llama
 from nets import moe as moe_lib
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
@@ -40,6 +41,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   _positive(t.grad_accum, "train.grad_accum")
   _positive(t.max_bad_steps, "train.max_bad_steps")
   _check_profile_steps(config.log.profile_steps)
+  llama.check_remat_supported(t.remat, jax.devices())
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
     _positive(config[group][field], name)

@@ -4,7 +4,9 @@ import glob
 import os
 import shutil
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.parallel import step_parity
@@ -89,3 +91,24 @@ def test_invalid_loop_settings_get_one_sentence(change, message):
   config.log.profile_steps = change.get("profile", "")
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
     validate(config)
+
+
+def test_bf16_compute_trains_with_float32_master_weights(tmp_path):
+  config = lm_config(steps=6)
+  config.model.update(dtype="bfloat16", param_dtype="float32")
+  loop.run(config, str(tmp_path))
+  losses = train_losses(tmp_path)
+  assert losses[6] < losses[1] - 0.3
+  state = checkpoint_state(str(tmp_path), 6)
+  dtypes = {str(x.dtype) for x in jax.tree.leaves((state["params"], state["opt_state"]))
+            if hasattr(x, "dtype") and np.issubdtype(x.dtype, np.floating)}
+  assert dtypes == {"float32"}
+
+
+def checkpoint_state(workdir, step):
+  """The raw saved state tree (dtypes as written), without a restore target."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    manager.close()
