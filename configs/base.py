@@ -9,6 +9,9 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
   c.seed = 0
   # -1 fills the remaining devices; the product must equal the device count.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
+  # Over several hosts: how many hosts (TPU slices; processes on GPU/CPU) each axis spans; the
+  # rest of the axis stays within a host. Unused on one host.
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
   c.parallel = ml_collections.ConfigDict(dict(
       attention="auto",  # local kernel: dense | blockwise | cudnn | auto (cuDNN on GPU)
       seq_strategy="auto",  # over mesh.seq: ulysses | ring | usp | allgather | auto

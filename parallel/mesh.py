@@ -13,6 +13,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor", "seq", "expert")
@@ -21,7 +22,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "seq", "expert")
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Resolves -1 (fill with the remaining devices) and checks the product equals num_devices."""
   sizes = {name: int(getattr(mesh_cfg, name)) for name in MESH_AXES}
-  unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES))
+  unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES) - {"dcn"})
   if unknown:
     raise ValueError(f"config.mesh has unknown axes {unknown}; the mesh axes are {MESH_AXES}.")
   fill = [n for n, s in sizes.items() if s == -1]
@@ -43,10 +44,56 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   return sizes
 
 
+def granules(devices) -> int:
+  """Groups of devices joined by the slow network (DCN): TPU slices, else processes (hosts)."""
+  tpu = devices[0].platform == "tpu"
+  return len({getattr(d, "slice_index", 0) if tpu else d.process_index for d in devices})
+
+
+def dcn_shape(mesh_cfg, sizes: dict[str, int], num_granules: int) -> dict[str, int]:
+  """How many granules each axis spans (``config.mesh.dcn``); the rest of it is within one.
+
+  The default puts every granule on ``data`` (``dcn.data=-1``), so only data parallelism's
+  gradient all-reduce crosses hosts, while fsdp/tensor/seq/expert collectives stay on the fast
+  interconnect (ICI, NVLink). Raises one sentence when the split does not fit.
+  """
+  given = dict(mesh_cfg.get("dcn") or {"data": -1})
+  unknown = sorted(set(given) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"config.mesh.dcn has unknown axes {unknown}; the mesh axes are {MESH_AXES}.")
+  dcn = {n: int(given.get(n, 1)) for n in MESH_AXES}
+  fill = [n for n, s in dcn.items() if s == -1]
+  fixed = math.prod(s for s in dcn.values() if s != -1)
+  if fill:
+    dcn[fill[0]] = max(num_granules // fixed, 1)
+  if math.prod(dcn.values()) != num_granules or any(s < 1 for s in dcn.values()):
+    raise ValueError(f"config.mesh.dcn {_fmt(dcn)} must multiply to the {num_granules} hosts "
+                     "(TPU slices, or processes elsewhere) the mesh spans; put them on data "
+                     "(dcn.data=-1) unless you mean to split another axis across hosts.")
+  for n in MESH_AXES:
+    if sizes[n] % dcn[n]:
+      raise ValueError(f"config.mesh.{n}={sizes[n]} is not divisible by mesh.dcn.{n}={dcn[n]}, "
+                       f"the hosts it spans; make mesh.{n} a multiple of {dcn[n]}.")
+  return dcn
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """Mesh over all (or the given) devices with axes MESH_AXES, all of type Auto."""
+  """Mesh over all (or the given) devices with axes MESH_AXES, all of type Auto.
+
+  Over several hosts (``granules``) the mesh is hybrid: each axis is ``mesh.dcn`` host groups
+  times a block within one host, laid out by ``mesh_utils.create_hybrid_device_mesh``.
+  """
   sizes = mesh_shape(mesh_cfg, len(jax.devices() if devices is None else devices))
   shape = tuple(sizes[n] for n in MESH_AXES)
+  all_devices = jax.devices() if devices is None else list(devices)
+  hosts = granules(all_devices)
+  if hosts > 1:
+    dcn = dcn_shape(mesh_cfg, sizes, hosts)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        tuple(sizes[n] // dcn[n] for n in MESH_AXES), tuple(dcn[n] for n in MESH_AXES),
+        all_devices, process_is_granule=all_devices[0].platform != "tpu",
+        allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   if devices is None:
     # make_mesh orders devices for the physical topology (TPU ICI rings, GPU NVLink islands).
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,4 +1,9 @@
-"""``python -m train --config=FILE[:ARG] --workdir=DIR [--config.a.b=v ...] [--cpu_devices=N]``."""
+"""``python -m train --config=FILE[:ARG] --workdir=DIR [--config.a.b=v ...] [--cpu_devices=N]``.
+
+Multi-process: run the same command in every process; on TPU pods, SLURM and Open MPI the
+processes find each other from the environment, elsewhere add ``--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`` (``python -m train.launch`` does this for local runs).
+"""
 
 import sys
 
@@ -13,6 +18,11 @@ _WORKDIR = flags.DEFINE_string(
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Simulate this many CPU devices; an XLA_FLAGS device count from the "
     "environment is respected and must agree.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordination service, for a "
+    "multi-process run the environment does not describe (parallel/distributed.py).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,10 +31,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   # Imported here: the device count must be set before JAX initialises its backends.
-  from parallel import devices
+  from parallel import devices, distributed
   from train import loop, validate
   try:
     devices.set_cpu_devices(_CPU_DEVICES.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     validate.validate(_CONFIG.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")

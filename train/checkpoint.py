@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from parallel import mesh as parallel_mesh
 from parallel import sharding
@@ -55,9 +57,28 @@ class Checkpointer:
     ``abstract_state`` may have any mesh (a different device count, other fsdp/tensor sizes):
     Orbax reads each array straight into its new sharding (elastic restore).
     """
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                              data=data.checkpoint_args_restore(data_iter))
-    return self.manager.restore(step, args=args).state
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state))).state
+    self._restore_position(step, data_iter)
+    return state
+
+  def _restore_position(self, step: int, data_iter):
+    """Sets ``data_iter`` to the position saved with ``step``, also from another process count.
+
+    grain writes one ``process_I-of-N.json`` per process. Every process of odyssey's pipeline
+    holds the same position (the number of global batches consumed; train/data.py shards each
+    batch over processes), so a run on a different number of processes continues from it.
+    """
+    folder = epath.Path(self.directory) / str(step) / "data"
+    mine = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    files = [mine] if mine.exists() else sorted(folder.glob("process_*-of-*.json"))
+    if not files:
+      raise FileNotFoundError(f"checkpoint step {step} has no data position in {folder}")
+    positions = {f.read_text().strip() for f in files}
+    if len(positions) > 1:
+      raise ValueError(f"checkpoint step {step} was written by {len(files)} processes at different "
+                       f"data positions, so it cannot continue on {jax.process_count()}.")
+    data_iter.set_state(json.loads(positions.pop()))
 
   def restore_newest_valid(self, abstract_state, data_iter, report) -> tuple[int | None, object]:
     """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
@@ -84,6 +105,8 @@ class Checkpointer:
       if os.path.exists(target):
         target = f"{target}.{len(os.listdir(os.path.dirname(target)))}"
       shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"odyssey_quarantine_{step}")
     self.manager.reload()
     return target
 

@@ -67,7 +67,7 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   writer.message(f"odyssey: {config.task} with model {config.model.name} "
                  f"({_count(abstract.params):,} params), "
                  f"{'pmap over' if pmap else 'mesh ' + str(plan.mesh) + ' on'} "
-                 f"{jax.device_count()} {jax.devices()[0].platform} devices, "
+                 f"{jax.device_count()} {jax.devices()[0].platform} devices{_hosts(mesh)}, "
                  + (f"resumed from step {resumed_from}" if resumed_from is not None
                     else "fresh start") + f"; {attention_plan.describe()}; workdir {workdir}")
   batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
@@ -97,6 +97,9 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   dp = parallel_moe.data_parallel(plan.mesh)
   stop = _StopSignal()
   profile = _profile_window(config.log.profile_steps)
+  profile_dir = os.path.join(workdir, "profile")
+  if jax.process_count() > 1:
+    profile_dir = os.path.join(profile_dir, f"process_{jax.process_index()}")
 
   def evaluate(step, params, final=False):
     sums = None
@@ -139,14 +142,14 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
     previous_bad = None
     for step in range(start_step + 1, t.steps + 1):  # `step` counts completed steps
       if step == profile[0]:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        jax.profiler.start_trace(profile_dir)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = train_step(state, next_batch(train_iter, to_device))
       if step == profile[1]:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        writer.message(f"profile of steps {profile[0]}..{step} written to "
-                       f"{os.path.join(workdir, 'profile')} (open it with TensorBoard or xprof).")
+        writer.message(f"profile of steps {profile[0]}..{step} written to {profile_dir} (open "
+                       "it with TensorBoard or xprof).")
       if previous_bad is not None:
         _check_bad_steps(int(previous_bad[1]), previous_bad[0], t.max_bad_steps, ckpt)
       previous_bad = (step, step_metrics["bad_steps"])
@@ -154,7 +157,7 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
         flush(*pending)
       pending = (step, step_metrics) if step % config.log.every == 0 or step == t.steps else None
       stopped_by = ("should_stop" if should_stop is not None and should_stop(step)
-                    else stop.agreed())
+                    else stop.agreed(step, config.log.every))
       if ckpt.should_save(step) or step == t.steps or stopped_by:
         # Never checkpoint a state whose bad-step count and loss were not looked at.
         _check_bad_steps(int(previous_bad[1]), step, t.max_bad_steps, ckpt)
@@ -179,6 +182,16 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   writer.message(_outputs_message(workdir, summary, task))
   writer.close()
   return summary
+
+
+def _hosts(mesh) -> str:
+  """", over N processes (axes across them: ...)" when the mesh spans several processes."""
+  if jax.process_count() == 1:
+    return ""
+  processes = np.vectorize(lambda d: d.process_index)(mesh.devices)
+  across = [name for i, name in enumerate(mesh.axis_names)
+            if np.any(np.diff(processes, axis=i) != 0)]
+  return f" over {jax.process_count()} processes (axes spanning them: {across})"
 
 
 def _peak_source() -> str:
@@ -248,10 +261,13 @@ class _StopSignal:
       for s, h in previous.items():
         signal.signal(s, h)
 
-  def agreed(self) -> str | None:
-    """The signal name if any process received one (every process must stop at the same step)."""
+  def agreed(self, step: int, every: int) -> str | None:
+    """The signal name if any process received one; every process must stop at the same step,
+    so over several processes they compare notes (a tiny all-gather) every ``every`` steps."""
     if jax.process_count() == 1:
       return self.received
+    if step % every:
+      return None
     from jax.experimental import multihost_utils
     names = ("SIGTERM", "SIGINT")
     flags = multihost_utils.process_allgather(

@@ -34,6 +34,9 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   model_cfg = models.model_config(config)
   task.check(model_cfg)
   sizes = parallel_mesh.mesh_shape(config.mesh, num_devices)
+  hosts = parallel_mesh.granules(jax.devices()) if num_devices == jax.device_count() else 1
+  if hosts > 1:
+    parallel_mesh.dcn_shape(config.mesh, sizes, hosts)
 
   t = config.train
   _positive(t.steps, "train.steps")

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from nets import moe
 from train import diffusion, image_data
@@ -118,7 +119,8 @@ class DiffusionTask(images.ImageTask):
     labels = np.concatenate([np.repeat(np.arange(classes), per_class),
                              np.zeros(padded - n, np.int64)]).astype(np.int32)
     labels = jax.device_put(labels, sharding["labels"])
-    images = np.asarray(jax.device_get(self.sample_images(model, params, labels, self.config.seed)))
+    images = np.asarray(multihost_utils.process_allgather(
+        self.sample_images(model, params, labels, self.config.seed), tiled=True))
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
