@@ -135,3 +135,23 @@ def per_device_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.
 
 def _rows(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(a for a in mesh.axis_names if mesh.shape[a] > 1) or None))
+
+
+def bytes_per_device(abstract_boxed: Any, sizes: dict[str, int], rules) -> int:
+  """Bytes one device holds of a logically-named abstract pytree on a mesh of these axis sizes.
+
+  Needs no devices (pod-scale configs are checked on a laptop): each leaf's logical names go
+  through the rule table to mesh axes, and each sharded dimension is divided by their sizes.
+  """
+  is_spec = lambda x: isinstance(x, P)
+  specs = jax.tree.leaves(nn.get_partition_spec(abstract_boxed), is_leaf=is_spec)
+  leaves = jax.tree.leaves(nn.unbox(abstract_boxed))
+  total = 0
+  for leaf, spec in zip(leaves, specs):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
+    shape = list(leaf.shape)
+    for dim, axes in enumerate(mesh_spec):
+      for axis in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
+        shape[dim] = -(-shape[dim] // sizes[axis])
+    total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+  return total

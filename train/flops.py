@@ -303,6 +303,14 @@ def _dtype_row(dtype) -> str | None:
   return {"bfloat16": "bfloat16", "float16": "bfloat16", "float32": "float32"}.get(name)
 
 
+# High-bandwidth memory per chip (bytes), from the same datasheets: what a config's per-device
+# state must fit (tests/train/test_experiments.py checks the pod configs against it).
+HBM_BYTES = {
+    "tpu_v4": 32 * 2**30, "tpu_v5e": 16 * 2**30, "tpu_v5p": 95 * 2**30, "tpu_v6e": 32 * 2**30,
+    "a100": 80e9, "h100_sxm": 80e9, "h200": 141e9,
+}
+
+
 def device_peak_flops(device, dtype) -> float | None:
   """Dense peak FLOP/s of one ``device`` for matmuls in ``dtype``; None if not in PEAK_FLOPS."""
   kind, row = device.device_kind.lower().strip(), _dtype_row(dtype)

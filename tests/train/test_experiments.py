@@ -14,7 +14,7 @@ from PIL import Image
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from tests import REPO, run_module
-from train import image_data, models, optimizer, tasks, validate
+from train import flops, image_data, models, optimizer, tasks, validate
 from train import state as state_lib
 
 
@@ -111,3 +111,39 @@ def test_vision_config_errors(field, value, message):
   c[group][key] = value
   with pytest.raises(ValueError, match=message):
     validate.validate(c)
+
+
+@pytest.mark.parametrize("name,devices,chip,mesh", [
+    ("llama_7b_pod", 64, "tpu_v5p", {}),  # v5p-128: one slice, FSDP over all 64 chips
+    ("llama_7b_pod", 64, "h100_sxm", {"fsdp": 8}),  # 8 nodes x 8 GPUs: FSDP within a node
+    ("dit_xl2_imagenet256", 64, "tpu_v5p", {}),
+])
+def test_pod_configs_fit_the_chip_memory(tmp_path, name, devices, chip, mesh):
+  c = experiment(name)
+  c.mesh.update(**mesh)
+  if c.task == "lm":
+    c.data.update(name="stdlib", path="")  # the corpus is not shipped; validation reads it
+  else:
+    latents = np.zeros((4, 32, 32, 4), np.float16)
+    image_data.write_arrayrecord(str(tmp_path), "train", latents, np.arange(4), num_classes=1000)
+    c.data.path = str(tmp_path)
+  plan = validate.validate(c, num_devices=devices, process_count=devices // 8)
+  sizes = plan.mesh
+  mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+  rules = sharding.rules_from_config(c.parallel)
+  model, _, _ = models.build(c, mesh)
+  task = tasks.get(c)
+  tx, _ = optimizer.make(c.opt, c.train.steps)
+  example = task.example_batch(c.train.batch_size)
+  with nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(lambda: state_lib.create(model, tx, task.init_args(example), c.seed))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract.params)))
+  per_device = sharding.bytes_per_device(abstract, sizes, rules)
+  # float32 parameters + AdamW mu and nu = 12 bytes per parameter, split over the FSDP axis
+  # (the small replicated norms add a little), and a quarter of the chip at most: the rest is
+  # for gradients, activations and XLA's buffers.
+  fsdp = sizes["fsdp"]
+  assert 12 * params / fsdp <= per_device < 1.05 * 12 * params / fsdp + 2**20
+  assert per_device < flops.HBM_BYTES[chip] / 4, (per_device / 2**30, chip)
+  print(f"{name} on {devices} x {chip} {sizes}: {params:,} params, "
+        f"{per_device / 2**30:.2f} GiB of state per chip")

@@ -116,3 +116,20 @@ def _wait_for(condition, proc, timeout=300):
     time.sleep(0.1)
   proc.kill()
   raise AssertionError("timed out")
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpointed_step(tmp_path):
+  flags = FLAGS + ("--config.train.steps=100", "--config.ckpt.every=50")
+  workdir, log = str(tmp_path / "w"), str(tmp_path / "launch.log")
+  with open(log, "w") as out:
+    launcher = subprocess.Popen(**module_command("train.launch", *TWO, *flags,
+                                                 f"--workdir={workdir}"),
+                                stdout=out, stderr=subprocess.STDOUT)
+  _wait_for(lambda: _logged_steps(workdir) >= 10, launcher)
+  launcher.send_signal(signal.SIGTERM)
+  assert launcher.wait(timeout=120) == 0, _read(log)[-3000:]
+  text = _read(log)
+  stopped = re.findall(r"\[p0\] stopped by SIGTERM after step (\d+)", text)
+  assert stopped and "[launch] all 2 processes finished." in text
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  assert steps[-1] == int(stopped[0]) and steps[-1] < 100  # off the every-50 grid
