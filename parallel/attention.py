@@ -1,6 +1,7 @@
 """The attention entry point nets call: local kernel + sequence-parallel strategy, by config.
 
-``config.parallel.attention`` picks the local kernel (dense | blockwise | cudnn | auto) and
+``config.parallel.attention`` picks the local kernel (dense | blockwise | cudnn | splash | auto:
+cuDNN on NVIDIA GPUs, Splash on TPUs, blockwise elsewhere; parallel/kernels.py) and
 ``config.parallel.seq_strategy`` how attention crosses the ``seq`` mesh axis:
   ulysses    all-to-all seq->heads, local attention over the whole sequence, all-to-all back;
   ring       K/V blocks travel around the seq axis with an online softmax (any head count);
@@ -103,7 +104,7 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
                      f"which {plan.strategy} attention's zigzag layout needs; use a multiple of "
                      f"{2 * plan.ring}.")
   attended = seq_len if plan.strategy in ("local", "ulysses", "allgather") else None
-  if plan.kernel in ("blockwise", "cudnn") and attended is not None:
+  if plan.kernel in ("blockwise", "cudnn", "splash") and attended is not None:  # or their fallback
     local_q = seq_len // P if plan.strategy == "allgather" else seq_len
     for n in {local_q, attended}:
       if n % min(block, n):
@@ -115,7 +116,7 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
 def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
   """The function nets call: fn(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None)."""
   kernel = kernels.KERNELS[plan.kernel]
-  if plan.kernel in ("blockwise", "cudnn"):  # cudnn falls back to blockwise for float32
+  if plan.kernel in ("blockwise", "cudnn", "splash"):  # cudnn/splash fall back to blockwise
     kernel = functools.partial(kernel, block_q=plan.block_size, block_kv=plan.block_size)
 
   def local(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None):
@@ -124,6 +125,10 @@ def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
     return kernel(q, k, v, causal=causal, mask=mask)
 
   if plan.strategy == "local":
+    if plan.kernel == "splash" and mesh is not None:
+      # Whole sequences per device: a plan is local also when sampling on a mesh with seq > 1.
+      return functools.partial(_per_device_under_mesh, local=local, sharded=functools.partial(
+          _sharded, per_device=kernel, mesh=mesh, seq_axis=None))
     return local
   if plan.strategy == "ulysses":
     per_device = functools.partial(ulysses.ulysses_attention, kernel=kernel, axis_name="seq",
@@ -139,6 +144,17 @@ def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
   return functools.partial(_sharded, per_device=per_device, mesh=mesh)
 
 
+def _per_device_under_mesh(q, k, v, *, local, sharded, **kwargs):
+  """The local kernel per device in shard_map when a mesh is set (jit), else directly (pmap).
+
+  Mosaic (Pallas TPU) kernels cannot be partitioned by the compiler: under jit over several
+  devices they must run in shard_map; inside pmap the arrays already are one device's.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return local(q, k, v, **kwargs)
+  return sharded(q, k, v, **kwargs)
+
+
 def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size):
   """Ulysses within consecutive groups of the seq axis, ring attention across the groups."""
   groups = ulysses.consecutive_groups(ulysses_degree * ring_size, ulysses_degree)
@@ -149,12 +165,13 @@ def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size):
   return ulysses.heads_to_seq(o, axis_name=axis_name, groups=groups)
 
 
-def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, per_device, mesh):
+def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, per_device, mesh,
+             seq_axis="seq"):
   """Runs ``per_device`` in shard_map: batch over data/fsdp/expert, sequence over seq, heads over tensor."""
   B, N = q.shape[:2]
   if positions_BxS is None:
     positions_BxS = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
-  qkv_spec, seq_spec = P(BATCH_AXES, "seq", "tensor", None), P(BATCH_AXES, "seq")
+  qkv_spec, seq_spec = P(BATCH_AXES, seq_axis, "tensor", None), P(BATCH_AXES, seq_axis)
   has_segments = segment_ids_BxS is not None
 
   def body(q, k, v, positions, *segments):

@@ -12,6 +12,10 @@ Block primitives (flash-attention style, float32 statistics):
   block_backward -> (dq, dk, dv) for one pair given the final lse and delta = sum(do * o).
 ``blockwise_attention`` runs them over query/key blocks with a custom VJP, so memory is
 O(N * block) instead of O(N^2) in both passes; ring attention reuses them across devices.
+
+Accelerator kernels: ``cudnn_attention`` (cuDNN flash attention, NVIDIA GPUs) and
+``splash_attention`` (Pallas Splash attention, TPUs). Each falls back to ``blockwise_attention``
+for inputs it cannot take; the choice is static, made at trace time from shapes and dtypes.
 """
 
 import dataclasses
@@ -19,8 +23,18 @@ import functools
 from typing import Any
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
+
+# Pallas's TPU kernels import on any platform, but a broken or absent build must not stop CPU runs.
+try:
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _splash_mask
+  SPLASH_IMPORT_ERROR = None
+except Exception as e:  # noqa: BLE001  (any failure means "no splash", reported at validation)
+  _splash = _splash_mask = None
+  SPLASH_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 # log-sum-exp of a row with no visible key. Finite (not -inf) so that merges and their gradients
 # never meet inf - inf: exp(EMPTY - finite) underflows to exactly 0.
@@ -256,25 +270,111 @@ def cudnn_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
                     block_kv: int = 512):
   """cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs).
 
-  cuDNN takes bf16/fp16 and masks causally by index, without segment ids. Inputs it cannot take
-  (float32, segment masks) go to the blockwise kernel instead; the decision is static, at trace
-  time. Positions must be 0..N-1 in order, which holds wherever a local kernel is used (only
-  ring/USP reorder the sequence, and they use their own block primitives).
+  cuDNN takes bf16/fp16, head dims that are multiples of 8 up to 128 (256 from Hopper on), and
+  masks causally by index, without segment ids. Everything else goes to the blockwise kernel, a
+  static decision made at trace time: float32, segment masks, other head dims, and causal
+  attention of a query block over a longer key sequence (the all-gather strategy's local queries,
+  whose positions start mid-sequence). Positions must otherwise be 0..N-1 in order, which holds
+  wherever a local kernel runs (only ring/USP reorder the sequence, and they use their own block
+  primitives).
   """
-  if q.dtype not in (jnp.bfloat16, jnp.float16) or mask.q_segments is not None:
+  D, S, T = q.shape[-1], q.shape[1], k.shape[1]
+  if (q.dtype not in (jnp.bfloat16, jnp.float16) or mask.q_segments is not None
+      or (causal and S != T) or D % 8 or D > _cudnn_max_head_dim()):
     return blockwise_attention(q, k, v, causal=causal, mask=mask, block_q=block_q,
                                block_kv=block_kv)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
 
-KERNELS = {"dense": dense_attention, "blockwise": blockwise_attention, "cudnn": cudnn_attention}
+def _cudnn_max_head_dim() -> int:
+  """cuDNN's flash attention takes head dims up to 256 on Hopper (sm90) and later, else 128."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  return 256 if capability is not None and float(capability) >= 9.0 else 128
 
 
-def pick_kernel(name: str) -> str:
-  """Resolves "auto": cuDNN on NVIDIA GPUs, blockwise elsewhere."""
-  if name != "auto":
-    if name not in KERNELS:
-      raise ValueError(f"config.parallel.attention={name!r} is not one of "
-                       f"{sorted(KERNELS) + ['auto']}.")
-    return name
-  return "cudnn" if jax.default_backend() == "gpu" else "blockwise"
+def splash_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
+                     block_kv: int = 512, interpret: bool = False):
+  """Pallas Splash attention (TPUs): flash attention that skips fully masked blocks.
+
+  The kernel runs per example (vmapped over the batch) on [H, S, D] with K <= H KV heads (GQA),
+  a static causal or full mask, and segment ids for packed/padded sequences, in bf16 or float32.
+  Its blocks are multiples of 128: ``block_q``/``block_kv`` are rounded down to one that divides
+  the sequence. It falls back to the blockwise kernel, statically at trace time, where Splash
+  cannot express the call: the Pallas TPU kernels failed to import, no multiple of 128 divides
+  the query or key length, or causal attention of a query block over a longer key sequence (the
+  all-gather strategy's local queries, whose positions start mid-sequence). Splash masks causally
+  by index, so positions must otherwise be 0..N-1 in order, as they are wherever a local kernel
+  runs (ring/USP's zigzag order never reaches a local kernel). Mosaic kernels cannot be
+  partitioned by the compiler: on several devices this runs inside shard_map
+  (parallel/attention.py) or pmap. ``interpret=True`` runs the kernel in the Pallas interpreter
+  (on CPU, for tests).
+  """
+  B, S, H, D = q.shape
+  T = k.shape[1]
+  bq, bk = _splash_block(S, block_q), _splash_block(T, block_kv)
+  if _splash is None or bq is None or bk is None or (causal and S != T):
+    return blockwise_attention(q, k, v, causal=causal, mask=mask, block_q=block_q,
+                               block_kv=block_kv)
+  kernel = _splash_kernel(H, S, T, causal, bq, bk, interpret)
+  to_heads = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, N, heads, D] -> [B, heads, N, D]
+  q_BxHxSxD = to_heads(q * jnp.asarray(D ** -0.5, q.dtype))  # the kernel does not scale
+  k_BxKxTxD, v_BxKxTxD = to_heads(k), to_heads(v)
+  if mask.q_segments is None:
+    o_BxHxSxD = jax.vmap(kernel)(q_BxHxSxD, k_BxKxTxD, v_BxKxTxD)
+  else:
+    segments = _splash.SegmentIds(mask.q_segments.astype(jnp.int32),
+                                  mask.kv_segments.astype(jnp.int32))
+    o_BxHxSxD = jax.vmap(kernel)(q_BxHxSxD, k_BxKxTxD, v_BxKxTxD, segments)
+  return to_heads(o_BxHxSxD).astype(q.dtype)
+
+
+def _splash_block(n: int, size: int) -> int | None:
+  """The largest multiple of 128 that is <= max(size, 128) and divides n, or None."""
+  for block in range(max(size, 128) // 128 * 128, 0, -128):
+    if n % block == 0:
+      return block
+  return None
+
+
+def _splash_kernel(H, S, T, causal, bq, bk, interpret):
+  """A Splash kernel for H query heads over [S, T] (its mask tables are cached by Pallas)."""
+  one = _splash_mask.CausalMask((S, T)) if causal else _splash_mask.FullMask((S, T))
+  sizes = _splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk,
+                             block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
+                             block_q_dq=bq, block_kv_dq=bk)
+  return _splash.make_splash_mha(_splash_mask.MultiHeadMask([one] * H), block_sizes=sizes,
+                                 head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+KERNELS = {"dense": dense_attention, "blockwise": blockwise_attention, "cudnn": cudnn_attention,
+           "splash": splash_attention}
+_NEEDS = {"cudnn": ("cuda", "an NVIDIA GPU"), "splash": ("tpu", "a TPU")}
+
+
+def platform() -> str:
+  """The default backend as the kernels see it: "cuda", "rocm", "tpu", "cpu", ..."""
+  backend = jax.default_backend()
+  if backend == "gpu":  # CUDA and ROCm both report "gpu"; cuDNN exists only on CUDA
+    version = jax.extend.backend.get_backend().platform_version.lower()
+    return "rocm" if "rocm" in version else "cuda"
+  return backend
+
+
+def pick_kernel(name: str, platform_name: str | None = None) -> str:
+  """Resolves "auto" (cuDNN on NVIDIA GPUs, Splash on TPUs, blockwise elsewhere) and checks that
+  an explicitly named kernel can run here; raises one sentence naming the fix."""
+  if name != "auto" and name not in KERNELS:
+    raise ValueError(f"config.parallel.attention={name!r} is not one of "
+                     f"{sorted(KERNELS) + ['auto']}.")
+  here = platform_name or platform()
+  if name == "auto":
+    if here == "cuda":
+      return "cudnn"
+    return "splash" if here == "tpu" and SPLASH_IMPORT_ERROR is None else "blockwise"
+  if name in _NEEDS and here != _NEEDS[name][0]:
+    raise ValueError(f"parallel.attention={name!r} needs {_NEEDS[name][1]}; this is {here}. Use "
+                     "'auto' (it picks the fastest kernel this platform has) or 'blockwise'.")
+  if name == "splash" and SPLASH_IMPORT_ERROR is not None:
+    raise ValueError("parallel.attention='splash' needs Pallas's Splash attention kernel, which "
+                     f"failed to import ({SPLASH_IMPORT_ERROR}); use 'blockwise'.")
+  return name

@@ -23,6 +23,9 @@ _COORDINATOR = flags.DEFINE_string(
     "multi-process run the environment does not describe (parallel/distributed.py).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+_XLA_FLAGS = flags.DEFINE_bool(
+    "recommended_xla_flags", True, "On GPU/TPU, add parallel/xla_flags.py's flags to XLA_FLAGS / "
+    "LIBTPU_INIT_ARGS where the environment does not set them already.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,8 +33,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
-  # Imported here: the device count must be set before JAX initialises its backends.
-  from parallel import devices, distributed
+  # Imported here: XLA flags and the device count must be set before JAX initialises its backends.
+  from parallel import devices, distributed, xla_flags
+  if _XLA_FLAGS.value and (added := xla_flags.apply()):
+    print(f"odyssey: recommended XLA flags added: {' '.join(added)}", flush=True)
   from train import loop, validate
   try:
     devices.set_cpu_devices(_CPU_DEVICES.value)
