@@ -13,7 +13,7 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
   # rest of the axis stays within a host. Unused on one host.
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, seq=1, expert=1))
   c.parallel = ml_collections.ConfigDict(dict(
-      attention="auto",  # local kernel: dense | blockwise | cudnn | splash | auto (cuDNN on GPU, Splash on TPU)
+      attention="auto",  # dense | blockwise | cudnn | splash | auto (GPU: cudnn, TPU: splash)
       seq_strategy="auto",  # over mesh.seq: ulysses | ring | usp | allgather | auto
       usp_ulysses=0,  # usp: Ulysses group size (0 = the largest that divides the heads)
       block_size=512,  # blockwise kernel query/key block
