@@ -56,6 +56,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import flax.linen as nn  # noqa: E402  (after XLA_FLAGS)
 import jax  # noqa: E402
 
+from bench import report  # noqa: E402
 from bench.seq_parallel import _table  # noqa: E402
 from configs import lm  # noqa: E402
 from parallel import mesh as parallel_mesh  # noqa: E402
@@ -410,16 +411,7 @@ def main(argv=None) -> dict:
   doc["checks"], doc["notes"] = checks(doc), notes(doc)
   doc["wall_time_s"] = time.perf_counter() - start
 
-  os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, "compile.json")
-  with open(json_path, "w") as f:
-    json.dump(doc, f, indent=1, default=float)
-  md = markdown(doc) + f"\nWall time: {doc['wall_time_s']:.0f} s; JSON: {json_path}\n"
-  with open(os.path.join(args.out, "compile.md"), "w") as f:
-    f.write(md)
-  skipped = plot(doc, os.path.join(args.out, "compile.png"))
-  if skipped:
-    print(skipped, file=sys.stderr)
+  md = report.write(args.out, "compile", doc, markdown(doc), doc["wall_time_s"], plot)
   print(json.dumps({k: doc[k] for k in ("ratio", "ratio_holds")} | {
       "train_step_compiles": run["train_step_compiles"],
       "train_step_traces": run["train_step_traces"],

@@ -69,6 +69,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 
+from bench import report  # noqa: E402
 from bench.compile import environment, lm_config, loop_program, machine_line  # noqa: E402
 from bench.seq_parallel import _table  # noqa: E402
 from train import checkpoint, loop  # noqa: E402
@@ -372,16 +373,7 @@ def main(argv=None) -> dict:
   doc["checks"], doc["notes"] = checks_and_notes(doc)
   doc["wall_time_s"] = time.perf_counter() - start
 
-  os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, "host.json")
-  with open(json_path, "w") as f:
-    json.dump(doc, f, indent=1, default=float)
-  md = markdown(doc) + f"\nWall time: {doc['wall_time_s']:.0f} s; JSON: {json_path}\n"
-  with open(os.path.join(args.out, "host.md"), "w") as f:
-    f.write(md)
-  skipped = plot(doc, os.path.join(args.out, "host.png"))
-  if skipped:
-    print(skipped, file=sys.stderr)
+  md = report.write(args.out, "host", doc, markdown(doc), doc["wall_time_s"], plot)
   print(json.dumps({r["name"]: dict(host_fraction=round(r["host_fraction"], 4),
                                     wall_ms_per_step=round(r["wall_ms_per_step"], 2),
                                     device_ms=round(r["device_ms"], 2)) for r in runs}))

@@ -41,6 +41,7 @@ if jax.devices()[0].platform == "cpu" and jax.device_count() != 1:
   sys.exit("bench.mfu measures one device: run it without "
            "--xla_force_host_platform_device_count in XLA_FLAGS.")
 
+from bench import report  # noqa: E402
 from bench.seq_parallel import _table  # noqa: E402
 from configs import diffusion, lm, vit  # noqa: E402
 from parallel import mesh as parallel_mesh  # noqa: E402
@@ -140,7 +141,7 @@ def odyssey_step(config):
 
 def baseline_params(c, rng):
   """Llama weights as a dict of plain arrays, layers stacked on axis 0 (scanned like odyssey)."""
-  L, E, H, M, V = c["num_layers"], c["d_model"], c["num_heads"], c["mlp_dim"], 384
+  L, E, M, V = c["num_layers"], c["d_model"], c["mlp_dim"], 384
   k = iter(jax.random.split(rng, 16))
   w = lambda shape: 0.02 * jax.random.normal(next(k), shape, jnp.float32)
   return {"embed": w((V, E)), "out": w((E, V)), "norm": jnp.ones((E,)),
@@ -290,6 +291,7 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
   parser.add_argument("--cases", default=",".join(CASES))
   args = parser.parse_args(argv)
+  start = time.perf_counter()
   steps_timed = args.steps or (2 if args.quick else 7)
   device = jax.devices()[0]
   dtype = "float32"
@@ -331,13 +333,8 @@ def main(argv=None):
                    + "\n\nLargest non-matmul ops: "
                    + ", ".join(f"{n} {s:.2f} s" for n, s in p["top_non_matmul"]) + "\n")
   print(json.dumps(result, indent=2))
-  print(markdown)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "mfu.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(args.out, "mfu.md"), "w") as f:
-    f.write(markdown)
-  _plot(rows, os.path.join(args.out, "mfu.png"), header)
+  print(report.write(args.out, "mfu", result, markdown, time.perf_counter() - start,
+                     lambda doc, path: _plot(doc["rows"], path, header)))
 
 
 def _plot(rows, path, title):
@@ -346,7 +343,7 @@ def _plot(rows, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
-    return
+    return "matplotlib is not installed: no mfu.png (pip install -e '.[bench]')."
   names = [r["case"] for r in rows]
   values = [r["mfu"] for r in rows]
   fig, ax = plt.subplots(figsize=(6, 3.2))

@@ -41,7 +41,6 @@ are relative figures only.
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -58,6 +57,7 @@ import flax.linen as nn  # noqa: E402  (after XLA_FLAGS)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import report  # noqa: E402
 from bench.seq_parallel import MiB, _table, collectives  # noqa: E402
 from configs import lm  # noqa: E402
 from nets import llama  # noqa: E402
@@ -548,16 +548,7 @@ def main(argv=None) -> dict:
   doc["checks"], doc["notes"] = checks_and_notes(doc)
   doc["wall_time_s"] = time.perf_counter() - start
 
-  os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, "moe.json")
-  with open(json_path, "w") as f:
-    json.dump(doc, f, indent=1, default=float)
-  md = markdown(doc) + f"\nWall time: {doc['wall_time_s']:.0f} s; JSON: {json_path}\n"
-  with open(os.path.join(args.out, "moe.md"), "w") as f:
-    f.write(md)
-  skipped = plot(doc, os.path.join(args.out, "moe.png"))
-  if skipped:
-    print(skipped, file=sys.stderr)
+  md = report.write(args.out, "moe", doc, markdown(doc), doc["wall_time_s"], plot)
   print(md)
   return doc
 

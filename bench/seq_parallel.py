@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from bench import report  # noqa: E402
 from configs import lm  # noqa: E402
 from parallel import attention, sharding  # noqa: E402
 from parallel import mesh as parallel_mesh  # noqa: E402
@@ -854,14 +855,7 @@ def main(argv=None) -> dict:
   timings["total_s"] = time.perf_counter() - start
   doc["wall_time_s"] = timings
 
-  os.makedirs(args.out, exist_ok=True)
-  json_path = os.path.join(args.out, "seq_parallel.json")
-  with open(json_path, "w") as f:
-    json.dump(doc, f, indent=1, default=float)
-  md = markdown(doc) + f"\nWall time: {timings['total_s']:.0f} s; JSON: {json_path}\n"
-  with open(os.path.join(args.out, "seq_parallel.md"), "w") as f:
-    f.write(md)
-  plot(doc, os.path.join(args.out, "seq_parallel.png"))
+  md = report.write(args.out, "seq_parallel", doc, markdown(doc), timings["total_s"], plot)
   print(json.dumps(doc, indent=1, default=float))
   print(md)
   return doc

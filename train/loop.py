@@ -2,7 +2,6 @@
 
 import contextlib
 import functools
-import math
 import os
 import signal
 import threading

@@ -65,11 +65,7 @@ def test_checkpoint_continues_on_the_other_process_count(runs, tmp_path, first, 
 
 def test_a_killed_process_stops_the_job_and_the_rerun_resumes(tmp_path):
   flags = FLAGS + ("--config.train.steps=60", "--config.ckpt.every=10")
-  workdir, log = str(tmp_path / "w"), str(tmp_path / "launch.log")
-  with open(log, "w") as out:
-    launcher = subprocess.Popen(**module_command("train.launch", *TWO, *flags,
-                                                 f"--workdir={workdir}"),
-                                stdout=out, stderr=subprocess.STDOUT)
+  launcher, workdir, log = start_launcher(tmp_path, flags)
   pids = _wait_for(lambda: re.search(r"pids \[(\d+), (\d+)\]", _read(log)), launcher)
   _wait_for(lambda: _logged_steps(workdir) >= 20, launcher)
   os.kill(int(pids.group(2)), signal.SIGKILL)
@@ -84,6 +80,16 @@ def test_a_killed_process_stops_the_job_and_the_rerun_resumes(tmp_path):
   assert sorted(after) == list(range(1, 61))
   # The steps the killed job had already run come out the same again.
   assert all(after[s] == before[s] for s in before), {s: (before[s], after[s]) for s in before}
+
+
+def start_launcher(tmp_path, flags):
+  """The 2-process launcher in the background, its output in a log file (never a full pipe)."""
+  workdir, log = str(tmp_path / "w"), str(tmp_path / "launch.log")
+  with open(log, "w") as out:
+    launcher = subprocess.Popen(**module_command("train.launch", *TWO, *flags,
+                                                 f"--workdir={workdir}"),
+                                stdout=out, stderr=subprocess.STDOUT)
+  return launcher, workdir, log
 
 
 def _read(path):
@@ -120,11 +126,7 @@ def _wait_for(condition, proc, timeout=300):
 
 def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpointed_step(tmp_path):
   flags = FLAGS + ("--config.train.steps=100", "--config.ckpt.every=50")
-  workdir, log = str(tmp_path / "w"), str(tmp_path / "launch.log")
-  with open(log, "w") as out:
-    launcher = subprocess.Popen(**module_command("train.launch", *TWO, *flags,
-                                                 f"--workdir={workdir}"),
-                                stdout=out, stderr=subprocess.STDOUT)
+  launcher, workdir, log = start_launcher(tmp_path, flags)
   _wait_for(lambda: _logged_steps(workdir) >= 10, launcher)
   launcher.send_signal(signal.SIGTERM)
   assert launcher.wait(timeout=120) == 0, _read(log)[-3000:]
