@@ -135,3 +135,19 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpointed_step(t
   assert stopped and "[launch] all 2 processes finished." in text
   steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
   assert steps[-1] == int(stopped[0]) and steps[-1] < 100  # off the every-50 grid
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  # Preemption notices can reach one host first: the processes compare notes every log.every
+  # steps, so both stop (and save collectively) at one step.
+  flags = FLAGS + ("--config.train.steps=100", "--config.ckpt.every=50")
+  launcher, workdir, log = start_launcher(tmp_path, flags)
+  pids = _wait_for(lambda: re.search(r"pids \[(\d+), (\d+)\]", _read(log)), launcher)
+  _wait_for(lambda: _logged_steps(workdir) >= 10, launcher)
+  os.kill(int(pids.group(2)), signal.SIGTERM)
+  assert launcher.wait(timeout=120) == 0, _read(log)[-3000:]
+  text = _read(log)
+  assert "[p1] odyssey: SIGTERM received" in text
+  stopped = int(re.search(r"\[p0\] stopped by SIGTERM after step (\d+)", text).group(1))
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  assert steps[-1] == stopped < 100
