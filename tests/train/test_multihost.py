@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests import module_command, run_module
+from tests.train.test_faults import checkpoint_steps
 from tests.train.test_loop import train_losses
 
 FLAGS = ("--config=configs/lm.py:size=test", "--config.mesh.data=2", "--config.mesh.fsdp=2",
@@ -66,13 +67,13 @@ def test_checkpoint_continues_on_the_other_process_count(runs, tmp_path, first, 
 def test_a_killed_process_stops_the_job_and_the_rerun_resumes(tmp_path):
   flags = FLAGS + ("--config.train.steps=60", "--config.ckpt.every=10")
   launcher, workdir, log = start_launcher(tmp_path, flags)
-  pids = _wait_for(lambda: re.search(r"pids \[(\d+), (\d+)\]", _read(log)), launcher)
+  pids = _child_pids(launcher, log)
   _wait_for(lambda: _logged_steps(workdir) >= 20, launcher)
-  os.kill(int(pids.group(2)), signal.SIGKILL)
+  os.kill(pids[1], signal.SIGKILL)
   assert launcher.wait(timeout=120) == 128 + signal.SIGKILL
   assert "[launch] process 1 was killed by SIGKILL; stopping the others." in _read(log)
   before = _complete_losses(workdir)  # what the killed job logged, past its checkpoint too
-  complete = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  complete = checkpoint_steps(workdir)
   assert complete and complete[-1] < 60
   rerun = two_processes(workdir, flags)
   assert f"resumed from step {complete[-1]}" in rerun.stdout
@@ -90,6 +91,12 @@ def start_launcher(tmp_path, flags):
                                                  f"--workdir={workdir}"),
                                 stdout=out, stderr=subprocess.STDOUT)
   return launcher, workdir, log
+
+
+def _child_pids(launcher, log) -> list[int]:
+  """The pids of the launcher's processes, from its first line."""
+  found = _wait_for(lambda: re.search(r"pids \[(\d+), (\d+)\]", _read(log)), launcher)
+  return [int(found.group(1)), int(found.group(2))]
 
 
 def _read(path):
@@ -133,7 +140,7 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpointed_step(t
   text = _read(log)
   stopped = re.findall(r"\[p0\] stopped by SIGTERM after step (\d+)", text)
   assert stopped and "[launch] all 2 processes finished." in text
-  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  steps = checkpoint_steps(workdir)
   assert steps[-1] == int(stopped[0]) and steps[-1] < 100  # off the every-50 grid
 
 
@@ -142,12 +149,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
   # steps, so both stop (and save collectively) at one step.
   flags = FLAGS + ("--config.train.steps=100", "--config.ckpt.every=50")
   launcher, workdir, log = start_launcher(tmp_path, flags)
-  pids = _wait_for(lambda: re.search(r"pids \[(\d+), (\d+)\]", _read(log)), launcher)
+  pids = _child_pids(launcher, log)
   _wait_for(lambda: _logged_steps(workdir) >= 10, launcher)
-  os.kill(int(pids.group(2)), signal.SIGTERM)
+  os.kill(pids[1], signal.SIGTERM)
   assert launcher.wait(timeout=120) == 0, _read(log)[-3000:]
   text = _read(log)
   assert "[p1] odyssey: SIGTERM received" in text
   stopped = int(re.search(r"\[p0\] stopped by SIGTERM after step (\d+)", text).group(1))
-  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  steps = checkpoint_steps(workdir)
   assert steps[-1] == stopped < 100
