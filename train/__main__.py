@@ -42,6 +42,7 @@ def main(argv):
     devices.set_cpu_devices(_CPU_DEVICES.value)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     validate.validate(_CONFIG.value)
+    validate.validate_workdir(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   loop.run(_CONFIG.value, _WORKDIR.value)

@@ -13,8 +13,7 @@ from jax.experimental import multihost_utils
 
 from parallel import mesh as parallel_mesh
 from parallel import sharding
-from train import data, models, optimizer, tasks
-from train import state as state_lib
+from train import data, models, tasks
 
 
 class Checkpointer:
@@ -116,31 +115,107 @@ class Checkpointer:
     self.manager.close()
 
 
+# A workdir written by ``python -m train.convert`` holds this file: its checkpoint is parameters
+# only (no optimizer state, no data position), for init.from, generation, sampling and export.
+CONVERTED_MARKER = "converted.json"
+
+
+def steps_in(workdir: str) -> list[int]:
+  """Checkpoint steps present in ``workdir/checkpoints`` (Orbax's own listing; [] if none)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
+  steps = list(manager.all_steps())
+  manager.close()
+  return sorted(steps)
+
+
+def restore_params(workdir: str, abstract_params, *, step: int | None = None):
+  """(step, params) restored from ``workdir``'s checkpoint into ``abstract_params``' shardings.
+
+  Only the ``params`` subtree of the saved state is read (Orbax partial restore), so this works
+  for training checkpoints (a whole TrainState) and for converted ones (parameters only), and the
+  optimizer state is never loaded. A parameter whose shape differs from ``abstract_params`` is
+  named in one sentence before anything is read.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = steps_in(workdir)
+  if not steps:
+    raise ValueError(f"{workdir} has no checkpoint to load parameters from.")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}.")
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    saved = manager.item_metadata(step).state
+    saved = getattr(saved, "tree", saved)
+    if not isinstance(saved, dict) or "params" not in saved:
+      raise ValueError(f"checkpoint step {step} of {workdir} holds no parameters.")
+    check_same_shapes(saved["params"], abstract_params, f"{workdir} (step {step})")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True))).state
+  finally:
+    manager.close()
+  return step, restored["params"]
+
+
+def check_same_shapes(saved, abstract, source: str) -> None:
+  """One sentence naming the first parameter that is missing, extra or shaped differently."""
+  flat_saved = {jax.tree_util.keystr(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(saved)[0]}
+  flat_want = {jax.tree_util.keystr(k): v for k, v in
+               jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  for name, want in flat_want.items():
+    if name not in flat_saved:
+      raise ValueError(f"{source} has no parameter params{name}, which this model config needs; "
+                       "the checkpoint was made for another model.")
+    have = tuple(getattr(flat_saved[name], "shape", ()))
+    if have != tuple(want.shape):
+      raise ValueError(f"parameter params{name} in {source} has shape {have}, but this model "
+                       f"config needs {tuple(want.shape)}.")
+  extra = sorted(set(flat_saved) - set(flat_want))
+  if extra:
+    raise ValueError(f"{source} has parameter(s) this model config has no place for, e.g. "
+                     f"params{extra[0]}; the checkpoint was made for another model.")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The run's own ``config.json`` (written by ``python -m train`` or ``train.convert``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir} has no config.json; is it an odyssey workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def load_trained(workdir: str, *, step: int | None = None, devices=None):
   """(config, model, mesh, params) of a trained workdir, for inference on ``devices`` (default: one).
 
   The config is the run's own ``config.json``; the mesh is replaced by plain data parallelism
-  over ``devices``, and the model uses the local attention kernel.
+  over ``devices``, and the model uses the local attention kernel. Only parameters are read, so
+  converted workdirs (``python -m train.convert``) load the same way.
   """
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = load_config(workdir)
   devices = jax.devices()[:1] if devices is None else devices
   config.mesh.update(data=len(devices), fsdp=1, tensor=1, seq=1, expert=1)
   mesh = parallel_mesh.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.parallel)
   model, _, _ = models.build(config, mesh, seq_parallel=False)
+  _, params = restore_params(workdir, abstract_params(config, model, mesh, rules), step=step)
+  return config, model, mesh, params
+
+
+def abstract_params(config, model, mesh, rules):
+  """ShapeDtypeStructs (with shardings over ``mesh``) of ``model``'s parameters; nothing runs."""
   task = tasks.get(config)
-  tx, _ = optimizer.make(config.opt, config.train.steps)
-  example = task.example_batch(len(devices))
-  init = lambda: state_lib.create(model, tx, task.init_args(
-      jax.tree.map(jnp.asarray, example)), config.seed)
+  n = mesh.devices.size
+  example = (task.model_example_batch(n, model.cfg) if hasattr(task, "model_example_batch")
+             else task.example_batch(n))
+  init = lambda: model.init(jax.random.PRNGKey(0), *task.init_args(
+      jax.tree.map(jnp.asarray, example)))["params"]
   abstract, _ = sharding.abstract_and_shardings(init, mesh, rules)
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                  item_names=("state", "data"))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise ValueError(f"{workdir} has no checkpoint to load.")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
-  manager.close()
-  return config, model, mesh, restored.state.params
+  return abstract

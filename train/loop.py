@@ -17,7 +17,7 @@ from parallel import moe as parallel_moe
 from parallel import sharding
 from train import checkpoint, flops, metrics, models, optimizer, steps, tasks
 from train import state as state_lib
-from train.validate import validate
+from train.validate import init_from, validate, validate_workdir
 
 
 def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = None) -> dict:
@@ -34,6 +34,7 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   and ``stopped_by`` when the run ended early.
   """
   plan = validate(config)
+  validate_workdir(config, workdir)
   task = tasks.get(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel_mesh.make_mesh(config.mesh)
@@ -53,8 +54,16 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   train_iter = iter(train_ds)
   resumed_from, state = ckpt.restore_newest_valid(
       abstract, train_iter, report=lambda m: print(f"odyssey: {m}", flush=True))
+  init_note = ""
   if resumed_from is None:
+    init_params = None
+    source, source_step = init_from(config)
+    if source:  # read (and shape-checked) before anything compiles
+      init_step, init_params = checkpoint.restore_params(source, abstract.params, step=source_step)
+      init_note = f" with parameters from {source} step {init_step}"
     state = sharding.init_sharded(init_boxed, shardings, mesh, rules)
+    if init_params is not None:
+      state = state.replace(params=init_params)
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -68,7 +77,7 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
                  f"{'pmap over' if pmap else 'mesh ' + str(plan.mesh) + ' on'} "
                  f"{jax.device_count()} {jax.devices()[0].platform} devices{_hosts(mesh)}, "
                  + (f"resumed from step {resumed_from}" if resumed_from is not None
-                    else "fresh start") + f"; {attention_plan.describe()}; workdir {workdir}")
+                    else "fresh start" + init_note) + f"; {attention_plan.describe()}; workdir {workdir}")
   batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
                      for k, axes in task.batch_axes.items()}
   unit, units_per_step = task.throughput_unit()

@@ -1,6 +1,7 @@
 """Config validation: every check runs before anything is traced or compiled, one sentence each."""
 
 import dataclasses
+import os
 
 import jax
 
@@ -131,3 +132,35 @@ def _divisible_by_axis(model_cfg, sizes):
               if field == "num_kv_heads" else "")
       raise ValueError(f"model.{field}={value} is not divisible by mesh.{axis}={sizes[axis]}"
                        f"{hint}; use a mesh.{axis} that divides {value} or change the model.")
+
+
+def validate_workdir(config, workdir: str) -> None:
+  """Checks the run's folders before anything compiles: the workdir is not a converted one, and
+  ``init.from`` (fine-tuning from another workdir's parameters) names a readable workdir."""
+  from train import checkpoint  # train.checkpoint imports models/tasks; keep validate light
+  if os.path.exists(os.path.join(workdir, checkpoint.CONVERTED_MARKER)):
+    raise ValueError(f"{workdir} holds weights converted by train.convert (parameters only); "
+                     f"train from them with --config.init.from={workdir} and another --workdir.")
+  source, step = init_from(config)
+  if not source:
+    return
+  if os.path.abspath(source) == os.path.abspath(workdir):
+    raise ValueError(f"init.from={source} is the workdir itself; rerunning a workdir resumes it "
+                     "without init.from.")
+  if not os.path.isdir(source):
+    raise ValueError(f"init.from={source} is not a directory.")
+  steps = checkpoint.steps_in(source)
+  if not steps:
+    raise ValueError(f"init.from={source} has no checkpoint to take parameters from.")
+  if step is not None and step not in steps:
+    raise ValueError(f"init.step={step} is not a checkpoint of init.from={source}; it has "
+                     f"steps {steps}.")
+
+
+def init_from(config) -> tuple[str, int | None]:
+  """(init.from, its step or None for the newest); ("", None) when the run starts from seed."""
+  init = config.get("init")
+  if init is None or not init.get("from", ""):
+    return "", None
+  step = init.get("step", -1)
+  return init["from"], (None if step < 0 else step)

@@ -98,6 +98,15 @@ def test_dit_digits_through_the_cli_writes_a_png_grid(tmp_path):
     width, height = im.size
   assert height > width  # 10 rows (one per class) of 1 sample each
   assert "done: step 3." in proc.stdout
+  # train.sample on the trained workdir: the requested classes, guidance and steps.
+  out = tmp_path / "grid.png"
+  proc = run_module("train.sample", f"--workdir={workdir}", "--classes=2,5,7", "--cfg=3",
+                    "--steps=3", "--per_class=2", f"--out={out}")
+  assert "wrote 6 images of shape (8, 8, 1) (3 classes x 2)" in proc.stdout, proc.stdout
+  with Image.open(out) as im:
+    assert im.size[1] > im.size[0] * 1.2  # 3 rows of 2 tiles
+  bad = run_module("train.sample", f"--workdir={workdir}", "--classes=2,12", ok=False)
+  assert bad.returncode == 1 and "--classes [12] are outside the model's 10 classes" in bad.stderr
 
 
 @pytest.mark.parametrize("field, value, message", [

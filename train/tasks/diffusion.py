@@ -9,7 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe
-from train import diffusion, image_data
+from train import diffusion
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
@@ -93,8 +93,8 @@ class DiffusionTask(images.ImageTask):
 
   def _sample(self, model, params, labels, rng):
     d = self.config.diffusion
-    h, w, ch = image_data.image_shape(self.config.data)
-    shape = (labels.shape[0], h, w, ch)
+    side = model.cfg.input_size  # the model's input, which check() matched to the data
+    shape = (labels.shape[0], side, side, model.cfg.in_channels)
     model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
     if d.cfg_scale != 1.0:
       model_fn = diffusion.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)

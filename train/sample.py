@@ -1,0 +1,106 @@
+"""Class-conditional image samples from a diffusion workdir (DiT, U-DiT; trained or imported).
+
+  python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4.0 --steps=50 [--per_class=4]
+      [--sampler=ddim|ddpm|flow] [--seed=0] [--step=N] [--out=FILE.png]
+
+One row per class in a PNG grid (default DIR/samples/sample_<classes>_cfg<cfg>_<steps>steps.png).
+The sampler, noise schedule and objective are the workdir's ``config.diffusion``; --cfg and --steps
+override the guidance scale and the number of sampling steps. Models of latents (4 channels, e.g.
+a diffusers DiT-XL/2 import) have no decoder here: their samples are written as ``.npy`` latents
+instead of a PNG.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion workdir (python -m train or "
+                               "train.convert).")
+_CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each.")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (1 = no guidance); "
+                          "default: the workdir's diffusion.cfg_scale.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps; default: diffusion.sample_steps.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "ddpm | ddim (objective ddpm) or flow; default: "
+                               "diffusion.sampler.")
+_PER_CLASS = flags.DEFINE_integer("per_class", 4, "Samples per class (grid columns).")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the starting noise and the sampler.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_OUT = flags.DEFINE_string("out", None, "Output PNG (or .npy for latents) path.")
+flags.mark_flags_as_required(["workdir", "classes"])
+
+
+def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: int,
+                per_class: int) -> None:
+  """One sentence for the first flag this workdir cannot sample with (before compiling)."""
+  if config.get("task") != "diffusion":
+    raise ValueError(f"the workdir holds a {config.get('task')!r} run; train.sample needs a "
+                     "diffusion one (train.generate samples language models).")
+  bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
+  if bad:
+    raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} classes "
+                     f"(0..{model_cfg.num_classes - 1}).")
+  if cfg_scale != 1.0 and model_cfg.class_dropout_prob <= 0:
+    raise ValueError(f"--cfg={cfg_scale} needs a model trained with label dropout (it has no "
+                     "null class); use --cfg=1.")
+  if steps < 1 or per_class < 1:
+    raise ValueError(f"--steps={steps} and --per_class={per_class} must be at least 1.")
+
+
+def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
+           steps: int | None = None, sampler: str | None = None, per_class: int = 4,
+           seed: int = 0, step: int | None = None, out: str | None = None) -> tuple[str, object]:
+  """Writes the grid (or latents) and returns (path, samples [N, H, W, C] in [-1, 1])."""
+  import numpy as np
+
+  from train import checkpoint, diffusion, models, tasks
+
+  config = checkpoint.load_config(workdir)
+  d = config.diffusion
+  d.cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
+  d.sample_steps = d.sample_steps if steps is None else steps
+  d.sampler = d.sampler if sampler is None else sampler
+  check_flags(config, models.model_config(config), classes, d.cfg_scale, d.sample_steps,
+              per_class)
+  from train.tasks.diffusion import SAMPLERS
+  if d.sampler not in SAMPLERS[d.objective]:
+    raise ValueError(f"--sampler={d.sampler} does not fit this model's objective {d.objective!r}; "
+                     f"use one of {SAMPLERS[d.objective]}.")
+  config, model, _, params = checkpoint.load_trained(workdir, step=step)
+  config.diffusion.update(cfg_scale=d.cfg_scale, sample_steps=d.sample_steps, sampler=d.sampler)
+  task = tasks.get(config)
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  images = np.asarray(task.sample_images(model, params, labels, seed))
+  tag = f"sample_{'-'.join(map(str, classes))}_cfg{d.cfg_scale:g}_{d.sample_steps}steps"
+  latents = images.shape[-1] not in (1, 3)
+  path = out or os.path.join(workdir, "samples", tag + (".npy" if latents else ".png"))
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  if latents:
+    np.save(path, images)
+  else:
+    diffusion.save_grid(images, path, rows=len(classes))
+  return path, images
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.ERROR)
+  try:
+    classes = [int(c) for c in _CLASSES.value]
+  except ValueError:
+    sys.exit(f"odyssey: --classes={','.join(_CLASSES.value)} must be integers.")
+  try:
+    path, images = sample(_WORKDIR.value, classes, cfg_scale=_CFG.value, steps=_STEPS.value,
+                          sampler=_SAMPLER.value, per_class=_PER_CLASS.value, seed=_SEED.value,
+                          step=_STEP.value, out=_OUT.value)
+  except ValueError as e:
+    sys.exit(f"odyssey: {e}")
+  kind = "latents" if images.shape[-1] not in (1, 3) else "images"
+  print(f"odyssey: wrote {images.shape[0]} {kind} of shape {images.shape[1:]} "
+        f"({len(classes)} classes x {_PER_CLASS.value}) to {path}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
