@@ -32,7 +32,8 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
   # Fine-tuning: start a fresh run (step 0, new optimizer state) from the parameters of another
   # workdir's checkpoint (a trained run, or a Hugging Face model imported by train.convert);
   # step -1 takes its newest. Ignored once this run has its own checkpoint to resume from.
-  c.init = ml_collections.ConfigDict({"from": "", "step": -1})
+  # On the command line --config.init.from=DIR (train/__main__.py maps it: `from` is a keyword).
+  c.init = ml_collections.ConfigDict(dict(from_="", step=-1))
   c.ckpt = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
   # profile_steps "a:b": a jax.profiler trace of steps a..b (inclusive) into workdir/profile.
   c.log = ml_collections.ConfigDict(dict(every=10, progress=True, profile_steps=""))

@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="llama", vocab_size=384,  # 259 byte ids padded to a multiple of 128 for sharding
       num_layers=layers, d_model=d_model, num_heads=heads, num_kv_heads=kv_heads,
-      mlp_dim=mlp_dim, max_len=2048, rope_theta=10000.0, tie_embeddings=False,
+      mlp_dim=mlp_dim, max_len=2048, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
       dtype="float32", param_dtype="float32",
       moe=moe_group()))
   c.data = ml_collections.ConfigDict(dict(

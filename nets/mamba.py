@@ -48,6 +48,10 @@ class Config:
   scan: str = "auto"  # one of SCANS: associative | sequential | auto (sequential on CPU only)
   max_len: int = 2048  # read only by the LM task's length check: Mamba has no position table
   norm_eps: float = 1e-5
+  # True keeps the residual stream (the scan carry between blocks) in float32 whatever ``dtype``
+  # is, as the Mamba reference and Hugging Face Mamba (residual_in_fp32) do, so low-precision
+  # compute does not round the sum of every block's output; only differs from False below fp32.
+  residual_in_fp32: bool = False
   tie_embeddings: bool = False
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype; the scan itself always runs in float32
@@ -310,6 +314,8 @@ class Model(nn.Module):
     cfg = self.cfg
     embed = Embed(cfg, name="embed")
     x_BxSxE = embed(tokens_BxS)
+    if cfg.residual_in_fp32:
+      x_BxSxE = x_BxSxE.astype(jnp.float32)  # each block adds its output to a float32 stream
     blocks = scanned(Block, cfg, cfg.num_layers, in_axes=(nn.broadcast, 0))
     x_BxSxE, cache = blocks(cfg, name="layers")(x_BxSxE, segment_ids_BxS, cache)
     x_BxSxE = RMSNorm(cfg, name="final_norm")(x_BxSxE)

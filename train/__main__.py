@@ -10,6 +10,21 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+
+def config_aliases(argv: list[str]) -> list[str]:
+  """``--config.init.from`` names the field ``init.from_`` (``from`` is a Python keyword, which
+  ml_collections' override paths cannot hold)."""
+  out = []
+  for arg in argv:
+    if arg == "--config.init.from" or arg.startswith("--config.init.from="):
+      arg = "--config.init.from_" + arg[len("--config.init.from"):]
+    out.append(arg)
+  return out
+
+
+# Before the config flag is defined: config_flags reads the overrides from sys.argv right then.
+sys.argv = config_aliases(sys.argv)
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally FILE:ARG (e.g. experiments/lm_stdlib.py:"
     "size=tiny); override fields with --config.group.field=value.", lock_config=True)

@@ -131,6 +131,38 @@ def steps_in(workdir: str) -> list[int]:
   return sorted(steps)
 
 
+def _params_manager(workdir: str, step: int | None):
+  """(manager, step, saved params metadata) for ``step`` (None: the newest) of ``workdir``."""
+  steps = steps_in(workdir)
+  if not steps:
+    raise ValueError(f"{workdir} has no checkpoint to load parameters from.")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ValueError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}.")
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    saved = manager.item_metadata(step).state
+  except Exception as e:  # unreadable metadata: a damaged checkpoint
+    manager.close()
+    raise ValueError(f"checkpoint step {step} of {workdir} is unreadable ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}).") from e
+  saved = getattr(saved, "tree", saved)
+  if not isinstance(saved, dict) or "params" not in saved:
+    manager.close()
+    raise ValueError(f"checkpoint step {step} of {workdir} holds no parameters.")
+  return manager, step, saved["params"]
+
+
+def check_params_fit(workdir: str, abstract_params, *, step: int | None = None) -> int:
+  """The step whose parameters would restore into ``abstract_params``; one sentence naming the
+  first parameter that is missing, extra or shaped differently. Reads metadata only."""
+  manager, step, saved = _params_manager(workdir, step)
+  manager.close()
+  check_same_shapes(saved, abstract_params, f"{workdir} (step {step})")
+  return step
+
+
 def restore_params(workdir: str, abstract_params, *, step: int | None = None):
   """(step, params) restored from ``workdir``'s checkpoint into ``abstract_params``' shardings.
 
@@ -139,21 +171,9 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None):
   optimizer state is never loaded. A parameter whose shape differs from ``abstract_params`` is
   named in one sentence before anything is read.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = steps_in(workdir)
-  if not steps:
-    raise ValueError(f"{workdir} has no checkpoint to load parameters from.")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise ValueError(f"{workdir} has no checkpoint at step {step}; it has steps {steps}.")
-  manager = ocp.CheckpointManager(directory,
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  manager, step, saved = _params_manager(workdir, step)
   try:
-    saved = manager.item_metadata(step).state
-    saved = getattr(saved, "tree", saved)
-    if not isinstance(saved, dict) or "params" not in saved:
-      raise ValueError(f"checkpoint step {step} of {workdir} holds no parameters.")
-    check_same_shapes(saved["params"], abstract_params, f"{workdir} (step {step})")
+    check_same_shapes(saved, abstract_params, f"{workdir} (step {step})")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": abstract_params}, restore_args={"params": restore_args},
@@ -161,6 +181,17 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None):
   finally:
     manager.close()
   return step, restored["params"]
+
+
+def model_param_shapes(config):
+  """ShapeDtypeStructs of the parameters ``config.model`` defines (no mesh; nothing runs)."""
+  import flax.linen as nn
+  model = models.family(config.model.name).Model(models.model_config(config))
+  task = tasks.get(config)
+  example = (task.model_example_batch(1, model.cfg) if hasattr(task, "model_example_batch")
+             else task.example_batch(1))
+  args = task.init_args(jax.tree.map(jnp.asarray, example))
+  return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args)["params"]))
 
 
 def check_same_shapes(saved, abstract, source: str) -> None:
@@ -181,6 +212,27 @@ def check_same_shapes(saved, abstract, source: str) -> None:
   if extra:
     raise ValueError(f"{source} has parameter(s) this model config has no place for, e.g. "
                      f"params{extra[0]}; the checkpoint was made for another model.")
+
+
+def model_differences(workdir: str, config) -> list[str]:
+  """Model hyperparameters (as the family's Config resolves them) that differ between
+  ``workdir``'s config and ``config`` ("field: theirs -> ours"), for fine-tuning runs: the shapes
+  match, but e.g. another norm_eps or rope_theta is another function. remat is not compared."""
+  import dataclasses
+  theirs = _flat(dataclasses.asdict(models.model_config(load_config(workdir))))
+  ours = _flat(dataclasses.asdict(models.model_config(config)))
+  return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+          if k != "remat" and theirs.get(k) != ours.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

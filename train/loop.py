@@ -61,6 +61,9 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
     if source:  # read (and shape-checked) before anything compiles
       init_step, init_params = checkpoint.restore_params(source, abstract.params, step=source_step)
       init_note = f" with parameters from {source} step {init_step}"
+      changed = checkpoint.model_differences(source, config)
+      if changed:  # e.g. norm_eps or rope_theta: same shapes, different function
+        init_note += f" (model fields that differ from its config: {', '.join(changed)})"
     state = sharding.init_sharded(init_boxed, shardings, mesh, rules)
     if init_params is not None:
       state = state.replace(params=init_params)

@@ -155,12 +155,13 @@ def validate_workdir(config, workdir: str) -> None:
   if step is not None and step not in steps:
     raise ValueError(f"init.step={step} is not a checkpoint of init.from={source}; it has "
                      f"steps {steps}.")
+  checkpoint.check_params_fit(source, checkpoint.model_param_shapes(config), step=step)
 
 
 def init_from(config) -> tuple[str, int | None]:
   """(init.from, its step or None for the newest); ("", None) when the run starts from seed."""
   init = config.get("init")
-  if init is None or not init.get("from", ""):
+  if init is None or not init.get("from_", ""):
     return "", None
   step = init.get("step", -1)
-  return init["from"], (None if step < 0 else step)
+  return init.from_, (None if step < 0 else step)
