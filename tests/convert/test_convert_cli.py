@@ -1,0 +1,108 @@
+"""The user's path through the CLIs: a Hugging Face Llama folder -> ``train.convert`` -> fine-tune
+with ``--config.init.from`` -> export -> transformers loads the same function again."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests import run_module
+
+torch = pytest.importorskip(
+    "torch", reason="torch is not installed (make test installs the parity extra: "
+    "pip install -e '.[parity]')")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (make test installs the parity extra: "
+    "pip install -e '.[parity]')")
+
+# Byte-level vocabulary (odyssey's stdlib data has 259 ids) so the model can fine-tune on it.
+SIZES = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             rms_norm_eps=1e-6)
+MATCHING = [f"--config.model.{k}={v}" for k, v in dict(
+    vocab_size=384, d_model=32, mlp_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    max_len=128, norm_eps=1e-6).items()]
+SHORT_RUN = ["--cpu_devices=1", "--config.train.steps=2", "--config.train.seq_len=32",
+             "--config.train.batch_size=4", "--config.eval.every=2", "--config.eval.steps=1",
+             "--config.eval.batch_size=4", "--config.ckpt.every=2", "--config.log.progress=False",
+             "--config.sample.max_new_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+  """A tiny random LlamaForCausalLM saved in shards (so the index file is read)."""
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZES)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):  # they initialise to ones
+        p.copy_(1 + 0.3 * torch.randn_like(p))
+  folder = tmp_path_factory.mktemp("hf") / "llama"
+  model.save_pretrained(folder, max_shard_size="40KB")
+  assert (folder / "model.safetensors.index.json").exists()
+  return model, folder
+
+
+def _logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def test_import_finetune_export(hf_llama, tmp_path):
+  model, hf_dir = hf_llama
+  conv, ft, out = tmp_path / "conv", tmp_path / "ft", tmp_path / "out"
+  convert = lambda *a, ok=True: run_module("train.convert", *a, ok=ok)
+
+  proc = convert("--from=hf", "--family=llama", f"--src={hf_dir}", f"--dst={conv}")
+  assert "imported 43,168 float32 parameters (21 tensors)" in proc.stdout, proc.stdout
+  assert json.loads((conv / "converted.json").read_text())["family"] == "llama"
+  again = convert("--from=hf", "--family=llama", f"--src={hf_dir}", f"--dst={conv}", ok=False)
+  assert again.returncode == 1 and "already holds files" in again.stderr
+  no_pickle = tmp_path / "pickled"
+  no_pickle.mkdir()
+  (no_pickle / "config.json").write_text((hf_dir / "config.json").read_text())
+  (no_pickle / "pytorch_model.bin").write_bytes(b"not opened")
+  refused = convert("--from=hf", "--family=llama", f"--src={no_pickle}", f"--dst={tmp_path / 'x'}",
+                    ok=False)
+  assert refused.returncode == 1 and "pickle files that odyssey never loads" in refused.stderr
+
+  # The converted workdir is not trained in directly, and a model of other shapes is refused.
+  train = lambda *a, ok=True: run_module("train", "--config=configs/lm.py:size=test", *a, ok=ok)
+  direct = train(f"--workdir={conv}", "--cpu_devices=1", ok=False)
+  assert direct.returncode == 1 and f"--config.init.from={conv}" in direct.stderr
+  other = train(f"--workdir={ft}", f"--config.init.from={conv}", "--cpu_devices=1", ok=False)
+  assert other.returncode == 1 and "params['embed']['embedding']" in other.stderr
+  assert "has shape (384, 32), but this model config needs (384, 64)" in other.stderr
+  assert not ft.exists()  # refused before anything was written
+
+  # Fine-tune with lr 0: the checkpoint must hold exactly the imported parameters.
+  proc = train(f"--workdir={ft}", f"--config.init.from={conv}", "--config.opt.lr=0", *MATCHING,
+               *SHORT_RUN)
+  assert f"fresh start with parameters from {conv} step 0" in proc.stdout
+  assert "differ" not in proc.stdout.split("fresh start")[1].split("\n")[0]
+
+  convert("--from=odyssey", "--family=llama", f"--src={ft}", f"--dst={out}")
+  assert (out / "model.safetensors").exists()
+  exported = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+  tokens = np.random.default_rng(0).integers(0, 384, (2, 24))
+  diff = np.abs(_logits(exported, tokens) - _logits(model, tokens)).max()
+  assert diff < 1e-5, diff
+
+
+def test_export_converts_dtype_explicitly(hf_llama, tmp_path):
+  from safetensors import safe_open
+
+  from train import convert
+  _, hf_dir = hf_llama
+  convert.import_hf("llama", str(hf_dir), str(tmp_path / "conv"))
+  convert.export_hf("llama", str(tmp_path / "conv"), str(tmp_path / "bf16"), "bfloat16",
+                    max_shard_bytes=20_000)
+  index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 1 and all(os.path.exists(tmp_path / "bf16" / f) for f in files)
+  with safe_open(str(tmp_path / "bf16" / files[0]), framework="pt") as f:
+    assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+  assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+  reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16")
+  assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
