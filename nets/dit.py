@@ -53,6 +53,11 @@ class Config:
   mlp_ratio: float = 4.0
   class_dropout_prob: float = 0.1
   learn_sigma: bool = True
+  # diffusers' DiT differs from the reference in two constants (nets/convert/dit.py sets them):
+  # its timestep frequencies are 10000^(-k/(128 - shift)) with downscale_freq_shift=1, and the
+  # LayerNorm before each MLP (norm3) takes its config's norm_eps, 1e-5 by default.
+  timestep_freq_shift: float = 0.0
+  mlp_norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of nets.llama.REMAT_POLICIES
@@ -83,6 +88,11 @@ class Config:
                        f"model.moe.every={self.moe.every}.")
     if not 0.0 <= self.class_dropout_prob <= 1.0:
       raise ValueError(f"model.class_dropout_prob={self.class_dropout_prob} must be in [0, 1].")
+    if not 0.0 <= self.timestep_freq_shift < FREQUENCY_EMBEDDING_SIZE // 2:
+      raise ValueError(f"model.timestep_freq_shift={self.timestep_freq_shift} must be in "
+                       f"[0, {FREQUENCY_EMBEDDING_SIZE // 2}).")
+    if self.mlp_norm_eps <= 0:
+      raise ValueError(f"model.mlp_norm_eps={self.mlp_norm_eps} must be positive.")
 
   @property
   def out_channels(self) -> int:
@@ -124,10 +134,15 @@ def unpatchify(x_BxSxP, h: int, w: int, p: int):
   return x.reshape(B, h * p, w * p, C)
 
 
-def timestep_embedding(t_B, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0):
-  """Sinusoidal timestep features [B, dim] float32, [cos, sin] as GLIDE/DiT; t may be fractional."""
+def timestep_embedding(t_B, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: float = 10000.0,
+                       freq_shift: float = 0.0):
+  """Sinusoidal timestep features [B, dim] float32, [cos, sin] as GLIDE/DiT; t may be fractional.
+
+  ``freq_shift`` is diffusers' downscale_freq_shift (frequencies max_period^(-k/(half - shift))).
+  """
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                  / (half - freq_shift))
   args_BxF = t_B.astype(jnp.float32)[:, None] * freqs[None]
   emb = jnp.concatenate([jnp.cos(args_BxF), jnp.sin(args_BxF)], axis=-1)
   if dim % 2:
@@ -158,12 +173,13 @@ class TimestepEmbedder(nn.Module):
   """t [B] -> 256 sinusoidal features -> Linear -> SiLU -> Linear -> [B, width]."""
   cfg: Any
   width: int
+  freq_shift: float = 0.0  # see timestep_embedding
 
   @nn.compact
   def __call__(self, t_B):
     init = nn.initializers.normal(0.02)
     h_BxM = Dense(self.cfg, (self.width,), (None, "mlp"), kernel_init=init, name="fc1")(
-        timestep_embedding(t_B))
+        timestep_embedding(t_B, freq_shift=self.freq_shift))
     return Dense(self.cfg, (self.width,), ("mlp", "embed"), kernel_init=init, name="fc2")(
         nn.silu(h_BxM))
 
@@ -224,7 +240,10 @@ class Block(nn.Module):
     h_BxSxE = modulate(LayerNorm(cfg, affine=False)(x_BxSxE), shift_msa, scale_msa)
     h_BxSxE = Attention(cfg, self.attention_fn, cfg.num_heads, name="attn")(h_BxSxE)
     x_BxSxE = x_BxSxE + gate_msa[:, None] * h_BxSxE
-    h_BxSxE = modulate(LayerNorm(cfg, affine=False)(x_BxSxE), shift_mlp, scale_mlp)
+    # nets/udit.py's Config has no mlp_norm_eps field: U-DiT keeps the reference's 1e-6.
+    mlp_norm_eps = getattr(cfg, "mlp_norm_eps", 1e-6)
+    h_BxSxE = modulate(LayerNorm(cfg, affine=False, eps=mlp_norm_eps)(x_BxSxE), shift_mlp,
+                       scale_mlp)
     if self.use_moe:
       h_BxSxE = moe.MoE(cfg.moe, int(E * cfg.mlp_ratio), cfg.dtype, cfg.param_dtype,
                         nn.initializers.xavier_uniform(),
@@ -273,7 +292,7 @@ class Model(nn.Module):
     x_BxSxE = Dense(cfg, (E,), ("patch", "embed"), name="x_embedder")(patchify(x_BxHxWxC, p))
     x_BxSxE = x_BxSxE + sincos_2d(g, g, E).astype(cfg.dtype)
     y_B = drop_labels(self, cfg, y_B, train, force_drop_ids_B)
-    c_BxE = (TimestepEmbedder(cfg, E, name="t_embedder")(t_B)
+    c_BxE = (TimestepEmbedder(cfg, E, cfg.timestep_freq_shift, name="t_embedder")(t_B)
              + LabelEmbedder(cfg, E, name="y_embedder")(y_B))
     c_BxE = nn.with_logical_constraint(c_BxE, ("act_batch", "act_embed"))
 

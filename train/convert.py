@@ -29,18 +29,6 @@ import sys
 
 from absl import app, flags, logging
 
-_FROM = flags.DEFINE_enum("from", None, ["hf", "odyssey"],
-                          "hf: import a Hugging Face folder; odyssey: export a workdir.")
-_FAMILY = flags.DEFINE_string("family", None, "Model family: llama | vit | mamba | dit.")
-_SRC = flags.DEFINE_string("src", None, "The Hugging Face folder (import) or workdir (export).")
-_DST = flags.DEFINE_string("dst", None, "The workdir (import) or Hugging Face folder (export) "
-                           "to create; it must not hold files yet.")
-_DTYPE = flags.DEFINE_string("dtype", "auto", "auto (keep the stored dtype) | float32 | "
-                             "bfloat16 | float16: converts every floating tensor explicitly.")
-_STEP = flags.DEFINE_integer("step", None, "Export: the checkpoint step (default: the newest).")
-_MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Export: safetensors shards stay under "
-                                   "this many GiB (an index file names them).")
-flags.mark_flags_as_required(["from", "family", "src", "dst"])
 
 # The odyssey config an imported model's config.json starts from (its model group is replaced).
 BASE_CONFIGS = {"llama": ("configs.lm", "size=tiny"), "mamba": ("experiments.mamba_stdlib", None),
@@ -94,6 +82,9 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
   if "moe" in config.model and "moe" not in model_group:
     model_group.moe = config.model.moe
   config.model = model_group
+  side = fields.get("image_size") or fields.get("input_size")
+  if side and "image_size" in config.data:  # the placeholder data group matches the model
+    config.data.image_size = side
   cfg = models.model_config(config)  # a sentence for fields odyssey's model rejects
   params = module.from_hf(tensors, cfg)
   # The converted tree must be exactly what the model initialises (names, shapes, dtypes).
@@ -153,6 +144,23 @@ def export_hf(family: str, src: str, dst: str, dtype_name: str | None = None,
           "tensors": len(tensors)}
 
 
+def define_flags():
+  """The CLI's flags, defined only when run as a program (other modules import this one)."""
+  global _FROM, _FAMILY, _SRC, _DST, _DTYPE, _STEP, _MAX_SHARD_GB
+  _FROM = flags.DEFINE_enum("from", None, ["hf", "odyssey"],
+                            "hf: import a Hugging Face folder; odyssey: export a workdir.")
+  _FAMILY = flags.DEFINE_string("family", None, "Model family: llama | vit | mamba | dit.")
+  _SRC = flags.DEFINE_string("src", None, "The Hugging Face folder (import) or workdir (export).")
+  _DST = flags.DEFINE_string("dst", None, "The workdir (import) or Hugging Face folder (export) "
+                             "to create; it must not hold files yet.")
+  _DTYPE = flags.DEFINE_string("dtype", "auto", "auto (keep the stored dtype) | float32 | "
+                               "bfloat16 | float16: converts every floating tensor explicitly.")
+  _STEP = flags.DEFINE_integer("step", None, "Export: the checkpoint step (default: the newest).")
+  _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Export: safetensors shards stay under "
+                                     "this many GiB (an index file names them).")
+  flags.mark_flags_as_required(["from", "family", "src", "dst"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -174,4 +182,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -15,19 +15,6 @@ import sys
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion workdir (python -m train or "
-                               "train.convert).")
-_CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each.")
-_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (1 = no guidance); "
-                          "default: the workdir's diffusion.cfg_scale.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps; default: diffusion.sample_steps.")
-_SAMPLER = flags.DEFINE_string("sampler", None, "ddpm | ddim (objective ddpm) or flow; default: "
-                               "diffusion.sampler.")
-_PER_CLASS = flags.DEFINE_integer("per_class", 4, "Samples per class (grid columns).")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the starting noise and the sampler.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_OUT = flags.DEFINE_string("out", None, "Output PNG (or .npy for latents) path.")
-flags.mark_flags_as_required(["workdir", "classes"])
 
 
 def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: int,
@@ -83,6 +70,24 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   return path, images
 
 
+def define_flags():
+  """The CLI's flags, defined only when run as a program (other modules import this one)."""
+  global _WORKDIR, _CLASSES, _CFG, _STEPS, _SAMPLER, _PER_CLASS, _SEED, _STEP, _OUT
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion workdir (python -m train or "
+                                 "train.convert).")
+  _CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each.")
+  _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (1 = no guidance); "
+                            "default: the workdir's diffusion.cfg_scale.")
+  _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps; default: diffusion.sample_steps.")
+  _SAMPLER = flags.DEFINE_string("sampler", None, "ddpm | ddim (objective ddpm) or flow; default: "
+                                 "diffusion.sampler.")
+  _PER_CLASS = flags.DEFINE_integer("per_class", 4, "Samples per class (grid columns).")
+  _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the starting noise and the sampler.")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  _OUT = flags.DEFINE_string("out", None, "Output PNG (or .npy for latents) path.")
+  flags.mark_flags_as_required(["workdir", "classes"])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -103,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

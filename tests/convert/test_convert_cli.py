@@ -106,3 +106,22 @@ def test_export_converts_dtype_explicitly(hf_llama, tmp_path):
   assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
   reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16")
   assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_imported_dit_samples_latents(tmp_path):
+  """A diffusers DiT folder -> train.convert -> train.sample: 4-channel latents are written as
+  .npy (no VAE decoder here), one row of the requested classes each."""
+  diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (make test "
+                                  "installs the parity extra: pip install -e '.[parity]')")
+  from train import convert, sample
+  torch.manual_seed(0)
+  model = diffusers.DiTTransformer2DModel(
+      num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+      sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+  model.save_pretrained(tmp_path / "hf")
+  convert.import_hf("dit", str(tmp_path / "hf"), str(tmp_path / "conv"))
+  path, latents = sample.sample(str(tmp_path / "conv"), [1, 7], cfg_scale=2.0, steps=2,
+                                per_class=2)
+  assert path.endswith("sample_1-7_cfg2_2steps.npy") and os.path.exists(path)
+  assert latents.shape == (4, 8, 8, 4) and np.isfinite(latents).all()
+  assert np.array_equal(np.load(path), latents)
