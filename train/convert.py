@@ -38,6 +38,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _token_ids(workdir: str, config) -> dict:
+  """The special token ids an exported LM's config.json names: those of the Hugging Face model
+  it was imported from, else odyssey's byte vocabulary (train/data.py)."""
+  from train import checkpoint, data
+  marker = os.path.join(workdir, checkpoint.CONVERTED_MARKER)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      return json.load(f).get("token_ids", {})
+  del config  # every odyssey LM dataset is byte-level
+  return {"bos_token_id": data.BOS_ID, "eos_token_id": data.EOS_ID, "pad_token_id": data.PAD_ID}
+
+
 def _check_empty(dst: str) -> None:
   if os.path.isdir(dst) and os.listdir(dst):
     raise ValueError(f"--dst={dst} already holds files; converting never overwrites, so give a "
@@ -108,7 +123,9 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
     shutil.copy(os.path.join(src, name), os.path.join(dst, name))
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
   info = {"from": "hf", "family": family, "src": os.path.abspath(src), "dtype": stored,
-          "params": count, "tensors": len(tensors.names()), "copied": copied}
+          "params": count, "tensors": len(tensors.names()), "copied": copied,
+          # carried to an export of this workdir (odyssey's own runs use its byte vocabulary)
+          "token_ids": {k: hf_config[k] for k in TOKEN_ID_KEYS if k in hf_config}}
   with open(os.path.join(dst, checkpoint.CONVERTED_MARKER), "w") as f:
     json.dump(info, f, indent=2, sort_keys=True)
   return info
@@ -133,6 +150,8 @@ def export_hf(family: str, src: str, dst: str, dtype_name: str | None = None,
   _, _, _, params = checkpoint.load_trained(src, step=step)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   tensors = module.to_hf(params, cfg)
+  if config.get("task") == "lm":
+    hf_config.update(_token_ids(src, config))
   if dtype_name is not None:
     for key in ("torch_dtype", "dtype"):
       if key in hf_config:
