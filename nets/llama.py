@@ -4,6 +4,11 @@ Layers are stacked with ``nn.scan`` so compile time does not grow with depth; ``
 scanned block of every family with one of REMAT_POLICIES. Attention is a pure function passed in as
 ``attention_fn`` (nets/attention.py by default; parallel/attention.py supplies sequence-parallel
 versions), so this file names no mesh.
+
+Generation passes a KV cache (``init_cache``) to ``Model``: the new tokens' keys and values are
+written into it at their positions and the queries attend over it, for a prompt (S > 1) and for
+one token at a time alike. The cache rides in the scan carry with a layer counter, so each layer
+updates its slice in place and MoE's Periodic units need no change.
 """
 
 import dataclasses
@@ -233,6 +238,53 @@ class RMSNorm(nn.Module):
     return (x * scale_E.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
+# Position of an empty cache slot: larger than any query position, so the causal mask hides it.
+EMPTY = jnp.iinfo(jnp.int32).max
+
+
+def init_cache(cfg: Config, batch_size: int, max_len: int | None = None, dtype=None) -> dict:
+  """Empty KV cache for ``max_len`` positions (default cfg.max_len) in ``dtype`` (default the
+  compute dtype).
+
+  k, v [L, B, T, K, D]: slot t holds the keys/values of position t (so positions must be < T);
+  pos [B, T] int32: the position each slot holds, EMPTY until written, which is what keeps
+  unwritten slots out of attention whatever order positions are fed in.
+  """
+  L, B, K, D = cfg.num_layers, batch_size, cfg.num_kv_heads, cfg.head_size
+  T = max_len or cfg.max_len
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  return {"k": jnp.zeros((L, B, T, K, D), dtype), "v": jnp.zeros((L, B, T, K, D), dtype),
+          "pos": jnp.full((B, T), EMPTY, jnp.int32)}
+
+
+def cached_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, positions_BxS, slot_pos_BxT):
+  """Dense GQA attention of new queries over cache slots: a query at position p sees the slots
+  holding positions <= p (nets/attention.py's math; its causal mask assumes keys == queries)."""
+  B, S, H, D = q_BxSxHxD.shape
+  K = k_BxTxKxD.shape[2]
+  q_BxSxKxGxD = q_BxSxHxD.reshape(B, S, K, H // K, D)
+  logits_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxD, k_BxTxKxD,
+                                preferred_element_type=jnp.float32) * (D ** -0.5)
+  seen_BxSxT = slot_pos_BxT[:, None, :] <= positions_BxS[:, :, None]
+  logits_BxKxGxSxT = jnp.where(seen_BxSxT[:, None, None], logits_BxKxGxSxT,
+                               jnp.finfo(jnp.float32).min)
+  probs_BxKxGxSxT = jax.nn.softmax(logits_BxKxGxSxT, axis=-1)
+  o_BxSxKxGxD = jnp.einsum("bkgst,btkd->bskgd", probs_BxKxGxSxT.astype(v_BxTxKxD.dtype),
+                           v_BxTxKxD)
+  return o_BxSxKxGxD.reshape(B, S, H, D)
+
+
+def _attend_cached(cache: dict, layer, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, positions_BxS):
+  """Writes this layer's new keys/values at their positions; attends over the layer's slots."""
+  b_Bx1 = jnp.arange(q_BxSxHxD.shape[0])[:, None]
+  k_LxBxTxKxD = cache["k"].at[layer, b_Bx1, positions_BxS].set(k_BxSxKxD.astype(cache["k"].dtype))
+  v_LxBxTxKxD = cache["v"].at[layer, b_Bx1, positions_BxS].set(v_BxSxKxD.astype(cache["v"].dtype))
+  dtype = q_BxSxHxD.dtype
+  o_BxSxHxD = cached_attention(q_BxSxHxD, k_LxBxTxKxD[layer].astype(dtype),
+                               v_LxBxTxKxD[layer].astype(dtype), positions_BxS, cache["pos"])
+  return {**cache, "k": k_LxBxTxKxD, "v": v_LxBxTxKxD}, o_BxSxHxD
+
+
 def rotary(x_BxSxNxD, positions_BxS, theta: float):
   """Rotary position embedding, rotate-half convention (as in Hugging Face Llama)."""
   D = x_BxSxNxD.shape[-1]
@@ -255,7 +307,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxE, positions_BxS, segment_ids_BxS):
+    """The scan carry ``x_BxSxE`` is the activations, or when decoding (activations, KV cache,
+    this layer's index); the index lives in the carry so MoE's Periodic units count too."""
     cfg = self.cfg
+    cache = None
+    if isinstance(x_BxSxE, tuple):
+      x_BxSxE, cache, layer = x_BxSxE
     dense = lambda out_shape, n_in, axes, name: Proj(cfg, out_shape, axes, n_in, name=name)
     x_BxSxE = nn.with_logical_constraint(x_BxSxE, ("act_batch", "act_seq", "act_embed"))
 
@@ -272,8 +329,12 @@ class Block(nn.Module):
                                            ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
     v_BxSxKxD = nn.with_logical_constraint(v_BxSxKxD,
                                            ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
-    o_BxSxHxD = self.attention_fn(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
-                                  positions_BxS=positions_BxS, segment_ids_BxS=segment_ids_BxS)
+    if cache is None:
+      o_BxSxHxD = self.attention_fn(q_BxSxHxD, k_BxSxKxD, v_BxSxKxD, causal=True,
+                                    positions_BxS=positions_BxS, segment_ids_BxS=segment_ids_BxS)
+    else:
+      cache, o_BxSxHxD = _attend_cached(cache, layer, q_BxSxHxD, k_BxSxKxD, v_BxSxKxD,
+                                        positions_BxS)
     o_BxSxHxD = nn.with_logical_constraint(o_BxSxHxD,
                                            ("act_batch", "act_seq", "act_heads", "head_dim"))
     x_BxSxE = x_BxSxE + dense((cfg.d_model,), 2, ("heads", "head_dim", "embed"), "o")(o_BxSxHxD)
@@ -283,25 +344,33 @@ class Block(nn.Module):
       init = nn.initializers.normal(cfg.init_std)
       x_BxSxE = x_BxSxE + moe.MoE(cfg.moe, cfg.mlp_dim, cfg.dtype, cfg.param_dtype, init, init,
                                   self.moe_layout, name="moe")(h_BxSxE)
-      return nn.with_logical_constraint(x_BxSxE, ("act_batch", "act_seq", "act_embed")), None
-    gate_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "gate")(h_BxSxE)
-    up_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "up")(h_BxSxE)
-    hidden_BxSxM = nn.with_logical_constraint(nn.silu(gate_BxSxM) * up_BxSxM,
-                                              ("act_batch", "act_seq", "act_mlp"))
-    x_BxSxE = x_BxSxE + dense((cfg.d_model,), 1, ("mlp", "embed"), "down")(hidden_BxSxM)
+    else:
+      gate_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "gate")(h_BxSxE)
+      up_BxSxM = dense((cfg.mlp_dim,), 1, ("embed", "mlp"), "up")(h_BxSxE)
+      hidden_BxSxM = nn.with_logical_constraint(nn.silu(gate_BxSxM) * up_BxSxM,
+                                                ("act_batch", "act_seq", "act_mlp"))
+      x_BxSxE = x_BxSxE + dense((cfg.d_model,), 1, ("mlp", "embed"), "down")(hidden_BxSxM)
     x_BxSxE = nn.with_logical_constraint(x_BxSxE, ("act_batch", "act_seq", "act_embed"))
-    return x_BxSxE, None
+    return (x_BxSxE if cache is None else (x_BxSxE, cache, layer + 1)), None
 
 
 class Model(nn.Module):
-  """Decoder LM: tokens [B, S] int32 -> logits [B, S, V] float32."""
+  """Decoder LM: tokens [B, S] int32 -> logits [B, S, V] float32.
+
+  With ``cache`` (from ``init_cache``) the tokens are the next ones at ``positions_BxS`` (default
+  0..S-1, a prompt), attention runs over the cache with the dense math whatever ``attention_fn``
+  is, and the call returns (logits, updated cache).
+  """
   cfg: Config
   attention_fn: Callable[..., Any] = attention.dot_product_attention
   moe_layout: moe.Layout = moe.Layout()  # MoE dispatch groups and expert parallelism
 
   @nn.compact
-  def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
+  def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, cache=None):
     cfg = self.cfg
+    if cache is not None and segment_ids_BxS is not None:
+      raise ValueError("segment ids (packed documents) are not supported with a KV cache; give "
+                       "each document its own batch row.")
     if positions_BxS is None:
       positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
     embed = Embed(cfg, name="embed")
@@ -314,7 +383,14 @@ class Model(nn.Module):
 
     blocks = moe.stack(Block, cfg.moe, (cfg, self.attention_fn, self.moe_layout), cfg.num_layers,
                        scan)
-    x_BxSxE, _ = blocks(x_BxSxE, positions_BxS, segment_ids_BxS)
+    if cache is None:
+      x_BxSxE, _ = blocks(x_BxSxE, positions_BxS, segment_ids_BxS)
+    else:
+      positions_BxS = positions_BxS.astype(jnp.int32)
+      b_Bx1 = jnp.arange(tokens_BxS.shape[0])[:, None]
+      cache = {**cache, "pos": cache["pos"].at[b_Bx1, positions_BxS].set(positions_BxS)}
+      (x_BxSxE, cache, _), _ = blocks((x_BxSxE, cache, jnp.zeros((), jnp.int32)), positions_BxS,
+                                      None)
     x_BxSxE = RMSNorm(cfg, name="final_norm")(x_BxSxE)
     if cfg.tie_embeddings:
       logits_BxSxV = embed.attend(x_BxSxE)
@@ -322,4 +398,5 @@ class Model(nn.Module):
       logits_BxSxV = Proj(cfg, (cfg.vocab_size,), ("embed", "vocab"), out_dtype=jnp.float32,
                           name="lm_head")(x_BxSxE)
     logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
-    return logits_BxSxV.astype(jnp.float32)
+    logits_BxSxV = logits_BxSxV.astype(jnp.float32)
+    return logits_BxSxV if cache is None else (logits_BxSxV, cache)

@@ -1,4 +1,16 @@
-"""Autoregressive sampling from a decoder LM without a cache (one jitted loop, one compile)."""
+"""Autoregressive sampling from a decoder LM: with a KV cache (llama) or the recurrent state
+(mamba) where the family has one, otherwise by rerunning the whole buffer per token (MEGABYTE).
+
+Cached decoding is one jitted prefill of the prompts' shortest common length, then one jitted
+decode step per position, reused for every position and every row: the position is a traced
+array in the step's state, so a whole generation compiles the step once. Rows whose prompt is
+longer have their remaining prompt tokens forced by the step instead of sampled, so prompts of
+different lengths share one batch and one cache, all rows at the same position.
+
+Token choice (``choose``): temperature 0 is greedy; otherwise softmax(logits / temperature)
+restricted to the top_k most likely tokens (0: all) and to the nucleus, the most likely tokens
+whose probability before each reaches top_p (1: all), as Hugging Face applies them.
+"""
 
 from functools import partial
 
@@ -7,39 +19,195 @@ import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from nets import llama, mamba
 
-@partial(jax.jit, static_argnames=("model", "prompt_len", "valid_vocab", "end"))
-def _sample(model, params, buf_BxN, rng, temperature, *, prompt_len: int, valid_vocab: int,
-            end: int):
-  N = end
+# Families that decode with a cache: their empty cache for B rows and up to T positions. The rest
+# (MEGABYTE) take the cache-free loop.
+_CACHES = {"nets.llama": lambda cfg, B, T: llama.init_cache(cfg, B, T),
+           "nets.mamba": lambda cfg, B, T: mamba.init_cache(cfg, B)}
+# With an end id, how many decode steps run between host checks that every row has ended (each
+# check waits for the device, so checking every step would serialise host and device).
+_CHECK_EVERY = 8
 
+
+def has_cache(model) -> bool:
+  """Whether ``model``'s family decodes with a cache (else the cache-free loop is used)."""
+  return type(model).__module__ in _CACHES
+
+
+def choose(logits_BxV, rng, temperature, top_k, top_p):
+  """Next token per row; every knob is a traced scalar, so changing one never recompiles."""
+  greedy_B = jnp.argmax(logits_BxV, axis=-1)
+  scaled_BxV = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)
+  rank_V = jnp.arange(sorted_BxV.shape[-1])
+  in_top_k_BxV = jnp.broadcast_to((top_k <= 0) | (rank_V < top_k), sorted_BxV.shape)
+  sorted_BxV = jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+  # Both masks keep a prefix of the sorted order, never empty (rank 0 has 0 mass before it), so
+  # the kept set is everything at least as likely as its last member.
+  keep_BxV = in_top_k_BxV & ((before_BxV < top_p) | (top_p >= 1.0))
+  last_Bx1 = jnp.sum(keep_BxV, axis=-1, keepdims=True) - 1
+  cutoff_Bx1 = jnp.take_along_axis(sorted_BxV, last_Bx1, axis=-1)
+  sampled_B = jax.random.categorical(
+      rng, jnp.where(scaled_BxV >= cutoff_Bx1, scaled_BxV, -jnp.inf), axis=-1)
+  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+def _allowed(logits_BxV, valid_vocab, end_id):
+  """Logits with ids >= valid_vocab (a padded vocabulary's unused rows) made impossible, except
+  the end id."""
+  ids_V = jnp.arange(logits_BxV.shape[-1])
+  return jnp.where((ids_V < valid_vocab) | (ids_V == end_id), logits_BxV, -jnp.inf)
+
+
+@partial(jax.jit, static_argnames=("model", "length"))
+def prefill(model, params, tokens_BxP, *, length: int):
+  """(logits [B, V] for position P, cache holding positions 0..P-1) of a fresh cache of
+  ``length`` positions."""
+  cache = _CACHES[type(model).__module__](model.cfg, tokens_BxP.shape[0], length)
+  logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, None, None, cache)
+  return logits_BxPxV[:, -1], cache
+
+
+@partial(jax.jit, static_argnames="model", donate_argnames="state")
+def decode_step(model, params, state: dict, prompt_lens_B, limits_B, knobs: dict):
+  """Picks the token at position ``state["t"]`` (forced while inside the row's prompt, the pad
+  once the row has ended) and feeds it, leaving the logits for the next position in ``state``."""
+  t, B = state["t"], prompt_lens_B.shape[0]
+  rng, step_rng = jax.random.split(state["rng"])
+  logits_BxV = _allowed(state["logits"], knobs["valid_vocab"], knobs["end_id"])
+  chosen_B = choose(logits_BxV, step_rng, knobs["temperature"], knobs["top_k"], knobs["top_p"])
+  forced_B = t < prompt_lens_B
+  prompt_B = jax.lax.dynamic_index_in_dim(state["tokens"], t, axis=1, keepdims=False)
+  token_B = jnp.where(forced_B, prompt_B, chosen_B)
+  token_B = jnp.where(state["done"], knobs["pad_id"], token_B).astype(state["tokens"].dtype)
+  done_B = state["done"] | (t + 1 >= limits_B) | (~forced_B & (token_B == knobs["end_id"]))
+  tokens_BxN = jax.lax.dynamic_update_slice(state["tokens"], token_B[:, None], (0, t))
+  logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None],
+                                    jnp.full((B, 1), t, jnp.int32), None, state["cache"])
+  return {"tokens": tokens_BxN, "cache": cache, "logits": logits_Bx1xV[:, 0], "t": t + 1,
+          "rng": rng, "done": done_B}
+
+
+@partial(jax.jit, static_argnames=("model", "prompt_len", "end"))
+def _sample_uncached(model, params, buf_BxN, rng, knobs, *, prompt_len: int, end: int):
+  """The cache-free loop: every step reruns the model over the whole buffer (one compile)."""
   def body(t, carry):
     buf_BxN, rng = carry
     rng, step_rng = jax.random.split(rng)
     # Positions after t hold placeholders; the causal mask keeps them out of logits[:, t - 1].
     logits_BxV = model.apply({"params": params}, buf_BxN)[:, t - 1]
-    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < valid_vocab, logits_BxV, -jnp.inf)
-    greedy = jnp.argmax(logits_BxV, axis=-1)
-    sampled = jax.random.categorical(step_rng, logits_BxV / jnp.maximum(temperature, 1e-6))
-    token_B = jnp.where(temperature > 0, sampled, greedy).astype(buf_BxN.dtype)
-    return buf_BxN.at[:, t].set(token_B), rng
+    logits_BxV = _allowed(logits_BxV, knobs["valid_vocab"], knobs["end_id"])
+    token_B = choose(logits_BxV, step_rng, knobs["temperature"], knobs["top_k"], knobs["top_p"])
+    return buf_BxN.at[:, t].set(token_B.astype(buf_BxN.dtype)), rng
 
-  buf_BxN, _ = jax.lax.fori_loop(prompt_len, N, body, (buf_BxN, rng))
+  buf_BxN, _ = jax.lax.fori_loop(prompt_len, end, body, (buf_BxN, rng))
   return buf_BxN
+
+
+def _gather(x) -> np.ndarray:
+  return np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+
+
+def check_knobs(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+  """Raises one sentence for sampling settings that mean nothing."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+  if not temperature >= 0:
+    raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding).")
+  if top_k < 0:
+    raise ValueError(f"top_k={top_k} must be >= 0 (0 keeps every token).")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p} must be in (0, 1] (1 keeps every token).")
+
+
+def generate(model, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, valid_vocab: int | None = None,
+             end_id: int | None = None, pad_id: int = 0, sharding=None) -> list[np.ndarray]:
+  """Continues each prompt (a sequence of token ids, any lengths) by up to ``max_new_tokens``.
+
+  Returns one int32 array of new ids per prompt, ending before ``end_id`` where one was sampled.
+  ``valid_vocab``: only ids below it (and ``end_id``) are sampled (default: the whole vocabulary).
+  ``sharding``: where the [rows, length] token buffer lives (the training mesh's batch sharding);
+  the number of prompts must then split over its batch axes.
+  """
+  check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if not prompts or min(len(p) for p in prompts) < 1:
+    raise ValueError("every prompt needs at least one token to continue from.")
+  vocab = model.cfg.vocab_size
+  knobs = {"temperature": np.float32(temperature), "top_k": np.int32(top_k),
+           "top_p": np.float32(top_p), "valid_vocab": np.int32(valid_vocab or vocab),
+           "end_id": np.int32(-1 if end_id is None else end_id), "pad_id": np.int32(pad_id)}
+  lens_B = np.array([len(p) for p in prompts], np.int32)
+  N = int(lens_B.max()) + max_new_tokens
+  rng = jax.random.PRNGKey(seed)
+  if has_cache(model):
+    tokens_BxN = _decode(model, params, prompts, lens_B, N, max_new_tokens, rng, knobs, end_id,
+                         pad_id, sharding)
+  else:
+    tokens_BxN = _uncached(model, params, prompts, max_new_tokens, rng, knobs, pad_id, sharding)
+  outs = []
+  for row_N, P in zip(tokens_BxN, lens_B):
+    new = row_N[P:P + max_new_tokens]
+    if end_id is not None and np.any(new == end_id):
+      new = new[:int(np.argmax(new == end_id))]
+    outs.append(new.astype(np.int32))
+  return outs
+
+
+def _decode(model, params, prompts, lens_B, N, max_new_tokens, rng, knobs, end_id, pad_id,
+            sharding):
+  """Cached decoding of all rows in lockstep; returns the [B, N] token buffer."""
+  P = int(lens_B.min())
+  buf_BxN = np.full((len(prompts), N), pad_id, np.int32)
+  for row, prompt in zip(buf_BxN, prompts):
+    row[:len(prompt)] = prompt
+  buf_BxN = jax.device_put(buf_BxN, sharding) if sharding is not None else jnp.asarray(buf_BxN)
+  logits_BxV, cache = prefill(model, params, buf_BxN[:, :P], length=N)
+  state = {"tokens": buf_BxN, "cache": cache, "logits": logits_BxV, "t": jnp.int32(P),
+           "rng": rng, "done": jnp.zeros(len(prompts), bool)}
+  limits_B = lens_B + max_new_tokens
+  for i in range(N - P):
+    state = decode_step(model, params, state, lens_B, limits_B, knobs)
+    if end_id is not None and (i + 1) % _CHECK_EVERY == 0 and _gather(state["done"]).all():
+      break
+  return _gather(state["tokens"])
+
+
+def _uncached(model, params, prompts, max_new_tokens, rng, knobs, pad_id, sharding):
+  """The cache-free loop, one batch per distinct prompt; returns the [B, N] token buffer."""
+  multiple = getattr(model.cfg, "length_multiple", 1)  # MEGABYTE's inputs are whole patches
+  out_BxN = np.full((len(prompts), max(map(len, prompts)) + max_new_tokens), pad_id, np.int32)
+  groups = {}
+  for b, prompt in enumerate(prompts):
+    groups.setdefault(prompt.tobytes(), []).append(b)
+  for g, rows in enumerate(groups.values()):
+    prompt = prompts[rows[0]]
+    end = len(prompt) + max_new_tokens
+    buf = np.full((len(rows), -(-end // multiple) * multiple), pad_id, np.int32)
+    buf[:, :len(prompt)] = prompt
+    buf = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
+    out = _sample_uncached(model, params, buf, jax.random.fold_in(rng, g), knobs,
+                           prompt_len=len(prompt), end=end)
+    out_BxN[rows, :end] = _gather(out)[:, :end]
+  return out_BxN
 
 
 def sample(model, params, prompt_ids: np.ndarray, *, num_samples: int, max_new_tokens: int,
            temperature: float, seed: int, valid_vocab: int, pad_id: int,
            sharding=None, length_multiple: int = 1) -> np.ndarray:
-  """Returns [num_samples, prompt + max_new_tokens] token ids continuing ``prompt_ids``.
+  """Returns [num_samples, prompt + max_new_tokens] token ids continuing ``prompt_ids`` (the LM
+  task's end-of-run samples).
 
-  ``length_multiple``: the model's inputs must be a multiple of this long (MEGABYTE patches);
-  the buffer is padded at the end, which a causal model never looks at.
+  ``length_multiple`` is accepted for the LM task's call and read from the model config instead
+  (MEGABYTE's patch length).
   """
-  P, end = len(prompt_ids), len(prompt_ids) + max_new_tokens
-  buf = np.full((num_samples, -(-end // length_multiple) * length_multiple), pad_id, np.int32)
-  buf[:, :P] = prompt_ids
-  buf = jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
-  out = _sample(model, params, buf, jax.random.PRNGKey(seed),
-                jnp.float32(temperature), prompt_len=P, valid_vocab=valid_vocab, end=end)
-  return np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))[:, :end]
+  del length_multiple
+  prompt_ids = np.asarray(prompt_ids, np.int32)
+  rows = generate(model, params, [prompt_ids] * num_samples, max_new_tokens=max_new_tokens,
+                  temperature=temperature, seed=seed, valid_vocab=valid_vocab, pad_id=pad_id,
+                  sharding=sharding)
+  return np.stack([np.concatenate([prompt_ids, row]) for row in rows])

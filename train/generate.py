@@ -1,0 +1,167 @@
+"""``python -m train.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=N
+--temperature=T --top_k=K --top_p=P --seed=S --num_samples=N --step=STEP --end_id=ID]``.
+
+Continues each prompt with the language model of a trained (``python -m train``) or converted
+(``python -m train.convert``) workdir and prints prompt + continuation. Prompts are encoded the way
+the model was trained: byte-level (train/data.py), or with the workdir's ``tokenizer.json`` where
+a converted Hugging Face model brought one and the ``tokenizers`` package is installed.
+``--prompt_ids=1,2,3`` gives token ids directly. Decoding (train/sampling.py) uses the KV cache
+(llama) or the recurrent state (mamba); other families rerun the whole sequence per token.
+
+Example (the workdir of ``make run``)::
+
+  python -m train.generate --workdir=/tmp/odyssey/lm_stdlib --prompt="def " \
+      --prompt="class " --max_new_tokens=100 --temperature=0.7 --top_p=0.9
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+
+
+class Codec:
+  """Text <-> token ids as the workdir's model saw them, and which ids are text."""
+
+  def __init__(self, workdir: str):
+    from train import data
+    path = os.path.join(workdir, "tokenizer.json")
+    self.tokenizer = None
+    if os.path.exists(path):
+      try:
+        import tokenizers
+      except ImportError:
+        print(f"odyssey: {path} is ignored (the tokenizers package is not installed); prompts "
+              "are byte-level.", file=sys.stderr)
+      else:
+        self.tokenizer = tokenizers.Tokenizer.from_file(path)
+    if self.tokenizer is None:
+      # Byte-level ids; EOS/BOS/PAD are never sampled, as in the LM task's own samples.
+      self.valid_vocab, self.pad_id, self.name = 256, data.PAD_ID, "bytes"
+      self._encode, self._decode = data.encode, data.decode
+    else:
+      self.valid_vocab, self.pad_id, self.name = self.tokenizer.get_vocab_size(), 0, path
+      self._encode = lambda text: self.tokenizer.encode(text).ids
+      self._decode = lambda ids: self.tokenizer.decode([int(i) for i in ids],
+                                                       skip_special_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return [int(i) for i in self._encode(text)]
+
+  def decode(self, ids) -> str:
+    return self._decode(ids)
+
+
+def parse_ids(text: str) -> list[int]:
+  """"1,2,3" -> [1, 2, 3], or one sentence."""
+  try:
+    ids = [int(part) for part in text.split(",") if part.strip()]
+  except ValueError:
+    raise ValueError(f"--prompt_ids={text!r} is not a comma-separated list of integers.") from None
+  if not ids:
+    raise ValueError("--prompt_ids is empty; give at least one token id.")
+  return ids
+
+
+def prepare(workdir: str, texts: list[str], id_lists: list[str], *, max_new_tokens: int,
+            temperature: float, top_k: int, top_p: float, num_samples: int):
+  """(config, codec, prompts as id lists) after every check that needs no compile, each failing
+  with one sentence: sampling settings, the workdir (config, task, checkpoint), prompt lengths."""
+  from train import checkpoint, models, sampling
+  sampling.check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p)
+  if num_samples < 1:
+    raise ValueError(f"--num_samples={num_samples} must be at least 1.")
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} does not exist.")
+  config = checkpoint.load_config(workdir)
+  if "task" not in config:
+    raise ValueError(f"{workdir}/config.json has no 'task'; it was written by an older odyssey "
+                     "that this one cannot load.")
+  if config.task != "lm":
+    raise ValueError(f"{workdir} holds a '{config.task}' model; generation needs a language "
+                     "model (task 'lm').")
+  if not checkpoint.steps_in(workdir):
+    raise ValueError(f"{workdir} has no checkpoint to generate from; train it first.")
+  codec = Codec(workdir)
+  if not texts and not id_lists:
+    texts = [config.sample.prompt]
+  prompts = [codec.encode(t) for t in texts] + [parse_ids(s) for s in id_lists]
+  cfg = models.model_config(config)
+  for i, ids in enumerate(prompts):
+    if not ids:
+      raise ValueError(f"prompt {i} encodes to no tokens; give at least one character.")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                       f"[0, {cfg.vocab_size}).")
+    if len(ids) + max_new_tokens > cfg.max_len:
+      raise ValueError(f"prompt {i} has {len(ids)} tokens, which with --max_new_tokens="
+                       f"{max_new_tokens} exceeds the model's max_len={cfg.max_len}.")
+  return config, codec, prompts
+
+
+def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tokens: int,
+        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+        num_samples: int = 1, step: int | None = None, end_id: int | None = None):
+  """[(prompt index, prompt + continuation as text)], ``num_samples`` rows per prompt."""
+  from train import checkpoint, sampling
+  _, codec, prompts = prepare(workdir, list(texts), list(id_lists),
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, num_samples=num_samples)
+  _, model, _, params = checkpoint.load_trained(workdir, step=step)
+  rows = [p for p in prompts for _ in range(num_samples)]
+  outs = sampling.generate(model, params, rows, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           valid_vocab=codec.valid_vocab, end_id=end_id, pad_id=codec.pad_id)
+  return [(i // num_samples, codec.decode(list(row) + [int(t) for t in new]))
+          for i, (row, new) in enumerate(zip(rows, outs))]
+
+
+def define_flags():
+  """The CLI's flags, defined only when run as a program (tests and other modules import this one
+  without claiming flag names such as --workdir)."""
+  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A trained or converted LM workdir.")
+  _PROMPT = flags.DEFINE_multi_string(
+      "prompt", [], "Text to continue; repeat for a batch (default: the workdir's sample.prompt).")
+  _PROMPT_IDS = flags.DEFINE_multi_string(
+      "prompt_ids", [], "Comma-separated token ids to continue, bypassing the tokenizer; "
+      "repeatable; these prompts come after the --prompt ones.")
+  _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate per sample.")
+  _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Softmax temperature; 0 is greedy.")
+  _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all.")
+  _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: the most likely tokens holding this much "
+                              "probability, in (0, 1]; 1: all.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same samples.")
+  _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+  _END_ID = flags.DEFINE_integer("end_id", None, "Stop a sample when it produces this token id.")
+  _CPU_DEVICES = flags.DEFINE_integer(
+      "cpu_devices", None, "Simulate this many CPU devices (generation uses one).")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Orbax warns about the checkpoint items generation does not read (the data position).
+  logging.set_verbosity(logging.ERROR)
+  # Imported here: the device count must be set before JAX initialises its backends.
+  from parallel import devices
+  try:
+    devices.set_cpu_devices(_CPU_DEVICES.value)
+    samples = run(_WORKDIR.value, _PROMPT.value, _PROMPT_IDS.value,
+                  max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                  top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                  num_samples=_NUM_SAMPLES.value, step=_STEP.value, end_id=_END_ID.value)
+  except ValueError as e:
+    sys.exit(f"odyssey: {e}")
+  for i, (prompt, text) in enumerate(samples):
+    print(f"=== prompt {prompt}, sample {i % _NUM_SAMPLES.value} ===\n{text}", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
