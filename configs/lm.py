@@ -37,5 +37,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       prefetch=2))
   c.train.seq_len = 256
   c.sample = ml_collections.ConfigDict(dict(
-      prompt="def ", max_new_tokens=200, temperature=0.7, num_samples=4))
+      prompt="def ", max_new_tokens=200, temperature=0.7, top_k=0, top_p=1.0, num_samples=4))
   return c

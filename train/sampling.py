@@ -198,7 +198,8 @@ def _uncached(model, params, prompts, max_new_tokens, rng, knobs, pad_id, shardi
 
 def sample(model, params, prompt_ids: np.ndarray, *, num_samples: int, max_new_tokens: int,
            temperature: float, seed: int, valid_vocab: int, pad_id: int,
-           sharding=None, length_multiple: int = 1) -> np.ndarray:
+           sharding=None, length_multiple: int = 1, top_k: int = 0,
+           top_p: float = 1.0) -> np.ndarray:
   """Returns [num_samples, prompt + max_new_tokens] token ids continuing ``prompt_ids`` (the LM
   task's end-of-run samples).
 
@@ -208,6 +209,6 @@ def sample(model, params, prompt_ids: np.ndarray, *, num_samples: int, max_new_t
   del length_multiple
   prompt_ids = np.asarray(prompt_ids, np.int32)
   rows = generate(model, params, [prompt_ids] * num_samples, max_new_tokens=max_new_tokens,
-                  temperature=temperature, seed=seed, valid_vocab=valid_vocab, pad_id=pad_id,
-                  sharding=sharding)
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  valid_vocab=valid_vocab, pad_id=pad_id, sharding=sharding)
   return np.stack([np.concatenate([prompt_ids, row]) for row in rows])

@@ -43,6 +43,7 @@ BAD = {
     "unknown model field": ("model.dropout", 0.1, r"unknown field\(s\) \['dropout'\]"),
     "unknown data name": ("data.name", "c4", r"data.name='c4' is unknown"),
     "non-positive steps": ("train.steps", 0, r"train.steps=0 must be a positive integer"),
+    "sampling knob": ("sample.top_p", 1.5, r"config.sample: top_p=1.5 must be in \(0, 1\]"),
 }
 
 
@@ -75,3 +76,18 @@ def test_cli_prints_one_sentence_and_no_traceback(tmp_path):
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("odyssey: model.num_heads=3"), proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_init_from_errors_are_sentences(tmp_path):
+  c = good()
+  c.init.from_ = str(tmp_path / "missing")
+  with pytest.raises(ValueError, match=r"init.from=.*missing is not a directory"):
+    validate.validate_workdir(c, str(tmp_path / "run"))
+  c.init.from_ = str(tmp_path / "run")
+  (tmp_path / "run").mkdir()
+  with pytest.raises(ValueError, match=r"is the workdir itself"):
+    validate.validate_workdir(c, str(tmp_path / "run"))
+  c.init.from_ = str(tmp_path / "empty")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match=r"has no checkpoint to take parameters from"):
+    validate.validate_workdir(c, str(tmp_path / "run"))

@@ -55,6 +55,13 @@ class LMTask:
     if self.config.train.seq_len > model_cfg.max_len:
       raise ValueError(f"train.seq_len={self.config.train.seq_len} exceeds "
                        f"model.max_len={model_cfg.max_len}.")
+    s = self.config.get("sample")
+    if s is not None and s.max_new_tokens > 0:  # checked now, not after the training run
+      try:
+        sampling.check_knobs(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                             top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0))
+      except ValueError as e:
+        raise ValueError(f"config.sample: {e}") from None
 
   def datasets(self):
     c = self.config
@@ -109,7 +116,8 @@ class LMTask:
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                              seed=self.config.seed, valid_vocab=256, pad_id=data.PAD_ID,
                              sharding=sharding["inputs"],
-                             length_multiple=getattr(model.cfg, "length_multiple", 1))
+                             length_multiple=getattr(model.cfg, "length_multiple", 1),
+                             top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0))
     texts = [data.decode(row) for row in tokens[:s.num_samples]]
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "samples.txt"), "a") as f:
