@@ -8,13 +8,10 @@ import numpy as np
 import pytest
 
 from tests import run_module
+from tests.convert import parity_import
 
-torch = pytest.importorskip(
-    "torch", reason="torch is not installed (make test installs the parity extra: "
-    "pip install -e '.[parity]')")
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is not installed (make test installs the parity extra: "
-    "pip install -e '.[parity]')")
+torch = parity_import("torch")
+transformers = parity_import("transformers")
 
 # Byte-level vocabulary (odyssey's stdlib data has 259 ids) so the model can fine-tune on it.
 SIZES = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -111,8 +108,7 @@ def test_export_converts_dtype_explicitly(hf_llama, tmp_path):
 def test_imported_dit_samples_latents(tmp_path):
   """A diffusers DiT folder -> train.convert -> train.sample: 4-channel latents are written as
   .npy (no VAE decoder here), one row of the requested classes each."""
-  diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (make test "
-                                  "installs the parity extra: pip install -e '.[parity]')")
+  diffusers = parity_import("diffusers")
   from train import convert, sample
   torch.manual_seed(0)
   model = diffusers.DiTTransformer2DModel(

@@ -10,10 +10,10 @@ import pytest
 
 from nets import convert, dit, vit
 from nets.convert import dit as convert_dit
+from tests.convert import parity_import
 
-_REASON = "{} is not installed (make test installs the parity extra: pip install -e '.[parity]')"
-torch = pytest.importorskip("torch", reason=_REASON.format("torch"))
-diffusers = pytest.importorskip("diffusers", reason=_REASON.format("diffusers"))
+torch = parity_import("torch")
+diffusers = parity_import("diffusers")
 
 TOL = 1e-4
 B = 3

@@ -20,25 +20,14 @@ import safetensors.numpy
 import nets.convert
 from nets import llama
 from nets.convert import llama as convert
+from tests.convert import parity_import
 
-torch = pytest.importorskip("torch", reason="torch is not installed (make test installs the "
-                            "parity extra: pip install -e '.[parity]')")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (make "
-                                   "test installs the parity extra: pip install -e '.[parity]')")
+torch = parity_import("torch")
+transformers = parity_import("transformers")
 
 # Logits of the tiny models are O(1); fp32 kernels on both sides agree far below this.
 TOL = 1e-4
 B, S = 2, 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """torch's OpenMP workers spin against XLA's on a 2-core machine (a tiny forward took 0.5 s
-  instead of 5 ms); one thread is plenty for these models. Restored for other test modules."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 def hf_model(tie=False, rope_theta=10000.0, head_dim=None, seed=0):

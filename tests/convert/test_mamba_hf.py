@@ -19,11 +19,10 @@ import pytest
 from nets import convert
 from nets import mamba
 from nets.convert import mamba as convert_mamba
+from tests.convert import parity_import
 
-torch = pytest.importorskip("torch", reason="torch is not installed (make test installs the "
-                            "parity extra: pip install -e '.[parity]')")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (make "
-                                   "test installs the parity extra: pip install -e '.[parity]')")
+torch = parity_import("torch")
+transformers = parity_import("transformers")
 
 TOL = 1e-4
 B, S = 2, 12

@@ -10,10 +10,10 @@ import pytest
 
 from nets import convert, vit
 from nets.convert import vit as convert_vit
+from tests.convert import parity_import
 
-_REASON = "{} is not installed (make test installs the parity extra: pip install -e '.[parity]')"
-torch = pytest.importorskip("torch", reason=_REASON.format("torch"))
-transformers = pytest.importorskip("transformers", reason=_REASON.format("transformers"))
+torch = parity_import("torch")
+transformers = parity_import("transformers")
 
 TOL = 1e-4
 
