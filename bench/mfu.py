@@ -8,11 +8,18 @@ it reports, all in this one process so the figures are ratios of the same machin
   * step time: the median of ``--steps`` timed steps (dispatch to block_until_ready) after two
     warm-up steps, with the state donated as train/loop.py runs it;
   * the achievable matmul peak: the best rate of large square ``jnp.dot``s in the compute dtype,
-    measured before and after the cases (the larger is used; both are printed);
+    measured before the cases, after every round of timed steps and after the cases, or of any
+    matmul of the Llama step timed alone if one ran faster (the best of all is used: a sample
+    taken while other processes load the machine only reads lower);
   * MFU = model FLOP/s / peak.
-For the Llama it also runs a plain-JAX baseline: the same layer shapes written with jnp only (no
-Flax, no sharding layer, no odyssey code), forward and backward by jax.value_and_grad, with the
-same optax AdamW update, and reports its MFU on the same FLOP count.
+For the Llama it also runs, timed round-robin with odyssey's step (one step of each in turn, so
+load from other processes falls on all of them alike):
+  * a plain-JAX baseline: the same layer shapes written with jnp only (no Flax, no sharding
+    layer, no odyssey code), forward and backward by jax.value_and_grad, the same optax AdamW;
+  * odyssey's step with other attention settings (blockwise blocks of 256 and 128, dense);
+and, on CPU, breaks one step of odyssey and one of the baseline down by op kind (jax.profiler
+trace, exclusive time of XLA:CPU's thunks), and times every matmul of the step alone: the
+matmul-only ceiling, i.e. the MFU the step would reach if it ran nothing but its matmuls.
 
 Prints a JSON document and a markdown table and writes mfu.{json,md,png} to --out. On CPU the
 simulated device count is forced to 1 (a benchmark of one device's step; XLA:CPU's thread pool
@@ -21,11 +28,16 @@ figure is produced (the test suite runs it).
 """
 
 import argparse
+import collections
+import functools
+import glob
 import json
+import math
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -105,18 +117,38 @@ def random_batch(config, model_cfg, rng: np.random.Generator) -> dict:
           "labels": rng.integers(0, model_cfg.num_classes, (B,)).astype(np.int32)}
 
 
-def time_steps(step, state, batch, steps_timed: int):
-  """Median seconds per step after two warm-up steps; the state is donated and threaded through."""
-  for _ in range(2):
-    state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(steps_timed):
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
+# Odyssey's Llama step with other attention settings, timed round-robin with the default one: a
+# blockwise kernel with blocks smaller than the sequence, and the dense masked kernel.
+LLAMA_VARIANTS = {"blockwise, block 256": dict(attention="blockwise", block_size=256),
+                  "blockwise, block 128": dict(attention="blockwise", block_size=128),
+                  "dense": dict(attention="dense")}
+LLAMA_VARIANTS_QUICK = {"blockwise, block 32": dict(attention="blockwise", block_size=32)}
+
+
+def time_round_robin(runs: dict, batch, steps_timed: int, between=None) -> dict:
+  """Median seconds per step of each ``name: (step, state)``, timed one step of each in turn.
+
+  Two warm-up steps each first. Interleaving puts load from other processes on every run alike,
+  so their ratios hold even when the absolute times drift; the order rotates every round, so no
+  run always follows the same one. ``between()`` runs after every round (a peak sample).
+  Returns name: (median, times, state).
+  """
+  states = {}
+  for name, (step, state) in runs.items():
+    for _ in range(2):
+      state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
+    states[name] = state
+  times, names = {name: [] for name in runs}, list(runs)
+  for i in range(steps_timed):
+    for name in names[i % len(names):] + names[:i % len(names)]:  # each takes each slot in turn
+      start = time.perf_counter()
+      states[name], metrics = runs[name][0](states[name], batch)
+      jax.block_until_ready((states[name], metrics))
+      times[name].append(time.perf_counter() - start)
+    if between is not None:
+      between()
+  return {name: (statistics.median(t), t, states[name]) for name, t in times.items()}
 
 
 def odyssey_step(config):
@@ -206,82 +238,284 @@ def baseline_step(config, batch):
 
 # ----------------------------------------------------------------------------- profile
 
+KINDS = ("matmul", "layout copies", "elementwise / reduction fusions",
+         "scan slicing (dynamic-slice / update-slice)", "other (broadcasts, iota, waits in ops)")
+
 
 def op_kind(name: str) -> str:
   """XLA:CPU thunk names -> what they do (matmuls are XNNPACK "ynn" fusions or dot thunks)."""
   if name.startswith("ynn_fusion") or name.startswith("dot") or "_dot" in name:
-    return "matmul"
+    return KINDS[0]
   if name.startswith(("copy", "transpose")) or "transpose" in name:
-    return "layout copies (transposes for the next matmul)"
+    return KINDS[1]
+  if "dynamic-slice" in name or "dynamic-update-slice" in name:
+    return KINDS[3]
   if "fusion" in name:
-    return "elementwise / reduction fusions"
-  if name.startswith("while"):
-    return "loop bookkeeping"
-  return "other (broadcasts, waits)"
+    return KINDS[2]
+  return KINDS[4]
 
 
 def profile(step, state, batch, workdir: str) -> dict:
-  """Thread-time per op kind over one step, from a jax.profiler trace (XLA:CPU thunk events).
+  """Exclusive thread time per op kind over one step, from a jax.profiler trace.
 
-  The events are summed over the XLA thread pool's threads, so the total exceeds the wall time
-  by up to the thread count; the shares are what matters.
+  XLA:CPU records one event per thunk execution on the thread that runs it (a matmul's helper
+  threads record none), and nests events: a ``while`` thunk's event contains its body's ops and
+  ``ThunkExecutor::Execute`` wraps whole sequences, so each event is counted less the events
+  nested in it on the same thread (exclusive time) and executor wrappers are left out. Also
+  returns the wall time of the traced step and how much of it some op was running (the union of
+  op intervals over threads): the rest is time between ops.
   """
-  import collections
-  import glob
   jax.profiler.start_trace(workdir)
+  start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
+  wall = time.perf_counter() - start
   jax.profiler.stop_trace()
-  path = sorted(glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True))[-1]
-  per_op = collections.Counter()
+  path = sorted(glob.glob(os.path.join(workdir, "**", "*.xplane.pb"), recursive=True),
+                key=os.path.getmtime)[-1]
+  exclusive, intervals = collections.Counter(), []
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     for line in plane.lines:
       if not line.name.startswith("tf_XLA"):
         continue
-      for event in line.events:
-        if not event.name.startswith(("ThreadpoolListener", "ThunkExecutor", "end: ")):
-          per_op[event.name] += event.duration_ns / 1e9
-  kinds = collections.Counter()
-  for name, seconds in per_op.items():
-    kinds[op_kind(name)] += seconds
-  total = sum(kinds.values())
-  return {"thread_s": total, "kinds": {k: v / total for k, v in kinds.most_common()},
-          "top_non_matmul": [(n, s) for n, s in per_op.most_common(60)
-                             if op_kind(n) != "matmul"][:8]}
+      events = sorted((e.start_ns, -e.duration_ns, e.name) for e in line.events
+                      if not e.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")))
+      stack = []  # open events: [end_ns, name, duration_ns, nested_ns]
+      for start_ns, minus_duration, name in events:
+        while stack and stack[-1][0] <= start_ns:
+          end_ns, done, duration, nested = stack.pop()
+          exclusive[done] += (duration - nested) / 1e9
+        if stack:
+          stack[-1][3] += -minus_duration
+        stack.append([start_ns - minus_duration, name, -minus_duration, 0])
+        intervals.append((start_ns, start_ns - minus_duration))
+      for end_ns, done, duration, nested in stack:
+        exclusive[done] += (duration - nested) / 1e9
+  busy, reach = 0, None
+  for lo, hi in sorted(intervals):  # union of the op intervals over threads
+    if reach is None or lo > reach:
+      busy, reach = busy + hi - lo, hi
+    elif hi > reach:
+      busy, reach = busy + hi - reach, hi
+  seconds = collections.Counter({kind: 0.0 for kind in KINDS})
+  for name, s in exclusive.items():
+    seconds[op_kind(name)] += s
+  total = sum(seconds.values())
+  return {"thread_s": total, "step_wall_s": wall, "ops_running_s": busy / 1e9,
+          "kinds_s": dict(seconds), "kinds": {k: v / total for k, v in seconds.items()},
+          "top_non_matmul": [(n, s) for n, s in exclusive.most_common(60)
+                             if op_kind(n) != KINDS[0]][:8]}
+
+
+# ----------------------------------------------------------------------------- matmul ceiling
+
+
+def llama_matmuls(cfg, batch: int, seq: int, recompute_scores: bool) -> list[dict]:
+  """Every matmul of one Llama train step, with the operand layouts its backward uses.
+
+  Per layer, for the q, k, v, o, gate, up and down projections and attention's scores (q·kᵀ)
+  and weighted values (p·v, at the full S² of a masked kernel): the forward matmul and its two
+  backward ones, the input gradient and the weight (or other operand's) gradient, as JAX's
+  transpose rules write them (dW = einsum("bsi,bso->io")). The head runs once. The blockwise
+  kernel's backward recomputes the scores (``recompute_scores``), a seventh S² matmul.
+  """
+  L, E, H, K, D, M = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_size, cfg.mlp_dim)
+  B, S = batch, seq
+  out = []
+
+  def add(name, spec, a, b, times):
+    out.append({"name": name, "einsum": spec, "lhs": a, "rhs": b, "times": times})
+
+  def projection(name, n_in, n_out, times):
+    add(f"{name}", "bsi,io->bso", (B, S, n_in), (n_in, n_out), times)
+    add(f"{name}: input grad", "bso,io->bsi", (B, S, n_out), (n_in, n_out), times)
+    add(f"{name}: weight grad", "bsi,bso->io", (B, S, n_in), (B, S, n_out), times)
+
+  for name, n_in, n_out in (("q", E, H * D), ("k", E, K * D), ("v", E, K * D), ("o", H * D, E),
+                            ("gate", E, M), ("up", E, M), ("down", M, E)):
+    projection(name, n_in, n_out, L)
+  qkv, probs = (B, S, H, D), (B, H, S, S)  # queries' heads; GQA's shared K/V cost the same
+  add("scores q·kᵀ", "bshd,bthd->bhst", qkv, qkv, L)
+  add("scores: dq", "bhst,bthd->bshd", probs, qkv, L)
+  add("scores: dk", "bhst,bshd->bthd", probs, qkv, L)
+  add("values p·v", "bhst,bthd->bshd", probs, qkv, L)
+  add("values: dp", "bshd,bthd->bhst", qkv, qkv, L)
+  add("values: dv", "bhst,bshd->bthd", probs, qkv, L)
+  if recompute_scores:
+    add("scores recomputed (blockwise backward)", "bshd,bthd->bhst", qkv, qkv, L)
+  projection("head", E, cfg.vocab_size, 1)
+  return out
+
+
+def _dims(spec: str, a, b):
+  lhs, rest = spec.split(",")
+  rhs, res = rest.split("->")
+  size = dict(zip(lhs, a)) | dict(zip(rhs, b))
+  prod = lambda letters: math.prod(size[c] for c in letters)
+  batch = prod(c for c in lhs if c in rhs and c in res)
+  contract = prod(c for c in lhs if c in rhs and c not in res)
+  return batch, prod(c for c in lhs if c not in rhs), contract, prod(c for c in rhs if c not in lhs)
+
+
+def _einsum_run(spec: str, a_shape, b_shape, dtype):
+  """A compiled, warmed-up einsum on operands laid out as given: call it to run it once."""
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, a_shape, dtype)
+  b = jax.random.normal(kb, b_shape, dtype)
+  fn = jax.jit(functools.partial(jnp.einsum, spec))
+  fn(a, b).block_until_ready()
+  return lambda: fn(a, b).block_until_ready()
+
+
+def matmul_ceiling(matmuls: list[dict], dtype: str, repeats: int) -> dict:
+  """Times every matmul alone, twice: in the step's operand layouts, and as the plain
+  [G,] M×K · K×N product of the same sizes (no layout to fix). Their sums, each weighted by how
+  often the step runs it, are the step's matmul-only time. Best of ``repeats`` runs, as for the
+  peak (the median is kept too); the runs are spread out, one pass over all of them per repeat,
+  so a burst of load from another process does not hit every run of one matmul."""
+  keys = []  # the same einsum on the same shapes (q, k and v; gate and up) is timed once
+  for m in matmuls:
+    G, Mm, Kk, N = _dims(m["einsum"], m["lhs"], m["rhs"])
+    plain = (("mk,kn->mn", (Mm, Kk), (Kk, N)) if G == 1 else
+             ("gmk,gkn->gmn", (G, Mm, Kk), (G, Kk, N)))
+    keys.append(((m["einsum"], m["lhs"], m["rhs"]), plain, 2 * G * Mm * Kk * N))
+  runs = {}
+  for key in [k for layout, plain, _ in keys for k in (layout, plain)]:
+    if key not in runs:
+      runs[key] = _einsum_run(*key, dtype)
+  times = {key: [] for key in runs}
+  for _ in range(repeats):
+    for key, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[key].append(time.perf_counter() - start)
+  rows = [dict(m, flops=flops_, s=min(times[layout]), median_s=statistics.median(times[layout]),
+               plain_s=min(times[plain])) for m, (layout, plain, flops_) in zip(matmuls, keys)]
+  total = lambda key: sum(r[key] * r["times"] for r in rows)
+  attention = [r for r in rows if r["name"].startswith(("scores", "values"))]
+  return {"matmuls": rows, "flops": total("flops"), "matmul_only_s": total("s"),
+          "matmul_only_median_s": total("median_s"), "plain_layout_s": total("plain_s"),
+          "attention_s": sum(r["s"] * r["times"] for r in attention)}
+
+
+def ceiling_figures(ceiling: dict, model_flops: float, peak_flops: float,
+                    target: float = 0.6) -> dict:
+  """The MFU the step would have if it ran only its matmuls, as timed alone; and the time the
+  ``target`` MFU leaves for everything else."""
+  t, half_attention = ceiling["matmul_only_s"], ceiling["matmul_only_s"] - ceiling[
+      "attention_s"] / 2
+  step_at_target = model_flops / (target * peak_flops)
+  return {"ceiling_mfu": flops.mfu(model_flops, t, peak_flops),
+          "ceiling_mfu_plain_layout": flops.mfu(model_flops, ceiling["plain_layout_s"], peak_flops),
+          "ceiling_mfu_causal_skip": flops.mfu(model_flops, half_attention, peak_flops),
+          "matmul_rate_of_peak": ceiling["flops"] / t / peak_flops,
+          "target_mfu": target, "step_s_at_target": step_at_target,
+          "non_matmul_s_at_target": step_at_target - t}
+
+
+def fastest_matmul(rows: list[dict]) -> float:
+  """The best FLOP/s of any matmul timed alone for a ceiling (0 if none was)."""
+  return max((m["flops"] / m["s"] for r in rows if "ceiling" in r
+              for m in r["ceiling"]["matmuls"]), default=0.0)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def peak(dtype: str, quick: bool) -> float:
-  """The best rate of square matmuls of a few sizes in ``dtype`` (not cached: measured now)."""
+def peak(dtype: str, quick: bool, repeats: int | None = None) -> float:
+  """The best rate of square matmuls of a few sizes in ``dtype``, measured now (``_measure``
+  caches per process; its undecorated function is called so that every sample is new)."""
   best = 0.0
   for size in ((256, 512) if quick else (1024, 2048)):
-    best = max(best, flops._measure(dtype, size, jax.devices()[0], repeats=3 if quick else 5))
+    best = max(best, flops._measure.__wrapped__(dtype, size, jax.devices()[0],
+                                                repeats=repeats or (3 if quick else 5)))
   return best
 
 
-def run_case(name: str, quick: bool, steps_timed: int, peak_flops: float,
-             profile_dir: str | None = None) -> dict:
+def _paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+  """Median over rounds of a/b for steps timed in the same round (see time_round_robin)."""
+  return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
+def run_case(name: str, quick: bool, steps_timed: int, profile_dir: str, between=None) -> dict:
+  """One case's figures; the MFUs are filled in by ``set_mfus`` once the peak is known."""
+  if name == "llama":
+    return run_llama(quick, steps_timed, profile_dir, between)
   config = CASES[name](quick)
   step_flops = flops.model_flops_per_step(config)
   compiled, state, batch, plan = odyssey_step(config)
-  median, times = time_steps(compiled, state, batch, steps_timed)
-  row = {"case": name, "dtype": config.model.dtype, "model_flops_per_step": step_flops.model,
+  median, times, _ = time_round_robin({name: (compiled, state)}, batch, steps_timed,
+                                      between)[name]
+  return {"case": name, "dtype": config.model.dtype, "model_flops_per_step": step_flops.model,
+          f"{step_flops.unit}_per_step": step_flops.units, "attention": plan.describe(),
+          "step_s": median, "step_times_s": times, "model_flops_per_s": step_flops.model / median}
+
+
+def run_llama(quick: bool, steps_timed: int, profile_dir: str, between=None) -> dict:
+  """The Llama step, round-robin with its attention variants and the plain-JAX baseline; then
+  (CPU) the profiles of odyssey's and the baseline's steps and the matmul-only ceiling."""
+  config = llama_config(quick)
+  step_flops = flops.model_flops_per_step(config)
+  compiled, state, batch, plan = odyssey_step(config)
+  runs, plans = {"odyssey": (compiled, state)}, {}
+  for variant, overrides in (LLAMA_VARIANTS_QUICK if quick else LLAMA_VARIANTS).items():
+    variant_config = llama_config(quick)
+    variant_config.parallel.update(**overrides)
+    variant_step, variant_state, _, plans[variant] = odyssey_step(variant_config)
+    runs[variant] = (variant_step, variant_state)
+  runs["baseline"] = baseline_step(config, batch)
+  timed = time_round_robin(runs, batch, steps_timed, between)
+  median, times, state = timed["odyssey"]
+  row = {"case": "llama", "dtype": config.model.dtype, "model_flops_per_step": step_flops.model,
+         "executed_flops_per_step": step_flops.executed,
          f"{step_flops.unit}_per_step": step_flops.units, "attention": plan.describe(),
-         "step_s": median, "step_times_s": times,
+         "kernel": plan.kernel, "block_size": plan.block_size, "step_s": median,
+         "step_times_s": times,
          "model_flops_per_s": step_flops.model / median,
-         "mfu": flops.mfu(step_flops.model, median, peak_flops)}
-  if name == "llama" and profile_dir is not None and jax.devices()[0].platform == "cpu":
-    compiled, state, batch, _ = odyssey_step(config)
-    row["profile"] = profile(compiled, state, batch, profile_dir)
-  if name == "llama":
-    base, base_state = baseline_step(config, batch)
-    base_median, base_times = time_steps(base, base_state, batch, steps_timed)
-    row.update(baseline_step_s=base_median, baseline_step_times_s=base_times,
-               baseline_mfu=flops.mfu(step_flops.model, base_median, peak_flops),
-               speed_vs_baseline=base_median / median)
+         "baseline_step_s": timed["baseline"][0], "baseline_step_times_s": timed["baseline"][1],
+         "speed_vs_baseline": _paired_ratio(timed["baseline"][1], times),
+         "variants": [{"variant": v, "attention": plans[v].describe(),
+                       "kernel": plans[v].kernel, "block_size": plans[v].block_size,
+                       "step_s": timed[v][0], "step_times_s": timed[v][1],
+                       "speed_vs_default": _paired_ratio(times, timed[v][1])}
+                      for v in plans]}
+  if jax.devices()[0].platform == "cpu":
+    row["profile"] = profile(compiled, state, batch, tempfile.mkdtemp(dir=profile_dir))
+    row["baseline_profile"] = profile(runs["baseline"][0], timed["baseline"][2], batch,
+                                      tempfile.mkdtemp(dir=profile_dir))
+  del runs, timed, state
+  matmuls = llama_matmuls(models.model_config(config), config.train.batch_size,
+                          config.train.seq_len, recompute_scores=plan.kernel == "blockwise")
+  ceiling = matmul_ceiling(matmuls, config.model.dtype, repeats=2 if quick else 7)
+  recomputed = [m for m in ceiling["matmuls"] if m["name"].startswith("scores recomputed")]
+  # Matmul FLOPs each step executes: the dense masked set (the baseline), + the recompute.
+  ceiling["odyssey_matmul_flops"] = ceiling["flops"]
+  ceiling["baseline_matmul_flops"] = ceiling["flops"] - sum(m["flops"] * m["times"]
+                                                            for m in recomputed)
+  ceiling["baseline_matmul_only_s"] = ceiling["matmul_only_s"] - sum(m["s"] * m["times"]
+                                                                     for m in recomputed)
+  row["ceiling"] = ceiling
   return row
+
+
+def set_mfus(row: dict, peak_flops: float) -> None:
+  """Every MFU and rate of ``row`` against ``peak_flops`` (in place)."""
+  model = row["model_flops_per_step"]
+  row["mfu"] = flops.mfu(model, row["step_s"], peak_flops)
+  if "baseline_step_s" in row:
+    row["baseline_mfu"] = flops.mfu(model, row["baseline_step_s"], peak_flops)
+  for variant in row.get("variants", []):
+    variant["mfu"] = flops.mfu(model, variant["step_s"], peak_flops)
+  if "ceiling" in row:
+    ceiling = row["ceiling"]
+    ceiling.update(ceiling_figures(ceiling, model, peak_flops))
+    for which, key in (("profile", "odyssey_matmul_flops"),
+                       ("baseline_profile", "baseline_matmul_flops")):
+      if which in row:  # the matmuls' rate inside the traced step
+        matmul_s = row[which]["kinds_s"][KINDS[0]]
+        row[which]["matmul_flops_per_s"] = ceiling[key] / matmul_s
+        row[which]["matmul_rate_of_peak"] = ceiling[key] / matmul_s / peak_flops
 
 
 def main(argv=None):
@@ -295,46 +529,108 @@ def main(argv=None):
   steps_timed = args.steps or (2 if args.quick else 7)
   device = jax.devices()[0]
   dtype = "float32"
+  load_before = os.getloadavg()[0]  # other processes' load: how noisy the absolute times are
   before = peak(dtype, args.quick)
-  import tempfile
   profile_dir = tempfile.mkdtemp(prefix="odyssey_mfu_profile_")
-  rows = [run_case(name, args.quick, steps_timed, before, profile_dir)
+  during = []
+  sample = lambda: during.append(peak(dtype, args.quick, repeats=1))
+  rows = [run_case(name, args.quick, steps_timed, profile_dir, sample)
           for name in args.cases.split(",")]
   after = peak(dtype, args.quick)
-  best = max(before, after)
-  for row in rows:  # MFU against the better of the two peak measurements
-    row["mfu"] = flops.mfu(row["model_flops_per_step"], row["step_s"], best)
-    if "baseline_step_s" in row:
-      row["baseline_mfu"] = flops.mfu(row["model_flops_per_step"], row["baseline_step_s"], best)
+  best = max(before, after, *during, fastest_matmul(rows))
+  for row in rows:  # every MFU against the best of the peak measurements
+    set_mfus(row, best)
   result = {"bench": "mfu", "quick": args.quick, "backend": device.platform,
             "device_kind": device.device_kind, "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "peak_flops": best, "peak_flops_before": before, "peak_flops_after": after,
-            "rows": rows}
-  table = _table(
+            "peak_flops_during": during, "fastest_step_matmul_flops": fastest_matmul(rows),
+            "load_average_1min": [load_before, os.getloadavg()[0]], "rows": rows}
+  header = (f"MFU on {device.device_kind} ({device.platform}, {os.cpu_count()} cores), peak "
+            f"{best / 1e9:.1f} GFLOP/s ({dtype} matmul: the best of {before / 1e9:.1f} before, "
+            f"{len(during)} samples during the cases from {min(during, default=0) / 1e9:.1f} to "
+            f"{max(during, default=0) / 1e9:.1f}, {after / 1e9:.1f} after, and "
+            f"{fastest_matmul(rows) / 1e9:.1f} for the fastest of the Llama's matmuls timed "
+            f"alone); 1-minute load average {load_before:.1f} before and "
+            f"{result['load_average_1min'][1]:.1f} after")
+  title = (f"MFU on {device.platform} ({os.cpu_count()} cores), peak {best / 1e9:.1f} GFLOP/s "
+           f"({dtype} matmul)")
+  print(json.dumps(result, indent=2, default=float))
+  print(report.write(args.out, "mfu", result, markdown(result, header),
+                     time.perf_counter() - start,
+                     lambda doc, path: _plot(doc["rows"], path, title)))
+
+
+def markdown(result: dict, header: str) -> str:
+  rows, peak_flops = result["rows"], result["peak_flops"]
+  out = [header, "", _table(
       ["case", "model GFLOP/step", "step (s)", "model GFLOP/s", "MFU", "baseline step (s)",
        "baseline MFU", "odyssey / baseline speed"],
       [[r["case"], f"{r['model_flops_per_step'] / 1e9:.2f}", f"{r['step_s']:.3f}",
         f"{r['model_flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.3f}",
         f"{r['baseline_step_s']:.3f}" if "baseline_step_s" in r else "",
         f"{r['baseline_mfu']:.3f}" if "baseline_mfu" in r else "",
-        f"{r['speed_vs_baseline']:.2f}x" if "speed_vs_baseline" in r else ""] for r in rows])
-  header = (f"MFU on {device.device_kind} ({device.platform}, {os.cpu_count()} cores), peak "
-            f"{best / 1e9:.1f} GFLOP/s ({dtype} matmul, measured before {before / 1e9:.1f} and "
-            f"after {after / 1e9:.1f})")
-  markdown = f"{header}\n\n{table}\n"
+        f"{r['speed_vs_baseline']:.2f}x" if "speed_vs_baseline" in r else ""] for r in rows])]
   for r in rows:
+    if "variants" not in r:
+      continue
+    out += ["", f"The {r['case']} step with other attention settings, timed round-robin with the "
+            "default step and the baseline (speed: the median over rounds of default time / "
+            "variant time):", "", _table(
+                ["attention kernel", "block", "step (s)", "MFU", "speed vs default"],
+                [[f"{r['kernel']} (default)", r["block_size"], f"{r['step_s']:.3f}",
+                  f"{r['mfu']:.3f}", "1.00x"]]
+                + [[v["kernel"], v["block_size"] if v["kernel"] != "dense" else "",
+                    f"{v['step_s']:.3f}", f"{v['mfu']:.3f}", f"{v['speed_vs_default']:.2f}x"]
+                   for v in r["variants"]])]
+    c = r["ceiling"]
+    out += ["", f"Every matmul of the {r['case']} step timed alone (jit, a warm-up, best of the "
+            "timed runs), in the operand layouts the step uses, and as a plain [G,] M×K·K×N "
+            "product of the same sizes; GFLOP and seconds per step (× the times it runs):", "",
+            _table(["matmul", "einsum", "G×M×K×N", "× per step", "GFLOP", "s", "GFLOP/s",
+                    "of peak", "plain-layout GFLOP/s"],
+                   [[m["name"], f"`{m['einsum']}`", "×".join(map(str, _dims(
+                       m["einsum"], m["lhs"], m["rhs"]))), m["times"],
+                     f"{m['flops'] * m['times'] / 1e9:.2f}", f"{m['s'] * m['times']:.3f}",
+                     f"{m['flops'] / m['s'] / 1e9:.1f}", f"{m['flops'] / m['s'] / peak_flops:.2f}",
+                     f"{m['flops'] / m['plain_s'] / 1e9:.1f}"] for m in c["matmuls"]]),
+            "", _table(["matmul-only figure", "value"], [
+                ["matmul FLOPs per step (executed)", f"{c['flops'] / 1e9:.1f} GFLOP (baseline: "
+                 f"{c['baseline_matmul_flops'] / 1e9:.1f}; model: "
+                 f"{r['model_flops_per_step'] / 1e9:.1f}, causal attention counted as half)"],
+                ["matmul-only time (step layouts)", f"{c['matmul_only_s']:.3f} s "
+                 f"(median of runs: {c['matmul_only_median_s']:.3f} s)"],
+                ["matmul-only time (plain layouts)", f"{c['plain_layout_s']:.3f} s"],
+                ["matmul rate at these shapes", f"{c['matmul_rate_of_peak']:.2f} of peak"],
+                ["ceiling MFU (model FLOPs / matmul-only time / peak)", f"{c['ceiling_mfu']:.3f}"],
+                ["ceiling MFU, plain layouts", f"{c['ceiling_mfu_plain_layout']:.3f}"],
+                ["ceiling MFU, causal blocks skipped (S² matmuls halved)",
+                 f"{c['ceiling_mfu_causal_skip']:.3f}"],
+                [f"step time at MFU {c['target_mfu']}", f"{c['step_s_at_target']:.3f} s, which "
+                 f"leaves {c['non_matmul_s_at_target']:.3f} s for everything but the matmuls"],
+                ["measured MFU: odyssey / baseline", f"{r['mfu']:.3f} / {r['baseline_mfu']:.3f}"]])]
     if "profile" in r:
-      p = r["profile"]
-      markdown += (f"\nWhere the {r['case']} step's time goes (jax.profiler trace of one step, "
-                   f"XLA:CPU thunks, {p['thread_s']:.2f} thread-seconds over the thread pool):\n\n"
-                   + _table(["op kind", "share of thread time"],
-                            [[k, f"{v:.1%}"] for k, v in p["kinds"].items()])
-                   + "\n\nLargest non-matmul ops: "
-                   + ", ".join(f"{n} {s:.2f} s" for n, s in p["top_non_matmul"]) + "\n")
-  print(json.dumps(result, indent=2))
-  print(report.write(args.out, "mfu", result, markdown, time.perf_counter() - start,
-                     lambda doc, path: _plot(doc["rows"], path, header)))
+      profiles = [("odyssey", r["profile"]), ("baseline", r["baseline_profile"])]
+      kind_rows = [[k] + [f"{p['kinds'][k]:.1%} ({p['kinds_s'][k]:.2f} s)" for _, p in profiles]
+                   for k in KINDS]
+      alone = [c["matmul_only_s"], c["baseline_matmul_only_s"]]
+      kind_rows += [
+          ["matmul time in the step / timed alone"] + [
+              f"{p['kinds_s'][KINDS[0]]:.2f} s / {t:.2f} s" for (_, p), t in zip(profiles, alone)],
+          ["matmul rate inside the step"] + [f"{p['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                                             f"({p['matmul_rate_of_peak']:.2f} of peak)"
+                                             for _, p in profiles],
+          ["op time / traced step wall time"] + [f"{p['thread_s']:.2f} s / {p['step_wall_s']:.2f} s"
+                                                 for _, p in profiles],
+          ["wall time with an op running"] + [f"{p['ops_running_s'] / p['step_wall_s']:.1%}"
+                                              for _, p in profiles]]
+      out += ["", f"Where the {r['case']} step's time goes: one traced step each (jax.profiler, "
+              "XLA:CPU thunks, exclusive time: nested events are subtracted from their parents):",
+              "", _table(["op kind", "odyssey", "plain-JAX baseline"], kind_rows)]
+      for who, p in profiles:
+        out += ["", f"Largest non-matmul ops ({who}): "
+                + ", ".join(f"{n} {s:.2f} s" for n, s in p["top_non_matmul"])]
+  return "\n".join(out) + "\n"
 
 
 def _plot(rows, path, title):
@@ -351,6 +647,10 @@ def _plot(rows, path, title):
   for i, r in enumerate(rows):
     if "baseline_mfu" in r:
       ax.bar([i + 0.3], [r["baseline_mfu"]], width=0.3, color="tab:gray", label="plain-JAX baseline")
+    if "ceiling" in r:
+      ax.hlines(r["ceiling"]["ceiling_mfu"], i - 0.4, i + 0.45, color="tab:red",
+                label="matmul-only ceiling (Llama)")
+  ax.axhline(0.6, color="black", linestyle=":", linewidth=1, label="CPU target (Llama)")
   ax.set_ylabel("MFU")
   ax.set_ylim(0, 1)
   ax.set_title(title, fontsize=7)

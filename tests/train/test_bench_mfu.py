@@ -19,5 +19,21 @@ def test_quick_mfu_bench_writes_sane_figures(tmp_path):
     assert 0 < row["mfu"] <= 1, row
   llama = result["rows"][0]
   assert 0 < llama["baseline_mfu"] <= 1 and llama["speed_vs_baseline"] > 0
-  shares = llama["profile"]["kinds"]
-  assert abs(sum(shares.values()) - 1) < 1e-6 and shares["matmul"] > 0
+  assert [v["block_size"] for v in llama["variants"]] == [32]
+  assert all(v["step_s"] > 0 and v["speed_vs_default"] > 0 for v in llama["variants"])
+  for which in ("profile", "baseline_profile"):
+    shares = llama[which]["kinds"]
+    assert abs(sum(shares.values()) - 1) < 1e-6 and shares["matmul"] > 0, which
+    assert 0 < llama[which]["ops_running_s"] <= llama[which]["step_wall_s"] * 1.01, which
+    assert llama[which]["matmul_flops_per_s"] > 0, which
+  ceiling = llama["ceiling"]
+  # q, k, v, o, gate, up, down and attention's two S² matmuls: forward and two gradients each,
+  # the blockwise kernel's recomputed scores, and the head's three.
+  assert len(ceiling["matmuls"]) == 9 * 3 + 1 + 3
+  # The enumeration is train/flops.py's executed count (attention at full S²), plus the recompute.
+  assert math.isclose(ceiling["baseline_matmul_flops"], llama["executed_flops_per_step"])
+  assert ceiling["flops"] > llama["executed_flops_per_step"] > llama["model_flops_per_step"]
+  assert ceiling["baseline_matmul_flops"] < ceiling["odyssey_matmul_flops"]
+  for key in ("matmul_only_s", "plain_layout_s", "ceiling_mfu", "ceiling_mfu_causal_skip"):
+    assert ceiling[key] > 0 and math.isfinite(ceiling[key]), key
+  assert ceiling["ceiling_mfu_causal_skip"] > ceiling["ceiling_mfu"]
