@@ -1,7 +1,9 @@
 # odyssey: `make run` (the main job on embedded data) and `make test` (the suite on 8 simulated
 # CPU devices). Both create or reuse the virtualenv in .venv and install what they need.
 
-PYTHON ?= python3
+# JAX 0.12 needs Python >= 3.12: the first interpreter that is new enough, among python3, python3.12,
+# python3.13 and pyenv's installed versions (set PYTHON=... to choose another).
+PYTHON ?= $(shell for p in python3 python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 2>/dev/null); do $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency list changes.
@@ -14,9 +16,11 @@ TEST_WORKERS ?= 2
 .PHONY: run test install clean
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "odyssey: no Python >= 3.12 found (JAX 0.12 needs one); install one or run make PYTHON=/path/to/python3.12."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "odyssey: $(VENV) has Python < 3.12; making it anew with $(PYTHON)."; rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet -e '.[parity]' || echo "odyssey: torch/transformers/diffusers did not install, so the Hugging Face parity tests will skip."
@@ -26,10 +30,12 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 # The tiny byte-level Llama on the Python stdlib corpus, sharded data=2 x fsdp=2 x tensor=2 over 8
-# simulated CPU devices. Rerunning resumes from $(WORKDIR); `make clean` starts over.
+# simulated CPU devices. Rerunning resumes from $(WORKDIR); `make clean` starts over. ARGS adds
+# flags to the command, e.g. make run ARGS='--config.train.steps=30 --config.eval.every=10'.
+ARGS ?=
 run: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python -m train \
-	  --config=experiments/lm_stdlib.py:size=tiny --workdir=$(WORKDIR) --cpu_devices=8
+	  --config=experiments/lm_stdlib.py:size=tiny --workdir=$(WORKDIR) --cpu_devices=8 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 tests
