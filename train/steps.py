@@ -41,7 +41,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   data position: ``optimizer.make`` wraps the optimizer in ``optax.apply_if_finite``, which
   returns zero updates and keeps its inner state, and counts consecutive (``bad_steps``) and
   total (``skipped_steps``) rejected steps; a non-finite loss poisons the gradients so it is
-  rejected too. The loop stops the run after ``train.max_bad_steps`` consecutive bad steps.
+  rejected too. A step whose gradients are finite but whose new parameters or optimizer state
+  are not (an overflowing update) is rejected and counted the same way, so no non-finite value
+  ever reaches the state the loop checkpoints. The loop stops the run after
+  ``train.max_bad_steps`` consecutive bad steps.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -95,11 +98,30 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
     grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params, opt_state = _keep_if_not_finite(state.params, state.opt_state, params, opt_state)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(state.step), **bad_step_counts(opt_state)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
   return train_step
+
+
+def _keep_if_not_finite(old_params, old_opt, new_params, new_opt):
+  """The new parameters and optimizer state, or the old ones counted as a rejected step when
+  any new value is not finite: finite gradients can still overflow (a huge learning rate, a
+  second moment past float32's range), and no non-finite state may ever be checkpointed.
+  ``new_opt`` is ``optax.apply_if_finite``'s state; the step counts as bad like one whose
+  gradients were not finite."""
+  leaves = [x for x in jax.tree.leaves((new_params, new_opt.inner_state))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep, new_params, old_params)
+  rejected = new_opt._replace(
+      inner_state=old_opt.inner_state, last_finite=jnp.array(False),
+      notfinite_count=old_opt.notfinite_count + 1, total_notfinite=old_opt.total_notfinite + 1)
+  opt_state = jax.tree.map(keep, new_opt, rejected)
+  return params, opt_state
 
 
 def bad_step_counts(opt_state) -> dict:

@@ -1,12 +1,15 @@
-"""train/optimizer.py: schedule shape, weight-decay mask, clipping."""
+"""train/optimizer.py: schedule shape, weight-decay mask, clipping, field ranges; and the train
+step's guard against non-finite new state (train/steps.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import lm
-from train import optimizer
+from train import optimizer, steps
+from train.state import TrainState
 
 
 def test_warmup_then_cosine_to_final_fraction():
@@ -41,3 +44,43 @@ def test_weight_decay_applies_only_where_masked_in_and_grads_are_clipped():
   big = {"g": jnp.full(4, 10.0)}
   clipped, _ = clip.update(big, clip.init(big))
   np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1.0, rtol=1e-6)
+
+
+def _one_step_twice(tx, lr, start: float, loss):
+  """Two train steps from a one-parameter state; returns (state, [state1, state2], [metrics])."""
+  params = {"w": {"kernel": jnp.full((1,), start, jnp.float32)}}
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(0))
+  step = jax.jit(steps.make_train_step(lambda p, batch, rng: (loss(p["w"]["kernel"]), {}), tx, lr))
+  first, m1 = step(state, {})
+  second, m2 = step(first, {})
+  return state, [first, second], [m1, m2]
+
+
+def _assert_skipped(state, new_states, metrics):
+  for n, (new, m) in enumerate(zip(new_states, metrics), 1):
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert int(m["bad_steps"]) == n and int(m["skipped_steps"]) == n
+    assert int(new.step) == n
+    # Nothing non-finite reached the state: the parameters and optimizer state are the old ones.
+    for got, old in zip(jax.tree.leaves((new.params, new.opt_state.inner_state)),
+                        jax.tree.leaves((state.params, state.opt_state.inner_state))):
+      np.testing.assert_array_equal(got, old)
+
+
+def test_step_whose_new_parameters_overflow_is_skipped_and_counted():
+  # A finite (if absurd) learning rate: finite loss and gradient, an update past float32's range.
+  opt = lm.get_config("size=test").opt
+  opt.update(lr=2e38, warmup_steps=0, final_lr_frac=1.0, weight_decay=0.0)
+  tx, lr = optimizer.make(opt, total_steps=10)
+  _assert_skipped(*_one_step_twice(tx, lr, 2e38, lambda w: -jnp.sum(w)))
+
+
+def test_step_whose_new_optimizer_state_overflows_is_skipped_and_counted():
+  # Finite gradients and zero updates, but an accumulator in the optimizer state overflows.
+  def update(grads, acc, params=None):
+    return jax.tree.map(jnp.zeros_like, grads), acc * 1e30
+
+  inner = optax.GradientTransformation(lambda params: jnp.full((), 1e10, jnp.float32), update)
+  tx = optax.apply_if_finite(inner, max_consecutive_errors=optimizer.NEVER_ACCEPT)
+  _assert_skipped(*_one_step_twice(tx, optax.constant_schedule(1.0), 1.0, jnp.sum))
