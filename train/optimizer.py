@@ -1,12 +1,62 @@
 """optax AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask,
 wrapped in ``optax.apply_if_finite`` so a non-finite gradient never reaches the parameters."""
 
+import math
+
 import flax.linen as nn
 import jax
 import optax
 
 # Leaf names of parameters that never take weight decay (norm scales, biases).
 NO_DECAY = ("scale", "bias")
+
+NAMES = ("adamw",)  # supported values of config.opt.name
+
+# config.opt's numeric fields: (low, high, interval as written in the message, what it is).
+# Every one must also be finite: a NaN or infinite setting trains NaN parameters.
+RANGES = {
+    "lr": (0.0, math.inf, "[0, inf)", "the peak learning rate"),
+    "final_lr_frac": (0.0, 1.0, "[0, 1]", "the final learning rate as a fraction of opt.lr"),
+    "b1": (0.0, 1.0, "[0, 1)", "Adam's first-moment decay"),
+    "b2": (0.0, 1.0, "[0, 1)", "Adam's second-moment decay"),
+    "eps": (0.0, math.inf, "(0, inf)", "Adam's denominator epsilon"),
+    "weight_decay": (0.0, math.inf, "[0, inf)", "the decoupled weight decay"),
+    "clip_norm": (0.0, math.inf, "(0, inf)", "the global gradient-norm clip"),
+}
+FIELDS = ("name", "warmup_steps", "decay_embeddings", *RANGES)
+
+
+def check(opt_cfg) -> None:
+  """Raises ValueError with one sentence for the first field of ``config.opt`` out of range."""
+  unknown = sorted(set(opt_cfg) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"config.opt has unknown field(s) {unknown}; its fields are {sorted(FIELDS)}.")
+  missing = [f for f in FIELDS if f not in opt_cfg]
+  if missing:
+    raise ValueError(f"config.opt is missing the field(s) {missing}; see configs/base.py.")
+  if opt_cfg.name not in NAMES:
+    raise ValueError(f"config.opt.name={opt_cfg.name!r} is not a supported optimizer; "
+                     f"supported: {list(NAMES)}.")
+  for field, (low, high, interval, what) in RANGES.items():
+    value = opt_cfg[field]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and _inside(value, low, high, interval)):
+      raise ValueError(f"config.opt.{field}={value!r} must be a finite number in {interval} "
+                       f"({what}).")
+  steps = opt_cfg.warmup_steps
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    raise ValueError(f"config.opt.warmup_steps={steps!r} must be an integer >= 0 (steps of linear "
+                     "warmup from 0 to opt.lr).")
+  if not isinstance(opt_cfg.decay_embeddings, bool):
+    raise ValueError(f"config.opt.decay_embeddings={opt_cfg.decay_embeddings!r} must be True or "
+                     "False.")
+
+
+def _inside(value, low, high, interval: str) -> bool:
+  """Whether ``value`` lies in ``interval``, whose brackets say which ends are included."""
+  above = value >= low if interval[0] == "[" else value > low
+  below = value <= high if interval[-1] == "]" else value < high
+  return above and below
 
 
 def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -39,8 +89,7 @@ def make(opt_cfg, total_steps: int):
   ``total_notfinite`` in all), which is checkpointed with the rest; its own give-up threshold
   is never reached, because the loop stops the run at ``train.max_bad_steps`` instead.
   """
-  if opt_cfg.name != "adamw":
-    raise ValueError(f"config.opt.name={opt_cfg.name!r} is not supported; use 'adamw'.")
+  check(opt_cfg)
   lr = schedule(opt_cfg, total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(opt_cfg.clip_norm),

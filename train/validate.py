@@ -1,6 +1,7 @@
 """Config validation: every check runs before anything is traced or compiled, one sentence each."""
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -9,7 +10,7 @@ from nets import llama
 from nets import moe as moe_lib
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
-from train import models, tasks
+from train import models, optimizer, tasks
 
 GROUPS = ("task", "model", "data", "mesh", "parallel", "train", "opt", "ckpt", "log", "eval",
           "seed")
@@ -31,8 +32,11 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                      "complete config.")
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
+  _check_seed(config.seed)
+  optimizer.check(config.opt)
   task = tasks.get(config)
   model_cfg = models.model_config(config)
+  _check_model_numbers(model_cfg)
   task.check(model_cfg)
   sizes = parallel_mesh.mesh_shape(config.mesh, num_devices)
   hosts = parallel_mesh.granules(jax.devices()) if num_devices == jax.device_count() else 1
@@ -106,6 +110,31 @@ def _check_profile_steps(spec):
   if not ok or not 1 <= int(parts[0]) <= int(parts[1]):
     raise ValueError(f"config.log.profile_steps={spec!r} must be 'a:b' with 1 <= a <= b "
                      "(the first and last step to trace), or '' for no profile.")
+
+
+SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps 32 bits: seed 2**32 would repeat seed 0
+
+
+def _check_seed(seed):
+  """config.seed: an integer PRNGKey and grain take as it is."""
+  if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+    raise ValueError(f"config.seed={seed!r} must be an integer in [0, 2**32 - 1] (it seeds the "
+                     "parameters, the data order and the step's PRNG stream).")
+
+
+# Model fields that must be finite and positive where a family has them (a zero RoPE base or
+# norm epsilon compiles and trains NaN).
+POSITIVE_MODEL_FLOATS = ("rope_theta", "norm_eps")
+
+
+def _check_model_numbers(model_cfg):
+  for field in POSITIVE_MODEL_FLOATS:
+    value = getattr(model_cfg, field, None)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
+                                       and value > 0):
+      raise ValueError(f"model.{field}={value!r} must be a finite number in (0, inf).")
 
 
 def _mlp_width(model_cfg) -> int:

@@ -91,3 +91,71 @@ def test_init_from_errors_are_sentences(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match=r"has no checkpoint to take parameters from"):
     validate.validate_workdir(c, str(tmp_path / "run"))
+
+
+NAN, INF = float("nan"), float("inf")
+
+# Optimizer, seed and model numbers: (field, value, the sentence's start). Every numeric field of
+# config.opt, NaN and infinity as well as out-of-range values; each names field, value and range.
+BAD_NUMBERS = [
+    ("opt.lr", NAN, r"config.opt.lr=nan must be a finite number in \[0, inf\) \(the peak "),
+    ("opt.lr", INF, r"config.opt.lr=inf must be a finite number in \[0, inf\)"),
+    ("opt.lr", -1e-3, r"config.opt.lr=-0.001 must be a finite number in \[0, inf\)"),
+    ("opt.weight_decay", NAN, r"config.opt.weight_decay=nan must be a finite number in \[0, inf\)"),
+    ("opt.weight_decay", -0.1, r"config.opt.weight_decay=-0.1 must be a finite number in \[0, "),
+    ("opt.eps", -1e-8, r"config.opt.eps=-1e-08 must be a finite number in \(0, inf\)"),
+    ("opt.eps", 0.0, r"config.opt.eps=0.0 must be a finite number in \(0, inf\)"),
+    ("opt.eps", INF, r"config.opt.eps=inf must be a finite number in \(0, inf\)"),
+    ("opt.clip_norm", -1.0, r"config.opt.clip_norm=-1.0 must be a finite number in \(0, inf\)"),
+    ("opt.clip_norm", NAN, r"config.opt.clip_norm=nan must be a finite number in \(0, inf\)"),
+    ("opt.clip_norm", INF, r"config.opt.clip_norm=inf must be a finite number in \(0, inf\)"),
+    ("opt.b1", 1.0, r"config.opt.b1=1.0 must be a finite number in \[0, 1\) \(Adam's first"),
+    ("opt.b1", -0.1, r"config.opt.b1=-0.1 must be a finite number in \[0, 1\)"),
+    ("opt.b1", NAN, r"config.opt.b1=nan must be a finite number in \[0, 1\)"),
+    ("opt.b2", 1.0, r"config.opt.b2=1.0 must be a finite number in \[0, 1\) \(Adam's second"),
+    ("opt.b2", 1.5, r"config.opt.b2=1.5 must be a finite number in \[0, 1\)"),
+    ("opt.final_lr_frac", 1.5, r"config.opt.final_lr_frac=1.5 must be a finite number in \[0, 1\]"),
+    ("opt.final_lr_frac", -0.1, r"config.opt.final_lr_frac=-0.1 must be a finite number in \[0, "),
+    ("opt.final_lr_frac", NAN, r"config.opt.final_lr_frac=nan must be a finite number in \[0, 1\]"),
+    ("opt.warmup_steps", -1, r"config.opt.warmup_steps=-1 must be an integer >= 0"),
+    ("opt.name", "sgd", r"config.opt.name='sgd' is not a supported optimizer; supported: "
+                        r"\['adamw'\]\.$"),
+    ("seed", -1, r"config.seed=-1 must be an integer in \[0, 2\*\*32 - 1\]"),
+    ("seed", 2**32, r"config.seed=4294967296 must be an integer in \[0, 2\*\*32 - 1\]"),
+    ("model.rope_theta", 0.0, r"model.rope_theta=0.0 must be a finite number in \(0, inf\)\.$"),
+    ("model.rope_theta", NAN, r"model.rope_theta=nan must be a finite number in \(0, inf\)"),
+    ("model.rope_theta", -1.0, r"model.rope_theta=-1.0 must be a finite number in \(0, inf\)"),
+    ("model.norm_eps", 0.0, r"model.norm_eps=0.0 must be a finite number in \(0, inf\)"),
+    ("model.norm_eps", INF, r"model.norm_eps=inf must be a finite number in \(0, inf\)"),
+]
+
+
+@pytest.mark.parametrize("dotted,value,message", BAD_NUMBERS,
+                         ids=[f"{d}={v}" for d, v, _ in BAD_NUMBERS])
+def test_bad_optimizer_seed_and_model_numbers_are_one_sentence(dotted, value, message):
+  c = good()
+  if dotted == "seed":
+    c.seed = value
+  else:
+    _set(c, dotted, value)
+  with pytest.raises(ValueError, match="^" + message):
+    validate.validate(c)
+
+
+def test_optimizer_range_edges_are_accepted():
+  # The closed ends of each range: a frozen run (lr 0), no momentum, no decay, no warmup.
+  c = good()
+  c.opt.update(lr=0.0, b1=0.0, b2=0.0, weight_decay=0.0, warmup_steps=0, final_lr_frac=0.0)
+  validate.validate(c)
+  c.opt.update(final_lr_frac=1.0, lr=1, eps=1e-30, clip_norm=1e-6)
+  validate.validate(c)
+  c.seed = 2**32 - 1
+  validate.validate(c)
+
+
+def test_unknown_optimizer_field_is_one_sentence():
+  c = good()
+  c.opt.momentum = 0.9
+  with pytest.raises(ValueError, match=r"config.opt has unknown field\(s\) \['momentum'\]; its "
+                                       r"fields are \["):
+    validate.validate(c)
