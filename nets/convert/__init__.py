@@ -13,6 +13,11 @@ A family module (``nets/convert/<family>.py``) defines:
 This file holds what they share: reading and writing ``config.json`` plus safetensors (a single
 file or shards with an index), explicit dtype conversion, and the sentences for missing,
 mis-shaped and unexpected tensors. Pickle files (``*.bin``, ``*.pt``) are never opened.
+
+A safetensors header is checked before any of it is trusted (``read_safetensors``): the 8-byte
+header length must fit in the file, the header must be a JSON object, every tensor must have a
+known dtype, a shape, and data offsets inside the data section spanning exactly shape x dtype
+bytes, with no two tensors overlapping. An index must name plain files of the folder.
 """
 
 import importlib
@@ -22,7 +27,6 @@ import os
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import safetensors
 import safetensors.flax
 
 FAMILIES = ("llama", "vit", "mamba", "dit")
@@ -30,6 +34,17 @@ FAMILIES = ("llama", "vit", "mamba", "dit")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
            "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# The dtype names a safetensors header may use, as numpy dtypes (all little-endian on disk).
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U64": np.dtype("<u8"), "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "BOOL": np.dtype(np.bool_)}
+# Weights odyssey imports must be stored in one of these (FP8 needs scales no converter reads).
+FLOAT_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
+# The safetensors library refuses headers above 100 MB; a larger length is a damaged file.
+MAX_HEADER_BYTES = 100 * 1000 * 1000
 
 
 def family(name: str):
@@ -57,10 +72,15 @@ class MissingTensorError(KeyError):
 class Tensors:
   """Named tensors read from a checkpoint; ``take`` hands each out once, checked and converted."""
 
-  def __init__(self, tensors: dict, source: str, dtype_name: str | None = None):
+  def __init__(self, tensors: dict, source: str, dtype_name: str | None = None,
+               files: dict[str, str] | None = None, stored: dict[str, str] | None = None):
+    """``files``/``stored``: each tensor's file and safetensors dtype name (default: ``source``
+    and the name of the array's dtype)."""
     self._tensors = dict(tensors)
     self._taken = set()
     self.source = source
+    self._files = dict(files or {})
+    self._stored = dict(stored or {})
     # None keeps each tensor's stored floating dtype; a name converts every floating tensor.
     self.dtype = None if dtype_name is None else dtype(dtype_name)
 
@@ -85,8 +105,13 @@ class Tensors:
       raise MissingTensorError(f"{self.source} has no tensor {name!r}, which this model needs "
                      f"({len(self._tensors)} tensors present).")
     a = self._tensors[name]
+    source = self._files.get(name, self.source)
+    stored = self._stored.get(name) or _safetensors_name(np.asarray(a).dtype)
+    if stored not in FLOAT_WEIGHT_DTYPES:
+      raise ValueError(f"{name} in {source} is stored as {stored}, but a weight must be a float "
+                       f"type ({'/'.join(FLOAT_WEIGHT_DTYPES)}).")
     if shape is not None and tuple(a.shape) != tuple(shape):
-      raise ValueError(f"tensor {name!r} in {self.source} has shape {tuple(a.shape)}, but the "
+      raise ValueError(f"tensor {name!r} in {source} has shape {tuple(a.shape)}, but the "
                        f"config needs {tuple(shape)}.")
     self._taken.add(name)
     a = np.asarray(a)
@@ -108,22 +133,144 @@ class Tensors:
                        f"for: {shown}; the config.json does not describe these weights.")
 
 
-def _weight_files(directory: str, weights: str) -> list[str]:
-  """The safetensors files of ``directory``: the single file or the shards its index names."""
+def _safetensors_name(dt: np.dtype) -> str:
+  """The safetensors name of numpy dtype ``dt`` (its numpy name when safetensors has none)."""
+  for name, known in SAFETENSORS_DTYPES.items():
+    if known == dt:
+      return name
+  return str(dt)
+
+
+def _read_exact(f, n: int, path: str, what: str) -> bytes:
+  buf = f.read(n)
+  if len(buf) != n:
+    raise ValueError(f"{path} is truncated: {what} needs {n:,} bytes but only {len(buf):,} are "
+                     "left in the file.")
+  return buf
+
+
+def safetensors_header(path: str) -> tuple[dict[str, tuple[str, tuple, int, int]], int]:
+  """({tensor name: (dtype name, shape, begin, end)}, offset of the data section) of the
+  safetensors file ``path``, after checking that the header describes the file; any lie is one
+  sentence naming the file (and the tensor)."""
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      if size < 8:
+        raise ValueError(f"{path} is not a safetensors file: it has {size} bytes, fewer than "
+                         "the 8-byte header length that starts one.")
+      n = int.from_bytes(f.read(8), "little")
+      if n > size - 8:
+        raise ValueError(f"{path} is truncated or not a safetensors file: its first 8 bytes give "
+                         f"a header of {n:,} bytes, but only {size - 8:,} bytes follow.")
+      if n > MAX_HEADER_BYTES:
+        raise ValueError(f"{path} is not a valid safetensors file: its header length {n:,} bytes "
+                         f"exceeds the {MAX_HEADER_BYTES:,} bytes safetensors allows.")
+      raw = _read_exact(f, n, path, "the header")
+  except OSError as e:
+    raise ValueError(f"{path} could not be read: {e.strerror or e}.") from None
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not a valid safetensors file: its {n:,}-byte header is not "
+                     f"UTF-8 JSON ({e}).") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path} is not a valid safetensors file: its header is a JSON "
+                     f"{type(header).__name__}, not an object of tensors.")
+  data_len = size - 8 - n
+  entries = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      if not isinstance(entry, dict):
+        raise ValueError(f"{path} has a __metadata__ header entry that is not a JSON object.")
+      continue
+    if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+            and all(type(o) is int for o in entry["data_offsets"])):
+      raise ValueError(f"tensor {name!r} in {path} has a malformed header entry "
+                       f"{json.dumps(entry)[:120]}; safetensors needs a dtype name, a shape of "
+                       "non-negative integers and data_offsets [begin, end].")
+    dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    if dtype_name not in SAFETENSORS_DTYPES:
+      raise ValueError(f"tensor {name!r} in {path} has dtype {dtype_name!r}, which is not a "
+                       f"safetensors dtype odyssey knows ({', '.join(SAFETENSORS_DTYPES)}).")
+    if not 0 <= begin <= end <= data_len:
+      raise ValueError(f"tensor {name!r} in {path} has data_offsets [{begin}, {end}] outside "
+                       f"the file's {data_len:,}-byte data section (the file is truncated or "
+                       "its header is wrong).")
+    nbytes = int(np.prod(shape, dtype=object)) * SAFETENSORS_DTYPES[dtype_name].itemsize
+    if end - begin != nbytes:
+      raise ValueError(f"tensor {name!r} in {path} has shape {shape} of {dtype_name} "
+                       f"({nbytes:,} bytes), but its data_offsets [{begin}, {end}] span "
+                       f"{end - begin:,} bytes.")
+    entries[name] = (dtype_name, shape, begin, end)
+  spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+  for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+    if begin < prev_end:
+      raise ValueError(f"tensors {prev!r} and {name!r} in {path} overlap in the data section; "
+                       "the header is wrong.")
+  return entries, 8 + n
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """({name: numpy array}, {name: stored dtype name}) of the safetensors file ``path``, read only
+  after ``safetensors_header`` has checked its header against the file."""
+  entries, start = safetensors_header(path)
+  arrays = {}
+  try:
+    with open(path, "rb") as f:
+      for name, (dtype_name, shape, begin, end) in entries.items():
+        f.seek(start + begin)
+        buf = bytearray(_read_exact(f, end - begin, path, f"tensor {name!r}"))
+        arrays[name] = np.frombuffer(buf, SAFETENSORS_DTYPES[dtype_name]).reshape(shape)
+  except OSError as e:
+    raise ValueError(f"{path} could not be read: {e.strerror or e}.") from None
+  return arrays, {name: entry[0] for name, entry in entries.items()}
+
+
+def _index_files(directory: str, index: str) -> dict[str, str]:
+  """{tensor name: shard file name} of a safetensors index, checked: valid JSON, a weight_map of
+  names to plain file names of ``directory`` that exist there."""
+  try:
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+    detail = "it is not a JSON object" if isinstance(e, AttributeError) else str(e)
+    raise ValueError(f"{index} is not a valid safetensors index ({detail}).") from None
+  except OSError as e:
+    raise ValueError(f"{index} could not be read: {e.strerror or e}.") from None
+  if not isinstance(weight_map, dict) or not weight_map:
+    raise ValueError(f"{index} has no weight_map (an object of tensor name -> shard file name).")
+  for name, file_name in weight_map.items():
+    if not isinstance(file_name, str):
+      raise ValueError(f"{index} maps tensor {name!r} to {file_name!r}, not a file name.")
+    # A shard is a file of this folder: no path, so an index cannot reach outside it. (A shard
+    # that is itself a symlink is the folder's own choice, as in the Hugging Face cache.)
+    if (not file_name or file_name in (".", "..") or os.path.isabs(file_name)
+        or "/" in file_name or "\\" in file_name or os.sep in file_name):
+      raise ValueError(f"{index} maps tensor {name!r} to {file_name!r}, which is not a plain file "
+                       f"name inside {directory}; shards must lie in the folder itself.")
+  for file_name in sorted(set(weight_map.values())):
+    path = os.path.join(directory, file_name)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{index} names shard {file_name!r}, which is not in {directory}.")
+    if not os.path.isfile(path):
+      raise ValueError(f"{index} names shard {file_name!r}, but {path} is not a file.")
+  return weight_map
+
+
+def _weight_files(directory: str, weights: str) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of ``directory`` (the single file or the shards its index names) and
+  the index's {tensor name: file name}, or None for a single file."""
   single = os.path.join(directory, weights)
   index = single + ".index.json"
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index} has no weight_map.")
-    files = sorted(set(weight_map.values()))
-    missing = [n for n in files if not os.path.exists(os.path.join(directory, n))]
-    if missing:
-      raise FileNotFoundError(f"{index} names shard(s) {missing} that are not in {directory}.")
-    return [os.path.join(directory, n) for n in files]
+    weight_map = _index_files(directory, index)
+    return [os.path.join(directory, n) for n in sorted(set(weight_map.values()))], weight_map
   if os.path.exists(single):
-    return [single]
+    return [single], None
   pickles = [n for n in sorted(os.listdir(directory)) if n.endswith((".bin", ".pt", ".pth"))]
   hint = (f"; it has {pickles}, which are pickle files that odyssey never loads (convert them to "
           "safetensors first)") if pickles else ""
@@ -137,14 +284,28 @@ def read_hf(directory: str, weights: str, dtype_name: str | None = None) -> tupl
   config_path = os.path.join(directory, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{directory} has no config.json.")
-  with open(config_path) as f:
-    config = json.load(f)
-  tensors = {}
-  for path in _weight_files(directory, weights):
-    with safetensors.safe_open(path, framework="flax") as f:
-      for name in f.keys():
-        tensors[name] = np.asarray(f.get_tensor(name))
-  return config, Tensors(tensors, os.path.join(directory, weights), dtype_name)
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{config_path} is not valid JSON ({e}).") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path} is not a JSON object of model settings.")
+  tensors, files, stored = {}, {}, {}
+  paths, weight_map = _weight_files(directory, weights)
+  for path in paths:
+    arrays, dtypes = read_safetensors(path)
+    for name in arrays:
+      if name in files:
+        raise ValueError(f"tensor {name!r} is stored twice, in {files[name]} and {path}.")
+      files[name] = path
+    tensors.update(arrays)
+    stored.update(dtypes)
+  for name, file_name in (weight_map or {}).items():
+    if files.get(name) != os.path.join(directory, file_name):
+      raise ValueError(f"{directory}/{weights}.index.json places tensor {name!r} in "
+                       f"{file_name}, which has no such tensor.")
+  return config, Tensors(tensors, os.path.join(directory, weights), dtype_name, files, stored)
 
 
 def write_hf(directory: str, config: dict, tensors: dict, weights: str, *,
