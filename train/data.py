@@ -7,6 +7,10 @@ A corpus is one flat token stream: each document's bytes followed by EOS_ID. Two
 Train/val are split by file with a hash of the relative path, so the split is identical on every
 machine and does not move when files are added elsewhere in the tree. For "arrayrecord" the split
 was fixed by the converter's --val_fraction (recorded in metadata.json); data.val_fraction is unused.
+
+``check_splits`` (called by the LM task's check, before the workdir is touched) refuses a split
+that cannot fill one batch, a metadata.json that is not the converter's, and shards that are
+missing, not ArrayRecord files, or hold other records than metadata.json promises.
 """
 
 import functools
@@ -124,6 +128,48 @@ class ArrayStream:
 # ----------------------------------------------------------------------------- arrayrecord backend
 
 
+REBUILD = "rewrite the dataset with `python -m train.make_arrayrecord --src=TEXT_DIR --dst=DIR`"
+
+
+def read_metadata(path: str) -> dict:
+  """``path``/metadata.json of an "arrayrecord" text dataset, or one sentence saying what is wrong
+  with it (unreadable, not JSON, or lacking a field the reader needs)."""
+  meta_path = os.path.join(path, "metadata.json")
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{meta_path} could not be read as JSON ({e}); {REBUILD}.") from None
+  problem = _metadata_problem(meta)
+  if problem:
+    raise ValueError(f"{meta_path} is not the metadata of train.make_arrayrecord: {problem}; "
+                     f"{REBUILD}.")
+  return meta
+
+
+def _metadata_problem(meta) -> str:
+  if not isinstance(meta, dict):
+    return "it is not a JSON object"
+  for key in ("dtype", "chunk_len", "splits"):
+    if key not in meta:
+      return f"it has no {key!r}"
+  try:
+    np.dtype(meta["dtype"])
+  except TypeError:
+    return f"dtype {meta['dtype']!r} is not a numpy dtype"
+  if type(meta["chunk_len"]) is not int or meta["chunk_len"] < 1:
+    return f"chunk_len {meta['chunk_len']!r} is not a positive integer"
+  for split in SPLITS:
+    info = meta["splits"].get(split) if isinstance(meta["splits"], dict) else None
+    if not isinstance(info, dict) or not all(k in info for k in ("num_tokens", "num_chunks",
+                                                                   "shards")):
+      return f"splits.{split} lacks num_tokens, num_chunks or shards"
+    if not info["shards"] or not all(isinstance(n, str) and n == os.path.basename(n)
+                                     for n in info["shards"]):
+      return f"splits.{split}.shards is not a list of file names of the folder"
+  return ""
+
+
 class ArrayRecordStream:
   """A token stream stored as fixed-size chunk records in ArrayRecord shards.
 
@@ -132,8 +178,7 @@ class ArrayRecordStream:
   """
 
   def __init__(self, path: str, split: str):
-    with open(os.path.join(path, "metadata.json")) as f:
-      meta = json.load(f)
+    meta = read_metadata(path)
     info = meta["splits"][split]
     self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     self.chunk_len = meta["chunk_len"]
@@ -179,6 +224,95 @@ def check_data_config(data_cfg) -> None:
       raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; {how}.")
     if not any(n.endswith(".array_record") for n in os.listdir(data_cfg.path)):
       raise ValueError(f"data.path={data_cfg.path!r} has no .array_record shards; {how}.")
+    read_metadata(data_cfg.path)
+
+
+def open_shard(path: str, what: str):
+  """An ArrayRecordReader of shard ``path``, or one sentence naming it when it is missing or not
+  a readable ArrayRecord file (``what`` says how to make a good one)."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  if not os.path.isfile(path):
+    raise ValueError(f"ArrayRecord shard {path} is missing; {what}.")
+  reader = ArrayRecordReader(path)
+  if not reader.ok():  # a text file, a truncated shard or an empty file: no valid footer
+    raise ValueError(f"{path} is not a readable ArrayRecord file (truncated, or not written as "
+                     f"ArrayRecord); {what}.")
+  return reader
+
+
+@functools.lru_cache(maxsize=16)
+def _check_shards(path: str, split: str, signature: tuple) -> None:
+  """Every shard of ``split`` opens and holds the records metadata.json promises (chunk c in shard
+  c % num_shards; the first record of a shard is a full chunk unless it is the last)."""
+  del signature  # the shards' (name, size, mtime): part of the cache key only
+  meta = read_metadata(path)
+  info, chunk_len = meta["splits"][split], meta["chunk_len"]
+  itemsize = np.dtype(meta["dtype"]).itemsize
+  num_shards, num_chunks = len(info["shards"]), info["num_chunks"]
+  for s, name in enumerate(info["shards"]):
+    shard = os.path.join(path, name)
+    reader = open_shard(shard, REBUILD)
+    try:
+      want = len(range(s, num_chunks, num_shards))
+      if reader.num_records() != want:
+        raise ValueError(f"{shard} holds {reader.num_records()} records, but metadata.json "
+                         f"promises {want} for it ({num_chunks} chunks of the {split!r} split "
+                         f"over {num_shards} shards); {REBUILD}.")
+      if want:
+        length = len(reader.read([0])[0])
+        tokens = min(chunk_len, info["num_tokens"] - s * chunk_len)
+        if length != tokens * itemsize:
+          raise ValueError(f"{shard} starts with a record of {length} bytes, but metadata.json "
+                           f"promises {tokens} {meta['dtype']} tokens ({tokens * itemsize} bytes)"
+                           f"; {REBUILD}.")
+    finally:
+      reader.close()
+
+
+def split_tokens(data_cfg, split: str) -> int:
+  """The number of tokens in ``split``, from metadata.json or file sizes (no token is read)."""
+  if data_cfg.name == "arrayrecord":
+    return int(read_metadata(data_cfg.path)["splits"][split]["num_tokens"])
+  root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
+  # Each document is its bytes and one EOS; unreadable files are skipped when read, so this is
+  # an upper bound (make_dataset counts again).
+  return sum(os.path.getsize(os.path.join(root, rel)) + 1
+             for rel in split_files(root, split, float(data_cfg.val_fraction))
+             if os.path.isfile(os.path.join(root, rel)))
+
+
+def _where(data_cfg) -> str:
+  return f"data.path={data_cfg.path!r}" if data_cfg.path else f"data {data_cfg.name!r}"
+
+
+def check_splits(data_cfg, *, seq_len: int, batch_sizes: dict[str, tuple[int, str]]) -> None:
+  """One sentence for a split that cannot fill one batch or whose shards are damaged, before
+  anything is written; ``batch_sizes``: {split: (global batch size, the config field)}."""
+  check_data_config(data_cfg)
+  if data_cfg.name == "arrayrecord":
+    meta = read_metadata(data_cfg.path)
+    for split in batch_sizes:
+      names = meta["splits"][split]["shards"]
+      signature = tuple((n, *_stat(os.path.join(data_cfg.path, n))) for n in names)
+      _check_shards(os.path.realpath(data_cfg.path), split, signature)
+  for split, (batch, field) in batch_sizes.items():
+    tokens = split_tokens(data_cfg, split)
+    windows = max(tokens - 1, 0) // seq_len
+    if windows < batch:
+      empty = " (it is empty)" if tokens == 0 else ""
+      hint = ("rewrite the dataset with another --val_fraction" if data_cfg.name == "arrayrecord"
+              else "change data.val_fraction or add files") if split == "val" else "add data"
+      raise ValueError(f"the {split!r} split of {_where(data_cfg)} has {tokens:,} tokens{empty}, "
+                       f"{windows} windows of train.seq_len={seq_len}, fewer than one batch of "
+                       f"{field}={batch}; {hint}, or lower {field}.")
+
+
+def _stat(path: str) -> tuple:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return (None, None)
+  return (st.st_size, st.st_mtime_ns)
 
 
 def token_stream(data_cfg, split: str) -> ArrayStream | ArrayRecordStream:

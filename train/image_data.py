@@ -12,6 +12,12 @@ batch) is the same one train/data.py uses for text.
     ``data.path/{train,val}-*.array_record`` whose records are a little-endian int32 label followed
     by the raw array, and ``metadata.json`` = {"shape": [H, W, C], "dtype": "float16",
     "num_classes": N}. ``write_arrayrecord`` writes that layout.
+
+``check_splits`` (called by the image tasks' check, before the workdir is touched) refuses a split
+that cannot fill one batch, a folder image whose header or PNG data is damaged
+(``PIL.Image.verify``: it reads each file but decodes no pixels), and shards that are not
+ArrayRecord files or whose records are not the size metadata.json gives. A JPEG cut short is only
+found when decoded; ``FolderSource`` then names the file.
 """
 
 import functools
@@ -27,6 +33,8 @@ from train import data
 
 KNOWN = ("digits", "folder", "arrayrecord")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+ARRAYRECORD_HOW = ("an 'arrayrecord' image dataset is a folder written by "
+                   "train.image_data.write_arrayrecord")
 
 
 def check_image_config(data_cfg) -> None:
@@ -42,8 +50,8 @@ def check_image_config(data_cfg) -> None:
                        f"{'/'.join(IMAGE_SUFFIXES)} files.")
   if data_cfg.name == "arrayrecord":
     if not data_cfg.path or not os.path.isfile(os.path.join(data_cfg.path, "metadata.json")):
-      raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; an 'arrayrecord' image "
-                       "dataset is a folder written by train.image_data.write_arrayrecord.")
+      raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; {ARRAYRECORD_HOW}.")
+    _metadata(data_cfg)
   if data_cfg.image_size not in (0, 8, 16, 32) and data_cfg.name == "digits":
     raise ValueError(f"data.image_size={data_cfg.image_size} must be 8, 16 or 32 for digits "
                      "(0 keeps 8).")
@@ -95,18 +103,23 @@ class ArrayRecordSource:
   """Records of (int32 label, raw array) from ArrayRecord shards, decoded on demand."""
 
   def __init__(self, root: str, split: str):
-    with open(os.path.join(root, "metadata.json")) as f:
-      self.meta = json.load(f)
-    shards = sorted(os.path.join(root, n) for n in os.listdir(root)
-                    if n.startswith(f"{split}-") and n.endswith(".array_record"))
+    self.meta = _read_metadata(root)
+    self.root, self.split = root, split
+    shards = _shards(root, split)
     self._source = grain.sources.ArrayRecordDataSource(shards) if shards else []
     self._dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+    self.record_bytes = _record_bytes(self.meta)
 
   def __len__(self) -> int:
     return len(self._source)
 
   def __getitem__(self, i):
-    record = self._source[i.__index__()]
+    i = i.__index__()
+    record = self._source[i]
+    if len(record) != self.record_bytes:
+      raise ValueError(f"record {i} of the {self.split!r} split in {self.root} has {len(record)} "
+                       f"bytes, but metadata.json gives {self.record_bytes} (a 4-byte label and "
+                       f"a {self.meta['dtype']} array of shape {self.meta['shape']}).")
     label = np.frombuffer(record[:4], "<i4")[0]
     image = np.frombuffer(record[4:], self._dtype).reshape(self.meta["shape"])
     return {"images": image.astype(np.float32), "labels": np.int32(label)}
@@ -138,9 +151,14 @@ class FolderSource:
 
   def __getitem__(self, i):
     rel, label = self.files[i.__index__()]
-    with Image.open(os.path.join(self.root, rel)) as im:
-      im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-      image = np.asarray(im, np.float32) / 127.5 - 1.0
+    path = os.path.join(self.root, rel)
+    try:
+      with Image.open(path) as im:
+        im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+        image = np.asarray(im, np.float32) / 127.5 - 1.0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      # PIL names no file ("image file is truncated"); the user needs to know which one.
+      raise ValueError(f"image {path} could not be decoded ({e}); replace or remove it.") from None
     return {"images": image, "labels": np.int32(label)}
 
 
@@ -162,8 +180,103 @@ def source(data_cfg, split: str):
 
 
 def _metadata(data_cfg) -> dict:
-  with open(os.path.join(data_cfg.path, "metadata.json")) as f:
-    return json.load(f)
+  return _read_metadata(data_cfg.path)
+
+
+def _read_metadata(root: str) -> dict:
+  """metadata.json of an "arrayrecord" image dataset, or one sentence naming what is wrong."""
+  path = os.path.join(root, "metadata.json")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} could not be read as JSON ({e}); {ARRAYRECORD_HOW}.") from None
+  ok = (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and meta["shape"]
+        and all(type(d) is int and d > 0 for d in meta["shape"])
+        and type(meta.get("num_classes")) is int and meta["num_classes"] > 0
+        and isinstance(meta.get("dtype"), str))
+  if ok:
+    try:
+      np.dtype(meta["dtype"])
+    except TypeError:
+      ok = False
+  if not ok:
+    raise ValueError(f"{path} does not hold a shape (positive integers), a numpy dtype name and "
+                     f"num_classes; {ARRAYRECORD_HOW}.")
+  return meta
+
+
+def _record_bytes(meta: dict) -> int:
+  return 4 + int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize
+
+
+def _shards(root: str, split: str) -> list[str]:
+  return sorted(os.path.join(root, n) for n in os.listdir(root)
+                if n.startswith(f"{split}-") and n.endswith(".array_record"))
+
+
+@functools.lru_cache(maxsize=4)
+def _verify_images(root: str, files: tuple) -> None:
+  """Opens every image of a folder dataset and verifies it (PNG: every chunk's CRC), decoding no
+  pixels; one sentence naming the first file that is not a whole image."""
+  for rel, _ in files:
+    path = os.path.join(root, rel)
+    try:
+      with Image.open(path) as im:
+        im.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      raise ValueError(f"image {path} is damaged or not an image ({e}); replace or remove it."
+                       ) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _check_shards(root: str, split: str, signature: tuple) -> int:
+  """The number of records in ``split``'s shards, each opened and its first record's size checked
+  against metadata.json."""
+  del signature  # the shards' (name, size, mtime): part of the cache key only
+  meta = _read_metadata(root)
+  want, total = _record_bytes(meta), 0
+  for shard in _shards(root, split):
+    reader = data.open_shard(shard, ARRAYRECORD_HOW)
+    try:
+      if reader.num_records():
+        length = len(reader.read([0])[0])
+        if length != want:
+          raise ValueError(f"{shard} holds records of {length} bytes, but metadata.json gives "
+                           f"{want} (a 4-byte label and a {meta['dtype']} array of shape "
+                           f"{meta['shape']}); {ARRAYRECORD_HOW}.")
+      total += reader.num_records()
+    finally:
+      reader.close()
+  return total
+
+
+def check_splits(data_cfg, batch_sizes: dict[str, tuple[int, str]]) -> None:
+  """One sentence for a split that cannot fill one batch or whose files are damaged, before
+  anything is written; ``batch_sizes``: {split: (global batch size, the config field)}."""
+  check_image_config(data_cfg)
+  for split, (batch, field) in batch_sizes.items():
+    if data_cfg.name == "arrayrecord":
+      root = os.path.realpath(data_cfg.path)
+      signature = tuple((n, os.path.getsize(n), os.path.getmtime(n)) for n in _shards(root, split))
+      count = _check_shards(root, split, signature)
+      hint = f"write {split}-*.array_record shards with train.image_data.write_arrayrecord"
+    elif data_cfg.name == "folder":
+      src = source(data_cfg, split)
+      _verify_images(src.root, tuple(src.files))
+      count = len(src)
+      hint = ("change data.val_fraction or add images" if split == "val"
+              else "add images")
+    else:
+      count, hint = len(source(data_cfg, split)), "the digits split is fixed"
+    if count < batch:
+      empty = " (it is empty)" if count == 0 else ""
+      raise ValueError(f"the {split!r} split of {_where(data_cfg)} has {count} images{empty}, "
+                       f"fewer than one batch of {field}={batch}; {hint}, or lower {field}.")
+
+
+def _where(data_cfg) -> str:
+  return f"data.path={data_cfg.path!r}" if data_cfg.path else f"data {data_cfg.name!r}"
 
 
 def image_shape(data_cfg) -> tuple[int, int, int]:

@@ -28,11 +28,12 @@ def experiment(name: str):
 
 def test_dit_xl2_imagenet256_builds_and_shards_abstractly(tmp_path):
   c = experiment("dit_xl2_imagenet256")
-  latents = np.random.default_rng(0).standard_normal((4, 32, 32, 4)).astype(np.float16)
-  image_data.write_arrayrecord(str(tmp_path), "train", latents, np.arange(4), num_classes=1000)
+  latents = np.random.default_rng(0).standard_normal((8, 32, 32, 4)).astype(np.float16)
+  for split in ("train", "val"):  # validation checks that each split fills one batch
+    image_data.write_arrayrecord(str(tmp_path), split, latents, np.arange(8), num_classes=1000)
   c.data.path = str(tmp_path)
   c.mesh.update(data=2, fsdp=4)
-  c.train.batch_size = 8
+  c.train.batch_size = c.eval.batch_size = 8
   plan = validate.validate(c)
   assert plan.mesh["fsdp"] == 4 and plan.model_cfg.hidden_size == 1152
   mesh = parallel_mesh.make_mesh(c.mesh)
@@ -133,8 +134,11 @@ def test_pod_configs_fit_the_chip_memory(tmp_path, name, devices, chip, mesh):
   if c.task == "lm":
     c.data.update(name="stdlib", path="")  # the corpus is not shipped; validation reads it
   else:
-    latents = np.zeros((4, 32, 32, 4), np.float16)
-    image_data.write_arrayrecord(str(tmp_path), "train", latents, np.arange(4), num_classes=1000)
+    # One batch per split: validation checks that each split fills one.
+    latents = np.zeros((c.train.batch_size, 32, 32, 4), np.float16)
+    for split in ("train", "val"):
+      image_data.write_arrayrecord(str(tmp_path), split, latents, np.arange(len(latents)),
+                                   num_classes=1000)
     c.data.path = str(tmp_path)
   plan = validate.validate(c, num_devices=devices, process_count=devices // 8)
   sizes = plan.mesh

@@ -20,6 +20,11 @@ class ImageTask:
     if model_cfg.num_classes != classes:
       raise ValueError(f"model.num_classes={model_cfg.num_classes} but data "
                        f"{self.config.data.name!r} has {classes} classes.")
+    # The data files themselves (images verify, shards open, each split fills a batch), before
+    # the workdir is touched.
+    image_data.check_splits(self.config.data, {
+        "train": (self.config.train.batch_size, "train.batch_size"),
+        "val": (self.config.eval.batch_size, "eval.batch_size")})
 
   def datasets(self):
     c = self.config
