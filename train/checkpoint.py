@@ -1,6 +1,9 @@
 """Orbax checkpoints of the train state and the grain iterator position, saved together."""
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 
@@ -14,6 +17,11 @@ from jax.experimental import multihost_utils
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from train import data, models, tasks
+from train import workdir as workdir_lib
+
+
+class CheckpointSaveError(workdir_lib.WorkdirError):
+  """A checkpoint save failed (e.g. a full disk): one sentence naming the step and what is left."""
 
 
 class Checkpointer:
@@ -22,7 +30,9 @@ class Checkpointer:
   Saves are asynchronous (the device->host copy happens before ``save`` returns, so the caller
   may donate the state right after); ``keep`` newest steps are kept, and a forced save (the final
   step) ignores the interval. Orbax writes into a temporary folder and renames it when complete, so
-  an interrupted save never shadows the previous good checkpoint.
+  an interrupted or failed save never shadows the previous good checkpoint. A failed save raises
+  ``CheckpointSaveError`` naming its step: at once for the synchronous part, else from
+  ``check_saved`` (cheap; the loop calls it every step), the next ``save`` or ``close``.
   """
 
   def __init__(self, workdir: str, ckpt_cfg):
@@ -33,6 +43,8 @@ class Checkpointer:
         enable_async_checkpointing=ckpt_cfg.async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
+    self._in_flight = None  # the step of an async save not yet known to have finished
+    _quiet_orbax_save_failures()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -46,9 +58,44 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Saves the state and the iterator position reached after ``step`` steps."""
+    self.check_saved(wait=True)  # Orbax waits for the previous save here anyway
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=data.checkpoint_args_save(data_iter))
-    return self.manager.save(step, args=args, force=force)
+    try:
+      saved = self.manager.save(step, args=args, force=force)
+    except Exception as e:  # the synchronous part: folders, metadata, the device->host copy
+      raise self._save_failed(step, e) from e
+    if saved:
+      self._in_flight = step
+    return saved
+
+  def check_saved(self, *, wait: bool = False) -> None:
+    """Raises CheckpointSaveError if the last async save failed; without ``wait`` it only looks
+    at a save that has already finished, so calling it every step costs nothing."""
+    if self._in_flight is None:
+      return
+    if not wait and self.manager.is_saving_in_progress():
+      return
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # raised once, by the thread that finalised the save
+      raise self._save_failed(step, e) from e
+
+  def _save_failed(self, step: int, error: Exception) -> CheckpointSaveError:
+    reason = _first_line(error)
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC or (
+        "No space left" in reason)
+    intact = [s for s in workdir_lib.checkpoint_steps(os.path.dirname(self.directory)) if s != step]
+    if intact:
+      left = (f"the previous checkpoints (steps {intact}) are intact. "
+              f"{'Free space' if full else 'Fix the cause'} and rerun to resume from step "
+              f"{intact[-1]}.")
+    else:
+      left = (f"there is no earlier checkpoint. {'Free space' if full else 'Fix the cause'} and "
+              "rerun to start again.")
+    return CheckpointSaveError(f"saving checkpoint step {step} to {self.directory} failed "
+                               f"({type(error).__name__}: {reason}); {left}")
 
   def restore(self, step: int, abstract_state, data_iter):
     """Restores the state into ``abstract_state``'s shardings and ``data_iter`` in place.
@@ -82,20 +129,50 @@ class Checkpointer:
   def restore_newest_valid(self, abstract_state, data_iter, report) -> tuple[int | None, object]:
     """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
 
-    A checkpoint that fails to restore (truncated or missing files, a missing item, unreadable
+    A checkpoint whose files are damaged (truncated or missing files, a missing item, unreadable
     metadata) is reported through ``report(sentence)`` and moved to
     ``workdir/checkpoints_corrupt/<step>`` (kept for inspection, and so a later save of the same
-    step cannot collide with it); the previous step is tried next. Nothing is deleted.
+    step cannot collide with it); the previous step is tried next. Nothing is deleted. A
+    checkpoint with intact files that holds a state of another structure (another model or
+    optimizer) is not damaged: the run is refused with a sentence and nothing is moved.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return step, self.restore(step, abstract_state, data_iter)
       except Exception as e:  # Orbax/TensorStore raise many types for a damaged checkpoint
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        mismatch = self._structure_mismatch(step, abstract_state)
+        if mismatch:
+          raise workdir_lib.WorkdirError(
+              f"checkpoint step {step} in {self.directory} holds a state this config cannot "
+              f"continue ({mismatch}); its files are intact and were left in place. Rerun with "
+              "the config it was written with, or use a new --workdir (add --config.init.from="
+              f"{os.path.dirname(self.directory)} to fine-tune from its parameters).") from e
         moved = self._quarantine(step)
-        report(f"checkpoint step {step} is unreadable ({type(e).__name__}: {reason}); moved it to "
-               f"{moved} and trying the previous checkpoint.")
+        report(f"checkpoint step {step} is unreadable ({type(e).__name__}: {_first_line(e)}); "
+               f"moved it to {moved} and trying the previous checkpoint.")
     return None, None
+
+  def _structure_mismatch(self, step: int, abstract_state) -> str | None:
+    """The first array that is missing, extra or shaped differently in the saved state's metadata,
+    or None when the metadata is unreadable (damage) or agrees (the array files are damaged)."""
+    try:
+      saved = ocp.PyTreeCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "state")
+    except Exception:  # unreadable metadata: damaged files
+      return None
+    have = _shapes_by_path(getattr(saved, "tree", saved))
+    want = _shapes_by_path(abstract_state)
+    if not have:
+      return None
+    for name, shape in want.items():
+      if name not in have:
+        return f"it has no array {name}, which this config's state needs"
+      if have[name] != shape:
+        return f"{name} has shape {have[name]} there, this config needs {shape}"
+    extra = sorted(set(have) - set(want))
+    if extra:
+      return f"it has array {extra[0]}, for which this config's state has no place"
+    return None
 
   def _quarantine(self, step: int) -> str:
     target = os.path.join(os.path.dirname(self.directory), "checkpoints_corrupt", str(step))
@@ -110,9 +187,73 @@ class Checkpointer:
     return target
 
   def close(self):
-    """Waits for pending async saves, then releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for pending async saves (raising CheckpointSaveError if one failed), then releases
+    the manager."""
+    try:
+      self.check_saved(wait=True)
+    finally:
+      with contextlib.suppress(Exception):  # a failure was reported above, or by save()
+        self.manager.close()
+
+
+def remove_interrupted_saves(workdir: str) -> list[str]:
+  """Deletes the temporary folders (``<step>.orbax-checkpoint-tmp*``) of saves that never
+  finished (a failed save, a kill or a second Ctrl-C during one) and returns their names. They
+  were never renamed to a step, so nothing can restore them; call only while holding the lock."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  removed = sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+  for name in removed:
+    path = os.path.join(directory, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  return removed
+
+
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's suffix for a save still being written
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+  """{"a/b/0": shape} for every array of ``tree``, with dict keys, attributes and sequence
+  indices alike (Orbax's metadata spells a TrainState and optax's tuples as dicts and lists)."""
+  def part(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      out["/".join(part(k) for k in path)] = tuple(shape)
+  return out
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return (text.splitlines()[0][:300] if text else type(error).__name__)
+
+
+class _OrbaxSaveFailureFilter(logging.Filter):
+  """Drops Orbax's own error records about a failed save (each with the whole traceback chain,
+  about a thousand lines); ``CheckpointSaveError`` reports the failure in one sentence."""
+
+  MARKS = ("Failed to run", "Save Finalize thread", "Checkpointer failed")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    message = str(record.msg)
+    return not any(mark in message for mark in self.MARKS)
+
+
+def _quiet_orbax_save_failures():
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxSaveFailureFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_OrbaxSaveFailureFilter())
 
 
 # A workdir written by ``python -m train.convert`` holds this file: its checkpoint is parameters
@@ -218,18 +359,27 @@ def model_differences(workdir: str, config) -> list[str]:
   """Model hyperparameters (as the family's Config resolves them) that differ between
   ``workdir``'s config and ``config`` ("field: theirs -> ours"), for fine-tuning runs: the shapes
   match, but e.g. another norm_eps or rope_theta is another function. remat is not compared."""
+  return [f"{k}: {change}" for k, change in model_field_changes(load_config(workdir), config)
+          if k != "remat"]
+
+
+def model_field_changes(theirs_config, config) -> list[tuple[str, str]]:
+  """(field, "theirs -> ours") for each model hyperparameter, as the family's Config resolves
+  them (defaults filled in; MoE fields as ``moe.x``), that differs between two configs of one
+  family. Raises ValueError when a config's model group is not one the family reads."""
   import dataclasses
-  theirs = _flat(dataclasses.asdict(models.model_config(load_config(workdir))))
-  ours = _flat(dataclasses.asdict(models.model_config(config)))
-  return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
-          if k != "remat" and theirs.get(k) != ours.get(k)]
+  theirs = flat_dict(dataclasses.asdict(models.model_config(theirs_config)))
+  ours = flat_dict(dataclasses.asdict(models.model_config(config)))
+  return [(k, f"{theirs.get(k)!r} -> {ours.get(k)!r}") for k in sorted(set(theirs) | set(ours))
+          if theirs.get(k) != ours.get(k)]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_dict(d: dict, prefix: str = "") -> dict:
+  """{"a.b": v} for the nested dict {"a": {"b": v}}."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
+      out.update(flat_dict(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out

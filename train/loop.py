@@ -15,8 +15,9 @@ import numpy as np
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
 from parallel import sharding
-from train import checkpoint, flops, metrics, models, optimizer, steps, tasks
+from train import checkpoint, flops, metrics, models, optimizer, steps, tasks, watchdog
 from train import state as state_lib
+from train import workdir as workdir_lib
 from train.validate import init_from, validate, validate_workdir
 
 
@@ -35,6 +36,12 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   """
   plan = validate(config)
   validate_workdir(config, workdir)
+  # One run at a time per workdir: a second is refused before it writes anything (docs/workdir.md).
+  with workdir_lib.locked(workdir):
+    return _run(config, workdir, plan, should_stop)
+
+
+def _run(config, workdir: str, plan, should_stop) -> dict:
   task = tasks.get(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel_mesh.make_mesh(config.mesh)
@@ -68,9 +75,10 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
     if init_params is not None:
       state = state.replace(params=init_params)
   start_step = int(jax.device_get(state.step))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  kept = workdir_lib.write_config(workdir, config)  # an earlier, different one is kept
+  if kept:
+    print(f"odyssey: config.json differs from the previous run's, which is kept as {kept}.",
+          flush=True)
 
   writer = metrics.Writer(workdir, total_steps=t.steps, start_step=start_step,
                           progress=config.log.progress)
@@ -114,15 +122,16 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
 
   def evaluate(step, params, final=False):
     sums = None
-    for _, local in zip(range(config.eval.steps), val_ds):
-      out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
-      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    result = task.summarize(jax.device_get(sums))
+    with watchdog.phase("eval"):
+      for _, local in zip(range(config.eval.steps), val_ds):
+        out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+      result = task.summarize(jax.device_get(sums))
     writer.write(step, result, split="val")
     writer.message(f"step {step}: {task.headline(result)}")
     summary.setdefault("first_val", result)
     summary["last_val"] = result
-    with in_mesh():
+    with in_mesh(), watchdog.phase("sample"):
       produced = task.samples(sampler, params, step=step, final=final, workdir=workdir,
                               data_parallel=dp, sharding=batch_shardings)
     if produced is not None:
@@ -130,7 +139,10 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
       if isinstance(produced, list) and produced and isinstance(produced[0], str):
         writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
 
-  with stop.installed(), contextlib.closing(ckpt):
+  # A step, eval or sample that stops making progress (a stuck collective) ends the run with a
+  # sentence naming the phase instead of hanging or aborting in C++ (train/watchdog.py).
+  watchdog.start(t.hang_timeout_s)
+  with stop.installed(), contextlib.closing(ckpt), watchdog.phase("train step"):
     if start_step == 0:
       evaluate(0, state.params)
     clock = {"time": time.perf_counter(), "step": start_step}
@@ -161,8 +173,10 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
         jax.profiler.stop_trace()
         writer.message(f"profile of steps {profile[0]}..{step} written to {profile_dir} (open "
                        "it with TensorBoard or xprof).")
+      ckpt.check_saved()  # a failed async save stops the run here, naming its step
       if previous_bad is not None:
         _check_bad_steps(int(previous_bad[1]), previous_bad[0], t.max_bad_steps, ckpt)
+        watchdog.beat()  # the host has seen the previous step finish
       previous_bad = (step, step_metrics["bad_steps"])
       if pending is not None:
         flush(*pending)
@@ -175,7 +189,8 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
         if pending is not None:
           flush(*pending)
           pending = None
-        ckpt.save(step, state, train_iter, force=True)
+        with watchdog.phase("checkpoint save"):
+          ckpt.save(step, state, train_iter, force=True)
       if stopped_by:
         summary["stopped_by"] = stopped_by
         break
@@ -192,6 +207,7 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   summary["checkpoints"] = ckpt.all_steps()
   writer.message(_outputs_message(workdir, summary, task))
   writer.close()
+  watchdog.stop()
   return summary
 
 

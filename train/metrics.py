@@ -17,11 +17,18 @@ class Writer:
     self._jsonl = self._tb = None
     if self.enabled:
       path = os.path.join(workdir, "metrics.jsonl")
-      _drop_lines_after(path, start_step)
+      self.marked, self.set_aside = mark_superseded(path, start_step)
       self._jsonl = open(path, "a")
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                           disable=not (progress and self.enabled), mininterval=1.0)
+    if self.enabled and (self.marked or self.set_aside):
+      which = (f"past step {start_step}, whose state no checkpoint holds," if start_step
+               else "of an earlier start that left no checkpoint")
+      self.message(
+          f"odyssey: metrics.jsonl: {self.marked} line(s) {which} marked \"superseded\" (kept; "
+          "those steps are logged again)" + (f"; {self.set_aside} incomplete line(s) moved to "
+                                             f"{PARTIAL}" if self.set_aside else "") + ".")
 
   def write(self, step: int, metrics: dict, split: str = "train"):
     """Appends a metrics line for ``step`` and logs every scalar as ``{split}/{name}``."""
@@ -52,25 +59,51 @@ class Writer:
       self._jsonl.close()
 
 
-def _drop_lines_after(path: str, step: int):
-  """Keeps the complete lines of ``path`` up to ``step`` (where a resumed run continues).
+PARTIAL = "metrics.jsonl.partial"  # lines a killed writer left incomplete, kept verbatim
 
-  Lines past the restored checkpoint describe steps whose state was lost (a crash or kill -9
-  after them), and a killed writer can leave half a line; the resumed run logs those steps again.
+
+def mark_superseded(path: str, step: int) -> tuple[int, int]:
+  """Marks the lines of ``path`` past ``step`` (where a run continues) ``"superseded": true``.
+
+  Those lines describe steps whose state was lost (a crash or kill -9 after them, or every step
+  on a fresh start, ``step`` 0); the run logs the steps again, so a reader that wants each step
+  once skips marked lines. No line is deleted: values are kept as they were, and an incomplete
+  or unparsable line (a writer killed mid-line) goes verbatim to ``metrics.jsonl.partial`` so
+  appended lines stay valid JSON. The file is rewritten (atomically) only when something is
+  marked or set aside. Returns (lines marked, lines set aside).
   """
   if not os.path.exists(path):
-    return
-  kept = []
+    return 0, 0
   with open(path) as f:
-    for line in f:
-      try:
-        if line.endswith("\n") and json.loads(line)["step"] <= step:
-          kept.append(line)
-      except (ValueError, KeyError, TypeError):
-        pass
+    lines = f.readlines()
+  out, partial, marked = [], [], 0
+  for line in lines:
+    try:
+      record = json.loads(line) if line.endswith("\n") else None
+    except ValueError:
+      record = None
+    if not isinstance(record, dict):
+      if line.strip():
+        partial.append(line if line.endswith("\n") else line + "\n")
+      continue
+    if (step == 0 or record.get("step", 0) > step) and not record.get("superseded"):
+      out.append(json.dumps({**record, "superseded": True}) + "\n")
+      marked += 1
+    else:
+      out.append(line)
+  if not marked and not partial and len(out) == len(lines):
+    return 0, 0
+  if partial:
+    with open(os.path.join(os.path.dirname(path), PARTIAL), "a") as f:
+      f.writelines(partial)
+      f.flush()
+      os.fsync(f.fileno())
   with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
+    f.writelines(out)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
+  return marked, len(partial)
 
 
 def _scalar(v):

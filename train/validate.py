@@ -164,12 +164,16 @@ def _divisible_by_axis(model_cfg, sizes):
 
 
 def validate_workdir(config, workdir: str) -> None:
-  """Checks the run's folders before anything compiles: the workdir is not a converted one, and
-  ``init.from`` (fine-tuning from another workdir's parameters) names a readable workdir."""
+  """Checks the run's folders before anything compiles or is written: the workdir is not a
+  converted one, its checkpoints can be continued by this config (train/workdir.py; raises
+  WorkdirError naming the fields that differ), and ``init.from`` (fine-tuning from another
+  workdir's parameters) names a readable workdir."""
   from train import checkpoint  # train.checkpoint imports models/tasks; keep validate light
+  from train import workdir as workdir_lib
   if os.path.exists(os.path.join(workdir, checkpoint.CONVERTED_MARKER)):
     raise ValueError(f"{workdir} holds weights converted by train.convert (parameters only); "
                      f"train from them with --config.init.from={workdir} and another --workdir.")
+  workdir_lib.check_resumable(config, workdir)
   source, step = init_from(config)
   if not source:
     return
