@@ -15,6 +15,7 @@ data.path=OUT.
 import json
 import os
 import pathlib
+import sys
 
 from absl import app
 from absl import flags
@@ -87,6 +88,12 @@ def convert(src: str, dst: str, *, glob: str = "**/*.txt", chunk_len: int = 4096
   files = sorted(p.relative_to(src_path).as_posix() for p in src_path.glob(glob) if p.is_file())
   if not files:
     raise ValueError(f"No file under --src={src!r} matches --glob={glob!r}.")
+  for split, fix in (("train", "lower"), ("val", "raise")):
+    # Training evaluates on val; an empty split would only fail later, after a run has started.
+    if not any(data.split_of(f, val_fraction) == split for f in files):
+      raise ValueError(f"none of the {len(files)} files under --src={src!r} falls in the "
+                       f"{split!r} split with --val_fraction={val_fraction} (files are split by "
+                       f"a hash of their path); {fix} --val_fraction or add files.")
   if dst_path.is_dir() and any(n == "metadata.json" or n.endswith(".array_record")
                                for n in os.listdir(dst_path)):
     # Refuse rather than delete: stale shards of another run would silently mix into this one.
@@ -109,8 +116,6 @@ def convert(src: str, dst: str, *, glob: str = "**/*.txt", chunk_len: int = 4096
                      "num_chunks": writer.num_chunks, "shards": names}
     logging.info("%s: %d docs, %d tokens, %d chunks", split, len(split_files), num_tokens,
                  writer.num_chunks)
-    if not split_files:
-      logging.warning("The %s split is empty; add files or change --val_fraction.", split)
 
   metadata = {
       "vocab": data.VOCAB_NAME, "vocab_size": data.BYTE_VOCAB, "dtype": dtype,
@@ -128,8 +133,8 @@ def main(argv):
   try:
     convert(_SRC.value, _DST.value, glob=_GLOB.value, chunk_len=_CHUNK_LEN.value,
             num_shards=_NUM_SHARDS.value, val_fraction=_VAL_FRACTION.value, dtype=_DTYPE.value)
-  except ValueError as e:  # Bad flags: print the sentence and usage, not a traceback.
-    raise app.UsageError(str(e)) from e
+  except ValueError as e:  # Bad flags or source: one sentence, no traceback (the usage is --help).
+    sys.exit(f"odyssey: {e}")
 
 
 if __name__ == "__main__":

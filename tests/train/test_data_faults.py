@@ -111,15 +111,39 @@ def test_garbage_metadata(shards, content, expected):
   assert message.startswith(str(shards / "metadata.json")) and expected in message, message
 
 
-def test_empty_val_split_of_arrayrecord(tmp_path):
+def test_make_arrayrecord_refuses_an_empty_split(tmp_path):
   names = [n for n in (f"doc{i}.txt" for i in range(40)) if data.split_of(n, 0.05) == "train"]
   assert texts(tmp_path / "src", names[:6], 0.05) == 0
-  make_arrayrecord.convert(str(tmp_path / "src"), str(tmp_path / "ds"), chunk_len=16,
-                           num_shards=2, val_fraction=0.05)
+  with pytest.raises(ValueError, match=(
+      rf"^none of the 6 files under --src='{tmp_path / 'src'}' falls in the 'val' split with "
+      r"--val_fraction=0.05 \(files are split by a hash of their path\); raise --val_fraction "
+      r"or add files\.$")):
+    make_arrayrecord.convert(str(tmp_path / "src"), str(tmp_path / "ds"), val_fraction=0.05)
+  assert not (tmp_path / "ds").exists()  # refused before anything was written
+  proc = run_module("train.make_arrayrecord", f"--src={tmp_path / 'src'}",
+                    f"--dst={tmp_path / 'ds'}", "--val_fraction=0.05", ok=False, timeout=120)
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+      f"odyssey: none of the 6 files under --src='{tmp_path / 'src'}' falls in the 'val' split "
+      "with --val_fraction=0.05 (files are split by a hash of their path); raise --val_fraction "
+      "or add files."], proc.stderr[-2000:]
+
+
+def empty_val(ds):
+  """``ds`` as an older converter left it when no file fell in val: empty val shards."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+  meta = json.loads((ds / "metadata.json").read_text())
+  for name in meta["splits"]["val"]["shards"]:
+    ArrayRecordWriter(str(ds / name), "group_size:1").close()
+  meta["splits"]["val"].update(num_docs=0, num_tokens=0, num_chunks=0)
+  (ds / "metadata.json").write_text(json.dumps(meta))
+
+
+def test_empty_val_split_of_arrayrecord(shards):
+  empty_val(shards)
   with pytest.raises(ValueError) as info:
-    check_text(tmp_path / "ds")
+    check_text(shards)
   assert str(info.value) == (
-      f"the 'val' split of data.path='{tmp_path / 'ds'}' has 0 tokens (it is empty), 0 windows "
+      f"the 'val' split of data.path='{shards}' has 0 tokens (it is empty), 0 windows "
       "of train.seq_len=8, fewer than one batch of eval.batch_size=2; rewrite the dataset with "
       "another --val_fraction, or lower eval.batch_size.")
 
@@ -272,10 +296,11 @@ def test_cli_refuses_a_text_file_shard_and_an_empty_val_split(shards, tmp_path):
   assert line == (f"odyssey: {shard} is not a readable ArrayRecord file (truncated, or not "
                   f"written as ArrayRecord); {REBUILD}")
   shard.write_bytes(good)
-  line = refused(tmp_path, *LM, "--config.data.name=arrayrecord", f"--config.data.path={shards}",
-                 "--config.eval.batch_size=512")
-  assert line.startswith(f"odyssey: the 'val' split of data.path='{shards}' has ")
-  assert "fewer than one batch of eval.batch_size=512" in line
+  empty_val(shards)
+  line = refused(tmp_path, *LM, "--config.data.name=arrayrecord", f"--config.data.path={shards}")
+  assert line == (f"odyssey: the 'val' split of data.path='{shards}' has 0 tokens (it is empty), "
+                  "0 windows of train.seq_len=8, fewer than one batch of eval.batch_size=2; "
+                  "rewrite the dataset with another --val_fraction, or lower eval.batch_size.")
 
 
 def test_cli_refuses_a_corrupt_image(tmp_path):
