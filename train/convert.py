@@ -17,8 +17,9 @@ Export (an odyssey workdir, trained or imported -> a Hugging Face folder)::
 writes config.json and model.safetensors (diffusion_pytorch_model.safetensors for DiT), sharded
 with an index past --max_shard_gb. Families: llama (LlamaForCausalLM), vit
 (ViTForImageClassification), mamba (MambaForCausalLM), dit (diffusers DiTTransformer2DModel).
-Weights are read with safetensors only; pickle files are never opened. ``--dtype`` converts every
-floating tensor explicitly; by default the stored dtype is kept. Nothing is written into a
+Weights are read with safetensors only; pickle files are never opened, and every header and index
+is checked before it is trusted (docs/convert.md). ``--dtype`` converts every floating tensor
+explicitly; by default the stored dtype is kept. Nothing is written into a
 destination that already holds files.
 """
 
