@@ -6,7 +6,7 @@ import sys
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
-_FAST = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"  # tests/__init__
+_FAST = "--xla_backend_optimization_level=0"  # tests/__init__
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _FAST
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
