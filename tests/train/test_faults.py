@@ -71,10 +71,13 @@ def test_kill_9_then_rerun_continues_exactly(uninterrupted, tmp_path):
   rerun = run_module("train", *CLI_FLAGS, f"--workdir={tmp_path}")
   assert f"resumed from step {complete[-1]}" in rerun.stdout
   # Every step, including those the killed run had logged past its last checkpoint, is logged
-  # once, with exactly the loss of the uninterrupted run.
+  # once, with exactly the loss of the uninterrupted run; the killed run's lines past the
+  # checkpoint are kept, marked "superseded" (docs/workdir.md).
   assert train_losses(tmp_path) == uninterrupted
-  steps = [m["step"] for m in read_metrics(tmp_path) if m["split"] == "train"]
-  assert steps == list(range(1, STEPS + 1))
+  lines = [m for m in read_metrics(tmp_path) if m["split"] == "train"]
+  assert [m["step"] for m in lines if not m.get("superseded")] == list(range(1, STEPS + 1))
+  lost = [m["step"] for m in lines if m.get("superseded")]
+  assert all(step > complete[-1] for step in lost), lost
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(uninterrupted, tmp_path):
