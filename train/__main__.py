@@ -5,10 +5,14 @@ processes find each other from the environment, elsewhere add ``--coordinator_ad
 --num_processes=N --process_id=I`` (``python -m train.launch`` does this for local runs).
 """
 
+import difflib
+import importlib.util
+import os
+import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 
 def config_aliases(argv: list[str]) -> list[str]:
@@ -44,6 +48,115 @@ _XLA_FLAGS = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake on the command line as one sentence rather than
+  ml_collections' traceback or absl's usage dump."""
+  try:
+    rest = flags.FLAGS(argv)
+    # A config file that cannot be read parses as a placeholder that raises when first used.
+    if _CONFIG.value is not None and not isinstance(_CONFIG.value, config_dict.ConfigDict):
+      _load_config(flags.FLAGS["config"].serialize().split("=", 1)[1])
+    return rest
+  except Exception as e:  # noqa: BLE001  whatever the libraries raise, the cause is the argv
+    sys.exit(f"odyssey: {command_line_error(argv, e)}")
+
+
+OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$")
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              tuple: "a tuple", list: "a list"}
+
+
+def command_line_error(argv: list[str], error: Exception) -> str:
+  """The sentence for a command line that did not parse: a config file that does not load, an
+  override naming no config field (with the closest name), a value of the wrong type, or
+  absl's own message."""
+  spec = next((a.split("=", 1)[1] if "=" in a else (argv[i + 1:] or [None])[0]
+               for i, a in enumerate(argv) if re.match(r"^--?config(=|$)", a)), None)
+  if spec is None:
+    return _first_line(error)
+  try:
+    config = _load_config(spec)
+  except Exception as e:  # noqa: BLE001
+    return f"--config={spec} could not be loaded: {_first_line(e, last=True)}"
+  for path, value in (m.groups() for a in argv if (m := OVERRIDE.match(a))):
+    node, parts = config, path.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, config_dict.ConfigDict):
+        return (f"--config.{path} names no config field: config.{'.'.join(parts[:i])} is a "
+                "value, not a group.")
+      if part not in node:
+        where = f"config.{'.'.join(parts[:i])}" if i else "the config"
+        names = [_shown(k) for k in node.keys()]
+        close = difflib.get_close_matches(part, names, n=1)
+        guess = (f"; did you mean --config.{'.'.join(parts[:i] + close + parts[i + 1:])}?"
+                 if close else f"; it has {sorted(names)}.")
+        return f"--config.{path} names no config field: {where} has no {part!r}{guess}"
+      node = node[part]
+    if f"--config.{path}=" in str(error):  # absl's "flag --config.a.b=v: <why>"
+      kind = TYPE_NAMES.get(type(node), type(node).__name__)
+      return (f"--config.{path}={value} is not valid: config.{path} takes {kind} (the config "
+              f"has {node!r}).")
+  return _first_line(error)
+
+
+def _shown(key: str) -> str:
+  """A config key as the command line spells it (``init.from_`` is ``--config.init.from``)."""
+  return "from" if key == "from_" else key
+
+
+def _load_config(spec: str):
+  """``get_config(ARG)`` of the config file in ``FILE[:ARG]``, as config_flags loads it."""
+  path, *arg = spec.split(":", 1)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"there is no file {path}")
+  module_spec = importlib.util.spec_from_file_location("odyssey_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*arg)
+
+
+def _first_line(error: Exception, last: bool = False) -> str:
+  """One line of an exception's message (``last``: the final one, where a wrapped traceback
+  ends), ending with a full stop."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()] or [type(error).__name__]
+  line = lines[-1] if last else lines[0]
+  return line if line.endswith((".", "?")) else line + "."
+
+
+def out_of_memory(error: Exception) -> str | None:
+  """The sentence for XLA running out of device memory (None for any other error): which part
+  of the run needed how much, and the settings that lower it."""
+  message = str(error)
+  if not isinstance(error, RuntimeError) or not re.search(
+      r"RESOURCE_EXHAUSTED|out of memory|failed to allocate", message, re.IGNORECASE):
+    return None
+  need = ""
+  if m := re.search(r"allocat\w*\s+(\d+)\s*bytes", message):
+    need = f" (one buffer of {int(m.group(1)) / 2**30:.1f} GiB did not fit on a device)"
+  elif m := re.search(r"Used ([\d.]+\s*[KMGT]?i?B?) of ([\d.]+\s*[KMGT]?i?B?) (\w+)", message):
+    need = f" (it needs {m.group(1)} per device; {m.group(3)} holds {m.group(2)})"
+  return (f"{_phase(error.__traceback__)} ran out of device memory{need}; lower "
+          "train.batch_size or train.seq_len (eval.batch_size for evaluation), or use "
+          "train.grad_accum, train.remat or a larger mesh.fsdp.")
+
+
+# The innermost of these functions on the failing stack names the phase (train/loop.py fetches
+# the train step's results one step late, so its failures surface in the loop body itself).
+PHASES = {"init_sharded": "initialising the state", "restore_newest_valid": "restoring the state",
+          "samples": "sampling", "evaluate": "the evaluation step", "run": "the train step"}
+
+
+def _phase(tb) -> str:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  phase = "the run"
+  while tb is not None:
+    code = tb.tb_frame.f_code
+    if code.co_name in PHASES and os.path.abspath(code.co_filename).startswith(repo + os.sep):
+      phase = PHASES[code.co_name]
+    tb = tb.tb_next
+  return phase
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -60,8 +173,13 @@ def main(argv):
     validate.validate_workdir(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
-  loop.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    loop.run(_CONFIG.value, _WORKDIR.value)
+  except RuntimeError as e:
+    if (sentence := out_of_memory(e)) is None:
+      raise
+    sys.exit(f"odyssey: {sentence}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -10,6 +10,7 @@ a diffusers DiT-XL/2 import) have no decoder here: their samples are written as 
 instead of a PNG.
 """
 
+import math
 import os
 import sys
 
@@ -17,21 +18,45 @@ from absl import app, flags, logging
 
 
 
+SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps 32 bits
+
+
+def check_task(workdir: str, config) -> None:
+  """One sentence when ``workdir`` holds no diffusion model (read from its config.json alone)."""
+  task = config.get("task")
+  if task != "diffusion":
+    hint = "; use python -m train.generate for language models" if task == "lm" else ""
+    raise ValueError(f"{workdir} holds a {task!r} model; train.sample needs a diffusion model "
+                     f"(task 'diffusion'){hint}.")
+
+
 def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: int,
-                per_class: int) -> None:
+                per_class: int, seed: int = 0, step: int | None = None) -> None:
   """One sentence for the first flag this workdir cannot sample with (before compiling)."""
-  if config.get("task") != "diffusion":
-    raise ValueError(f"the workdir holds a {config.get('task')!r} run; train.sample needs a "
-                     "diffusion one (train.generate samples language models).")
+  if not classes:
+    raise ValueError("--classes is empty; give at least one class id.")
   bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
   if bad:
     raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} classes "
                      f"(0..{model_cfg.num_classes - 1}).")
+  if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+    raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
+                     "guidance scale: 1 = no guidance, 0 = unconditional).")
   if cfg_scale != 1.0 and model_cfg.class_dropout_prob <= 0:
     raise ValueError(f"--cfg={cfg_scale} needs a model trained with label dropout (it has no "
                      "null class); use --cfg=1.")
-  if steps < 1 or per_class < 1:
-    raise ValueError(f"--steps={steps} and --per_class={per_class} must be at least 1.")
+  d = config.diffusion
+  limit = d.num_steps if d.objective == "ddpm" else None  # DDPM/DDIM respace the schedule
+  if steps < 1 or (limit is not None and steps > limit):
+    upper = f"{limit} (the training schedule's diffusion.num_steps)" if limit else "no limit"
+    raise ValueError(f"--steps={steps} must be at least 1 and at most {upper}.")
+  if per_class < 1:
+    raise ValueError(f"--per_class={per_class} must be at least 1.")
+  if not 0 <= seed < SEED_LIMIT:
+    raise ValueError(f"--seed={seed} must be in [0, 2**32 - 1].")
+  if step is not None and step < 0:
+    raise ValueError(f"--step={step} must be a checkpoint step >= 0 (leave it out for the "
+                     "newest).")
 
 
 def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
@@ -43,12 +68,13 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   from train import checkpoint, diffusion, models, tasks
 
   config = checkpoint.load_config(workdir)
+  check_task(workdir, config)
   d = config.diffusion
   d.cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
   d.sample_steps = d.sample_steps if steps is None else steps
   d.sampler = d.sampler if sampler is None else sampler
   check_flags(config, models.model_config(config), classes, d.cfg_scale, d.sample_steps,
-              per_class)
+              per_class, seed, step)
   from train.tasks.diffusion import SAMPLERS
   if d.sampler not in SAMPLERS[d.objective]:
     raise ValueError(f"--sampler={d.sampler} does not fit this model's objective {d.objective!r}; "
@@ -88,6 +114,14 @@ def define_flags():
   flags.mark_flags_as_required(["workdir", "classes"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad flag as one sentence instead of a usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"odyssey: {str(e).strip().rstrip('.')}.")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -109,4 +143,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
