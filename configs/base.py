@@ -25,6 +25,9 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
       remat="none",  # activation checkpointing: none | full | selective | offload
       grad_accum=1,  # micro-batches per step (a scan inside the step); batch_size must divide
       max_bad_steps=5,  # consecutive non-finite (skipped) steps before the run stops
+      # A train step, eval or sample whose device work makes no progress for this long (3x for
+      # the first one, which compiles) ends the run with a sentence (train/watchdog.py).
+      hang_timeout_s=600.0,
   ))
   c.opt = ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, warmup_steps=warmup_steps, final_lr_frac=0.1, b1=0.9, b2=0.95,

@@ -8,6 +8,11 @@ a converted Hugging Face model brought one and the ``tokenizers`` package is ins
 ``--prompt_ids=1,2,3`` gives token ids directly. Decoding (train/sampling.py) uses the KV cache
 (llama) or the recurrent state (mamba); other families rerun the whole sequence per token.
 
+The model is sharded as it was trained: the mesh is the workdir's ``config.mesh`` (``--mesh=
+data=2,fsdp=4`` chooses another; unnamed axes are 1, one axis may be -1), so a model that needed
+fsdp/tensor/expert parallelism to train decodes over the same devices. On a CPU-only machine
+without ``--cpu_devices``, as many CPU devices are simulated as that mesh needs.
+
 Example (the workdir of ``make run``)::
 
   python -m train.generate --workdir=/tmp/odyssey/lm_stdlib --prompt="def " \
@@ -102,27 +107,83 @@ def prepare(workdir: str, texts: list[str], id_lists: list[str], *, max_new_toke
   return config, codec, prompts
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """"data=2,fsdp=4" -> every mesh axis's size (unnamed axes 1), or one sentence."""
+  from parallel import mesh as parallel_mesh
+  sizes = {name: 1 for name in parallel_mesh.MESH_AXES}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in sizes or not value.lstrip("-").isdigit():
+      raise ValueError(f"--mesh={text!r} must be comma-separated AXIS=SIZE with AXIS one of "
+                       f"{parallel_mesh.MESH_AXES}, e.g. --mesh=data=2,fsdp=4.")
+    sizes[name] = int(value)
+  return sizes
+
+
+def mesh_sizes(workdir: str, mesh: str | None) -> dict:
+  """The decoding mesh's config: ``--mesh`` when given, else the workdir's training mesh."""
+  from train import checkpoint
+  if mesh:
+    return parse_mesh(mesh)
+  saved = checkpoint.load_config(workdir).mesh
+  from parallel import mesh as parallel_mesh
+  return {name: int(saved[name]) for name in parallel_mesh.MESH_AXES}
+
+
+def devices_needed(sizes: dict) -> int | None:
+  """Devices a mesh config needs, or None when an axis is -1 (it fills whatever there is)."""
+  import math
+  return None if -1 in sizes.values() else math.prod(sizes.values())
+
+
 def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tokens: int,
         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-        num_samples: int = 1, step: int | None = None, end_id: int | None = None):
-  """[(prompt index, prompt + continuation as text)], ``num_samples`` rows per prompt."""
-  from train import checkpoint, sampling
-  _, codec, prompts = prepare(workdir, list(texts), list(id_lists),
-                              max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, num_samples=num_samples)
-  _, model, _, params = checkpoint.load_trained(workdir, step=step)
+        num_samples: int = 1, step: int | None = None, end_id: int | None = None,
+        mesh: str | None = None):
+  """[(prompt index, prompt + continuation as text)], ``num_samples`` rows per prompt, decoded
+  with the parameters sharded over ``mesh`` ("data=2,fsdp=4"; default the workdir's mesh)."""
+  import jax
+  import ml_collections
+  from parallel import mesh as parallel_mesh
+  from parallel import moe as parallel_moe
+  from parallel import sharding
+  from train import checkpoint, models, sampling, watchdog
+  config, codec, prompts = prepare(workdir, list(texts), list(id_lists),
+                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, num_samples=num_samples)
+  sizes = mesh_sizes(workdir, mesh)
+  mesh_cfg = ml_collections.ConfigDict({**sizes, "dcn": dict(config.mesh.get("dcn", {}))})
+  resolved = parallel_mesh.mesh_shape(mesh_cfg, jax.device_count())  # a sentence if it misfits
+  models.attention_plan(config, {**resolved, "seq": 1}, models.model_config(config))
+  config.mesh.update(sizes)
+  device_mesh = parallel_mesh.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.parallel)
+  model, _, _ = models.build(config, device_mesh, seq_parallel=False)
+  _, params = checkpoint.restore_params(
+      workdir, checkpoint.abstract_params(config, model, device_mesh, rules), step=step)
   rows = [p for p in prompts for _ in range(num_samples)]
-  outs = sampling.generate(model, params, rows, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           valid_vocab=codec.valid_vocab, end_id=end_id, pad_id=codec.pad_id)
+  dp = parallel_moe.data_parallel(resolved)
+  padded = rows + [rows[-1]] * (-len(rows) % dp)  # the rows must split over the batch axes
+  rows_sharding = sharding.logical_sharding(device_mesh, rules, ("act_batch", None))
+  print(f"odyssey: decoding on mesh {parallel_mesh._fmt(resolved)} of {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices.", file=sys.stderr, flush=True)
+  watchdog.start(config.train.get("hang_timeout_s", 600.0))
+  with jax.set_mesh(device_mesh), watchdog.phase("sample"):
+    import flax.linen as nn
+    with nn.logical_axis_rules(rules):
+      outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               valid_vocab=codec.valid_vocab, end_id=end_id,
+                               pad_id=codec.pad_id, sharding=rows_sharding)
+  watchdog.stop()
   return [(i // num_samples, codec.decode(list(row) + [int(t) for t in new]))
-          for i, (row, new) in enumerate(zip(rows, outs))]
+          for i, (row, new) in enumerate(zip(rows, outs[:len(rows)]))]
 
 
 def define_flags():
   """The CLI's flags, defined only when run as a program (tests and other modules import this one
   without claiming flag names such as --workdir)."""
-  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES
+  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES, _MESH
   _WORKDIR = flags.DEFINE_string("workdir", None, "A trained or converted LM workdir.")
   _PROMPT = flags.DEFINE_multi_string(
       "prompt", [], "Text to continue; repeat for a batch (default: the workdir's sample.prompt).")
@@ -139,7 +200,11 @@ def define_flags():
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
   _END_ID = flags.DEFINE_integer("end_id", None, "Stop a sample when it produces this token id.")
   _CPU_DEVICES = flags.DEFINE_integer(
-      "cpu_devices", None, "Simulate this many CPU devices (generation uses one).")
+      "cpu_devices", None, "Simulate this many CPU devices (default on a CPU-only machine: as "
+      "many as the mesh needs).")
+  _MESH = flags.DEFINE_string(
+      "mesh", None, "Decoding mesh, e.g. data=2,fsdp=4 (unnamed axes 1; one may be -1); default: "
+      "the workdir's training mesh.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -149,13 +214,20 @@ def main(argv):
   # Orbax warns about the checkpoint items generation does not read (the data position).
   logging.set_verbosity(logging.ERROR)
   # Imported here: the device count must be set before JAX initialises its backends.
-  from parallel import devices
+  from parallel import devices, xla_flags
   try:
-    devices.set_cpu_devices(_CPU_DEVICES.value)
+    count = _CPU_DEVICES.value
+    if count is None and not xla_flags.platforms() and os.path.isdir(_WORKDIR.value):
+      # CPU only: simulate the devices the decoding mesh needs (XLA_FLAGS' count still wins).
+      count = devices_needed(mesh_sizes(_WORKDIR.value, _MESH.value))
+      if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        count = None
+    devices.set_cpu_devices(count)
     samples = run(_WORKDIR.value, _PROMPT.value, _PROMPT_IDS.value,
                   max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                  num_samples=_NUM_SAMPLES.value, step=_STEP.value, end_id=_END_ID.value)
+                  num_samples=_NUM_SAMPLES.value, step=_STEP.value, end_id=_END_ID.value,
+                  mesh=_MESH.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   for i, (prompt, text) in enumerate(samples):

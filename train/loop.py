@@ -15,7 +15,7 @@ import numpy as np
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
 from parallel import sharding
-from train import checkpoint, flops, metrics, models, optimizer, steps, tasks
+from train import checkpoint, flops, metrics, models, optimizer, steps, tasks, watchdog
 from train import state as state_lib
 from train import workdir as workdir_lib
 from train.validate import init_from, validate, validate_workdir
@@ -122,15 +122,16 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
 
   def evaluate(step, params, final=False):
     sums = None
-    for _, local in zip(range(config.eval.steps), val_ds):
-      out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
-      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    result = task.summarize(jax.device_get(sums))
+    with watchdog.phase("eval"):
+      for _, local in zip(range(config.eval.steps), val_ds):
+        out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
+        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+      result = task.summarize(jax.device_get(sums))
     writer.write(step, result, split="val")
     writer.message(f"step {step}: {task.headline(result)}")
     summary.setdefault("first_val", result)
     summary["last_val"] = result
-    with in_mesh():
+    with in_mesh(), watchdog.phase("sample"):
       produced = task.samples(sampler, params, step=step, final=final, workdir=workdir,
                               data_parallel=dp, sharding=batch_shardings)
     if produced is not None:
@@ -138,7 +139,10 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
       if isinstance(produced, list) and produced and isinstance(produced[0], str):
         writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
 
-  with stop.installed(), contextlib.closing(ckpt):
+  # A step, eval or sample that stops making progress (a stuck collective) ends the run with a
+  # sentence naming the phase instead of hanging or aborting in C++ (train/watchdog.py).
+  watchdog.start(t.hang_timeout_s)
+  with stop.installed(), contextlib.closing(ckpt), watchdog.phase("train step"):
     if start_step == 0:
       evaluate(0, state.params)
     clock = {"time": time.perf_counter(), "step": start_step}
@@ -172,6 +176,7 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
       ckpt.check_saved()  # a failed async save stops the run here, naming its step
       if previous_bad is not None:
         _check_bad_steps(int(previous_bad[1]), previous_bad[0], t.max_bad_steps, ckpt)
+        watchdog.beat()  # the host has seen the previous step finish
       previous_bad = (step, step_metrics["bad_steps"])
       if pending is not None:
         flush(*pending)
@@ -184,7 +189,8 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
         if pending is not None:
           flush(*pending)
           pending = None
-        ckpt.save(step, state, train_iter, force=True)
+        with watchdog.phase("checkpoint save"):
+          ckpt.save(step, state, train_iter, force=True)
       if stopped_by:
         summary["stopped_by"] = stopped_by
         break
@@ -201,6 +207,7 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
   summary["checkpoints"] = ckpt.all_steps()
   writer.message(_outputs_message(workdir, summary, task))
   writer.close()
+  watchdog.stop()
   return summary
 
 

@@ -20,14 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import llama, mamba
+from train import watchdog
 
 # Families that decode with a cache: their empty cache for B rows and up to T positions. The rest
 # (MEGABYTE) take the cache-free loop.
 _CACHES = {"nets.llama": lambda cfg, B, T: llama.init_cache(cfg, B, T),
            "nets.mamba": lambda cfg, B, T: mamba.init_cache(cfg, B)}
-# With an end id, how many decode steps run between host checks that every row has ended (each
-# check waits for the device, so checking every step would serialise host and device).
-_CHECK_EVERY = 8
+# The host waits for the device every _IN_FLIGHT decode steps (and then, with an end id, checks
+# whether every row has ended). Waiting every step would serialise host and device; never waiting
+# let hundreds of launches of the same sharded program queue up, and with them queued jaxlib
+# 0.10's XLA:CPU deadlocked: a device that ran ahead into a later launch blocked a thread of the
+# shared host pool in a collective of that launch, while the devices it waited for still needed a
+# thread to finish the earlier one ("Termination timeout for all gather ... only 1 of them
+# arrived", devices stuck in different collectives of one program). Training never queued more
+# than two steps (the loop reads each step's bad-step count one step late), so only the sample
+# hung. A bounded queue cures it on every jaxlib; each wait is also a beat for train/watchdog.py.
+_IN_FLIGHT = 8
 
 
 def has_cache(model) -> bool:
@@ -134,6 +142,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, temperature: float 
   the number of prompts must then split over its batch axes.
   """
   check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+  if sharding is not None:  # rows only: the buffer's length need not divide a seq axis
+    sharding = jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[:1]))
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not prompts or min(len(p) for p in prompts) < 1:
     raise ValueError("every prompt needs at least one token to continue from.")
@@ -167,13 +178,18 @@ def _decode(model, params, prompts, lens_B, N, max_new_tokens, rng, knobs, end_i
     row[:len(prompt)] = prompt
   buf_BxN = jax.device_put(buf_BxN, sharding) if sharding is not None else jnp.asarray(buf_BxN)
   logits_BxV, cache = prefill(model, params, buf_BxN[:, :P], length=N)
+  jax.block_until_ready(logits_BxV)
+  watchdog.beat()
   state = {"tokens": buf_BxN, "cache": cache, "logits": logits_BxV, "t": jnp.int32(P),
            "rng": rng, "done": jnp.zeros(len(prompts), bool)}
   limits_B = lens_B + max_new_tokens
   for i in range(N - P):
     state = decode_step(model, params, state, lens_B, limits_B, knobs)
-    if end_id is not None and (i + 1) % _CHECK_EVERY == 0 and _gather(state["done"]).all():
-      break
+    if (i + 1) % _IN_FLIGHT == 0:  # see _IN_FLIGHT: never let the queue grow unbounded
+      jax.block_until_ready(state)
+      watchdog.beat()
+      if end_id is not None and _gather(state["done"]).all():
+        break
   return _gather(state["tokens"])
 
 
@@ -193,6 +209,7 @@ def _uncached(model, params, prompts, max_new_tokens, rng, knobs, pad_id, shardi
     out = _sample_uncached(model, params, buf, jax.random.fold_in(rng, g), knobs,
                            prompt_len=len(prompt), end=end)
     out_BxN[rows, :end] = _gather(out)[:, :end]
+    watchdog.beat()
   return out_BxN
 
 
