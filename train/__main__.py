@@ -70,8 +70,7 @@ def command_line_error(argv: list[str], error: Exception) -> str:
   """The sentence for a command line that did not parse: a config file that does not load, an
   override naming no config field (with the closest name), a value of the wrong type, or
   absl's own message."""
-  spec = next((a.split("=", 1)[1] if "=" in a else (argv[i + 1:] or [None])[0]
-               for i, a in enumerate(argv) if re.match(r"^--?config(=|$)", a)), None)
+  spec = _config_spec(argv)
   if spec is None:
     return _first_line(error)
   try:
@@ -97,6 +96,16 @@ def command_line_error(argv: list[str], error: Exception) -> str:
       return (f"--config.{path}={value} is not valid: config.{path} takes {kind} (the config "
               f"has {node!r}).")
   return _first_line(error)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """FILE[:ARG] of ``--config=FILE[:ARG]`` or ``--config FILE[:ARG]``; None when absent."""
+  for i, arg in enumerate(argv):
+    if re.match(r"^--?config=", arg):
+      return arg.split("=", 1)[1]
+    if re.match(r"^--?config$", arg) and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 def _shown(key: str) -> str:
@@ -135,20 +144,30 @@ def out_of_memory(error: Exception) -> str | None:
     need = f" (one buffer of {int(m.group(1)) / 2**30:.1f} GiB did not fit on a device)"
   elif m := re.search(r"Used ([\d.]+\s*[KMGT]?i?B?) of ([\d.]+\s*[KMGT]?i?B?) (\w+)", message):
     need = f" (it needs {m.group(1)} per device; {m.group(3)} holds {m.group(2)})"
-  return (f"{_phase(error.__traceback__)} ran out of device memory{need}; lower "
-          "train.batch_size or train.seq_len (eval.batch_size for evaluation), or use "
-          "train.grad_accum, train.remat or a larger mesh.fsdp.")
+  phase, advice = _phase(error.__traceback__)
+  return f"{phase} ran out of device memory{need}; {advice}."
 
 
 # The innermost of these functions on the failing stack names the phase (train/loop.py fetches
-# the train step's results one step late, so its failures surface in the loop body itself).
-PHASES = {"init_sharded": "initialising the state", "restore_newest_valid": "restoring the state",
-          "samples": "sampling", "evaluate": "the evaluation step", "run": "the train step"}
+# the train step's results one step late, so its failures surface in the loop body itself), and
+# what lowers that phase's memory.
+SHARD_STATE = "a larger mesh.fsdp (or mesh.tensor) to shard the parameters and optimizer state"
+PHASES = {
+    "init_sharded": ("initialising the state", f"use {SHARD_STATE}, or a smaller model"),
+    "restore_newest_valid": ("restoring the state", f"use {SHARD_STATE}"),
+    "samples": ("sampling", "lower sample.num_samples or sample.max_new_tokens"),
+    "evaluate": ("the evaluation step", "lower eval.batch_size or train.seq_len, or use a larger "
+                 "mesh.fsdp"),
+    "run": ("the train step", "lower train.batch_size or train.seq_len, or use train.grad_accum, "
+            "train.remat or a larger mesh.fsdp"),
+}
 
 
-def _phase(tb) -> str:
+def _phase(tb) -> tuple[str, str]:
+  """(phase, advice) of the innermost function of PHASES in this repository on ``tb``."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  phase = "the run"
+  phase = ("the run", "lower train.batch_size, eval.batch_size or train.seq_len, or use "
+           "train.grad_accum, train.remat or a larger mesh.fsdp")
   while tb is not None:
     code = tb.tb_frame.f_code
     if code.co_name in PHASES and os.path.abspath(code.co_filename).startswith(repo + os.sep):
