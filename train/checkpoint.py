@@ -144,8 +144,8 @@ class Checkpointer:
         if mismatch:
           raise workdir_lib.WorkdirError(
               f"checkpoint step {step} in {self.directory} holds a state this config cannot "
-              f"continue ({mismatch}); its files are intact and were left in place. Rerun with "
-              "the config it was written with, or use a new --workdir (add --config.init.from="
+              f"continue ({mismatch}); its files are intact and were left in place; rerun with "
+              "the config it was written with, or use a new --workdir (with --config.init.from="
               f"{os.path.dirname(self.directory)} to fine-tune from its parameters).") from e
         moved = self._quarantine(step)
         report(f"checkpoint step {step} is unreadable ({type(e).__name__}: {_first_line(e)}); "

@@ -69,8 +69,8 @@ def check_resumable(config, workdir: str) -> None:
   if changed:
     raise WorkdirError(
         f"{workdir} holds checkpoints (newest step {steps[-1]}) of a run whose config differs in "
-        f"{', '.join(changed)}, which a resumed run cannot change; nothing in it was touched. "
-        f"Rerun with its config, or use a new --workdir (add --config.init.from={workdir} to "
+        f"{', '.join(changed)}, which a resumed run cannot change; nothing in it was touched; "
+        f"rerun with its config, or use a new --workdir (with --config.init.from={workdir} to "
         "fine-tune from its parameters).")
 
 
@@ -198,8 +198,8 @@ def _acquire(path: str, report) -> dict:
         workdir = os.path.dirname(path)
         raise WorkdirError(
             f"{workdir} is in use by another run ({_describe(holder)}); nothing in it was "
-            "touched. Wait for that run to end or use another --workdir; if that run is gone "
-            f"(e.g. its machine died), delete {path} and rerun.")
+            "touched; wait for that run to end or use another --workdir, and if that run is "
+            f"gone (e.g. its machine died), delete {path} and rerun.")
       if _remove_if_same(path, holder):
         report(f"took over the stale lock {path} of a run that is no longer alive "
                f"({_describe(holder)}).")
