@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from tests import module_command, run_module
 from tests.train.test_faults import CLI_FLAGS, checkpoint_steps, lm_config
 from tests.train.test_loop import read_metrics
-from train import checkpoint, loop, metrics
+from train import checkpoint, loop, metrics, tasks
 from train import workdir as workdir_lib
 
 STEPS = 4  # the trained fixture: checkpoints at steps 2 and 4
@@ -330,3 +331,26 @@ def test_cli_failed_save_is_one_sentence(tmp_path):
       "(OSError: [Errno 28] No space left on device); the previous checkpoints (steps [5]) are "
       "intact. Free space and rerun to resume from step 5.")
   assert checkpoint_steps(workdir) == [5]
+
+
+def test_failed_synchronous_save_raises_at_once(tmp_path, monkeypatch):
+  config = lm_config()  # ckpt.async_save=False: the whole save happens inside save()
+  data_iter = iter(tasks.get(config).datasets()[0])
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config.ckpt)
+  state = {"w": np.arange(4, dtype=np.float32)}
+  assert ckpt.save(2, state, data_iter, force=True)
+
+  async def full_disk(self, directory, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", full_disk)
+  with pytest.raises(checkpoint.CheckpointSaveError) as failed:
+    ckpt.save(4, state, data_iter, force=True)
+  ckpt.close()  # nothing left to report: the failure was raised once
+  assert failed.value.sentence == (
+      f"saving checkpoint step 4 to {tmp_path}/checkpoints failed (OSError: [Errno 28] No space "
+      "left on device); the previous checkpoints (steps [2]) are intact. Free space and rerun "
+      "to resume from step 2.")
+  assert checkpoint_steps(tmp_path) == [2]
+  assert checkpoint.remove_interrupted_saves(str(tmp_path)) == [f"4{checkpoint.TMP_MARK}"]
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
