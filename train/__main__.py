@@ -161,6 +161,7 @@ PHASES = {
     "run": ("the train step", "lower train.batch_size or train.seq_len, or use train.grad_accum, "
             "train.remat or a larger mesh.fsdp"),
 }
+PHASES["_run"] = PHASES["run"]  # train/loop.py's run() validates, then calls _run()
 
 
 def _phase(tb) -> tuple[str, str]:
