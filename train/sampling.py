@@ -79,10 +79,13 @@ def prefill(model, params, tokens_BxP, *, length: int):
   return logits_BxPxV[:, -1], cache
 
 
-@partial(jax.jit, static_argnames="model", donate_argnames="state")
-def decode_step(model, params, state: dict, prompt_lens_B, limits_B, knobs: dict):
+@partial(jax.jit, static_argnames=("model", "layout"), donate_argnames="state")
+def decode_step(model, params, state: dict, prompt_lens_B, limits_B, knobs: dict, layout=None):
   """Picks the token at position ``state["t"]`` (forced while inside the row's prompt, the pad
-  once the row has ended) and feeds it, leaving the logits for the next position in ``state``."""
+  once the row has ended) and feeds it, leaving the logits for the next position in ``state``.
+
+  ``layout`` (the state's tree structure and the sharding of each leaf) pins the new state to the
+  shardings of the old one, so the second call does not compile the step again."""
   t, B = state["t"], prompt_lens_B.shape[0]
   rng, step_rng = jax.random.split(state["rng"])
   logits_BxV = _allowed(state["logits"], knobs["valid_vocab"], knobs["end_id"])
@@ -95,8 +98,13 @@ def decode_step(model, params, state: dict, prompt_lens_B, limits_B, knobs: dict
   tokens_BxN = jax.lax.dynamic_update_slice(state["tokens"], token_B[:, None], (0, t))
   logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None],
                                     jnp.full((B, 1), t, jnp.int32), None, state["cache"])
-  return {"tokens": tokens_BxN, "cache": cache, "logits": logits_Bx1xV[:, 0], "t": t + 1,
-          "rng": rng, "done": done_B}
+  new = {"tokens": tokens_BxN, "cache": cache, "logits": logits_Bx1xV[:, 0], "t": t + 1,
+         "rng": rng, "done": done_B}
+  if layout is not None:
+    treedef, shardings = layout
+    new = jax.tree.unflatten(treedef, [jax.lax.with_sharding_constraint(x, s)
+                                       for x, s in zip(jax.tree.leaves(new), shardings)])
+  return new
 
 
 @partial(jax.jit, static_argnames=("model", "prompt_len", "end"))
@@ -182,9 +190,18 @@ def _decode(model, params, prompts, lens_B, N, max_new_tokens, rng, knobs, end_i
   watchdog.beat()
   state = {"tokens": buf_BxN, "cache": cache, "logits": logits_BxV, "t": jnp.int32(P),
            "rng": rng, "done": jnp.zeros(len(prompts), bool)}
+  layout = None
+  if sharding is not None:  # every leaf committed to a sharding the step then keeps
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    state.update(t=jax.device_put(state["t"], replicated),
+                 rng=jax.device_put(state["rng"], replicated),
+                 done=jax.device_put(state["done"], sharding.update(
+                     spec=jax.sharding.PartitionSpec(*sharding.spec[:1]))))
+    leaves, treedef = jax.tree.flatten(state)
+    layout = (treedef, tuple(x.sharding for x in leaves))
   limits_B = lens_B + max_new_tokens
   for i in range(N - P):
-    state = decode_step(model, params, state, lens_B, limits_B, knobs)
+    state = decode_step(model, params, state, lens_B, limits_B, knobs, layout)
     if (i + 1) % _IN_FLIGHT == 0:  # see _IN_FLIGHT: never let the queue grow unbounded
       jax.block_until_ready(state)
       watchdog.beat()

@@ -86,6 +86,12 @@ def test_sharded_decoding_equals_one_device(one_device, family, sizes):
     np.testing.assert_array_equal(got_row, want_row)
 
 
+def test_a_sharded_generation_compiles_the_decode_step_once():
+  before = sampling.decode_step._cache_size()
+  _decode(_config("llama"), dict(data=2, fsdp=2, tensor=2))
+  assert sampling.decode_step._cache_size() == before + 1
+
+
 def test_the_decode_queue_is_bounded():
   # The jaxlib 0.10 deadlock came from hundreds of queued launches; the bound must stay small.
   assert 1 < sampling._IN_FLIGHT <= 16
