@@ -1,0 +1,149 @@
+"""Every command the README and docs/*.md show, and the test that runs it.
+
+tests/user/test_registry.py collects the commands from the docs (each fenced code block's command
+lines, backslash continuations joined, and inline `code` that starts like a command) and fails
+when one is missing here, when an entry here is no longer documented, or when a named test does
+not exist. A documented command is written here as the docs show it (continuations joined,
+spaces collapsed, a trailing `# comment` dropped); tests/user tests take the command they run
+from this table through :func:`doc`, substitute the placeholders with tmp paths and append only
+step-count and size overrides.
+
+``Runs(test)``: the test runs the command (a synopsis with ``[optional]`` parts or ``a|b``
+alternatives: the note says which forms). ``CannotRun(why, instead)``: the command cannot run on
+this 2-core CPU machine; ``instead`` names the test that checks what can be checked here.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Runs:
+  test: str  # "path/to/test_file.py::test_name", from the repository root
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CannotRun:
+  why: str
+  instead: str  # the alternative check, "path::test_name"
+
+
+U = "tests/user/"
+MAKE_RUN = U + "test_make_run.py::test_make_run_trains_evaluates_checkpoints_and_samples"
+RECIPE = U + "test_make_run.py::test_make_run_recipe_is_the_documented_command"
+GENERATE = U + "test_make_run.py::test_generate_on_the_make_run_workdir"
+ROUND_TRIP = U + "test_make_run.py::test_export_then_import_then_generate_the_same_text"
+FINETUNE = U + "test_make_run.py::test_finetune_from_the_imported_workdir_as_written"
+LAUNCH = U + "test_launch.py::test_launch_two_processes_trains_and_samples"
+ULYSSES = U + "test_launch.py::test_ulysses_sequence_parallel_command"
+LM_EXPERIMENT = U + "test_lm_experiments.py::test_lm_experiment_trains_evaluates_and_samples"
+IMAGE_EXPERIMENT = U + "test_image_experiments.py::test_image_experiment_trains_evaluates_and_samples"
+SAMPLE = U + "test_image_experiments.py::test_train_sample_on_the_dit_digits_workdir"
+AGREEMENT = U + "test_image_experiments.py::test_digits_agreement_bench_on_the_trained_workdirs"
+ARRAYRECORD = U + "test_arrayrecord.py::test_make_arrayrecord_writes_shards"
+ARRAYRECORD_TRAIN = U + "test_arrayrecord.py::test_train_on_the_arrayrecord_output_as_written"
+POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
+
+DOCUMENTED = {
+    # Quick start, Results, Experiments.
+    "make run": Runs(MAKE_RUN, "make run ARGS='--config.train.steps=20' WORKDIR=tmp"),
+    "make run WORKDIR=DIR": Runs(MAKE_RUN),
+    "make run ARGS='--config.train.steps=30'": Runs(MAKE_RUN, "with steps=20"),
+    "make test": CannotRun(
+        "it is the suite itself (this test runs inside it); CI runs it",
+        U + "test_make_run.py::test_make_test_and_make_clean_recipes"),
+    "make clean": CannotRun(
+        "it deletes workdirs/ of the shared checkout, where other runs may live",
+        U + "test_make_run.py::test_make_test_and_make_clean_recipes"),
+    # The CLI.
+    "python -m train": Runs(MAKE_RUN, "the program; make run's recipe runs it (see the recipe test)"),
+    "python -m train --config=experiments/lm_stdlib.py:size=tiny --workdir=DIR "
+    "[--config.train.steps=300] [--config.mesh.data=4 ...] [--cpu_devices=8]": Runs(
+        RECIPE, "synopsis: make run's recipe is this command with --cpu_devices=8 and "
+        "--config.train.steps via ARGS; other --config overrides: the experiment tests"),
+    "python -m train --config=experiments/lm_stdlib.py:size=tiny --workdir=DIR --cpu_devices=8":
+        Runs(RECIPE, "make run's recipe is exactly this command (asserted), run by the make-run "
+             "test"),
+    "python -m train.convert": Runs(ROUND_TRIP),
+    "python -m train.convert --from=hf|odyssey --family=llama|vit|mamba|dit --src=DIR --dst=DIR":
+        Runs(ROUND_TRIP, "synopsis: both directions with --family=llama; the other families' "
+             "import/export are tests/convert/test_{vit,mamba,dit}_hf.py (library parity)"),
+    "python -m train.generate": Runs(GENERATE),
+    "python -m train.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] --max_new_tokens=N":
+        Runs(GENERATE, "synopsis: one prompt, then two"),
+    "python -m train.sample": Runs(SAMPLE),
+    "python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4 --steps=50": Runs(SAMPLE),
+    # Multi-host.
+    "python -m train.launch": Runs(LAUNCH),
+    "python -m train.launch --num_processes=2 --devices_per_process=4 -- "
+    "--config=experiments/lm_stdlib.py:size=tiny --workdir=/tmp/odyssey/lm2": Runs(LAUNCH),
+    "cd odyssey && .venv/bin/python -m train --config=experiments/llama_7b_pod.py "
+    "--workdir=gs://$BUCKET/llama_7b --config.data.path=/data/bytes_corpus\"": CannotRun(
+        "a TPU v5p-128 pod slice (64 chips, 6.48B parameters) and a GCS bucket",
+        POD_CHECK),
+    "srun .venv/bin/python -m train --config=experiments/llama_7b_pod.py "
+    "--workdir=/shared/ckpt/llama_7b --config.mesh.fsdp=8": CannotRun(
+        "a SLURM cluster of 8 nodes x 8 H100 GPUs", POD_CHECK),
+    # Sequence parallelism.
+    "python -m train --config=experiments/lm_stdlib.py:size=tiny --workdir=DIR --cpu_devices=8 "
+    "--config.mesh.data=2 --config.mesh.fsdp=1 --config.mesh.tensor=1 --config.mesh.seq=4 "
+    "--config.parallel.seq_strategy=ulysses": Runs(ULYSSES),
+    "python -m bench.seq_parallel": CannotRun(
+        "a full run takes ~5 min on 2 cores, --quick 2.5-4 min, over this tier's budget, and no "
+        "test_bench_* runs it; the figures in bench/results/seq_parallel.* are from a manual run",
+        U + "test_registry.py::test_bench_seq_parallel_starts_and_parses_its_flags"),
+    # Benchmarks: tests/train/test_bench_*.py run them in --quick mode.
+    "python -m bench.mfu": Runs("tests/train/test_bench_mfu.py::"
+                                "test_quick_mfu_bench_writes_sane_figures", "--quick"),
+    "python -m bench.moe": Runs("tests/train/test_bench_moe.py::"
+                                "test_writes_json_and_markdown_with_the_machine", "--quick"),
+    "python -m bench.digits_agreement --vit_workdir=VIT_DIR --dit_workdir=DIT_DIR": Runs(
+        AGREEMENT, "with --per_class and --out lowered/redirected (the default --out is "
+        "bench/results, the committed figures)"),
+    # Experiments (MoE, vision and diffusion, byte models).
+    "python -m train --config=experiments/moe_lm_stdlib.py --workdir=DIR --cpu_devices=8":
+        Runs(LM_EXPERIMENT),
+    "python -m train --config=experiments/dit_moe_digits.py --workdir=DIR --cpu_devices=8":
+        Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/vit_digits.py --workdir=DIR --cpu_devices=8":
+        Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/dit_digits.py --workdir=DIR --cpu_devices=8":
+        Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/udit_digits.py --workdir=DIR --cpu_devices=8":
+        Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/mamba_stdlib.py --workdir=DIR --cpu_devices=8":
+        Runs(LM_EXPERIMENT),
+    "python -m train --config=experiments/megabyte_stdlib.py[:local=mamba] --workdir=DIR "
+    "--cpu_devices=8": Runs(LM_EXPERIMENT, "both forms: without and with :local=mamba"),
+    # Hugging Face weights, generation and sampling.
+    "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=WORKDIR "
+    "[--dtype=bfloat16]": Runs(ROUND_TRIP, "HF_DIR = the export of the make-run workdir; "
+                               "--dtype: tests/convert/test_convert_cli.py"),
+    "python -m train --config=experiments/lm_stdlib.py --config.init.from=WORKDIR --workdir=RUN "
+    "--config.model.d_model=... (the imported model's fields: see WORKDIR/config.json)": Runs(
+        FINETUNE, "the model fields read from WORKDIR/config.json"),
+    "python -m train.convert --from=odyssey --family=llama --src=RUN --dst=HF_OUT [--step=N] "
+    "[--dtype=bfloat16] [--max_shard_gb=5]": Runs(
+        ROUND_TRIP, "RUN = the make-run workdir, with --step=N; --dtype and --max_shard_gb: "
+        "tests/convert/test_convert_cli.py::test_export_converts_dtype_explicitly"),
+    "python -m train.generate --workdir=workdirs/lm_stdlib --prompt=\"def \" "
+    "--prompt=\"class Foo\" --max_new_tokens=120 --temperature=0.7 --top_k=40 --top_p=0.9 "
+    "--seed=1 [--num_samples=N] [--prompt_ids=1,2,3] [--end_id=ID] [--step=N]": Runs(
+        GENERATE, "workdirs/lm_stdlib = the make-run workdir; without, then with the options"),
+    "python -m train.sample --workdir=workdirs/dit_digits --classes=0,3,7 --cfg=4.0 --steps=50 "
+    "[--per_class=4] [--sampler=ddim|ddpm|flow] [--seed=0] [--out=grid.png]": Runs(
+        SAMPLE, "workdirs/dit_digits = the dit_digits test's workdir; without, then with the "
+        "options (--sampler=ddpm)"),
+    # Data.
+    "python -m train.make_arrayrecord --src=my_texts/ --dst=/data/my_corpus --glob='**/*.txt'":
+        Runs(ARRAYRECORD),
+    "python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR "
+    "--config.data.name=arrayrecord --config.data.path=/data/my_corpus": Runs(ARRAYRECORD_TRAIN),
+}
+
+
+def doc(command: str) -> str:
+  """``command`` as documented; a KeyError says the docs no longer show it (update the table)."""
+  if command not in DOCUMENTED:
+    raise KeyError(f"{command!r} is not a documented command in tests/user/commands.py")
+  return command

@@ -1,0 +1,99 @@
+"""The README's launch commands of the vision and diffusion experiments (ViT, DiT, U-DiT, DiT-MoE
+on the embedded digits) through `python -m train`, as written: the experiment's own mesh on 8
+simulated CPU devices, its evaluation at step 0 and at the end, and, for the diffusion models,
+the PNG grid of guided samples (DDIM 50 steps, every class) at each evaluation. Then
+`python -m train.sample` on the DiT workdir and `python -m bench.digits_agreement` on the ViT
+and DiT workdirs.
+
+Overrides, only of steps and sizes: ``--config.train.steps`` (a few of the 600-3,000 steps, enough
+for the validation loss to fall) and ``--config.train.batch_size=BATCH`` (of 64-128 images: a step
+of the 128-image U-DiT takes ~8 s on 2 loaded cores). The learning-rate warmup is shortened with
+the step count (``--config.opt.warmup_steps``, a step count too), since at step 10 of a 50-100
+step warmup the learning rate is still too small for the validation loss to move. The diffusion
+grids keep their sampler (DDIM, 50 steps, every class) with
+``--config.diffusion.samples_per_class=2`` (of 8 columns).
+"""
+
+import os
+
+import pytest
+from PIL import Image
+
+from tests.user import check_run, run, substitute
+from tests.user.commands import doc
+
+STEPS, BATCH, WARMUP = 10, 32, 2
+OVERRIDES = (f" --config.train.steps={STEPS} --config.train.batch_size={BATCH}"
+             f" --config.opt.warmup_steps={WARMUP}")
+DIFFUSION = " --config.diffusion.samples_per_class=2"
+NAMES = ["vit_digits", "dit_digits", "udit_digits", "dit_moe_digits"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One run per experiment, on first use; the DiT and ViT workdirs also feed train.sample and
+  the agreement bench."""
+  runs = {}
+
+  def get(name):
+    if name not in runs:
+      root = tmp_path_factory.mktemp(name)
+      command = doc(f"python -m train --config=experiments/{name}.py --workdir=DIR "
+                    "--cpu_devices=8")
+      extra = OVERRIDES + ("" if name == "vit_digits" else DIFFUSION)
+      out = run(substitute(command, DIR=root / "run") + extra, root / "run.log",
+                timeout=600).stdout
+      runs[name] = (root / "run", out)
+    return runs[name]
+  return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_experiment_trains_evaluates_and_samples(name, trained):
+  workdir, out = trained(name)
+  val = check_run(workdir, out, STEPS, f"experiments/{name}.py")
+  if name == "vit_digits":
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in val)
+    return
+  for step in (0, STEPS):  # a grid at every evaluation: one row per class
+    with Image.open(workdir / "samples" / f"step_{step:06d}.png") as grid:
+      width, height = grid.size
+    assert height > width, (width, height)
+
+
+def test_train_sample_on_the_dit_digits_workdir(trained, tmp_path):
+  workdir, _ = trained("dit_digits")
+  readme = doc("python -m train.sample --workdir=workdirs/dit_digits --classes=0,3,7 --cfg=4.0 "
+               "--steps=50 [--per_class=4] [--sampler=ddim|ddpm|flow] [--seed=0] "
+               "[--out=grid.png]")
+  plain = readme.split(" [")[0]
+  out = run(substitute(plain, **{"workdirs/dit_digits": workdir}), tmp_path / "a.log",
+            timeout=300).stdout
+  assert "wrote 12 images of shape (8, 8, 1) (3 classes x 4)" in out, out[-2000:]
+  written = out.rsplit(" to ", 1)[1].strip()
+  assert os.path.exists(written if os.path.isabs(written) else os.path.join(workdir, written))
+  options = readme.replace("[--per_class=4]", "--per_class=2").replace(
+      "[--sampler=ddim|ddpm|flow]", "--sampler=ddpm").replace("[--seed=0]", "--seed=3").replace(
+      "[--out=grid.png]", "--out=grid.png").replace("grid.png", str(tmp_path / "grid.png"))
+  out = run(substitute(options, **{"workdirs/dit_digits": workdir}), tmp_path / "b.log",
+            timeout=300).stdout
+  assert "wrote 6 images of shape (8, 8, 1) (3 classes x 2)" in out, out[-2000:]
+  with Image.open(tmp_path / "grid.png") as grid:
+    assert grid.size[1] > grid.size[0]  # 3 rows of 2
+  # The short form of the CLI section.
+  short = doc("python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4 --steps=50")
+  out = run(substitute(short, DIR=workdir), tmp_path / "c.log", timeout=300).stdout
+  assert "(3 classes x 4)" in out, out[-2000:]
+
+
+def test_digits_agreement_bench_on_the_trained_workdirs(trained, tmp_path):
+  """Overrides: --per_class=5 (of 50 samples per class) and --out=tmp (the default is
+  bench/results, the committed figures)."""
+  vit, _ = trained("vit_digits")
+  dit, _ = trained("dit_digits")
+  command = doc("python -m bench.digits_agreement --vit_workdir=VIT_DIR --dit_workdir=DIT_DIR")
+  out = run(substitute(command, VIT_DIR=vit, DIT_DIR=dit) +
+            f" --per_class=5 --out={tmp_path}", tmp_path / "bench.log", timeout=300).stdout
+  assert "| **all** |" in out, out[-2000:]
+  for name in ("dit_digits_agreement.json", "dit_digits_agreement.md", "dit_digits_samples.png"):
+    assert (tmp_path / name).exists(), name
