@@ -185,7 +185,12 @@ def main(argv):
   from parallel import devices, distributed, xla_flags
   if _XLA_FLAGS.value and (added := xla_flags.apply()):
     print(f"odyssey: recommended XLA flags added: {' '.join(added)}", flush=True)
-  from train import loop, validate
+  from train import data, loop, validate, watchdog
+  hang = _CONFIG.value.train.get("hang_timeout_s")
+  if not xla_flags.platforms() and isinstance(hang, (int, float)) and hang > 0:
+    # XLA:CPU aborts a stuck collective with a C++ dump; let the watchdog's sentence come first.
+    os.environ["XLA_FLAGS"], _ = xla_flags.merge(os.environ.get("XLA_FLAGS", ""),
+                                                 watchdog.xla_cpu_flags(hang))
   try:
     devices.set_cpu_devices(_CPU_DEVICES.value)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -195,7 +200,14 @@ def main(argv):
     sys.exit(f"odyssey: {e}")
   try:
     loop.run(_CONFIG.value, _WORKDIR.value)
-  except RuntimeError as e:
+  except Exception as e:  # noqa: BLE001  a data file that broke mid-run, possibly wrapped by grain
+    cause = e
+    while cause is not None and not isinstance(cause, data.DataError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+      sys.exit(f"odyssey: {cause}")
+    if not isinstance(e, RuntimeError):
+      raise
     if (sentence := out_of_memory(e)) is None:
       raise
     sys.exit(f"odyssey: {sentence}")

@@ -38,6 +38,10 @@ _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 # ----------------------------------------------------------------------------- tokenizer
 
 
+class DataError(ValueError):
+  """A data file that turns out unreadable mid-run; ``python -m train`` prints its sentence."""
+
+
 def encode(text: str | bytes) -> np.ndarray:
   """Returns the byte ids (0..255) of `text` (utf-8 for str) as int32; no specials added."""
   data = text.encode("utf-8") if isinstance(text, str) else bytes(text)

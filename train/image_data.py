@@ -158,7 +158,7 @@ class FolderSource:
         image = np.asarray(im, np.float32) / 127.5 - 1.0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       # PIL names no file ("image file is truncated"); the user needs to know which one.
-      raise ValueError(f"image {path} could not be decoded ({e}); replace or remove it.") from None
+      raise data.DataError(f"image {path} could not be decoded ({e}); replace or remove it.") from None
     return {"images": image, "labels": np.int32(label)}
 
 

@@ -48,6 +48,10 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   _positive(t.batch_size, "train.batch_size")
   _positive(t.grad_accum, "train.grad_accum")
   _positive(t.max_bad_steps, "train.max_bad_steps")
+  hang = t.get("hang_timeout_s", 600.0)
+  if isinstance(hang, bool) or not isinstance(hang, (int, float)) or not 0 < hang < float("inf"):
+    raise ValueError(f"config.train.hang_timeout_s={hang!r} must be a positive number of seconds "
+                     "(how long a train step, eval or sample may make no progress).")
   _check_profile_steps(config.log.profile_steps)
   llama.check_remat_supported(t.remat, jax.devices())
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):

@@ -127,6 +127,8 @@ BAD_NUMBERS = [
     ("model.rope_theta", -1.0, r"model.rope_theta=-1.0 must be a finite number in \(0, inf\)"),
     ("model.norm_eps", 0.0, r"model.norm_eps=0.0 must be a finite number in \(0, inf\)"),
     ("model.norm_eps", INF, r"model.norm_eps=inf must be a finite number in \(0, inf\)"),
+    ("train.hang_timeout_s", 0.0, r"config.train.hang_timeout_s=0.0 must be a positive number"),
+    ("train.hang_timeout_s", NAN, r"config.train.hang_timeout_s=nan must be a positive number"),
 ]
 
 
