@@ -137,16 +137,17 @@ class Checkpointer:
     optimizer) is not damaged: the run is refused with a sentence and nothing is moved.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
+      # Compared before reading any array (metadata only), so a failed restore means damage.
+      mismatch = self._structure_mismatch(step, abstract_state)
+      if mismatch:
+        raise workdir_lib.WorkdirError(
+            f"checkpoint step {step} in {self.directory} holds a state this config cannot "
+            f"continue ({mismatch}); its files are intact and were left in place; rerun with "
+            "the config it was written with, or use a new --workdir (with --config.init.from="
+            f"{os.path.dirname(self.directory)} to fine-tune from its parameters).")
       try:
         return step, self.restore(step, abstract_state, data_iter)
       except Exception as e:  # Orbax/TensorStore raise many types for a damaged checkpoint
-        mismatch = self._structure_mismatch(step, abstract_state)
-        if mismatch:
-          raise workdir_lib.WorkdirError(
-              f"checkpoint step {step} in {self.directory} holds a state this config cannot "
-              f"continue ({mismatch}); its files are intact and were left in place; rerun with "
-              "the config it was written with, or use a new --workdir (with --config.init.from="
-              f"{os.path.dirname(self.directory)} to fine-tune from its parameters).") from e
         moved = self._quarantine(step)
         report(f"checkpoint step {step} is unreadable ({type(e).__name__}: {_first_line(e)}); "
                f"moved it to {moved} and trying the previous checkpoint.")
@@ -154,7 +155,7 @@ class Checkpointer:
 
   def _structure_mismatch(self, step: int, abstract_state) -> str | None:
     """The first array that is missing, extra or shaped differently in the saved state's metadata,
-    or None when the metadata is unreadable (damage) or agrees (the array files are damaged)."""
+    or None when it agrees or is unreadable (damage, which the restore then meets)."""
     try:
       saved = ocp.PyTreeCheckpointHandler().metadata(
           epath.Path(self.directory) / str(step) / "state")
