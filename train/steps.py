@@ -97,8 +97,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
     poison = jnp.where(jnp.isfinite(loss), 0.0, jnp.nan)
     grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params, opt_state = _keep_if_not_finite(state.params, state.opt_state, params, opt_state)
+    params, opt_state = _apply_if_state_finite(state.params, state.opt_state, updates, opt_state)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(state.step), **bad_step_counts(opt_state)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
@@ -106,22 +105,27 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   return train_step
 
 
-def _keep_if_not_finite(old_params, old_opt, new_params, new_opt):
-  """The new parameters and optimizer state, or the old ones counted as a rejected step when
-  any new value is not finite: finite gradients can still overflow (a huge learning rate, a
-  second moment past float32's range), and no non-finite state may ever be checkpointed.
-  ``new_opt`` is ``optax.apply_if_finite``'s state; the step counts as bad like one whose
-  gradients were not finite."""
-  leaves = [x for x in jax.tree.leaves((new_params, new_opt.inner_state))
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
-  keep = lambda new, old: jnp.where(finite, new, old)
-  params = jax.tree.map(keep, new_params, old_params)
+def _apply_if_state_finite(params, old_opt, updates, new_opt):
+  """``params + updates`` and ``new_opt``, or, when any new parameter or optimizer-state value
+  would not be finite, the old parameters (zero updates) and the old optimizer state, counted as
+  a rejected step like one whose gradients were not finite: finite gradients can still overflow
+  (a huge learning rate, a second moment past float32's range), and no non-finite value may ever
+  be checkpointed. ``new_opt`` is ``optax.apply_if_finite``'s state.
+
+  The test reads ``params + updates`` in a reduction without keeping it, and the rejection zeroes
+  the updates, so the parameters are still updated in place (no second copy of them, which a
+  select between old and new parameters would hold at the peak)."""
+  inexact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
+  checks = [jnp.all(jnp.isfinite(p + u.astype(p.dtype)))
+            for p, u in zip(jax.tree.leaves(params), jax.tree.leaves(updates)) if inexact(p)]
+  checks += [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_opt.inner_state) if inexact(x)]
+  finite = jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+  updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
   rejected = new_opt._replace(
       inner_state=old_opt.inner_state, last_finite=jnp.array(False),
       notfinite_count=old_opt.notfinite_count + 1, total_notfinite=old_opt.total_notfinite + 1)
-  opt_state = jax.tree.map(keep, new_opt, rejected)
-  return params, opt_state
+  opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_opt, rejected)
+  return optax.apply_updates(params, updates), opt_state
 
 
 def bad_step_counts(opt_state) -> dict:
