@@ -5,13 +5,13 @@ the PNG grid of guided samples (DDIM 50 steps, every class) at each evaluation. 
 `python -m train.sample` on the DiT workdir and `python -m bench.digits_agreement` on the ViT
 and DiT workdirs.
 
-Overrides, only of steps and sizes: ``--config.train.steps`` (a few of the 600-3,000 steps, enough
-for the validation loss to fall) and ``--config.train.batch_size=BATCH`` (of 64-128 images: a step
-of the 128-image U-DiT takes ~8 s on 2 loaded cores). The learning-rate warmup is shortened with
-the step count (``--config.opt.warmup_steps``, a step count too), since at step 10 of a 50-100
-step warmup the learning rate is still too small for the validation loss to move. The diffusion
-grids keep their sampler (DDIM, 50 steps, every class) with
-``--config.diffusion.samples_per_class=2`` (of 8 columns).
+Overrides, only of step counts and sizes. ViT: ``--config.train.steps=40`` (of 600), nothing
+else: the loss sits at ln 10 for ~20 steps, then falls (2.16 and 32% accuracy at step 40).
+Diffusion: ``--config.train.steps=10`` (of 1,500-3,000), ``--config.train.batch_size=32`` (of 128
+images: a step of the 128-image U-DiT takes ~8 s on 2 loaded cores) and
+``--config.opt.warmup_steps=2`` (a step count too: at step 10 of a 100-step warmup the learning
+rate is still too small for the validation loss to move). The grids keep their sampler (DDIM, 50
+steps, every class) with ``--config.diffusion.samples_per_class=2`` (of 8 columns).
 """
 
 import os
@@ -22,11 +22,9 @@ from PIL import Image
 from tests.user import check_run, run, substitute
 from tests.user.commands import doc
 
-STEPS, BATCH, WARMUP = 10, 32, 2
-OVERRIDES = (f" --config.train.steps={STEPS} --config.train.batch_size={BATCH}"
-             f" --config.opt.warmup_steps={WARMUP}")
-DIFFUSION = " --config.diffusion.samples_per_class=2"
-NAMES = ["vit_digits", "dit_digits", "udit_digits", "dit_moe_digits"]
+STEPS = {"vit_digits": 40, "dit_digits": 10, "udit_digits": 10, "dit_moe_digits": 10}
+DIFFUSION = (" --config.train.batch_size=32 --config.opt.warmup_steps=2"
+             " --config.diffusion.samples_per_class=2")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +38,7 @@ def trained(tmp_path_factory):
       root = tmp_path_factory.mktemp(name)
       command = doc(f"python -m train --config=experiments/{name}.py --workdir=DIR "
                     "--cpu_devices=8")
-      extra = OVERRIDES + ("" if name == "vit_digits" else DIFFUSION)
+      extra = f" --config.train.steps={STEPS[name]}" + ("" if name == "vit_digits" else DIFFUSION)
       out = run(substitute(command, DIR=root / "run") + extra, root / "run.log",
                 timeout=600).stdout
       runs[name] = (root / "run", out)
@@ -48,14 +46,14 @@ def trained(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(STEPS))
 def test_image_experiment_trains_evaluates_and_samples(name, trained):
   workdir, out = trained(name)
-  val = check_run(workdir, out, STEPS, f"experiments/{name}.py")
+  val = check_run(workdir, out, STEPS[name], f"experiments/{name}.py")
   if name == "vit_digits":
-    assert all(0.0 <= m["accuracy"] <= 1.0 for m in val)
+    assert val[-1]["accuracy"] > val[0]["accuracy"] + 0.1, val
     return
-  for step in (0, STEPS):  # a grid at every evaluation: one row per class
+  for step in (0, STEPS[name]):  # a grid at every evaluation: one row per class
     with Image.open(workdir / "samples" / f"step_{step:06d}.png") as grid:
       width, height = grid.size
     assert height > width, (width, height)
