@@ -183,7 +183,7 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
 def define_flags():
   """The CLI's flags, defined only when run as a program (tests and other modules import this one
   without claiming flag names such as --workdir)."""
-  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES, _MESH
+  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES, _MESH, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID
   _WORKDIR = flags.DEFINE_string("workdir", None, "A trained or converted LM workdir.")
   _PROMPT = flags.DEFINE_multi_string(
       "prompt", [], "Text to continue; repeat for a batch (default: the workdir's sample.prompt).")
@@ -202,6 +202,11 @@ def define_flags():
   _CPU_DEVICES = flags.DEFINE_integer(
       "cpu_devices", None, "Simulate this many CPU devices (default on a CPU-only machine: as "
       "many as the mesh needs).")
+  _COORDINATOR = flags.DEFINE_string(
+      "coordinator_address", None, "HOST:PORT of process 0's coordination service, for a "
+      "multi-process generation (python -m train.launch --module=train.generate passes it).")
+  _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+  _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
   _MESH = flags.DEFINE_string(
       "mesh", None, "Decoding mesh, e.g. data=2,fsdp=4 (unnamed axes 1; one may be -1); default: "
       "the workdir's training mesh.")
@@ -214,7 +219,7 @@ def main(argv):
   # Orbax warns about the checkpoint items generation does not read (the data position).
   logging.set_verbosity(logging.ERROR)
   # Imported here: the device count must be set before JAX initialises its backends.
-  from parallel import devices, xla_flags
+  from parallel import devices, distributed, xla_flags
   try:
     count = _CPU_DEVICES.value
     if count is None and not xla_flags.platforms() and os.path.isdir(_WORKDIR.value):
@@ -223,6 +228,7 @@ def main(argv):
       if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         count = None
     devices.set_cpu_devices(count)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     samples = run(_WORKDIR.value, _PROMPT.value, _PROMPT_IDS.value,
                   max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
@@ -230,6 +236,9 @@ def main(argv):
                   mesh=_MESH.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
+  import jax
+  if jax.process_index() != 0:  # every process decoded the same rows; one prints them
+    return
   for i, (prompt, text) in enumerate(samples):
     print(f"=== prompt {prompt}, sample {i % _NUM_SAMPLES.value} ===\n{text}", flush=True)
 

@@ -3,7 +3,8 @@
   python -m train.launch --num_processes=2 --devices_per_process=4 -- \\
       --config=experiments/lm_stdlib.py:size=tiny --workdir=DIR [--config.a.b=v ...]
 
-Starts ``num_processes`` copies of ``python -m train`` with the given flags, each with
+Starts ``num_processes`` copies of ``python -m train`` (``--module=train.generate``: of the
+sharded generation, over the same kind of mesh) with the given flags, each with
 ``--cpu_devices=devices_per_process`` and the coordinator on a free loopback port, so the mesh
 spans every process's devices and the processes talk through JAX's gloo CPU collectives. Their
 output is streamed with a ``[pI]`` prefix. If any process fails, the others are stopped (SIGTERM,
@@ -26,6 +27,8 @@ from absl import app, flags
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Simulated CPU devices per process.")
 _GRACE = flags.DEFINE_float("grace_s", 20.0, "Seconds a process has to exit after SIGTERM.")
+_MODULE = flags.DEFINE_enum("module", "train", ["train", "train.generate"],
+                            "The program every process runs: training, or sharded generation.")
 
 
 def free_port() -> int:
@@ -51,13 +54,13 @@ def _describe(code: int) -> str:
 
 
 def launch(train_args: list[str], num_processes: int, devices_per_process: int,
-           grace_s: float = 20.0) -> int:
+           grace_s: float = 20.0, module: str = "train") -> int:
   """Runs the job; returns 0 when every process succeeded, else the first failure's status."""
   port = free_port()
   lock = threading.Lock()
   procs = []
   for i in range(num_processes):
-    cmd = [sys.executable, "-u", "-m", "train", *train_args,
+    cmd = [sys.executable, "-u", "-m", module, *train_args,
            f"--cpu_devices={devices_per_process}", f"--coordinator_address=127.0.0.1:{port}",
            f"--num_processes={num_processes}", f"--process_id={i}"]
     procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -121,7 +124,7 @@ def main(argv):
     raise app.UsageError("give the train flags after --, e.g. -- --config=... --workdir=...")
   if _NUM_PROCESSES.value < 1 or _DEVICES.value < 1:
     raise app.UsageError("--num_processes and --devices_per_process must be positive.")
-  sys.exit(launch(train_args, _NUM_PROCESSES.value, _DEVICES.value, _GRACE.value))
+  sys.exit(launch(train_args, _NUM_PROCESSES.value, _DEVICES.value, _GRACE.value, _MODULE.value))
 
 
 if __name__ == "__main__":

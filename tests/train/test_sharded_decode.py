@@ -129,8 +129,20 @@ def test_generate_uses_the_training_mesh_and_any_other(trained):
   assert default.stdout.count("=== prompt") == 2
 
 
+def test_generate_over_two_processes_prints_what_one_process_prints(trained):
+  one = _generate(trained)
+  two = run_module("train.launch", "--module=train.generate", "--num_processes=2",
+                   "--devices_per_process=4", "--grace_s=5", "--", f"--workdir={trained}",
+                   "--prompt=def ", "--prompt=class Foo", "--max_new_tokens=20")
+  assert "[launch] all 2 processes finished." in two.stdout
+  printed = "".join(line[len("[p0] "):] + "\n" for line in two.stdout.splitlines()
+                    if line.startswith("[p0] ") and "odyssey:" not in line)
+  assert printed == one.stdout
+  assert not [line for line in two.stdout.splitlines() if line.startswith("[p1] ===")]
+
+
 def test_generate_refuses_a_mesh_that_does_not_fit_in_one_sentence(trained):
-  proc = _generate(trained, "--mesh=data=3", ok=False)
+  proc = _generate(trained, "--mesh=data=3", "--cpu_devices=8", ok=False)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1].startswith("odyssey: config.mesh (data=3")
   assert "Traceback" not in proc.stderr
