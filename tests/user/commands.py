@@ -55,7 +55,16 @@ DOCUMENTED = {
     "make clean": CannotRun(
         "it deletes workdirs/ of the shared checkout, where other runs may live",
         U + "test_make_run.py::test_make_test_and_make_clean_recipes"),
-    # The CLI.
+    "make PYTHON=...": CannotRun(
+        "another interpreter remakes .venv and reinstalls every package (minutes of pip) in the "
+        "shared checkout", U + "test_make_run.py::test_make_test_and_make_clean_recipes"),
+    # The CLI (README) and docs/config.md, docs/workdir.md.
+    "python -m train --config=FILE[:ARG] --workdir=DIR [--config.<path>=<value> ...]": Runs(
+        RECIPE, "synopsis: make run's recipe and every user-tier python -m train run are forms of "
+        "it"),
+    "python -m train --config=... --workdir=DIR": Runs(RECIPE, "as the synopsis above"),
+    "python -m train.convert --dst": Runs(ROUND_TRIP, "the flag; the refusal of an occupied "
+                                          "--dst: tests/convert/test_convert_cli.py"),
     "python -m train": Runs(MAKE_RUN, "the program; make run's recipe runs it (see the recipe test)"),
     "python -m train --config=experiments/lm_stdlib.py:size=tiny --workdir=DIR "
     "[--config.train.steps=300] [--config.mesh.data=4 ...] [--cpu_devices=8]": Runs(
@@ -134,6 +143,10 @@ DOCUMENTED = {
     "[--per_class=4] [--sampler=ddim|ddpm|flow] [--seed=0] [--out=grid.png]": Runs(
         SAMPLE, "workdirs/dit_digits = the dit_digits test's workdir; without, then with the "
         "options (--sampler=ddpm)"),
+    # docs/decoding.md.
+    "python -m train.generate --workdir=DIR --prompt=\"def \" --max_new_tokens=100": Runs(GENERATE),
+    "python -m train.generate --workdir=DIR --prompt=\"def \" --mesh=fsdp=4,tensor=2": Runs(
+        GENERATE),
     # Data.
     "python -m train.make_arrayrecord --src=my_texts/ --dst=/data/my_corpus --glob='**/*.txt'":
         Runs(ARRAYRECORD),

@@ -82,6 +82,11 @@ def test_train_sample_on_the_dit_digits_workdir(trained, tmp_path):
   short = doc("python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4 --steps=50")
   out = run(substitute(short, DIR=workdir), tmp_path / "c.log", timeout=300).stdout
   assert "(3 classes x 4)" in out, out[-2000:]
+  # A class the model does not have: one sentence and exit status 1, before anything compiles.
+  bad = run(substitute(short, DIR=workdir).replace("--classes=0,3,7", "--classes=2,12"),
+            tmp_path / "d.log", timeout=120, ok=False)
+  assert bad.returncode == 1, bad.stdout[-2000:]
+  assert "odyssey: --classes [12] are outside the model's 10 classes" in bad.stdout
 
 
 def test_digits_agreement_bench_on_the_trained_workdirs(trained, tmp_path):

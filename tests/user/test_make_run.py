@@ -71,12 +71,18 @@ VENV_PYTHON = ".venv/bin/python"
 
 
 def test_make_test_and_make_clean_recipes(tmp_path):
-  """What can be checked of the two targets no test can run: `make test` is pytest over tests/
-  with two workers and whole files per worker; `make clean` removes workdirs/ and nothing else."""
+  """What can be checked of the make commands no test can run: `make test` is pytest over tests/
+  with two workers and whole files per worker; `make clean` removes workdirs/ and nothing else;
+  `make PYTHON=...` makes the virtualenv with that interpreter (dry runs: nothing is executed)."""
   test = run("make -n test", tmp_path / "test.log", timeout=60).stdout
   assert re.search(r"\.venv/bin/python -m pytest .*-n 2 --dist loadfile .*tests$", test, re.M), test
   clean = run("make -n clean", tmp_path / "clean.log", timeout=60).stdout
   assert clean.strip().splitlines()[-1] == "rm -rf workdirs", clean
+  assert doc("make PYTHON=...")
+  venv, python = tmp_path / "venv", tmp_path / "bin" / "python3.12"
+  fresh = run(f"make -n PYTHON={python} VENV={venv} install", tmp_path / "python.log",
+              timeout=60).stdout
+  assert f"{python} -m venv {venv}" in fresh, fresh
 
 
 # ---------------------------------------------------------------------------- train.generate
@@ -128,6 +134,16 @@ def test_generate_on_the_make_run_workdir(make_run, generated, tmp_path):
   texts = samples_of(out)
   assert sorted(texts) == [(p, s) for p in range(3) for s in range(2)], out[-2000:]
   assert texts[2, 0].startswith("\x01\x02\x03")
+  # docs/decoding.md: greedy on the workdir's mesh (data=2 x fsdp=2 x tensor=2; the CPU devices
+  # are simulated as the mesh needs), and on another mesh: the same tokens.
+  own = doc("python -m train.generate --workdir=DIR --prompt=\"def \" --max_new_tokens=100")
+  other = doc("python -m train.generate --workdir=DIR --prompt=\"def \" --mesh=fsdp=4,tensor=2")
+  own = samples_of(run(substitute(own, DIR=make_run["workdir"]), tmp_path / "own.log",
+                       timeout=300).stdout)
+  other = samples_of(run(substitute(other, DIR=make_run["workdir"]), tmp_path / "other.log",
+                         timeout=300).stdout)
+  assert list(own) == [(0, 0)] and own[0, 0].startswith("def ") and len(own[0, 0]) > 10, own
+  assert other == own
 
 
 # ------------------------------------------------------------------ train.convert both ways
