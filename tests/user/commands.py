@@ -55,9 +55,6 @@ DOCUMENTED = {
     "make clean": CannotRun(
         "it deletes workdirs/ of the shared checkout, where other runs may live",
         U + "test_make_run.py::test_make_test_and_make_clean_recipes"),
-    "make PYTHON=...": CannotRun(
-        "another interpreter remakes .venv and reinstalls every package (minutes of pip) in the "
-        "shared checkout", U + "test_make_run.py::test_make_test_and_make_clean_recipes"),
     # The CLI (README) and docs/config.md, docs/workdir.md.
     "python -m train --config=FILE[:ARG] --workdir=DIR [--config.<path>=<value> ...]": Runs(
         RECIPE, "synopsis: make run's recipe and every user-tier python -m train run are forms of "

@@ -73,12 +73,12 @@ VENV_PYTHON = ".venv/bin/python"
 def test_make_test_and_make_clean_recipes(tmp_path):
   """What can be checked of the make commands no test can run: `make test` is pytest over tests/
   with two workers and whole files per worker; `make clean` removes workdirs/ and nothing else;
-  `make PYTHON=...` makes the virtualenv with that interpreter (dry runs: nothing is executed)."""
+  setting PYTHON (README's quick start) makes the virtualenv with that interpreter (dry runs:
+  nothing is executed; a real one would reinstall every package in the shared checkout)."""
   test = run("make -n test", tmp_path / "test.log", timeout=60).stdout
   assert re.search(r"\.venv/bin/python -m pytest .*-n 2 --dist loadfile .*tests$", test, re.M), test
   clean = run("make -n clean", tmp_path / "clean.log", timeout=60).stdout
   assert clean.strip().splitlines()[-1] == "rm -rf workdirs", clean
-  assert doc("make PYTHON=...")
   venv, python = tmp_path / "venv", tmp_path / "bin" / "python3.12"
   fresh = run(f"make -n PYTHON={python} VENV={venv} install", tmp_path / "python.log",
               timeout=60).stdout
