@@ -44,6 +44,18 @@ GPU_FLAGS = (
 # ones (e.g. MaxText's --xla_tpu_enable_async_collective_fusion=true ...) in LIBTPU_INIT_ARGS.
 TPU_FLAGS = ()
 
+# XLA:CPU correctness, not tuning: set for every CPU run (parallel/__init__.py applies them when
+# odyssey is imported, before JAX starts a backend), unless XLA_FLAGS sets them already.
+# jaxlib 0.12's concurrency-optimised HLO scheduler (its default) lets one device of an SPMD
+# program enter a collective inside the layer scan's while loop while the others enter an
+# independent top-level collective first (seen: the expert=4 x data=2 MoE train step, one device in
+# the loop's all-gather and seven in a scalar all-reduce, in every run, 5 of 5); each waits for the
+# other forever. With the default scheduler the devices agree (tests/train/test_moe_cli.py and the
+# user tier's moe_lm_stdlib run; docs/decoding.md).
+CPU_FLAGS = (
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+)
+
 _CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
                  "jax_plugins.xla_cuda13")
 
@@ -98,4 +110,11 @@ def apply(found: set[str] | None = None) -> list[str]:
     if platform in found and flags:
       os.environ[variable], new = merge(os.environ.get(variable, ""), flags)
       added += new
+  return added
+
+
+def apply_cpu() -> list[str]:
+  """Adds CPU_FLAGS to XLA_FLAGS where it does not set them; returns those added. Only effective
+  before JAX starts its CPU backend."""
+  os.environ["XLA_FLAGS"], added = merge(os.environ.get("XLA_FLAGS", ""), CPU_FLAGS)
   return added

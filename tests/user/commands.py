@@ -126,7 +126,7 @@ DOCUMENTED = {
     "[--dtype=bfloat16]": Runs(ROUND_TRIP, "HF_DIR = the export of the make-run workdir; "
                                "--dtype: tests/convert/test_convert_cli.py"),
     "python -m train --config=experiments/lm_stdlib.py --config.init.from=WORKDIR --workdir=RUN "
-    "--config.model.d_model=... (the imported model's fields: see WORKDIR/config.json)": Runs(
+    "--cpu_devices=8 --config.model.d_model=... (the imported model's fields: see WORKDIR/config.json)": Runs(
         FINETUNE, "the model fields read from WORKDIR/config.json"),
     "python -m train.convert --from=odyssey --family=llama --src=RUN --dst=HF_OUT [--step=N] "
     "[--dtype=bfloat16] [--max_shard_gb=5]": Runs(
@@ -147,7 +147,7 @@ DOCUMENTED = {
     # Data.
     "python -m train.make_arrayrecord --src=my_texts/ --dst=/data/my_corpus --glob='**/*.txt'":
         Runs(ARRAYRECORD),
-    "python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR "
+    "python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR --cpu_devices=8 "
     "--config.data.name=arrayrecord --config.data.path=/data/my_corpus": Runs(ARRAYRECORD_TRAIN),
 }
 

@@ -19,7 +19,7 @@ STEPS = 5
 MAKE = doc("python -m train.make_arrayrecord --src=my_texts/ --dst=/data/my_corpus "
            "--glob='**/*.txt'")
 TRAIN = doc("python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR "
-            "--config.data.name=arrayrecord --config.data.path=/data/my_corpus")
+            "--cpu_devices=8 --config.data.name=arrayrecord --config.data.path=/data/my_corpus")
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +43,9 @@ def test_make_arrayrecord_writes_shards(corpus):
   assert metadata, corpus["out"][-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README bug (issue 16; README is the docs owner's): the documented command has no "
-    "--cpu_devices=8, so on a CPU machine lm_stdlib's data=2 x fsdp=2 x tensor=2 mesh finds 1 "
-    "device and validation stops: 'config.mesh (...) needs 8 devices but 1 are available'"))
 def test_train_on_the_arrayrecord_output_as_written(corpus, tmp_path):
   """Override: --config.train.steps=5 (of 500)."""
   command = substitute(TRAIN, DIR=tmp_path / "run", **{"/data/my_corpus": corpus["corpus"]})
   out = run(command + f" --config.train.steps={STEPS}", tmp_path / "run.log", timeout=600).stdout
-  check_lm_run(tmp_path / "run", out, STEPS, "experiments/lm_stdlib.py:size=small")
-
-
-def test_train_on_the_arrayrecord_output_with_the_device_count(corpus, tmp_path):
-  """The documented command plus --cpu_devices=8, the flag it lacks (see the xfail above), so the
-  data path is checked while the README is being fixed; --config.train.steps=5 (of 500)."""
-  command = substitute(TRAIN, DIR=tmp_path / "run", **{"/data/my_corpus": corpus["corpus"]})
-  out = run(command + f" --cpu_devices=8 --config.train.steps={STEPS}", tmp_path / "run.log",
-            timeout=600).stdout
   assert "arrayrecord" in (tmp_path / "run" / "config.json").read_text()
   check_lm_run(tmp_path / "run", out, STEPS, "experiments/lm_stdlib.py:size=small")

@@ -32,24 +32,10 @@ COMMANDS = {
 }
 
 
-# jaxlib 0.12's XLA:CPU runtime deadlocks in the first train step of the expert=4 x data=2 MoE
-# mesh (one device waits in an all-gather while the other 7 wait in an all-reduce), with the
-# default flags and with -O0: before the CLI's watchdog it aborted after XLA's 40 s ("Termination
-# timeout ... exceeded", exit 134); now the watchdog stops it ("odyssey: the train step made no
-# progress for 120 s (train.hang_timeout_s=40) ...", 3 x the timeout before the first step).
-MOE_DEADLOCK = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 16: jaxlib 0.12 XLA:CPU deadlocks in the MoE train step on expert=4 x data=2 (one "
-    "device in an all-gather, seven in an all-reduce; the run never finishes); the jax pin is the "
-    "lead's (pyproject dependencies), the MoE dispatch in parallel/moe.py"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=MOE_DEADLOCK) if n == "moe_lm_stdlib"
-                                  else n for n in COMMANDS])
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_lm_experiment_trains_evaluates_and_samples(name, tmp_path):
   workdir = tmp_path / "run"
   command = substitute(COMMANDS[name], DIR=workdir) + OVERRIDES
-  if name == "moe_lm_stdlib":  # its known hang (below) ends after 3 x 40 s, not 3 x 600 s
-    command += " --config.train.hang_timeout_s=40"
   out = run(command, tmp_path / "run.log", timeout=600).stdout
   check_lm_run(workdir, out, STEPS, f"experiments/{name.replace(':', '.py:')}"
                if ":" in name else f"experiments/{name}.py")
