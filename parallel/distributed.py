@@ -90,3 +90,14 @@ def _int_env(name: str) -> int | None:
   if not value.lstrip("-").isdigit():
     raise ValueError(f"{name}={value!r} must be an integer.")
   return int(value)
+
+
+def define_flags(flags):
+  """The explicit multi-process flags of a CLI (``absl.flags``): (coordinator_address,
+  num_processes, process_id) holders, for ``initialize``."""
+  return (flags.DEFINE_string(
+              "coordinator_address", None, "HOST:PORT of process 0's coordination service, for a "
+              "multi-process run the environment does not describe (python -m train.launch "
+              "passes it for local runs; parallel/distributed.py)."),
+          flags.DEFINE_integer("num_processes", None, "Processes in the run."),
+          flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1."))

@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
+from parallel import distributed
+
 
 def config_aliases(argv: list[str]) -> list[str]:
   """``--config.init.from`` names the field ``init.from_`` (``from`` is a Python keyword, which
@@ -37,11 +39,7 @@ _WORKDIR = flags.DEFINE_string(
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Simulate this many CPU devices; an XLA_FLAGS device count from the "
     "environment is respected and must agree.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0's coordination service, for a "
-    "multi-process run the environment does not describe (parallel/distributed.py).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = distributed.define_flags(flags)
 _XLA_FLAGS = flags.DEFINE_bool(
     "recommended_xla_flags", True, "On GPU/TPU, add parallel/xla_flags.py's flags to XLA_FLAGS / "
     "LIBTPU_INIT_ARGS where the environment does not set them already.")
@@ -182,7 +180,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and grain are chatty at INFO
   # Imported here: XLA flags and the device count must be set before JAX initialises its backends.
-  from parallel import devices, distributed, xla_flags
+  from parallel import devices, xla_flags
   if _XLA_FLAGS.value and (added := xla_flags.apply()):
     print(f"odyssey: recommended XLA flags added: {' '.join(added)}", flush=True)
   from train import data, loop, validate, watchdog

@@ -202,11 +202,8 @@ def define_flags():
   _CPU_DEVICES = flags.DEFINE_integer(
       "cpu_devices", None, "Simulate this many CPU devices (default on a CPU-only machine: as "
       "many as the mesh needs).")
-  _COORDINATOR = flags.DEFINE_string(
-      "coordinator_address", None, "HOST:PORT of process 0's coordination service, for a "
-      "multi-process generation (python -m train.launch --module=train.generate passes it).")
-  _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-  _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..N-1.")
+  from parallel import distributed
+  _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID = distributed.define_flags(flags)
   _MESH = flags.DEFINE_string(
       "mesh", None, "Decoding mesh, e.g. data=2,fsdp=4 (unnamed axes 1; one may be -1); default: "
       "the workdir's training mesh.")
