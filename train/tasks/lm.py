@@ -15,6 +15,12 @@ from train import data, sampling
 def token_loss(logits_BxSxV, targets_BxS):
   """Summed float32 cross-entropy over non-padding targets, and their count."""
   weights_BxS = (targets_BxS != data.PAD_ID).astype(jnp.float32)
+  # The count depends on the targets alone, so its all-reduce over the batch axes would be
+  # independent of the model's layer scan, and XLA:CPU may then run the two in a different order
+  # on different devices, each waiting for the other (seen: the expert=4 x data=2 MoE step, one
+  # device in the scan's all-gather, seven in this all-reduce; docs/decoding.md). Tied to the
+  # logits, it is reduced after the scan on every device.
+  logits_BxSxV, weights_BxS = jax.lax.optimization_barrier((logits_BxSxV, weights_BxS))
   losses_BxS = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxSxV.astype(jnp.float32), targets_BxS)
   return jnp.sum(losses_BxS * weights_BxS), jnp.sum(weights_BxS)
