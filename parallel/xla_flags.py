@@ -50,8 +50,9 @@ TPU_FLAGS = ()
 # program enter a collective inside the layer scan's while loop while the others enter an
 # independent top-level collective first (seen: the expert=4 x data=2 MoE train step, one device in
 # the loop's all-gather and seven in a scalar all-reduce, in every run, 5 of 5); each waits for the
-# other forever. With the default scheduler the devices agree (tests/train/test_moe_cli.py and the
-# user tier's moe_lm_stdlib run; docs/decoding.md).
+# other forever. With the default scheduler the devices agreed in every run tried; the structural
+# fix is in train/tasks/lm.py (the collective was independent of the scan), this is a second
+# guard for programs with the same shape (docs/decoding.md).
 CPU_FLAGS = (
     "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 )
