@@ -139,7 +139,8 @@ def test_generate_over_two_processes_prints_what_one_process_prints(trained):
   assert "[launch] all 2 processes finished." in two.stdout
   printed = "".join(line[len("[p0] "):] + "\n" for line in two.stdout.splitlines()
                     if line.startswith("[p0] ") and "odyssey:" not in line)
-  assert printed == one.stdout
+  # gloo's connection chatter can reach the stream as stray fragments before the samples.
+  assert printed[printed.index("=== prompt 0"):] == one.stdout
   assert not [line for line in two.stdout.splitlines() if line.startswith("[p1] ===")]
 
 

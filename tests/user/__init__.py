@@ -27,7 +27,10 @@ def user_env() -> dict:
   device count), the virtualenv's ``python`` first on PATH (as after ``source .venv/bin/activate``),
   and JAX_PLATFORMS=cpu, which ``make run`` sets and which is what JAX picks on this CPU machine
   anyway (the docs' commands simulate CPU devices)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("PYTEST_")}
+  # MAKELEVEL/MAKEFLAGS/MFLAGS: under `make test` a documented `make ...` would otherwise run as a
+  # sub-make ("make[1]: Entering directory ..."), which no user's shell does.
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MAKELEVEL", "MAKEFLAGS",
+                                                         "MFLAGS") and not k.startswith("PYTEST_")}
   env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("PYTHONPATH", None)  # the commands run from the repository root, as the docs say
