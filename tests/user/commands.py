@@ -103,6 +103,10 @@ DOCUMENTED = {
                                 "test_quick_mfu_bench_writes_sane_figures", "--quick"),
     "python -m bench.moe": Runs("tests/train/test_bench_moe.py::"
                                 "test_writes_json_and_markdown_with_the_machine", "--quick"),
+    "python -m bench.compile": Runs("tests/train/test_bench_perf.py::"
+                                    "test_writes_json_markdown_and_plot", "--quick"),
+    "python -m bench.host": Runs("tests/train/test_bench_perf.py::"
+                                 "test_writes_json_markdown_and_plot", "--quick"),
     "python -m bench.digits_agreement --vit_workdir=VIT_DIR --dit_workdir=DIT_DIR": Runs(
         AGREEMENT, "with --per_class and --out lowered/redirected (the default --out is "
         "bench/results, the committed figures)"),
