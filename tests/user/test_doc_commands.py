@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 from tests.user import REPO
-from tests.user.test_registry import doc_pages, documented_commands
+from tests.user.test_registry import _all_documented, doc_pages, documented_commands
 
 PLACEHOLDER = re.compile(r"\.\.\.|<|^FILE")  # --config=FILE[:ARG], --config=..., --config.<path>
 # absl --helpfull: "  --name: help", "  --[no]name: help"; argparse --help: "  --name NAME  help".
@@ -138,21 +138,12 @@ def command_problems(command: str) -> list[str]:
   return program_problems(tokens[at + 1], tokens[at + 2:])
 
 
-def _documented() -> dict[str, str]:
-  found = {}
-  for page in doc_pages():
-    with open(os.path.join(REPO, page)) as f:
-      for command in documented_commands(f.read()):
-        found.setdefault(command, page)
-  return found
-
-
 def _modules(commands) -> set[str]:
   return {m for c in commands for m in re.findall(r"-m\s+([\w.]+)", c)} | {"train"}
 
 
 def test_every_documented_command_names_real_modules_flags_and_fields():
-  found = _documented()
+  found = _all_documented()
   assert len(found) > 20, found
   preload_module_flags(_modules(found))
   problems = [f"{page}: {c}\n    {p}" for c, page in found.items() for p in command_problems(c)]
