@@ -33,8 +33,7 @@ def setup(devices: int | None) -> None:
   if devices and _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"], _ = xla_flags.merge(os.environ.get("XLA_FLAGS", ""),
                                                  [f"{_COUNT_FLAG}={devices}"])
-  xla_flags.apply()
-  xla_flags.apply_cpu()
+  xla_flags.apply()  # (importing parallel has added its CPU flags already)
 
 
 def main(name: str, doc: str, run, markdown, plot=None, flags=(), devices: int | None = 8,

@@ -14,6 +14,7 @@ docs/performance.md explains the figures.
 import functools
 import math
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -150,8 +151,8 @@ def step_memory(p: int, n: int, strategy: str = "ulysses") -> dict:
                 output_bytes=m.output_size_in_bytes, alias_bytes=m.alias_size_in_bytes,
                 largest_buffer=largest_buffer(compiled.as_text()),
                 compile_s=time.perf_counter() - t0)
-  harness.log(f"  step memory P={p} N={n} {strategy}: peak {peak / MiB:.1f} MiB "
-              f"({result['compile_s']:.1f}s)")
+  print(f"  step memory P={p} N={n} {strategy}: peak {peak / MiB:.1f} MiB "
+        f"({result['compile_s']:.1f}s)", file=sys.stderr, flush=True)
   return result
 
 
