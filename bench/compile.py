@@ -2,67 +2,29 @@
 
   .venv/bin/python -m bench.compile [--quick] [--out=bench/results] [--repeats=N]
 
-Runs on simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 unless the
-environment already sets a count), on the loop's default mesh: data = all 8 devices.
-
-  1. Compilations during a training run: ``train.loop.run`` (the real loop, configs/lm.py) in a
-     temporary workdir, with checkpoints, metric logging, evaluation and a final sample. JAX
-     reports every trace, lowering and XLA compilation through ``jax.monitoring`` with the
-     function's name; ``CompileCounter`` counts them per function. The train step (the
-     ``train_step`` that ``train.steps.make_train_step`` returns, which the loop jits once) must
-     be traced and compiled exactly once: a second trace would mean a retrace from a Python
-     scalar, a changed shape or dtype, or a config object reaching the step. The eval step must
-     compile once too; everything else compiled (initialisation, the sampler, small programs
-     Orbax and start-up run) is listed for information.
-  2. Compile time vs depth: the same train step (``loop_program``: built exactly as the loop
-     builds it, jitted with the state's and batch's shardings and the state donated) for
-     num_layers 4, 8, 16, 24 at one width (size=tiny: d_model 128). Each measurement builds a
-     fresh step function, so nothing is served from JAX's caches (the script checks that every
-     ``compile()`` ran one XLA compilation), and times ``jitted.lower(abstract state, batch)``
-     (tracing + lowering) and ``.compile()`` (XLA) apart. Sizes are measured in rounds, so a busy
-     spell on the shared host slows every size alike; the figure is the median per size. The
-     layers are stacked with ``nn.scan``, so XLA compiles one layer body whatever the depth and
-     the 24/4 compile-time ratio should be at most 1.5.
-
-Prints a JSON summary and markdown tables, and writes compile.{json,md} (and compile.png when
-matplotlib is installed) to --out. Expectations that do not hold are printed as not holding.
-
-What to expect (2 cores shared with other jobs): the full run takes 2.5-4 minutes; the train
-step compiles in 6-13 s depending on the load, at every depth alike (24/4 ratio about 0.95-1.05),
-and is traced and compiled exactly once over the 50-step run, as is the eval step; Orbax's first
-checkpoint save compiles 72 small ``slice`` programs (its replica-parallel save on 8 simulated
-devices, 3-4 s). --quick (size=test, batch 8 x 32, 12 steps, depths 4 and 24 once) takes 20-30 s
-with the test suite's fast-compile flags.
+On the loop's default mesh (data = 8 simulated CPU devices): (1) ``train.loop.run`` in a temporary
+workdir, counting every trace and XLA compilation per function (the train and eval steps must
+compile once); (2) a fresh train step per depth, lowered and compiled, timed in rounds over the
+depths (median per depth). Writes compile.{json,md,png}; docs/performance.md explains the figures.
 """
 
-import argparse
 import contextlib
 import functools
-import json
-import os
-import platform
 import re
 import statistics
-import sys
 import tempfile
 import threading
 import time
 
-_COUNT_FLAG = "--xla_force_host_platform_device_count"
-if _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):  # a count the user chose is respected
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_COUNT_FLAG}=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
 
-import flax.linen as nn  # noqa: E402  (after XLA_FLAGS)
-import jax  # noqa: E402
-
-from bench import report  # noqa: E402
-from bench.seq_parallel import _table  # noqa: E402
-from configs import lm  # noqa: E402
-from parallel import mesh as parallel_mesh  # noqa: E402
-from parallel import sharding  # noqa: E402
-from train import loop, models, optimizer, steps, tasks, validate  # noqa: E402
-from train import state as state_lib  # noqa: E402
+from bench import harness
+from configs import lm
+from parallel import mesh as parallel_mesh
+from parallel import sharding
+from train import loop, models, optimizer, steps, tasks, validate
+from train import state as state_lib
 
 SETTINGS = {
     # Model size, global batch x sequence, the depths timed and how many rounds over them, and
@@ -232,22 +194,6 @@ def time_compile(settings: dict, num_layers: int) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def environment() -> dict:
-  """The host and JAX a benchmark ran on (bench/host.py shares it)."""
-  return dict(jax=jax.__version__, backend=jax.default_backend(), devices=jax.device_count(),
-              xla_flags=os.environ.get("XLA_FLAGS", ""), host_cores=os.cpu_count(),
-              load_average=[os.getloadavg()[0]], machine=platform.machine(),
-              python=platform.python_version())
-
-
-def machine_line(env: dict) -> str:
-  load = " / ".join(f"{x:.1f}" for x in env["load_average"])
-  return (f"Machine: {env['host_cores']} CPU cores ({env['machine']}), {env['devices']} simulated "
-          f"JAX devices on backend `{env['backend']}`, jax {env['jax']}, python {env['python']}; "
-          f"1-minute load average {load} (start / end). Timings on a shared host are noisy: "
-          "compare figures measured in the same run, not across runs or with an accelerator.")
-
-
 def checks(doc: dict) -> list[dict]:
   run, times = doc["loop_run"], doc["compile_times"]
   out = [dict(name=f"train step traced and compiled once over the {run['steps']}-step run",
@@ -272,66 +218,34 @@ def checks(doc: dict) -> list[dict]:
 
 
 def markdown(doc: dict) -> str:
-  s, run = doc["settings"], doc["loop_run"]
-  out = [f"# Compile benchmark ({doc['mode']})", "", machine_line(doc["environment"]), "",
-         f"Byte-level Llama LM, configs/lm.py size={s['size']} (d_model "
-         f"{doc['model']['d_model']}, {doc['model']['num_heads']} heads, MLP width "
-         f"{doc['model']['mlp_dim']}), batch {s['batch']} x {s['seq']} tokens, float32, AdamW, "
-         f"mesh data={doc['environment']['devices']}. The whole train step (forward, backward, "
-         "update; state donated), built and jitted as train/loop.py does.", ""]
+  s, run, model = doc["settings"], doc["loop_run"], doc["model"]
+  times = doc["compile_times"]
   rows = [[t["layers"], f"{t['params']:,}", f"{t['lower_s']:.2f}", f"{t['compile_s']:.2f}",
            ", ".join(f"{x:.2f}" for x in t["compile_s_all"]),
-           f"{t['compile_s'] / doc['compile_times'][0]['compile_s']:.2f}"]
-          for t in doc["compile_times"]]
-  out += ["## Compile time vs depth (layers stacked with nn.scan)", "",
-          f"Seconds; median of {s['repeats']} per depth, each from a fresh step function. "
-          "`lower` = tracing + lowering to StableHLO, `compile` = `.compile()` (XLA).", "",
-          _table(["layers", "params", "lower s", "compile s", "compile s (all)",
-                  f"vs {doc['compile_times'][0]['layers']} layers"], rows), ""]
-  rows = [[name, f["traces"], f["compiles"], f"{f['compile_s']:.2f}"]
-          for name, f in run["functions"].items()]
-  out += [f"## Compilations during a {run['steps']}-step `train.loop.run`", "",
-          f"Checkpoints every {s['ckpt_every']} steps (async; steps {run['checkpoints']} kept), "
-          f"metrics every {s['log_every']}, {run['evaluations']} evaluations, "
-          f"{s['sample_tokens']} sampled tokens at the end; {run['wall_s']:.0f} s wall. "
-          f"{run['total_compiles']} XLA compilations ({run['total_compile_s']:.1f} s), by "
-          "function (JAX's names; `train_step` is the jitted step, `eval_fn` the eval step):", "",
-          _table(["function", "traces", "XLA compilations", "compile s"], rows), ""]
-  rows = [[c["name"], "yes" if c["holds"] else "**NO**", c["detail"]] for c in doc["checks"]]
-  out += ["## Expectations", "", _table(["expectation", "holds", "measured"], rows), ""]
-  out += ["## Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]
-  return "\n".join(out)
+           f"{t['compile_s'] / times[0]['compile_s']:.2f}"] for t in times]
+  functions = [[name, f["traces"], f["compiles"], f"{f['compile_s']:.2f}"]
+               for name, f in run["functions"].items()]
+  return "\n".join([
+      harness.heading("Compile benchmark", doc),
+      f"configs/lm.py size={s['size']} (d_model {model['d_model']}, {model['num_heads']} heads, "
+      f"MLP {model['mlp_dim']}), batch {s['batch']} x {s['seq']}, float32, AdamW, mesh "
+      f"data={doc['environment']['devices']}; the train step as train/loop.py jits it.", "",
+      "## Compile time vs depth (layers stacked with nn.scan)", "",
+      f"Seconds, median of {s['repeats']} per depth, each a fresh step function; lower = trace "
+      "+ lower to StableHLO, compile = XLA.", "",
+      harness.table(["layers", "params", "lower s", "compile s", "compile s (all)",
+                     f"vs {times[0]['layers']} layers"], rows), "",
+      f"## Compilations during a {run['steps']}-step `train.loop.run`", "",
+      f"Checkpoints every {s['ckpt_every']} steps (async; steps {run['checkpoints']} kept), "
+      f"metrics every {s['log_every']}, {run['evaluations']} evaluations, {s['sample_tokens']} "
+      f"sampled tokens; {run['wall_s']:.0f} s wall; {run['total_compiles']} XLA compilations "
+      f"({run['total_compile_s']:.1f} s).", "",
+      harness.table(["function", "traces", "XLA compilations", "compile s"], functions), "",
+      harness.expectations(doc["checks"])])
 
 
-def notes(doc: dict) -> list[str]:
-  run = doc["loop_run"]
-  out = []
-  slices = run["functions"].get("slice")
-  if slices and slices["compiles"] > 1:
-    out.append(
-        f"`slice` ({slices['compiles']} compilations, {slices['compile_s']:.1f} s): Orbax's "
-        "replica-parallel save splits every replicated array's shards over the "
-        f"{doc['environment']['devices']} devices holding a copy and slices each device's part "
-        "with an eager `jax.lax.slice_in_dim`, one compiled program per distinct (shape, slice, "
-        "device); JAX caches them, so only the first checkpoint save pays (bench/host.py "
-        "reports that save's time).")
-  out.append("The other programs compile once per run: `<lambda>` is the sharded "
-             "initialisation; `dot`, `broadcast_in_dim` and `convert_element_type` the start-up "
-             "measure of the host's matmul peak (train/flops.py); `add` the eager sum of eval "
-             "batches in the loop's `evaluate`; `_sample`, `stage` and `_threefry_seed` the "
-             "sampler and its set-up. `init_boxed` is traced for shapes only (`eval_shape`).")
-  return out
-
-
-def plot(doc: dict, path: str) -> str | None:
-  """compile.png; returns a message instead when matplotlib is missing."""
-  try:
-    import matplotlib
-  except ImportError:
-    return "matplotlib is not installed; skipped the plot."
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(doc: dict, plt):
+  """Compile time vs depth, and the compile seconds of each function in the loop run."""
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   times = doc["compile_times"]
   layers = [t["layers"] for t in times]
@@ -355,23 +269,13 @@ def plot(doc: dict, path: str) -> str | None:
   axes[1].set_xlim(0, 1.15 * max(functions[n]["compile_s"] for n in names))
   axes[1].set(xlabel="XLA compile seconds (count at the bar's end)",
               title=f"Compilations in a {doc['loop_run']['steps']}-step loop run")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return None
+  return fig
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="size=test model, batch 8 x 32, depths 4 and 24 once, 12-step run")
-  parser.add_argument("--out", default="bench/results", help="folder for json, md and png")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="compile-time rounds over the depths (default: 3, quick: 1)")
-  args = parser.parse_args(argv)
+def run(args) -> dict:
   mode = "quick" if args.quick else "full"
   settings = dict(SETTINGS[mode])
   if args.repeats:
@@ -379,46 +283,38 @@ def main(argv=None) -> dict:
   if settings["batch"] % jax.device_count():
     raise ValueError(f"batch {settings['batch']} is not divisible by the "
                      f"{jax.device_count()} devices.")
-  start, env = time.perf_counter(), environment()
-
   # The training run goes first: it also warms up what every later compile shares (XLA's
   # one-time set-up), so the first timed depth is not charged for it.
-  print(f"training {settings['run_steps']} steps through train.loop.run", file=sys.stderr,
-        flush=True)
-  run = count_loop_compilations(settings)
-  print(f"timing compiles: {settings['repeats']} round(s) over num_layers {settings['layers']}",
-        file=sys.stderr, flush=True)
+  harness.log(f"training {settings['run_steps']} steps through train.loop.run")
+  loop_run = count_loop_compilations(settings)
+  harness.log(f"timing compiles: {settings['repeats']} round(s) over num_layers "
+              f"{settings['layers']}")
   measured = {n: [] for n in settings["layers"]}
-  for _ in range(settings["repeats"]):
+  for _ in range(settings["repeats"]):  # rounds: a busy spell on the host slows every depth
     for n in settings["layers"]:
       measured[n].append(time_compile(settings, n))
-      print(f"  {n:3d} layers: lower {measured[n][-1]['lower_s']:.2f} s, compile "
-            f"{measured[n][-1]['compile_s']:.2f} s", file=sys.stderr, flush=True)
+      harness.log(f"  {n:3d} layers: lower {measured[n][-1]['lower_s']:.2f} s, compile "
+                  f"{measured[n][-1]['compile_s']:.2f} s")
   times = [dict(layers=n, params=ms[0]["params"],
                 lower_s=statistics.median(m["lower_s"] for m in ms),
                 compile_s=statistics.median(m["compile_s"] for m in ms),
                 lower_s_all=[m["lower_s"] for m in ms], compile_s_all=[m["compile_s"] for m in ms],
                 xla_compiles=[m["xla_compiles"] for m in ms]) for n, ms in measured.items()]
-
   config = lm_config(settings)
-  env["load_average"].append(os.getloadavg()[0])
-  doc = dict(benchmark="compile", mode=mode, settings=settings, environment=env,
+  doc = dict(benchmark="compile", mode=mode, settings=settings,
              model=dict(size=settings["size"], d_model=config.model.d_model,
                         num_heads=config.model.num_heads, mlp_dim=config.model.mlp_dim),
-             loop_run=run, compile_times=times,
+             loop_run=loop_run, compile_times=times,
              ratio=times[-1]["compile_s"] / times[0]["compile_s"])
   doc["ratio_holds"] = doc["ratio"] <= MAX_RATIO
-  doc["checks"], doc["notes"] = checks(doc), notes(doc)
-  doc["wall_time_s"] = time.perf_counter() - start
-
-  md = report.write(args.out, "compile", doc, markdown(doc), doc["wall_time_s"], plot)
-  print(json.dumps({k: doc[k] for k in ("ratio", "ratio_holds")} | {
-      "train_step_compiles": run["train_step_compiles"],
-      "train_step_traces": run["train_step_traces"],
-      "eval_step_compiles": run["eval_step_compiles"],
-      "compile_s": {t["layers"]: round(t["compile_s"], 3) for t in times}}))
-  print(md)
+  doc["checks"] = checks(doc)
   return doc
+
+
+def main(argv=None) -> dict:
+  return harness.main("compile", __doc__, run, markdown, plot, argv=argv, flags=[
+      ("--repeats", dict(type=int, default=None,
+                         help="compile-time rounds over the depths (default: 3, quick: 1)"))])
 
 
 if __name__ == "__main__":

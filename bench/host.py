@@ -2,77 +2,25 @@
 
   .venv/bin/python -m bench.host [--quick] [--out=bench/results] [--steps=N]
 
-Runs on simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 unless the
-environment already sets a count), mesh data=8, the byte-level Llama of configs/lm.py (tiny:
-4 layers, d_model 128) at batch 16 x 128 tokens.
-
-What runs: ``train.loop.run``, the real loop, trains ``--steps`` steps in a temporary workdir
-three times: grain prefetch with async checkpoints, prefetch with synchronous checkpoints, and
-no prefetch (configs/lm.py's own data settings) with async checkpoints. It saves a checkpoint
-every ``ckpt_every`` steps and fetches and writes metrics every ``log_every`` steps; evaluation
-and sampling happen only before step 1 and after the last step. The timed window runs from step
-``ckpt_every + 2`` to the last step: it starts after the first save (whose one-time cost is
-reported apart) and holds the later saves, the metric fetches, the input pipeline (grain plus
-the host->device copy of each batch) and the loop's Python. Over its W steps:
-
-  host-wait fraction = 1 - W x t_device / (wall time of the W steps),
-
-the share of the wall time in which the device was not running a train step.
-
-How t_device is measured: inside the same run, from two host timestamps per step. The loop
-calls ``should_stop(step)`` right after it has dispatched step s and read step s-1's non-finite
-count (so step s-1 has finished on the device); ``train.loop.next_batch``, wrapped for the run
-(monkeypatched, then restored), records when step s's batch is on the devices, just before step
-s is dispatched. A step whose host then blocked on step s-1 for more than a quarter of a typical
-step was queued while the device was busy; between two consecutive such steps the device ran
-exactly one step, so the median interval between them is t_device under this run's own load. As
-a cross-check ("vs pure") the same train step, built and jitted as the loop does, is timed
-back-to-back on one batch fetched beforehand (``pure_steps`` steps dispatched without waiting)
-before the first run and after every run; those measurements are a minute away from the window,
-so they are noisier. Fractions below 0 (noise) show as 0; the JSON keeps the raw values. "From
-step 2" is the same fraction over steps 2.. (the first save included). The wrapped ``next_batch``
-and ``Checkpointer.save`` also give the host time of the input pipeline and of each save call:
-host durations that may overlap device work, not stalls.
-
-On CPU the "device" is the host's own cores: grain's reader thread, Orbax's background writes
-and the loop's Python take cores from XLA, so the fractions overstate what an accelerator would
-see, and they are noisy (2 shared cores).
-
-Prints a JSON summary and a markdown table, and writes host.{json,md} (and host.png when
-matplotlib is installed) to --out. The target (under 5% with prefetch and async checkpoints) is
-printed as holding or not.
-
-What to expect (2 cores shared with other jobs, load average 3-7): the full run takes about 4
-minutes; with checkpoints every 10 steps (4 s apart) host-wait is about 4-5% with async saves,
-nearly all of it the step after each save, and about 8% with synchronous saves; the device step
-inside the loop matches the pure one within a few percent; the first save takes 4-7 s (Orbax
-compiles its replica slices, see bench/compile.py); prefetch changes nothing measurable here
-(batches come from memory in a few ms). --quick (size=test, batch 8 x 32, 12 steps, a save every
-3 steps of under 100 ms) takes about 40 s with the test suite's fast-compile flags and only shows
-that everything runs: saves dominate such short steps.
+``train.loop.run`` (configs/lm.py tiny, batch 16 x 128, mesh data=8) trains ``--steps`` steps three
+times (prefetch + async checkpoints, prefetch + sync checkpoints, no prefetch + async), with its
+batch fetch and checkpoint save wrapped to record host timestamps. Over the steps after the first
+save: host-wait = 1 - steps x device step / wall time, the device step timed inside the run (the
+median interval between consecutive steps whose host waited on the device) and, as a cross-check,
+back-to-back ("pure"). Writes host.{json,md,png}; docs/performance.md explains the method.
 """
 
-import argparse
 import contextlib
-import json
 import math
-import os
 import statistics
-import sys
 import tempfile
 import time
 
-_COUNT_FLAG = "--xla_force_host_platform_device_count"
-if _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):  # a count the user chose is respected
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_COUNT_FLAG}=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
 
-import jax  # noqa: E402  (after XLA_FLAGS)
-
-from bench import report  # noqa: E402
-from bench.compile import environment, lm_config, loop_program, machine_line  # noqa: E402
-from bench.seq_parallel import _table  # noqa: E402
-from train import checkpoint, loop  # noqa: E402
+from bench import harness
+from bench.compile import lm_config, loop_program
+from train import checkpoint, loop
 
 SETTINGS = {
     # Model size, global batch x sequence, steps per loop run, checkpoint and metric intervals,
@@ -208,98 +156,43 @@ def fractions(run: dict, pure_s: float) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def _pct(x: float) -> str:
-  return f"{100 * x:.1f}"
-
-
 def markdown(doc: dict) -> str:
-  s = doc["settings"]
-  out = [f"# Host overhead benchmark ({doc['mode']})", "", machine_line(doc["environment"]), "",
-         f"`train.loop.run` (configs/lm.py size={s['size']}, batch {s['batch']} x {s['seq']} "
-         f"tokens, mesh data={doc['environment']['devices']}) for {s['steps']} steps per row; "
-         f"checkpoints every {s['ckpt_every']} steps, metrics every {s['log_every']}. Timed "
-         f"window: steps {doc['runs'][0]['window'][0]}..{s['steps']} (after the first save). "
-         "host-wait = 1 - steps x device step / wall time, with the device step timed inside "
-         "the run (the median interval between consecutive steps whose host waited on the "
-         "device; how many such pairs in brackets); \"vs pure\" uses instead the same train step "
-         f"run back-to-back on one batch ({s['pure_steps']} steps, measured before and after "
-         "each row). After-save excess: how much longer than a device step the step after a "
-         "save took. Input and save times are host durations that may overlap device work.", ""]
+  s, pct = doc["settings"], harness.pct
   pairs = lambda r: r["device_bound_pairs"] if r["device_time_source"] == "loop" else "pure"
   rows = [[r["name"], f"{r['wall_ms_per_step']:.1f}", f"{r['device_ms']:.1f} ({pairs(r)})",
-           f"{r['pure_device_ms']:.1f}", f"**{_pct(r['host_fraction'])}**",
-           _pct(r["host_fraction_vs_pure"]), _pct(r["host_fraction_from_step2"]),
+           f"{r['pure_device_ms']:.1f}", f"**{pct(r['host_fraction'])}**",
+           pct(r["host_fraction_vs_pure"]), pct(r["host_fraction_from_step2"]),
            f"{r['fetch_ms']:.2f} + {r['transfer_ms']:.2f}", f"{r['first_save_s']:.2f}",
            f"{r['later_save_ms']:.0f}", f"{r['after_save_excess_ms']:.0f}"] for r in doc["runs"]]
-  out += [_table(["run", "wall ms/step", "device ms/step in loop (pairs)",
-                  "device ms/step pure", "host-wait %", "vs pure %", "from step 2 %",
-                  "input ms/step (grain + to device)", "first save s",
-                  "later saves ms (blocking)", "after-save excess ms"], rows), ""]
-  rows = [[c["name"], "yes" if c["holds"] else "**NO**", c["detail"]] for c in doc["checks"]]
-  out += ["## Expectations", "", _table(["expectation", "holds", "measured"], rows), ""]
-  out += ["## Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]
-  return "\n".join(out)
+  return "\n".join([
+      harness.heading("Host overhead benchmark", doc),
+      f"`train.loop.run` (configs/lm.py size={s['size']}, batch {s['batch']} x {s['seq']}, mesh "
+      f"data={doc['environment']['devices']}), {s['steps']} steps per row; checkpoints every "
+      f"{s['ckpt_every']} steps, metrics every {s['log_every']}; timed window steps "
+      f"{doc['runs'][0]['window'][0]}..{s['steps']}; pure = {s['pure_steps']} back-to-back "
+      "steps on one batch.", "",
+      harness.table(["run", "wall ms/step", "device ms/step in loop (pairs)",
+                     "device ms/step pure", "host-wait %", "vs pure %", "from step 2 %",
+                     "input ms/step (grain + to device)", "first save s",
+                     "later saves ms (blocking)", "after-save excess ms"], rows), "",
+      harness.expectations(doc["checks"])])
 
 
-def checks_and_notes(doc: dict) -> tuple[list, list]:
-  runs = {r["name"]: r for r in doc["runs"]}
-  target = runs[RUNS[0]["name"]]
-  checks = [dict(name=f"{RUNS[0]['name']}: host-wait under {_pct(TARGET)}%",
-                 holds=target["host_fraction"] < TARGET,
-                 detail=f"{_pct(target['host_fraction'])}% (raw "
-                        f"{_pct(target['host_fraction_raw'])}%; vs pure "
-                        f"{_pct(target['host_fraction_vs_pure_raw'])}%) over "
-                        f"{target['window_steps']} steps")]
+def checks(doc: dict) -> list[dict]:
+  pct, target = harness.pct, next(r for r in doc["runs"] if r["name"] == RUNS[0]["name"])
   sane = all(math.isfinite(r[k]) and 0 <= r[k] <= 1 for r in doc["runs"]
              for k in ("host_fraction", "host_fraction_vs_pure", "host_fraction_from_step2"))
-  checks.append(dict(name="fractions finite and in [0, 1]", holds=sane,
-                     detail=", ".join(_pct(r["host_fraction"]) for r in doc["runs"])))
-  sync, asyn = runs[RUNS[1]["name"]], runs[RUNS[0]["name"]]
-  first_saves = ", ".join(f"{r['first_save_s']:.2f}" for r in doc["runs"])
-  blocked = ", ".join(str(r["blocked_steps"]) for r in doc["runs"])
-  ready = sum(s["state_was_ready"] for r in doc["runs"] for s in r["saves"])
-  saves = sum(len(r["saves"]) for r in doc["runs"])
-  every = doc["settings"]["ckpt_every"]
-  per_save = asyn["after_save_excess_ms"] / (every * asyn["wall_ms_per_step"])
-  notes = [
-      f"Checkpoint saves are most of the host wait: the step after a save takes "
-      f"{asyn['after_save_excess_ms']:.0f} ms longer than a device step with async saves and "
-      f"{sync['after_save_excess_ms']:.0f} ms with synchronous ones, whose save call blocks for "
-      f"the whole write ({sync['later_save_ms']:.0f} ms vs {asyn['later_save_ms']:.0f} ms). "
-      f"Every {every} steps, async saves cost about "
-      f"{_pct(per_save)}% of the wall time; the fraction scales with the save frequency "
-      "(configs default: ckpt.every=200). A save is called right after its step is "
-      f"dispatched; {saves - ready} of {saves} saves found that step's state still being "
-      "computed.",
-      f"The first save costs {max(r['first_save_s'] for r in doc['runs']):.1f} s in the first "
-      "run (it compiles Orbax's replica slices, one small program per array shape and device; "
-      f"later runs in this process reuse them: {first_saves} s). The \"from step 2\" "
-      "column includes it.",
-      "The loop reads step s-1's non-finite count (a device->host fetch) after dispatching step "
-      "s, so the host is never more than one step ahead of the device: any host pause longer "
-      "than what is left of the running step (a blocking save, an evaluation) leaves the "
-      f"device idle. In the timed windows {blocked} "
-      f"of {doc['runs'][0]['window_steps']} steps had the host waiting on the device.",
-      "grain prefetches only with reader threads (data.num_threads > 0); configs/lm.py sets "
-      "num_threads=0, so its data.prefetch=2 has no effect and each batch is read when the loop "
-      "asks for it. The stdlib windows come from memory, so reading a batch costs "
-      f"{runs[RUNS[2]['name']]['fetch_ms']:.2f} ms without prefetch and "
-      f"{asyn['fetch_ms']:.2f} ms with it.",
-      "On CPU the device is the host's cores: host work (Orbax's background writes, grain's "
-      "reader thread, the loop's Python) slows the device too, so these fractions overstate an "
-      "accelerator's."]
-  return checks, notes
+  return [dict(name=f"{RUNS[0]['name']}: host-wait under {pct(TARGET)}%",
+               holds=target["host_fraction"] < TARGET,
+               detail=f"{pct(target['host_fraction'])}% (raw {pct(target['host_fraction_raw'])}%; "
+                      f"vs pure {pct(target['host_fraction_vs_pure_raw'])}%) over "
+                      f"{target['window_steps']} steps"),
+          dict(name="fractions finite and in [0, 1]", holds=sane,
+               detail=", ".join(pct(r["host_fraction"]) for r in doc["runs"]))]
 
 
-def plot(doc: dict, path: str) -> str | None:
-  """host.png; returns a message instead when matplotlib is missing."""
-  try:
-    import matplotlib
-  except ImportError:
-    return "matplotlib is not installed; skipped the plot."
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+def plot(doc: dict, plt):
+  """Wall time between steps per run, and the host-wait fraction of each run."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[2, 1]))
   for i, r in enumerate(doc["runs"]):
     intervals = {int(s): ms for s, ms in r["interval_ms"].items()}  # JSON keys are strings
@@ -317,27 +210,17 @@ def plot(doc: dict, path: str) -> str | None:
   axes[0].legend(fontsize=8)
   names = [r["name"].replace(", ", "\n") for r in doc["runs"]]
   axes[1].bar(names, [100 * r["host_fraction"] for r in doc["runs"]], color="C0")
-  axes[1].axhline(100 * TARGET, color="k", ls="--", lw=1, label=f"target {_pct(TARGET)}%")
+  axes[1].axhline(100 * TARGET, color="k", ls="--", lw=1, label=f"target {harness.pct(TARGET)}%")
   axes[1].set(ylabel="% of wall time", title="Device waiting on the host")
   axes[1].tick_params(axis="x", labelsize=8)
   axes[1].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return None
+  return fig
 
 
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="size=test model, batch 8 x 32, 12 steps per run")
-  parser.add_argument("--out", default="bench/results", help="folder for json, md and png")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default: 80, quick: 12)")
-  args = parser.parse_args(argv)
+def run(args) -> dict:
   mode = "quick" if args.quick else "full"
   settings = dict(SETTINGS[mode])
   if args.steps:
@@ -348,9 +231,7 @@ def main(argv=None) -> dict:
   if settings["batch"] % jax.device_count():
     raise ValueError(f"batch {settings['batch']} is not divisible by the "
                      f"{jax.device_count()} devices.")
-  start, env = time.perf_counter(), environment()
-
-  print("compiling the pure train step", file=sys.stderr, flush=True)
+  harness.log("compiling the pure train step")
   config = lm_config(settings)
   program = loop_program(config)
   state = program["init"]()
@@ -359,26 +240,24 @@ def main(argv=None) -> dict:
   pure = [device_s]
   runs = []
   for spec in RUNS:
-    print(f"training {settings['steps']} steps: {spec['name']}", file=sys.stderr, flush=True)
+    harness.log(f"training {settings['steps']} steps: {spec['name']}")
     runs.append(run_loop(settings, spec))
     state, device_s = pure_device_time(program, state, batch, settings["pure_steps"])
     pure.append(device_s)
     fractions(runs[-1], (pure[-2] + pure[-1]) / 2)
-    print(f"  host-wait {_pct(runs[-1]['host_fraction'])}% ({runs[-1]['wall_ms_per_step']:.1f} "
-          f"ms/step vs {runs[-1]['device_ms']:.1f} ms device)", file=sys.stderr, flush=True)
-
-  env["load_average"].append(os.getloadavg()[0])
-  doc = dict(benchmark="host", mode=mode, settings=settings, environment=env,
+    harness.log(f"  host-wait {harness.pct(runs[-1]['host_fraction'])}% "
+                f"({runs[-1]['wall_ms_per_step']:.1f} ms/step vs {runs[-1]['device_ms']:.1f} ms "
+                "device)")
+  doc = dict(benchmark="host", mode=mode, settings=settings,
              pure_measurements_ms=[1e3 * p for p in pure], runs=runs, target=TARGET)
-  doc["checks"], doc["notes"] = checks_and_notes(doc)
-  doc["wall_time_s"] = time.perf_counter() - start
-
-  md = report.write(args.out, "host", doc, markdown(doc), doc["wall_time_s"], plot)
-  print(json.dumps({r["name"]: dict(host_fraction=round(r["host_fraction"], 4),
-                                    wall_ms_per_step=round(r["wall_ms_per_step"], 2),
-                                    device_ms=round(r["device_ms"], 2)) for r in runs}))
-  print(md)
+  doc["checks"] = checks(doc)
   return doc
+
+
+def main(argv=None) -> dict:
+  return harness.main("host", __doc__, run, markdown, plot, argv=argv, flags=[
+      ("--steps", dict(type=int, default=None,
+                       help="training steps per run (default: 80, quick: 12)"))])
 
 
 if __name__ == "__main__":

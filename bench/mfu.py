@@ -2,36 +2,19 @@
 
   .venv/bin/python -m bench.mfu [--quick] [--out=bench/results] [--steps=N] [--cases=a,b]
 
-For each case (the Llama, DiT, ViT and Mamba train steps on ONE device of the current backend)
-it reports, all in this one process so the figures are ratios of the same machine state:
-  * model FLOPs per step (train/flops.py, the formulas checked against XLA's cost analysis);
-  * step time: the median of ``--steps`` timed steps (dispatch to block_until_ready) after two
-    warm-up steps, with the state donated as train/loop.py runs it;
-  * the achievable matmul peak: the best rate of large square ``jnp.dot``s in the compute dtype,
-    measured before the cases, after every round of timed steps and after the cases, or of any
-    matmul of the Llama step timed alone if one ran faster (the best of all is used: a sample
-    taken while other processes load the machine only reads lower);
-  * MFU = model FLOP/s / peak.
-For the Llama it also runs, timed round-robin with odyssey's step (one step of each in turn, so
-load from other processes falls on all of them alike):
-  * a plain-JAX baseline: the same layer shapes written with jnp only (no Flax, no sharding
-    layer, no odyssey code), forward and backward by jax.value_and_grad, the same optax AdamW;
-  * odyssey's step with other attention settings (blockwise blocks of 256 and 128, dense);
-and, on CPU, breaks one step of odyssey and one of the baseline down by op kind (jax.profiler
-trace, exclusive time of XLA:CPU's thunks), and times every matmul of the step alone: the
-matmul-only ceiling, i.e. the MFU the step would reach if it ran nothing but its matmuls.
-
-Prints a JSON document and a markdown table and writes mfu.{json,md,png} to --out. On CPU the
-simulated device count is forced to 1 (a benchmark of one device's step; XLA:CPU's thread pool
-then has all cores). --quick runs tiny shapes with two timed steps: it only shows that every
-figure is produced (the test suite runs it).
+For the Llama, DiT, ViT and Mamba train steps on ONE device of the current backend: model FLOPs
+per step (train/flops.py), the median step time (state donated, after two warm-up steps), the
+matmul peak (the best rate of large square matmuls, sampled before, between rounds and after) and
+MFU = model FLOP/s / peak. For the Llama also, timed round-robin with odyssey's step: a plain-JAX
+baseline of the same shapes and other attention settings; on CPU a per-op-kind profile of one
+step, and every matmul of the step timed alone (the matmul-only ceiling). Writes
+mfu.{json,md,png}; docs/performance.md explains the figures. --quick only shows every figure is
+produced.
 """
 
-import argparse
 import collections
 import functools
 import glob
-import json
 import math
 import os
 import platform
@@ -40,26 +23,19 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import ml_collections  # noqa: E402
-import optax  # noqa: E402
-
-if jax.devices()[0].platform == "cpu" and jax.device_count() != 1:
-  sys.exit("bench.mfu measures one device: run it without "
-           "--xla_force_host_platform_device_count in XLA_FLAGS.")
-
-from bench import report  # noqa: E402
-from bench.seq_parallel import _table  # noqa: E402
-from configs import diffusion, lm, vit  # noqa: E402
-from parallel import mesh as parallel_mesh  # noqa: E402
-from parallel import sharding  # noqa: E402
-from train import flops, models, optimizer, steps, tasks  # noqa: E402
-from train import state as state_lib  # noqa: E402
+from bench import harness
+from configs import diffusion, lm, vit
+from parallel import mesh as parallel_mesh
+from parallel import sharding
+from train import flops, models, optimizer, steps, tasks
+from train import state as state_lib
 
 # The cases: config factory (full, quick). The Llama is the shape the issue names: d_model 512,
 # seq 512, batch 8, 4 layers (8 heads of 64, SwiGLU 1408 = 2.75 x d_model).
@@ -126,29 +102,11 @@ LLAMA_VARIANTS_QUICK = {"blockwise, block 32": dict(attention="blockwise", block
 
 
 def time_round_robin(runs: dict, batch, steps_timed: int, between=None) -> dict:
-  """Median seconds per step of each ``name: (step, state)``, timed one step of each in turn.
-
-  Two warm-up steps each first. Interleaving puts load from other processes on every run alike,
-  so their ratios hold even when the absolute times drift; the order rotates every round, so no
-  run always follows the same one. ``between()`` runs after every round (a peak sample).
-  Returns name: (median, times, state).
-  """
-  states = {}
-  for name, (step, state) in runs.items():
-    for _ in range(2):
-      state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    states[name] = state
-  times, names = {name: [] for name in runs}, list(runs)
-  for i in range(steps_timed):
-    for name in names[i % len(names):] + names[:i % len(names)]:  # each takes each slot in turn
-      start = time.perf_counter()
-      states[name], metrics = runs[name][0](states[name], batch)
-      jax.block_until_ready((states[name], metrics))
-      times[name].append(time.perf_counter() - start)
-    if between is not None:
-      between()
-  return {name: (statistics.median(t), t, states[name]) for name, t in times.items()}
+  """name: (median seconds, step times, state) of each ``name: (step, state)``, timed one step
+  of each in turn after two warm-up steps each; ``between()`` runs after every round."""
+  calls = {name: harness.stepper(step, state, batch) for name, (step, state) in runs.items()}
+  times = harness.round_robin(calls, steps_timed, warmup=2, rotate=True, between=between)
+  return {name: (statistics.median(t), t, calls[name].state) for name, t in times.items()}
 
 
 def odyssey_step(config):
@@ -433,11 +391,6 @@ def peak(dtype: str, quick: bool, repeats: int | None = None) -> float:
   return best
 
 
-def _paired_ratio(numerators: list[float], denominators: list[float]) -> float:
-  """Median over rounds of a/b for steps timed in the same round (see time_round_robin)."""
-  return statistics.median(a / b for a, b in zip(numerators, denominators))
-
-
 def run_case(name: str, quick: bool, steps_timed: int, profile_dir: str, between=None) -> dict:
   """One case's figures; the MFUs are filled in by ``set_mfus`` once the peak is known."""
   if name == "llama":
@@ -474,11 +427,11 @@ def run_llama(quick: bool, steps_timed: int, profile_dir: str, between=None) -> 
          "step_times_s": times,
          "model_flops_per_s": step_flops.model / median,
          "baseline_step_s": timed["baseline"][0], "baseline_step_times_s": timed["baseline"][1],
-         "speed_vs_baseline": _paired_ratio(timed["baseline"][1], times),
+         "speed_vs_baseline": harness.paired_ratio(timed["baseline"][1], times),
          "variants": [{"variant": v, "attention": plans[v].describe(),
                        "kernel": plans[v].kernel, "block_size": plans[v].block_size,
                        "step_s": timed[v][0], "step_times_s": timed[v][1],
-                       "speed_vs_default": _paired_ratio(times, timed[v][1])}
+                       "speed_vs_default": harness.paired_ratio(times, timed[v][1])}
                       for v in plans]}
   if jax.devices()[0].platform == "cpu":
     row["profile"] = profile(compiled, state, batch, tempfile.mkdtemp(dir=profile_dir))
@@ -518,14 +471,10 @@ def set_mfus(row: dict, peak_flops: float) -> None:
         row[which]["matmul_rate_of_peak"] = ceiling[key] / matmul_s / peak_flops
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--out", default="bench/results")
-  parser.add_argument("--steps", type=int, default=None, help="timed steps per case")
-  parser.add_argument("--cases", default=",".join(CASES))
-  args = parser.parse_args(argv)
-  start = time.perf_counter()
+def run(args) -> dict:
+  if jax.devices()[0].platform == "cpu" and jax.device_count() != 1:
+    sys.exit("bench.mfu measures one device: run it without "
+             "--xla_force_host_platform_device_count in XLA_FLAGS.")
   steps_timed = args.steps or (2 if args.quick else 7)
   device = jax.devices()[0]
   dtype = "float32"
@@ -540,110 +489,112 @@ def main(argv=None):
   best = max(before, after, *during, fastest_matmul(rows))
   for row in rows:  # every MFU against the best of the peak measurements
     set_mfus(row, best)
-  result = {"bench": "mfu", "quick": args.quick, "backend": device.platform,
-            "device_kind": device.device_kind, "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "peak_flops": best, "peak_flops_before": before, "peak_flops_after": after,
-            "peak_flops_during": during, "fastest_step_matmul_flops": fastest_matmul(rows),
-            "load_average_1min": [load_before, os.getloadavg()[0]], "rows": rows}
-  header = (f"MFU on {device.device_kind} ({device.platform}, {os.cpu_count()} cores), peak "
-            f"{best / 1e9:.1f} GFLOP/s ({dtype} matmul: the best of {before / 1e9:.1f} before, "
-            f"{len(during)} samples during the cases from {min(during, default=0) / 1e9:.1f} to "
-            f"{max(during, default=0) / 1e9:.1f}, {after / 1e9:.1f} after, and "
-            f"{fastest_matmul(rows) / 1e9:.1f} for the fastest of the Llama's matmuls timed "
-            f"alone); 1-minute load average {load_before:.1f} before and "
-            f"{result['load_average_1min'][1]:.1f} after")
-  title = (f"MFU on {device.platform} ({os.cpu_count()} cores), peak {best / 1e9:.1f} GFLOP/s "
-           f"({dtype} matmul)")
-  print(json.dumps(result, indent=2, default=float))
-  print(report.write(args.out, "mfu", result, markdown(result, header),
-                     time.perf_counter() - start,
-                     lambda doc, path: _plot(doc["rows"], path, title)))
+  return {"bench": "mfu", "quick": args.quick, "backend": device.platform,
+          "device_kind": device.device_kind, "machine": platform.machine(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__, "dtype": dtype,
+          "peak_flops": best, "peak_flops_before": before, "peak_flops_after": after,
+          "peak_flops_during": during, "fastest_step_matmul_flops": fastest_matmul(rows),
+          "load_average_1min": [load_before, os.getloadavg()[0]], "rows": rows}
 
 
-def markdown(result: dict, header: str) -> str:
-  rows, peak_flops = result["rows"], result["peak_flops"]
-  out = [header, "", _table(
-      ["case", "model GFLOP/step", "step (s)", "model GFLOP/s", "MFU", "baseline step (s)",
-       "baseline MFU", "odyssey / baseline speed"],
-      [[r["case"], f"{r['model_flops_per_step'] / 1e9:.2f}", f"{r['step_s']:.3f}",
-        f"{r['model_flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.3f}",
-        f"{r['baseline_step_s']:.3f}" if "baseline_step_s" in r else "",
-        f"{r['baseline_mfu']:.3f}" if "baseline_mfu" in r else "",
-        f"{r['speed_vs_baseline']:.2f}x" if "speed_vs_baseline" in r else ""] for r in rows])]
-  for r in rows:
-    if "variants" not in r:
-      continue
-    out += ["", f"The {r['case']} step with other attention settings, timed round-robin with the "
-            "default step and the baseline (speed: the median over rounds of default time / "
-            "variant time):", "", _table(
-                ["attention kernel", "block", "step (s)", "MFU", "speed vs default"],
-                [[f"{r['kernel']} (default)", r["block_size"], f"{r['step_s']:.3f}",
-                  f"{r['mfu']:.3f}", "1.00x"]]
-                + [[v["kernel"], v["block_size"] if v["kernel"] != "dense" else "",
-                    f"{v['step_s']:.3f}", f"{v['mfu']:.3f}", f"{v['speed_vs_default']:.2f}x"]
-                   for v in r["variants"]])]
-    c = r["ceiling"]
-    out += ["", f"Every matmul of the {r['case']} step timed alone (jit, a warm-up, best of the "
-            "timed runs), in the operand layouts the step uses, and as a plain [G,] M×K·K×N "
-            "product of the same sizes; GFLOP and seconds per step (× the times it runs):", "",
-            _table(["matmul", "einsum", "G×M×K×N", "× per step", "GFLOP", "s", "GFLOP/s",
-                    "of peak", "plain-layout GFLOP/s"],
-                   [[m["name"], f"`{m['einsum']}`", "×".join(map(str, _dims(
-                       m["einsum"], m["lhs"], m["rhs"]))), m["times"],
-                     f"{m['flops'] * m['times'] / 1e9:.2f}", f"{m['s'] * m['times']:.3f}",
-                     f"{m['flops'] / m['s'] / 1e9:.1f}", f"{m['flops'] / m['s'] / peak_flops:.2f}",
-                     f"{m['flops'] / m['plain_s'] / 1e9:.1f}"] for m in c["matmuls"]]),
-            "", _table(["matmul-only figure", "value"], [
-                ["matmul FLOPs per step (executed)", f"{c['flops'] / 1e9:.1f} GFLOP (baseline: "
-                 f"{c['baseline_matmul_flops'] / 1e9:.1f}; model: "
-                 f"{r['model_flops_per_step'] / 1e9:.1f}, causal attention counted as half)"],
-                ["matmul-only time (step layouts)", f"{c['matmul_only_s']:.3f} s "
-                 f"(median of runs: {c['matmul_only_median_s']:.3f} s)"],
-                ["matmul-only time (plain layouts)", f"{c['plain_layout_s']:.3f} s"],
-                ["matmul rate at these shapes", f"{c['matmul_rate_of_peak']:.2f} of peak"],
-                ["ceiling MFU (model FLOPs / matmul-only time / peak)", f"{c['ceiling_mfu']:.3f}"],
-                ["ceiling MFU, plain layouts", f"{c['ceiling_mfu_plain_layout']:.3f}"],
-                ["ceiling MFU, causal blocks skipped (S² matmuls halved)",
-                 f"{c['ceiling_mfu_causal_skip']:.3f}"],
-                [f"step time at MFU {c['target_mfu']}", f"{c['step_s_at_target']:.3f} s, which "
-                 f"leaves {c['non_matmul_s_at_target']:.3f} s for everything but the matmuls"],
-                ["measured MFU: odyssey / baseline", f"{r['mfu']:.3f} / {r['baseline_mfu']:.3f}"]])]
-    if "profile" in r:
-      profiles = [("odyssey", r["profile"]), ("baseline", r["baseline_profile"])]
-      kind_rows = [[k] + [f"{p['kinds'][k]:.1%} ({p['kinds_s'][k]:.2f} s)" for _, p in profiles]
-                   for k in KINDS]
-      alone = [c["matmul_only_s"], c["baseline_matmul_only_s"]]
-      kind_rows += [
-          ["matmul time in the step / timed alone"] + [
-              f"{p['kinds_s'][KINDS[0]]:.2f} s / {t:.2f} s" for (_, p), t in zip(profiles, alone)],
-          ["matmul rate inside the step"] + [f"{p['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
-                                             f"({p['matmul_rate_of_peak']:.2f} of peak)"
+def _header(doc: dict) -> str:
+  during, load = doc["peak_flops_during"], doc["load_average_1min"]
+  return (f"MFU on {doc['device_kind']} ({doc['backend']}, {doc['cpu_count']} cores), peak "
+          f"{doc['peak_flops'] / 1e9:.1f} GFLOP/s ({doc.get('dtype', 'float32')} matmul: the best "
+          f"of {doc['peak_flops_before'] / 1e9:.1f} before, {len(during)} samples during the "
+          f"cases from {min(during, default=0) / 1e9:.1f} to {max(during, default=0) / 1e9:.1f}, "
+          f"{doc['peak_flops_after'] / 1e9:.1f} after, and "
+          f"{doc['fastest_step_matmul_flops'] / 1e9:.1f} for the fastest of the Llama's matmuls "
+          f"timed alone); 1-minute load average {load[0]:.1f} before and {load[1]:.1f} after")
+
+
+def _variants(r: dict) -> list[str]:
+  rows = [[f"{r['kernel']} (default)", r["block_size"], f"{r['step_s']:.3f}", f"{r['mfu']:.3f}",
+           "1.00x"]]
+  rows += [[v["kernel"], v["block_size"] if v["kernel"] != "dense" else "", f"{v['step_s']:.3f}",
+            f"{v['mfu']:.3f}", f"{v['speed_vs_default']:.2f}x"] for v in r["variants"]]
+  return ["", f"The {r['case']} step with other attention settings, timed round-robin (speed: "
+          "median over rounds of default time / variant time):", "",
+          harness.table(["attention kernel", "block", "step (s)", "MFU", "speed vs default"],
+                        rows)]
+
+
+def _ceiling(r: dict, peak_flops: float) -> list[str]:
+  c = r["ceiling"]
+  rows = [[m["name"], f"`{m['einsum']}`", "×".join(map(str, _dims(m["einsum"], m["lhs"],
+                                                                  m["rhs"]))),
+           m["times"], f"{m['flops'] * m['times'] / 1e9:.2f}", f"{m['s'] * m['times']:.3f}",
+           f"{m['flops'] / m['s'] / 1e9:.1f}", f"{m['flops'] / m['s'] / peak_flops:.2f}",
+           f"{m['flops'] / m['plain_s'] / 1e9:.1f}"] for m in c["matmuls"]]
+  figures = [
+      ["matmul FLOPs per step (executed)", f"{c['flops'] / 1e9:.1f} GFLOP (baseline: "
+       f"{c['baseline_matmul_flops'] / 1e9:.1f}; model: {r['model_flops_per_step'] / 1e9:.1f}, "
+       "causal attention counted as half)"],
+      ["matmul-only time (step layouts)", f"{c['matmul_only_s']:.3f} s (median of runs: "
+       f"{c['matmul_only_median_s']:.3f} s)"],
+      ["matmul-only time (plain layouts)", f"{c['plain_layout_s']:.3f} s"],
+      ["matmul rate at these shapes", f"{c['matmul_rate_of_peak']:.2f} of peak"],
+      ["ceiling MFU (model FLOPs / matmul-only time / peak)", f"{c['ceiling_mfu']:.3f}"],
+      ["ceiling MFU, plain layouts", f"{c['ceiling_mfu_plain_layout']:.3f}"],
+      ["ceiling MFU, causal blocks skipped (S² matmuls halved)",
+       f"{c['ceiling_mfu_causal_skip']:.3f}"],
+      [f"step time at MFU {c['target_mfu']}", f"{c['step_s_at_target']:.3f} s, which leaves "
+       f"{c['non_matmul_s_at_target']:.3f} s for everything but the matmuls"],
+      ["measured MFU: odyssey / baseline", f"{r['mfu']:.3f} / {r['baseline_mfu']:.3f}"]]
+  return ["", f"Every matmul of the {r['case']} step timed alone (best of the timed runs), in the "
+          "step's operand layouts and as a plain [G,] M×K·K×N product; per step (× times run):",
+          "", harness.table(["matmul", "einsum", "G×M×K×N", "× per step", "GFLOP", "s",
+                             "GFLOP/s", "of peak", "plain-layout GFLOP/s"], rows),
+          "", harness.table(["matmul-only figure", "value"], figures)]
+
+
+def _profiles(r: dict) -> list[str]:
+  profiles = [("odyssey", r["profile"]), ("baseline", r["baseline_profile"])]
+  alone = [r["ceiling"]["matmul_only_s"], r["ceiling"]["baseline_matmul_only_s"]]
+  rows = [[k] + [f"{p['kinds'][k]:.1%} ({p['kinds_s'][k]:.2f} s)" for _, p in profiles]
+          for k in KINDS]
+  rows += [
+      ["matmul time in the step / timed alone"] + [
+          f"{p['kinds_s'][KINDS[0]]:.2f} s / {t:.2f} s" for (_, p), t in zip(profiles, alone)],
+      ["matmul rate inside the step"] + [f"{p['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                                         f"({p['matmul_rate_of_peak']:.2f} of peak)"
+                                         for _, p in profiles],
+      ["op time / traced step wall time"] + [f"{p['thread_s']:.2f} s / {p['step_wall_s']:.2f} s"
                                              for _, p in profiles],
-          ["op time / traced step wall time"] + [f"{p['thread_s']:.2f} s / {p['step_wall_s']:.2f} s"
-                                                 for _, p in profiles],
-          ["wall time with an op running"] + [f"{p['ops_running_s'] / p['step_wall_s']:.1%}"
-                                              for _, p in profiles]]
-      out += ["", f"Where the {r['case']} step's time goes: one traced step each (jax.profiler, "
-              "XLA:CPU thunks, exclusive time: nested events are subtracted from their parents):",
-              "", _table(["op kind", "odyssey", "plain-JAX baseline"], kind_rows)]
-      for who, p in profiles:
-        out += ["", f"Largest non-matmul ops ({who}): "
-                + ", ".join(f"{n} {s:.2f} s" for n, s in p["top_non_matmul"])]
+      ["wall time with an op running"] + [f"{p['ops_running_s'] / p['step_wall_s']:.1%}"
+                                          for _, p in profiles]]
+  out = ["", f"Where the {r['case']} step's time goes: one traced step each (jax.profiler, "
+         "XLA:CPU thunks, exclusive time):", "",
+         harness.table(["op kind", "odyssey", "plain-JAX baseline"], rows)]
+  for who, p in profiles:
+    out += ["", f"Largest non-matmul ops ({who}): "
+            + ", ".join(f"{n} {s:.2f} s" for n, s in p["top_non_matmul"])]
+  return out
+
+
+def markdown(doc: dict) -> str:
+  rows = [[r["case"], f"{r['model_flops_per_step'] / 1e9:.2f}", f"{r['step_s']:.3f}",
+           f"{r['model_flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.3f}",
+           f"{r['baseline_step_s']:.3f}" if "baseline_step_s" in r else "",
+           f"{r['baseline_mfu']:.3f}" if "baseline_mfu" in r else "",
+           f"{r['speed_vs_baseline']:.2f}x" if "speed_vs_baseline" in r else ""]
+          for r in doc["rows"]]
+  out = [_header(doc), "", harness.table(
+      ["case", "model GFLOP/step", "step (s)", "model GFLOP/s", "MFU", "baseline step (s)",
+       "baseline MFU", "odyssey / baseline speed"], rows)]
+  for r in doc["rows"]:
+    if "variants" in r:
+      out += _variants(r) + _ceiling(r, doc["peak_flops"])
+    if "profile" in r:
+      out += _profiles(r)
   return "\n".join(out) + "\n"
 
 
-def _plot(rows, path, title):
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return "matplotlib is not installed: no mfu.png (pip install -e '.[bench]')."
-  names = [r["case"] for r in rows]
-  values = [r["mfu"] for r in rows]
+def plot(doc: dict, plt):
+  """MFU per case, with the Llama's baseline and matmul-only ceiling."""
+  rows = doc["rows"]
   fig, ax = plt.subplots(figsize=(6, 3.2))
-  ax.bar(names, values, color="tab:blue", label="odyssey")
+  ax.bar([r["case"] for r in rows], [r["mfu"] for r in rows], color="tab:blue", label="odyssey")
   for i, r in enumerate(rows):
     if "baseline_mfu" in r:
       ax.bar([i + 0.3], [r["baseline_mfu"]], width=0.3, color="tab:gray", label="plain-JAX baseline")
@@ -653,11 +604,17 @@ def _plot(rows, path, title):
   ax.axhline(0.6, color="black", linestyle=":", linewidth=1, label="CPU target (Llama)")
   ax.set_ylabel("MFU")
   ax.set_ylim(0, 1)
-  ax.set_title(title, fontsize=7)
+  ax.set_title(f"MFU on {doc['backend']} ({doc['cpu_count']} cores), peak "
+               f"{doc['peak_flops'] / 1e9:.1f} GFLOP/s ({doc.get('dtype', 'float32')} matmul)",
+               fontsize=7)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def main(argv=None) -> dict:
+  return harness.main("mfu", __doc__, run, markdown, plot, devices=None, argv=argv, flags=[
+      ("--steps", dict(type=int, default=None, help="timed steps per case")),
+      ("--cases", dict(default=",".join(CASES)))])
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nets.attention import dot_product_attention
 from parallel import attention, kernels
+from parallel import hlo as parallel_hlo
 from parallel import mesh as parallel_mesh
 
 B, N, H, D = 4, 32, 8, 8
@@ -133,8 +134,8 @@ def test_blockwise_kernel_under_ulysses_matches_dense():
         reference(2, True, True))
 
 
-def _collectives(hlo: str, op: str) -> list[str]:
-  return [line for line in hlo.splitlines() if f" {op}(" in line or f" {op}-start(" in line]
+def _collectives(text: str, op: str) -> list[str]:
+  return [ins["line"] for ins in parallel_hlo.instructions(text, op)]
 
 
 def test_ulysses_hlo_has_all_to_all_and_gathers_no_activations():
