@@ -42,7 +42,6 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -56,10 +55,8 @@ if jax.devices()[0].platform == "cpu" and jax.device_count() != 1:
 from bench import report  # noqa: E402
 from bench.seq_parallel import _table  # noqa: E402
 from configs import diffusion, lm, vit  # noqa: E402
-from parallel import mesh as parallel_mesh  # noqa: E402
-from parallel import sharding  # noqa: E402
-from train import flops, models, optimizer, steps, tasks  # noqa: E402
-from train import state as state_lib  # noqa: E402
+from train import flops, models  # noqa: E402
+from train import program as program_lib  # noqa: E402
 
 # The cases: config factory (full, quick). The Llama is the shape the issue names: d_model 512,
 # seq 512, batch 8, 4 layers (8 heads of 64, SwiGLU 1408 = 2.75 x d_model).
@@ -153,19 +150,11 @@ def time_round_robin(runs: dict, batch, steps_timed: int, between=None) -> dict:
 
 def odyssey_step(config):
   """odyssey's compiled train step on one device, its initial state and a batch."""
-  mesh = parallel_mesh.make_mesh(config.mesh, jax.devices()[:1])
-  rules = sharding.rules_from_config(config.parallel)
-  model, model_cfg, plan = models.build(config, mesh)
-  task = tasks.get(config)
-  tx, lr = optimizer.make(config.opt, config.train.steps)
-  batch = random_batch(config, model_cfg, np.random.default_rng(0))
-  init = lambda: state_lib.create(model, tx, task.init_args(batch), config.seed)
-  _, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  state = sharding.init_sharded(init, shardings, mesh, rules)
-  body = steps.make_train_step(task.loss_fn(model, None), tx, lr)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(body, donate_argnums=0).lower(state, batch).compile()
-  return compiled, state, batch, plan
+  program = program_lib.build(config, devices=jax.devices()[:1])
+  batch = random_batch(config, program.plan.model_cfg, np.random.default_rng(0))
+  state = program.init()
+  compiled = program.train_step.lower(state, batch).compile()
+  return compiled, state, batch, program.attention
 
 
 # ----------------------------------------------------------------------------- plain-JAX baseline

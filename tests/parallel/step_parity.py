@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import ml_collections
 import numpy as np
 
 from configs import diffusion, lm, vit
@@ -12,7 +13,6 @@ from train import program as program_lib
 from train.validate import validate
 
 B, S = 8, 16
-KINDS = ("lm", "vit", "dit")
 # MoE variants: a Mixtral-style LM (dropless top-2), the same with capacity dropping (8 fixed
 # dispatch groups, so any mesh groups tokens alike) and micro-batch balance, and DiT-MoE with a
 # shared expert and every other block MoE.
@@ -24,16 +24,32 @@ MOE = {
 }
 
 
+# The byte LMs without a configs/ file (experiments/mamba_stdlib.py and megabyte_stdlib.py at
+# test size): the test Llama's task, data and optimizer with their model group.
+BYTE_MODELS = {
+    "mamba": dict(name="mamba", vocab_size=384, num_layers=2, d_model=64, d_state=8, d_conv=4,
+                  expand=2, dt_rank=0, scan_chunk=0, max_len=256, tie_embeddings=False,
+                  dtype="float32", param_dtype="float32"),
+    "megabyte": dict(name="megabyte", vocab_size=384, patch_sizes=(4,), d_model=(64, 64),
+                     num_layers=(1, 1), num_heads=(4, 4), mlp_dim=(128, 128),
+                     blocks=("transformer", "transformer"), max_len=256, tie_embeddings=False,
+                     dtype="float32", param_dtype="float32"),
+}
+
+
 def make_config(kind: str):
-  """Tiny configs: the test Llama (seq_len 16), the digits ViT and the digits DiT (+ MoE)."""
+  """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, DiT and
+  U-DiT (+ MoE)."""
   base_kind = kind.split("_")[0]
-  if base_kind == "lm":
+  if base_kind in ("lm", *BYTE_MODELS):
     config = lm.get_config("size=test")
     config.train.seq_len = S
+    if base_kind in BYTE_MODELS:
+      config.model = ml_collections.ConfigDict(BYTE_MODELS[base_kind])
   elif base_kind == "vit":
     config = vit.get_config("variant=digits")
   else:
-    config = diffusion.get_config("model=dit,variant=digits")
+    config = diffusion.get_config(f"model={base_kind},variant=digits")
   if kind in MOE:
     config.model.moe.update(MOE[kind])
   config.train.batch_size = B
@@ -58,7 +74,7 @@ def setup(mesh_sizes: dict, devices=None, kind: str = "lm", grad_accum: int = 1,
 
 def batch(kind: str = "lm"):
   """One fixed batch: random bytes for the LM, the first training digits for vision."""
-  if kind.startswith("lm"):
+  if make_config(kind).task == "lm":
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -84,7 +100,7 @@ def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1
   # The same rng for the reference and the sharded run: noise, timesteps and label dropout agree
   # because JAX's PRNG is partitionable (values do not depend on the sharding).
   task_loss = program.task.loss_fn(program.model, program.attention.permutation(S)
-                                   if kind.startswith("lm") else None)
+                                   if program.config.task == "lm" else None)
   loss_fn = lambda params, data: task_loss(params, data, jax.random.split(state.rng)[1])[0]
 
   def loss_grads_and_step(state, data):
