@@ -8,23 +8,18 @@ compile once); (2) a fresh train step per depth, lowered and compiled, timed in 
 depths (median per depth). Writes compile.{json,md,png}; docs/performance.md explains the figures.
 """
 
-import contextlib
-import functools
 import re
 import statistics
 import tempfile
 import threading
 import time
 
-import flax.linen as nn
 import jax
 
 from bench import harness
 from configs import lm
-from parallel import mesh as parallel_mesh
-from parallel import sharding
-from train import loop, models, optimizer, steps, tasks, validate
-from train import state as state_lib
+from train import loop
+from train import program as program_lib
 
 SETTINGS = {
     # Model size, global batch x sequence, the depths timed and how many rounds over them, and
@@ -112,38 +107,13 @@ def loop_program(config) -> dict:
   initialises a real state, and the names JAX reports the train and eval steps under. Every call
   builds a fresh step function, so jitting it never hits a cache filled by an earlier call.
   """
-  validate.validate(config)
-  mesh = parallel_mesh.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.parallel)
-  model, _, attention_plan = models.build(config, mesh)
-  permutation = attention_plan.permutation(config.train.seq_len)
-  tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
-  task = tasks.get(config)
-  example = task.example_batch(config.train.batch_size)
-  init_boxed = lambda: state_lib.create(model, tx, task.init_args(example), config.seed)
-  abstract, shardings = sharding.abstract_and_shardings(init_boxed, mesh, rules)
-  batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
-                     for k, axes in task.batch_axes.items()}
-  body = steps.make_train_step(task.loss_fn(model, permutation), tx, lr_schedule,
-                               grad_accum=config.train.grad_accum, batch_axes=task.batch_axes)
-  jitted = jax.jit(body, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-                    for k, v in example.items()}
-
-  return dict(step=jitted, abstract=abstract, abstract_batch=abstract_batch,
-              context=functools.partial(_in_mesh, mesh, rules),
-              init=lambda: sharding.init_sharded(init_boxed, shardings, mesh, rules),
-              to_device=lambda local: sharding.global_batch(local, mesh, rules, batch_shardings),
-              task=task, mesh=mesh,
-              params=sum(a.size for a in jax.tree.leaves(abstract.params)),
-              train_name=body.__name__, eval_name=task.eval_fn(model, permutation).__name__)
-
-
-@contextlib.contextmanager
-def _in_mesh(mesh, rules):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
+  program = program_lib.build(config)
+  abstract = program.abstract_state
+  return dict(step=program.train_step, abstract=abstract,
+              abstract_batch=program.abstract_batch(), context=program.context,
+              init=program.init, to_device=program.train_batch, task=program.task,
+              mesh=program.mesh, params=sum(a.size for a in jax.tree.leaves(abstract.params)),
+              train_name=program.train_step.__name__, eval_name=program.eval_step.__name__)
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,10 +31,8 @@ import optax
 
 from bench import harness
 from configs import diffusion, lm, vit
-from parallel import mesh as parallel_mesh
-from parallel import sharding
-from train import flops, models, optimizer, steps, tasks
-from train import state as state_lib
+from train import flops, models
+from train import program as program_lib
 
 # The cases: config factory (full, quick). The Llama is the shape the issue names: d_model 512,
 # seq 512, batch 8, 4 layers (8 heads of 64, SwiGLU 1408 = 2.75 x d_model).
@@ -111,19 +108,11 @@ def time_round_robin(runs: dict, batch, steps_timed: int, between=None) -> dict:
 
 def odyssey_step(config):
   """odyssey's compiled train step on one device, its initial state and a batch."""
-  mesh = parallel_mesh.make_mesh(config.mesh, jax.devices()[:1])
-  rules = sharding.rules_from_config(config.parallel)
-  model, model_cfg, plan = models.build(config, mesh)
-  task = tasks.get(config)
-  tx, lr = optimizer.make(config.opt, config.train.steps)
-  batch = random_batch(config, model_cfg, np.random.default_rng(0))
-  init = lambda: state_lib.create(model, tx, task.init_args(batch), config.seed)
-  _, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  state = sharding.init_sharded(init, shardings, mesh, rules)
-  body = steps.make_train_step(task.loss_fn(model, None), tx, lr)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(body, donate_argnums=0).lower(state, batch).compile()
-  return compiled, state, batch, plan
+  program = program_lib.build(config, devices=jax.devices()[:1])
+  batch = random_batch(config, program.plan.model_cfg, np.random.default_rng(0))
+  state = program.init()
+  compiled = program.train_step.lower(state, batch).compile()
+  return compiled, state, batch, program.attention
 
 
 # ----------------------------------------------------------------------------- plain-JAX baseline

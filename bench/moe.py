@@ -23,11 +23,8 @@ from bench import harness
 from bench.harness import MiB
 from configs import lm
 from nets import llama
-from parallel import mesh as parallel_mesh
-from parallel import sharding
 from parallel.hlo import collectives
-from train import models, optimizer, steps, tasks, validate
-from train import state as state_lib
+from train import program as program_lib
 
 MODES = {"capacity": 1.25, "dropless": 0.0}  # mode -> model.moe.capacity_factor
 MOE = dict(num_experts=8, top_k=2, balance="global", aux_loss_coef=0.01, z_loss_coef=0.001)
@@ -57,7 +54,8 @@ def make_config(settings: dict, mode: str | None, expert: int, devices: int):
     config.model.moe.update(**MOE, expert_dim=config.model.mlp_dim // MOE["top_k"],
                             capacity_factor=MODES[mode])
   config.mesh.update(data=devices // expert, fsdp=1, tensor=1, seq=1, expert=expert)
-  config.train.update(batch_size=settings["batch"], seq_len=settings["seq"])
+  config.train.update(batch_size=settings["batch"], seq_len=settings["seq"],
+                      steps=1000)  # steps: the learning-rate schedule's length
   config.eval.batch_size = settings["batch"]
   return config
 
@@ -83,7 +81,7 @@ _INITIAL = {}
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _initial_state(moe: bool, init, shardings, mesh, rules):
+def _initial_state(moe: bool, program):
   """The initial train state as host arrays, one per model (dense / MoE), reused on every mesh.
 
   Capacity and dropless MoE have the same parameters, and the partitionable PRNG makes the
@@ -92,8 +90,8 @@ def _initial_state(moe: bool, init, shardings, mesh, rules):
   since it runs once and is not timed.
   """
   if moe not in _INITIAL:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      fn = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)
+    with program.context():
+      fn = jax.jit(lambda: nn.unbox(program.create_state()), out_shardings=program.state_shardings)
       _INITIAL[moe] = jax.device_get(fn.lower().compile(compiler_options=FAST_COMPILE)())
   return _INITIAL[moe]
 
@@ -102,20 +100,12 @@ def prepare(settings: dict, mode: str | None, expert: int) -> dict:
   """Builds, compiles and warms up one train step; its figures so far, and what timing needs."""
   devices = jax.device_count()
   config = make_config(settings, mode, expert, devices)
-  validate.validate(config)
-  mesh = parallel_mesh.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.parallel)
-  model, model_cfg, plan = models.build(config, mesh)
-  tx, lr = optimizer.make(config.opt, total_steps=1000)
-  task = tasks.get(config)
+  program = program_lib.build(config)
+  model_cfg, abstract = program.plan.model_cfg, program.abstract_state
   B, S = settings["batch"], settings["seq"]
-  init = lambda: state_lib.create(model, tx, task.init_args(task.example_batch(B)), config.seed)
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  state = jax.device_put(_initial_state(mode is not None, init, shardings, mesh, rules), shardings)
-  bs = {k: sharding.logical_sharding(mesh, rules, axes) for k, axes in task.batch_axes.items()}
+  state = jax.device_put(_initial_state(mode is not None, program), program.state_shardings)
   tokens = np.random.default_rng(0).integers(0, 259, (B, S + 1)).astype(np.int32)
-  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh,
-                                rules, bs)
+  batch = program.train_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
 
   param_leaves = jax.tree_util.tree_leaves_with_path(state.params)
   row = dict(
@@ -143,12 +133,8 @@ def prepare(settings: dict, mode: str | None, expert: int) -> dict:
                                              + row["expert_param_bytes_total"] // expert)
 
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(steps.make_train_step(task.loss_fn(model, plan.permutation(S)), tx, lr),
-                   in_shardings=(shardings, bs),
-                   out_shardings=(shardings, sharding.replicated(mesh)),
-                   donate_argnums=0).lower(state, batch).compile(
-                       compiler_options=FAST_COMPILE if settings["fast_compile"] else None)
+  step = program.train_step.lower(state, batch).compile(
+      compiler_options=FAST_COMPILE if settings["fast_compile"] else None)
   row["compile_s"] = time.perf_counter() - t0
   comm = collectives(step.as_text(), devices)
   a2a = comm["by_op"].get("all-to-all", {})

@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,12 +25,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bench import harness
 from bench.harness import MiB
 from configs import lm
-from parallel import attention, sharding
+from parallel import attention
 from parallel import mesh as parallel_mesh
 from parallel.hlo import collectives, largest_buffer
-from train import models, optimizer, steps
-from train import state as state_lib
-from train.tasks import lm as lm_task
+from train import program as program_lib
 
 STRATEGIES = ("ulysses", "ring", "allgather")
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -127,22 +124,11 @@ def step_memory(p: int, n: int, strategy: str = "ulysses") -> dict:
   config.model.update(**MODEL, max_len=n)
   config.mesh.update(data=1, fsdp=1, tensor=1, seq=p, expert=1)
   config.parallel.update(seq_strategy=strategy, attention="blockwise", block_size=MEM_BLOCK)
-  config.train.update(seq_len=n, batch_size=1)
-  mesh = parallel_mesh.make_mesh(config.mesh, jax.devices()[:p])
-  rules = sharding.rules_from_config(config.parallel)
-  model, _, plan = models.build(config, mesh)
-  tx, lr = optimizer.make(config.opt, total_steps=10)
-  init = lambda: state_lib.create(model, tx, (jnp.zeros((1, n), jnp.int32),), config.seed)
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  bs = sharding.batch_sharding(mesh, rules)
-  batch = {k: jax.ShapeDtypeStruct((1, n), jnp.int32, sharding=bs) for k in ("inputs", "targets")}
+  config.train.update(seq_len=n, batch_size=1, steps=10)
+  program = program_lib.build(config, devices=jax.devices()[:p])
+  plan = program.attention
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    loss_fn = lm_task.LMTask(config).loss_fn(model, plan.permutation(n))
-    compiled = jax.jit(steps.make_train_step(loss_fn, tx, lr),
-                       in_shardings=(shardings, bs),
-                       out_shardings=(shardings, sharding.replicated(mesh)),
-                       donate_argnums=0).lower(abstract, batch).compile()
+  compiled = program.train_step.lower(program.abstract_state, program.abstract_batch()).compile()
   m = compiled.memory_analysis()
   peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
           + m.temp_size_in_bytes)

@@ -192,12 +192,12 @@ def main(argv):
   try:
     devices.set_cpu_devices(_CPU_DEVICES.value)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    validate.validate(_CONFIG.value)
+    plan = validate.validate(_CONFIG.value)
     validate.validate_workdir(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   try:
-    loop.run(_CONFIG.value, _WORKDIR.value)
+    loop.run(_CONFIG.value, _WORKDIR.value, plan=plan)
   except Exception as e:  # noqa: BLE001  a data file that broke mid-run, possibly wrapped by grain
     cause = e
     while cause is not None and not isinstance(cause, data.DataError):

@@ -1,32 +1,32 @@
 """The training loop: ``run(config, workdir)`` is what ``python -m train`` calls."""
 
 import contextlib
-import functools
 import os
 import signal
 import threading
 import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
-from parallel import sharding
-from train import checkpoint, flops, metrics, models, optimizer, steps, tasks, watchdog
-from train import state as state_lib
+from train import checkpoint, flops, metrics, watchdog
+from train import program as program_lib
 from train import workdir as workdir_lib
 from train.validate import init_from, validate, validate_workdir
 
 
-def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = None) -> dict:
+def run(config, workdir: str, *, plan=None,
+        should_stop: Callable[[int], bool] | None = None) -> dict:
   """Trains and evaluates as ``config`` says; rerunning with the same workdir resumes.
 
+  ``plan`` is ``validate(config)``'s result from a caller that has validated the config and
+  the workdir (``python -m train``); without it both are validated here.
   Resume order: the newest readable checkpoint in ``workdir/checkpoints`` (state and data
-  position together; unreadable ones are reported and moved aside), else a fresh initialisation
-  from ``config.seed``. The checkpoint may come from another mesh or device count.
+  position together; unreadable ones are reported and moved aside), else ``init.from``'s
+  parameters, else a fresh initialisation from ``config.seed``. The checkpoint may come from
+  another mesh or device count.
   ``should_stop(step)`` returning True, SIGTERM or SIGINT end the run early as a preemption
   would: the current step finishes, the state and data position after it are checkpointed, and
   rerunning continues exactly there. Non-finite steps are skipped (train/steps.py) and the run
@@ -34,181 +34,196 @@ def run(config, workdir: str, *, should_stop: Callable[[int], bool] | None = Non
   Returns a summary: steps, last train metrics, first and last validation metrics, checkpoints,
   and ``stopped_by`` when the run ended early.
   """
-  plan = validate(config)
-  validate_workdir(config, workdir)
+  if plan is None:
+    plan = validate(config)
+    validate_workdir(config, workdir)
   # One run at a time per workdir: a second is refused before it writes anything (docs/workdir.md).
   with workdir_lib.locked(workdir):
     return _run(config, workdir, plan, should_stop)
 
 
 def _run(config, workdir: str, plan, should_stop) -> dict:
-  task = tasks.get(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel_mesh.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.parallel)
-  model, _, attention_plan = models.build(config, mesh)
-  permutation = attention_plan.permutation(config.train.seq_len) if config.task == "lm" else None
-  tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
-  t = config.train
-  example = task.example_batch(t.batch_size)
-
-  def init_boxed():
-    return state_lib.create(model, tx, task.init_args(example), config.seed)
-
-  abstract, shardings = sharding.abstract_and_shardings(init_boxed, mesh, rules)
+  program = program_lib.build(config, plan)
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
-  train_ds, val_ds = task.datasets()
+  train_ds, val_ds = program.task.datasets()
   train_iter = iter(train_ds)
-  resumed_from, state = ckpt.restore_newest_valid(
-      abstract, train_iter, report=lambda m: print(f"odyssey: {m}", flush=True))
-  init_note = ""
-  if resumed_from is None:
-    init_params = None
-    source, source_step = init_from(config)
-    if source:  # read (and shape-checked) before anything compiles
-      init_step, init_params = checkpoint.restore_params(source, abstract.params, step=source_step)
-      init_note = f" with parameters from {source} step {init_step}"
-      changed = checkpoint.model_differences(source, config)
-      if changed:  # e.g. norm_eps or rope_theta: same shapes, different function
-        init_note += f" (model fields that differ from its config: {', '.join(changed)})"
-    state = sharding.init_sharded(init_boxed, shardings, mesh, rules)
-    if init_params is not None:
-      state = state.replace(params=init_params)
+  resumed_from, state, init_note = _restore_or_init(program, ckpt, train_iter)
   start_step = int(jax.device_get(state.step))
   kept = workdir_lib.write_config(workdir, config)  # an earlier, different one is kept
   if kept:
     print(f"odyssey: config.json differs from the previous run's, which is kept as {kept}.",
           flush=True)
-
-  writer = metrics.Writer(workdir, total_steps=t.steps, start_step=start_step,
+  writer = metrics.Writer(workdir, total_steps=config.train.steps, start_step=start_step,
                           progress=config.log.progress)
-  pmap = config.parallel.loop == "pmap"
+  started = (f"resumed from step {resumed_from}" if resumed_from is not None
+             else "fresh start" + init_note)
   writer.message(f"odyssey: {config.task} with model {config.model.name} "
-                 f"({_count(abstract.params):,} params), "
-                 f"{'pmap over' if pmap else 'mesh ' + str(plan.mesh) + ' on'} "
-                 f"{jax.device_count()} {jax.devices()[0].platform} devices{_hosts(mesh)}, "
-                 + (f"resumed from step {resumed_from}" if resumed_from is not None
-                    else "fresh start" + init_note) + f"; {attention_plan.describe()}; workdir {workdir}")
-  batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
-                     for k, axes in task.batch_axes.items()}
-  unit, units_per_step = task.throughput_unit()
-  step_flops = flops.model_flops_per_step(config, plan.mesh)
-  peak = flops.peak_flops(config.model.dtype)
-  writer.message(f"model FLOPs: {step_flops.model:.4g} per step ({step_flops.model_per_unit:.4g} "
-                 f"per {unit[:-1]}); peak {peak:.4g} FLOP/s ({_peak_source()}); MFU is their ratio")
-  summary = {"start_step": start_step}
-  step_body = steps.make_train_step(
-      task.loss_fn(model, permutation), tx, lr_schedule, grad_accum=t.grad_accum,
-      batch_axes=None if pmap else task.batch_axes, axis_name=steps.PMAP_AXIS if pmap else None)
-  in_mesh = functools.partial(_mesh_context, mesh, rules)
-  if pmap:  # called outside the mesh context: inside pmap every array is one device's
-    train_step = steps.pmapped(step_body, mesh)
-    to_device = lambda local: sharding.per_device_batch(local, mesh)
-  else:
-    train_step = _within(in_mesh, jax.jit(
-        step_body, in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0))
-    to_device = lambda local: sharding.global_batch(local, mesh, rules, batch_shardings)
-  eval_step = _within(in_mesh, jax.jit(task.eval_fn(model, permutation),
-                                       in_shardings=(shardings.params, batch_shardings),
-                                       out_shardings=sharding.replicated(mesh)))
-  sampler, _, _ = models.build(config, mesh, seq_parallel=False)
-  dp = parallel_moe.data_parallel(plan.mesh)
+                 f"({_count(program.abstract_state.params):,} params), "
+                 f"{'pmap over' if program.pmap else 'mesh ' + str(plan.mesh) + ' on'} "
+                 f"{jax.device_count()} {jax.devices()[0].platform} devices"
+                 f"{_hosts(program.mesh)}, {started}; {program.attention.describe()}; "
+                 f"workdir {workdir}")
+  loop = _Loop(program, workdir, writer, ckpt, val_ds, start_step)
+  # A step, eval or sample that stops making progress (a stuck collective) ends the run with a
+  # sentence naming the phase instead of hanging or aborting in C++ (train/watchdog.py).
+  watchdog.start(config.train.hang_timeout_s)
   stop = _StopSignal()
-  profile = _profile_window(config.log.profile_steps)
-  profile_dir = os.path.join(workdir, "profile")
-  if jax.process_count() > 1:
-    profile_dir = os.path.join(profile_dir, f"process_{jax.process_index()}")
+  with stop.installed(), contextlib.closing(ckpt), watchdog.phase("train step"):
+    state, step = loop.train(state, train_iter, stop, should_stop)
+  summary = loop.summary
+  if "stopped_by" in summary:  # the checkpoint is complete: closing waited for it
+    writer.message(f"stopped by {summary['stopped_by']} after step {step}; its checkpoint is "
+                   "written. Rerun the same command to resume from it.")
+  summary["final_step"] = int(jax.device_get(state.step))
+  summary["checkpoints"] = ckpt.all_steps()
+  writer.message(_outputs_message(workdir, summary, program.task))
+  writer.close()
+  watchdog.stop()
+  return summary
 
-  def evaluate(step, params, final=False):
+
+def _restore_or_init(program, ckpt, train_iter):
+  """(step resumed from or None, state, note on init.from) in the resume order of ``run``."""
+  resumed_from, state = ckpt.restore_newest_valid(
+      program.abstract_state, train_iter, report=lambda m: print(f"odyssey: {m}", flush=True))
+  if resumed_from is not None:
+    return resumed_from, state, ""
+  init_note, init_params = "", None
+  source, source_step = init_from(program.config)
+  if source:  # read (and shape-checked) before anything compiles
+    init_step, init_params = checkpoint.restore_params(
+        source, program.abstract_state.params, step=source_step)
+    init_note = f" with parameters from {source} step {init_step}"
+    changed = checkpoint.model_differences(source, program.config)
+    if changed:  # e.g. norm_eps or rope_theta: same shapes, different function
+      init_note += f" (model fields that differ from its config: {', '.join(changed)})"
+  state = program.init()
+  if init_params is not None:
+    state = state.replace(params=init_params)
+  return None, state, init_note
+
+
+class _Loop:
+  """One run's steps, one-step-late metrics, checkpoints, evaluations and samples."""
+
+  def __init__(self, program, workdir, writer, ckpt, val_ds, start_step):
+    self.program, self.config, self.workdir = program, program.config, workdir
+    self.writer, self.ckpt, self.val_ds = writer, ckpt, val_ds
+    self.summary = {"start_step": start_step}
+    self.unit, self.units_per_step = program.task.throughput_unit()
+    self.step_flops = flops.model_flops_per_step(self.config, program.plan.mesh)
+    self.peak = flops.peak_flops(self.config.model.dtype)
+    writer.message(f"model FLOPs: {self.step_flops.model:.4g} per step "
+                   f"({self.step_flops.model_per_unit:.4g} per {self.unit[:-1]}); peak "
+                   f"{self.peak:.4g} FLOP/s ({_peak_source()}); MFU is their ratio")
+    self.clock = None  # time and step of the last flush, set when the steps start
+
+  def evaluate(self, step, params, final=False):
+    """Validation metrics over eval.steps batches, then the task's samples."""
+    program, summary = self.program, self.summary
     sums = None
     with watchdog.phase("eval"):
-      for _, local in zip(range(config.eval.steps), val_ds):
-        out = eval_step(params, sharding.global_batch(local, mesh, rules, batch_shardings))
+      for _, local in zip(range(self.config.eval.steps), self.val_ds):
+        out = program.eval_step(params, program.eval_batch(local))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-      result = task.summarize(jax.device_get(sums))
-    writer.write(step, result, split="val")
-    writer.message(f"step {step}: {task.headline(result)}")
+      result = program.task.summarize(jax.device_get(sums))
+    self.writer.write(step, result, split="val")
+    self.writer.message(f"step {step}: {program.task.headline(result)}")
     summary.setdefault("first_val", result)
     summary["last_val"] = result
-    with in_mesh(), watchdog.phase("sample"):
-      produced = task.samples(sampler, params, step=step, final=final, workdir=workdir,
-                              data_parallel=dp, sharding=batch_shardings)
+    with program.context(), watchdog.phase("sample"):
+      produced = program.task.samples(
+          program.sample_model, params, step=step, final=final, workdir=self.workdir,
+          data_parallel=parallel_moe.data_parallel(program.plan.mesh),
+          sharding=program.batch_shardings)
     if produced is not None:
       summary["samples"] = produced
       if isinstance(produced, list) and produced and isinstance(produced[0], str):
-        writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
+        self.writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
 
-  # A step, eval or sample that stops making progress (a stuck collective) ends the run with a
-  # sentence naming the phase instead of hanging or aborting in C++ (train/watchdog.py).
-  watchdog.start(t.hang_timeout_s)
-  with stop.installed(), contextlib.closing(ckpt), watchdog.phase("train step"):
+  def flush(self, step, device_metrics):
+    """Writes the train metrics of ``step`` with the throughput since the last flush."""
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    rate = (step - self.clock["step"]) / max(now - self.clock["time"], 1e-9)
+    self.clock.update(time=now, step=step)
+    host.update(steps_per_s=rate, **{f"{self.unit}_per_s": rate * self.units_per_step},
+                model_flops_per_s=rate * self.step_flops.model,
+                mfu=flops.mfu(self.step_flops.model, 1 / max(rate, 1e-12), self.peak))
+    self.writer.write(step, host)
+    self.writer.progress(step, host, self.unit)
+    self.summary["last_train"] = host
+
+  def train(self, state, train_iter, stop, should_stop):
+    """Steps to train.steps or an agreed stop; returns the state and the last step run."""
+    t, every, ckpt, summary = self.config.train, self.config.log.every, self.ckpt, self.summary
+    start_step = summary["start_step"]
     if start_step == 0:
-      evaluate(0, state.params)
-    clock = {"time": time.perf_counter(), "step": start_step}
-
-    def flush(step, device_metrics):
-      host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      now = time.perf_counter()
-      rate = (step - clock["step"]) / max(now - clock["time"], 1e-9)
-      clock.update(time=now, step=step)
-      host.update(steps_per_s=rate, **{f"{unit}_per_s": rate * units_per_step},
-                  model_flops_per_s=rate * step_flops.model,
-                  mfu=flops.mfu(step_flops.model, 1 / max(rate, 1e-12), peak))
-      writer.write(step, host)
-      writer.progress(step, host, unit)
-      summary["last_train"] = host
-
+      self.evaluate(0, state.params)
+    self.clock = {"time": time.perf_counter(), "step": start_step}
+    profile = _Profile(self.config.log.profile_steps, self.workdir, self.writer)
     # Metrics are fetched one step late so the host never waits on the step it just dispatched;
     # the consecutive non-finite count is read the same way, every step.
     pending = None
     previous_bad = None
+    step = start_step
     for step in range(start_step + 1, t.steps + 1):  # `step` counts completed steps
-      if step == profile[0]:
-        jax.profiler.start_trace(profile_dir)
+      profile.before(step)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, step_metrics = train_step(state, next_batch(train_iter, to_device))
-      if step == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        writer.message(f"profile of steps {profile[0]}..{step} written to {profile_dir} (open "
-                       "it with TensorBoard or xprof).")
+        state, step_metrics = self.program.train_step(
+            state, next_batch(train_iter, self.program.train_batch))
+      profile.after(step, state)
       ckpt.check_saved()  # a failed async save stops the run here, naming its step
       if previous_bad is not None:
         _check_bad_steps(int(previous_bad[1]), previous_bad[0], t.max_bad_steps, ckpt)
         watchdog.beat()  # the host has seen the previous step finish
       previous_bad = (step, step_metrics["bad_steps"])
       if pending is not None:
-        flush(*pending)
-      pending = (step, step_metrics) if step % config.log.every == 0 or step == t.steps else None
+        self.flush(*pending)
+      pending = (step, step_metrics) if step % every == 0 or step == t.steps else None
       stopped_by = ("should_stop" if should_stop is not None and should_stop(step)
-                    else stop.agreed(step, config.log.every))
+                    else stop.agreed(step, every))
       if ckpt.should_save(step) or step == t.steps or stopped_by:
         # Never checkpoint a state whose bad-step count and loss were not looked at.
         _check_bad_steps(int(previous_bad[1]), step, t.max_bad_steps, ckpt)
         if pending is not None:
-          flush(*pending)
+          self.flush(*pending)
           pending = None
         with watchdog.phase("checkpoint save"):
           ckpt.save(step, state, train_iter, force=True)
       if stopped_by:
         summary["stopped_by"] = stopped_by
         break
-      if step % config.eval.every == 0 or step == t.steps:
-        evaluate(step, state.params, final=step == t.steps)
+      if step % self.config.eval.every == 0 or step == t.steps:
+        self.evaluate(step, state.params, final=step == t.steps)
     if pending is not None:
-      flush(*pending)
+      self.flush(*pending)
     if start_step >= t.steps:
-      evaluate(start_step, state.params, final=True)
-  if "stopped_by" in summary:  # the checkpoint is complete: closing waited for it
-    writer.message(f"stopped by {summary['stopped_by']} after step {step}; its checkpoint is "
-                   "written. Rerun the same command to resume from it.")
-  summary["final_step"] = int(jax.device_get(state.step))
-  summary["checkpoints"] = ckpt.all_steps()
-  writer.message(_outputs_message(workdir, summary, task))
-  writer.close()
-  watchdog.stop()
-  return summary
+      self.evaluate(start_step, state.params, final=True)
+    return state, step
+
+
+class _Profile:
+  """Traces the steps of ``log.profile_steps="a:b"`` (none when empty; validated before)."""
+
+  def __init__(self, spec: str, workdir: str, writer):
+    self.first, self.last = (int(x) for x in str(spec).split(":")) if spec else (0, 0)
+    self.dir = os.path.join(workdir, "profile")
+    if jax.process_count() > 1:
+      self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
+    self.writer = writer
+
+  def before(self, step: int) -> None:
+    if step == self.first:
+      jax.profiler.start_trace(self.dir)
+
+  def after(self, step: int, state) -> None:
+    if step == self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.writer.message(f"profile of steps {self.first}..{step} written to {self.dir} (open "
+                          "it with TensorBoard or xprof).")
 
 
 def _hosts(mesh) -> str:
@@ -226,20 +241,6 @@ def _peak_source() -> str:
   if device.platform == "cpu":
     return "the host's matmul rate, measured at start-up; simulated CPU devices share it"
   return f"{jax.device_count()} x {device.device_kind}"
-
-
-@contextlib.contextmanager
-def _mesh_context(mesh, rules):
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
-
-
-def _within(context, fn):
-  """``fn`` called inside ``context()`` (the mesh and logical rules its tracing needs)."""
-  def wrapped(*args):
-    with context():
-      return fn(*args)
-  return wrapped
 
 
 def next_batch(train_iter, to_device):
@@ -301,14 +302,6 @@ class _StopSignal:
         np.array([self.received == n for n in names], np.int32))
     hit = np.asarray(flags).reshape(-1, len(names)).any(axis=0)
     return next((n for n, h in zip(names, hit) if h), None)
-
-
-def _profile_window(spec: str) -> tuple[int, int]:
-  """(first, last) step of ``log.profile_steps="a:b"``; (0, 0) when empty (validated before)."""
-  if not spec:
-    return 0, 0
-  first, last = (int(x) for x in str(spec).split(":"))
-  return first, last
 
 
 def _outputs_message(workdir, summary, task) -> str:

@@ -7,6 +7,8 @@ every task reports. The mesh loop jits that one body with shardings; the pmap lo
 ``pmean`` of gradients and metrics. There is no second copy of the model or optimizer logic.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,36 +54,8 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
     (loss, metrics), grads = grad_fn(params, batch, rng)
     return loss, metrics, grads
 
-  def accumulated(params, batch, rng):
-    micro = jax.tree.map(lambda x: _split_micro(x, grad_accum), batch)
-    if batch_axes is not None:
-      micro = {k: nn.with_logical_constraint(v, (None,) + tuple(batch_axes[k]))
-               for k, v in micro.items()}
-
-    def body(carry, xs):
-      micro_batch, micro_rng = xs
-      loss, metrics, grads = single(params, micro_batch, micro_rng)
-      w = metrics.get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
-      weighted = jax.tree.map(lambda g: g.astype(jnp.float32) * w, grads)
-      summed = {k: (v if k in COUNT_METRICS else v * w) for k, v in metrics.items()}
-      new = (carry[0] + w, jax.tree.map(jnp.add, carry[1], weighted), carry[2] + loss * w,
-             jax.tree.map(jnp.add, carry[3], summed))
-      return new, None
-
-    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    _, first_metrics, _ = jax.eval_shape(single, *jax.tree.map(
-        abstract, (params, jax.tree.map(lambda x: x[0], micro), rng)))
-    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), first_metrics)
-    rngs = jax.random.split(rng, grad_accum)
-    (w, grads, loss, metrics), _ = jax.lax.scan(
-        body, (jnp.zeros((), jnp.float32), zeros_g, jnp.zeros((), jnp.float32), zeros_m),
-        (micro, rngs))
-    grads = jax.tree.map(lambda g, p: (g / w).astype(p.dtype), grads, params)
-    metrics = {k: (v if k in COUNT_METRICS else v / w) for k, v in metrics.items()}
-    return loss / w, metrics, grads
-
-  compute = single if grad_accum == 1 else accumulated
+  compute = single if grad_accum == 1 else functools.partial(
+      _accumulated, single, grad_accum=grad_accum, batch_axes=batch_axes)
 
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
@@ -103,6 +77,38 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
   return train_step
+
+
+def _accumulated(single, params, batch, rng, *, grad_accum: int, batch_axes: dict | None):
+  """``single(params, batch, rng)`` over ``grad_accum`` micro-batches (a ``lax.scan``), the
+  gradients and metrics averaged with the micro-batches' ``tokens`` as weights (else equally)."""
+  micro = jax.tree.map(lambda x: _split_micro(x, grad_accum), batch)
+  if batch_axes is not None:
+    micro = {k: nn.with_logical_constraint(v, (None,) + tuple(batch_axes[k]))
+             for k, v in micro.items()}
+
+  def body(carry, xs):
+    micro_batch, micro_rng = xs
+    loss, metrics, grads = single(params, micro_batch, micro_rng)
+    w = metrics.get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+    weighted = jax.tree.map(lambda g: g.astype(jnp.float32) * w, grads)
+    summed = {k: (v if k in COUNT_METRICS else v * w) for k, v in metrics.items()}
+    new = (carry[0] + w, jax.tree.map(jnp.add, carry[1], weighted), carry[2] + loss * w,
+           jax.tree.map(jnp.add, carry[3], summed))
+    return new, None
+
+  zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  _, first_metrics, _ = jax.eval_shape(single, *jax.tree.map(
+      abstract, (params, jax.tree.map(lambda x: x[0], micro), rng)))
+  zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), first_metrics)
+  rngs = jax.random.split(rng, grad_accum)
+  (w, grads, loss, metrics), _ = jax.lax.scan(
+      body, (jnp.zeros((), jnp.float32), zeros_g, jnp.zeros((), jnp.float32), zeros_m),
+      (micro, rngs))
+  grads = jax.tree.map(lambda g, p: (g / w).astype(p.dtype), grads, params)
+  metrics = {k: (v if k in COUNT_METRICS else v / w) for k, v in metrics.items()}
+  return loss / w, metrics, grads
 
 
 def _apply_if_state_finite(params, old_opt, updates, new_opt):

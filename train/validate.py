@@ -18,8 +18,10 @@ GROUPS = ("task", "model", "data", "mesh", "parallel", "train", "opt", "ckpt", "
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What validation resolved: the mesh sizes and the model hyperparameters."""
+  """What validation resolved: the mesh sizes, the task, the model hyperparameters and the
+  attention plan (train/program.py builds the run from it)."""
   mesh: dict[str, int]
+  task: object  # train.tasks' object for config.task
   model_cfg: object
   attention: object  # parallel.attention.Plan
 
@@ -84,7 +86,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                        batch_sizes={"train.batch_size": t.batch_size,
                                     "eval.batch_size": config.eval.batch_size})
   attention = models.attention_plan(config, sizes, model_cfg)
-  return Plan(mesh=sizes, model_cfg=model_cfg, attention=attention)
+  return Plan(mesh=sizes, task=task, model_cfg=model_cfg, attention=attention)
 
 
 LOOPS = ("mesh", "pmap")

@@ -2,18 +2,17 @@
 
 import functools
 
-import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from configs import diffusion, lm, vit
 from parallel import mesh as parallel_mesh
-from parallel import sharding
-from train import image_data, models, optimizer, steps, tasks
-from train import state as state_lib
+from train import image_data
+from train import program as program_lib
+from train.validate import validate
 
 B, S = 8, 16
-KINDS = ("lm", "vit", "dit")
 # MoE variants: a Mixtral-style LM (dropless top-2), the same with capacity dropping (8 fixed
 # dispatch groups, so any mesh groups tokens alike) and micro-batch balance, and DiT-MoE with a
 # shared expert and every other block MoE.
@@ -25,41 +24,57 @@ MOE = {
 }
 
 
+# The byte LMs without a configs/ file (experiments/mamba_stdlib.py and megabyte_stdlib.py at
+# test size): the test Llama's task, data and optimizer with their model group.
+BYTE_MODELS = {
+    "mamba": dict(name="mamba", vocab_size=384, num_layers=2, d_model=64, d_state=8, d_conv=4,
+                  expand=2, dt_rank=0, scan_chunk=0, max_len=256, tie_embeddings=False,
+                  dtype="float32", param_dtype="float32"),
+    "megabyte": dict(name="megabyte", vocab_size=384, patch_sizes=(4,), d_model=(64, 64),
+                     num_layers=(1, 1), num_heads=(4, 4), mlp_dim=(128, 128),
+                     blocks=("transformer", "transformer"), max_len=256, tie_embeddings=False,
+                     dtype="float32", param_dtype="float32"),
+}
+
+
 def make_config(kind: str):
-  """Tiny configs: the test Llama (seq_len 16), the digits ViT and the digits DiT (+ MoE)."""
+  """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, DiT and
+  U-DiT (+ MoE)."""
   base_kind = kind.split("_")[0]
-  if base_kind == "lm":
+  if base_kind in ("lm", *BYTE_MODELS):
     config = lm.get_config("size=test")
     config.train.seq_len = S
+    if base_kind in BYTE_MODELS:
+      config.model = ml_collections.ConfigDict(BYTE_MODELS[base_kind])
   elif base_kind == "vit":
     config = vit.get_config("variant=digits")
   else:
-    config = diffusion.get_config("model=dit,variant=digits")
+    config = diffusion.get_config(f"model={base_kind},variant=digits")
   if kind in MOE:
     config.model.moe.update(MOE[kind])
   config.train.batch_size = B
   config.eval.batch_size = B
+  config.train.steps = 10  # the learning-rate schedule's length
   return config
 
 
-def setup(mesh_sizes: dict, devices=None, kind: str = "lm", **parallel):
+def setup(mesh_sizes: dict, devices=None, kind: str = "lm", grad_accum: int = 1,
+          **parallel) -> program_lib.Program:
+  """The Program of ``kind``'s tiny config on ``mesh_sizes`` over ``devices`` (default: all)."""
   config = make_config(kind)
   config.mesh.update(**mesh_sizes)
   config.parallel.update(**parallel)
   mesh = parallel_mesh.make_mesh(config.mesh, devices)
-  rules = sharding.rules_from_config(config.parallel)
-  model, _, plan = models.build(config, mesh)
-  tx, lr = optimizer.make(config.opt, total_steps=10)
-  task = tasks.get(config)
-  example = task.example_batch(B)
-  init = lambda: state_lib.create(model, tx, task.init_args(example), config.seed)
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  return config, mesh, rules, model, tx, lr, init, shardings, plan
+  plan = validate(config, num_devices=mesh.devices.size)
+  # Set after validation, which refuses micro-batches smaller than the data-parallel size; the
+  # step itself computes them, and these tests compare exactly that.
+  config.train.grad_accum = grad_accum
+  return program_lib.build(config, plan, mesh=mesh)
 
 
 def batch(kind: str = "lm"):
   """One fixed batch: random bytes for the LM, the first training digits for vision."""
-  if kind.startswith("lm"):
+  if make_config(kind).task == "lm":
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
@@ -77,36 +92,32 @@ def reference(kind: str = "lm"):
 
 
 def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1, **parallel):
-  config, mesh, rules, model, tx, lr, init, shardings, plan = setup(mesh_sizes, devices, kind,
-                                                                   **parallel)
-  task = tasks.get(config)
-  permutation = plan.permutation(S) if kind.startswith("lm") else None
-  state = sharding.init_sharded(init, shardings, mesh, rules)
-  bs = {k: sharding.logical_sharding(mesh, rules, axes) for k, axes in task.batch_axes.items()}
-  data = {k: jax.device_put(v, bs[k]) for k, v in batch(kind).items()}
+  program = setup(mesh_sizes, devices, kind, grad_accum, **parallel)
+  state = program.init()
+  data = program.eval_batch(batch(kind))
+  shardings = program.state_shardings
 
   # The same rng for the reference and the sharded run: noise, timesteps and label dropout agree
   # because JAX's PRNG is partitionable (values do not depend on the sharding).
-  task_loss = task.loss_fn(model, permutation)
+  task_loss = program.task.loss_fn(program.model, program.attention.permutation(S)
+                                   if program.config.task == "lm" else None)
   loss_fn = lambda params, data: task_loss(params, data, jax.random.split(state.rng)[1])[0]
-  train_step = steps.make_train_step(task_loss, tx, lr, grad_accum=grad_accum,
-                                     batch_axes=task.batch_axes)
 
   def loss_grads_and_step(state, data):
     # One program (one compile) for the gradients and the real optimizer step.
     loss, grads = jax.value_and_grad(loss_fn)(state.params, data)
-    new_state, metrics = train_step(state, data)
+    new_state, metrics = program.step_fn(state, data)
     return loss, grads, new_state, metrics
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jax.jit(loss_grads_and_step, in_shardings=(shardings, bs),
+  with program.context():
+    compiled = jax.jit(loss_grads_and_step, in_shardings=(shardings, program.batch_shardings),
                        out_shardings=(None, shardings.params, shardings, None)).lower(
                            state, data).compile()
     init_params = jax.device_get(state.params)
     loss, grads, new_state, metrics = compiled(state, data)
   return dict(loss=float(loss), grads=grads, init_params=init_params, new_state=new_state,
-              step_loss=float(metrics["loss"]), mesh=mesh, shardings=shardings, plan=plan,
-              hlo=compiled.as_text())
+              step_loss=float(metrics["loss"]), mesh=program.mesh, shardings=shardings,
+              plan=program.attention, hlo=compiled.as_text())
 
 
 def assert_matches_reference(got, ref):

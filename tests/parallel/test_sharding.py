@@ -89,7 +89,8 @@ def test_batch_sharding_splits_batch_over_data_axes_and_seq_over_seq():
 
 
 def test_indivisible_parameter_is_named_before_compiling():
-  config, mesh, rules, model, tx, lr, init, shardings, _ = setup(MESHES["fsdp8"])
+  program = setup(MESHES["fsdp8"])
+  config, mesh, rules, tx = program.config, program.mesh, program.rules, program.tx
   config.model.update(d_model=36, num_heads=2, num_kv_heads=2)  # 36 % 8 != 0
   model, _, _ = models.build(config, mesh)
   bad_init = lambda: state_lib.create(model, tx, (jnp.zeros((B, S), jnp.int32),), 0)

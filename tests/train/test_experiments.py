@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from parallel import mesh as parallel_mesh
 from parallel import sharding
 from tests import REPO
 from train import flops, image_data, models, optimizer, tasks, validate
+from train import program as program_lib
 from train import state as state_lib
 
 
@@ -36,14 +36,9 @@ def test_dit_xl2_imagenet256_builds_and_shards_abstractly(tmp_path):
   c.train.batch_size = c.eval.batch_size = 8
   plan = validate.validate(c)
   assert plan.mesh["fsdp"] == 4 and plan.model_cfg.hidden_size == 1152
-  mesh = parallel_mesh.make_mesh(c.mesh)
-  rules = sharding.rules_from_config(c.parallel)
-  model, cfg, _ = models.build(c, mesh)
-  task = tasks.get(c)
-  tx, _ = optimizer.make(c.opt, c.train.steps)
-  example = task.example_batch(8)
-  init = lambda: state_lib.create(model, tx, task.init_args(example), c.seed)
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)  # no allocation
+  program = program_lib.build(c, plan)
+  model, mesh, rules = program.model, program.mesh, program.rules
+  abstract, shardings = program.abstract_state, program.state_shardings  # no allocation
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   assert abs(count - 674_834_720) / 674_834_720 < 1e-6  # + 294,912 fixed positions = 675.13M
   # FSDP really shards the big kernels: a block's MLP kernel is split 4 ways over fsdp.

@@ -13,12 +13,10 @@ import numpy as np
 import pytest
 
 from configs import lm, vit
-from parallel import mesh as parallel_mesh
-from parallel import sharding
 from tests import module_command, run_module
 from tests.train.test_loop import data_position, read_metrics, train_losses
-from train import checkpoint, loop, models, optimizer, tasks
-from train import state as state_lib
+from train import checkpoint, loop
+from train import program as program_lib
 
 STEPS = 60
 # The CLI run the signal tests interrupt: the test Llama, a checkpoint every 5 steps.
@@ -201,15 +199,9 @@ def test_too_many_bad_steps_stop_the_run_without_saving_them(monkeypatch, tmp_pa
 
 def restore_params(workdir, step, mesh_sizes, devices):
   config = lm_config(mesh=mesh_sizes)
-  mesh = parallel_mesh.make_mesh(config.mesh, devices)
-  rules = sharding.rules_from_config(config.parallel)
-  model, _, _ = models.build(config, mesh)
-  tx, _ = optimizer.make(config.opt, config.train.steps)
-  task = tasks.get(config)
-  init = lambda: state_lib.create(model, tx, task.init_args(task.example_batch(8)), config.seed)
-  abstract, _ = sharding.abstract_and_shardings(init, mesh, rules)
+  program = program_lib.build(config, devices=devices)
   ckpt = checkpoint.Checkpointer(workdir, config.ckpt)
-  state = ckpt.restore(step, abstract, iter(task.datasets()[0]))
+  state = ckpt.restore(step, program.abstract_state, iter(program.task.datasets()[0]))
   ckpt.close()
   return state
 
