@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from parallel import mesh as parallel_mesh
-from parallel import moe as parallel_moe
 from parallel import sharding
 from train import checkpoint, flops, metrics, models, optimizer, steps, tasks, watchdog
 from train import state as state_lib
@@ -113,7 +112,7 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
                                        in_shardings=(shardings.params, batch_shardings),
                                        out_shardings=sharding.replicated(mesh)))
   sampler, _, _ = models.build(config, mesh, seq_parallel=False)
-  dp = parallel_moe.data_parallel(plan.mesh)
+  dp = sharding.data_parallel_size(plan.mesh, rules)
   stop = _StopSignal()
   profile = _profile_window(config.log.profile_steps)
   profile_dir = os.path.join(workdir, "profile")
