@@ -33,12 +33,12 @@ TOKEN_NAMES = ("act_batch", "act_seq", None, None)
 DOWN_NAMES, UP_NAMES = ("expert", "mlp", None), ("expert", None, "mlp")
 
 
-def batch_groups(moe_cfg: moe.Config, mesh_sizes: dict, rules=sharding.RULES) -> int:
+def batch_groups(moe_cfg: moe.Config, mesh_sizes: dict, rules) -> int:
   return moe_cfg.groups or sharding.data_parallel_size(mesh_sizes, rules)
 
 
 def check(moe_cfg: moe.Config, mesh_sizes: dict, *, batch_sizes: dict, expert_width: int,
-          rules=sharding.RULES):
+          rules):
   """One sentence for a MoE config that cannot run on this mesh (before anything compiles)."""
   ep_axes, tp_axes = sharding.spec(DOWN_NAMES, rules)[:2]
   ep, ep_name = sharding.axes_size(ep_axes, mesh_sizes), sharding.axes_name(ep_axes)
@@ -67,8 +67,7 @@ def check(moe_cfg: moe.Config, mesh_sizes: dict, *, batch_sizes: dict, expert_wi
                        f"(model.moe.groups, default {dp_name}).")
 
 
-def layout(moe_cfg: moe.Config, mesh_sizes: dict, mesh: Mesh | None,
-           rules=sharding.RULES) -> moe.Layout:
+def layout(moe_cfg: moe.Config, mesh_sizes: dict, mesh: Mesh | None, rules) -> moe.Layout:
   """The dispatch layout the families pass to nets.moe.MoE; runs experts in shard_map on a mesh.
 
   Sequence chunks are the mesh axes of "act_seq": their size 1 in ``mesh_sizes`` on a mesh where
