@@ -9,6 +9,8 @@ cuDNN on NVIDIA GPUs, Splash on TPUs, blockwise elsewhere; parallel/kernels.py) 
   allgather  all-gather K/V (the Megatron-SP-style baseline, for comparison);
   auto       Ulysses when the heads divide, else USP when some degree > 1 divides them, else ring.
 With mesh.seq == 1 the local kernel runs alone (the compiler partitions batch and heads).
+The seq (and batch and head) mesh axes are the ones the active rules give "act_seq" ("act_batch",
+"act_heads"): ``seq`` (data/fsdp/expert, tensor) by default, config.parallel.rules can move them.
 
 Outside attention nothing changes: activations keep their ("act_batch", "act_seq", ...) logical
 names, so norms and MLPs stay sequence-sharded and per-device activation memory falls with P.
@@ -27,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from parallel import kernels, ring, ulysses
+from parallel import kernels, ring, sharding, ulysses
 
 STRATEGIES = ("auto", "ulysses", "ring", "usp", "allgather")
 KERNEL_NAMES = tuple(sorted(kernels.KERNELS)) + ("auto",)
-BATCH_AXES = ("data", "fsdp", "expert")  # as "act_batch" in parallel/sharding.py
+# The logical names nets give q; k and v enter the kernel with the same spec, since grouped-query
+# pairing needs their heads split like the query heads. The rules turn them into mesh axes.
+QKV_NAMES = ("act_batch", "act_seq", "act_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Plan:
   ulysses: int  # all-to-all group size (1 for ring/allgather/local)
   ring: int  # ring length (1 for ulysses/allgather/local)
   block_size: int
+  rules: tuple = sharding.RULES  # the active rule table (config.parallel.rules rows first)
 
   def describe(self) -> str:
     if self.strategy == "local":
@@ -69,36 +74,39 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
   if kernel_name not in KERNEL_NAMES:
     raise ValueError(f"config.parallel.attention={kernel_name!r} is not one of {KERNEL_NAMES}.")
   kernel = kernels.pick_kernel(kernel_name)
-  P, tp = mesh_sizes["seq"], mesh_sizes["tensor"]
+  rules = sharding.rules_from_config(parallel_cfg)
+  _, seq_axes, head_axes, _ = sharding.spec(QKV_NAMES, rules)
+  P, tp = sharding.axes_size(seq_axes, mesh_sizes), sharding.axes_size(head_axes, mesh_sizes)
+  seq_name, tp_name = sharding.axes_name(seq_axes), sharding.axes_name(head_axes)
   heads = num_heads // tp  # query heads on one tensor shard
   block = int(parallel_cfg.block_size)
   if seq_len % P:
-    raise ValueError(f"train.seq_len={seq_len} is not divisible by mesh.seq={P}; sequence "
+    raise ValueError(f"train.seq_len={seq_len} is not divisible by {seq_name}={P}; sequence "
                      f"parallelism gives each device seq_len/{P} tokens.")
   if P == 1:
-    plan = Plan("local", kernel, 1, 1, 1, block)
+    plan = Plan("local", kernel, 1, 1, 1, block, rules)
   elif strategy == "auto":
     if heads % P == 0:
-      plan = Plan("ulysses", kernel, P, P, 1, block)
+      plan = Plan("ulysses", kernel, P, P, 1, block, rules)
     else:
       u = max(d for d in range(1, P + 1) if P % d == 0 and heads % d == 0)
-      plan = Plan("usp" if u > 1 else "ring", kernel, P, u, P // u, block)
+      plan = Plan("usp" if u > 1 else "ring", kernel, P, u, P // u, block, rules)
   elif strategy == "ulysses":
     if heads % P:
       raise ValueError(
-          f"model.num_heads={num_heads} split over mesh.tensor={tp} leaves {heads} heads per "
-          f"device, which is not divisible by mesh.seq={P} as Ulysses needs; use "
-          f"parallel.seq_strategy='ring' or 'usp' (or 'auto'), or a mesh.seq dividing {heads}.")
-    plan = Plan("ulysses", kernel, P, P, 1, block)
+          f"model.num_heads={num_heads} split over {tp_name}={tp} leaves {heads} heads per "
+          f"device, which is not divisible by {seq_name}={P} as Ulysses needs; use "
+          f"parallel.seq_strategy='ring' or 'usp' (or 'auto'), or a {seq_name} dividing {heads}.")
+    plan = Plan("ulysses", kernel, P, P, 1, block, rules)
   elif strategy == "usp":
     u = int(parallel_cfg.usp_ulysses) or max(
         d for d in range(1, P + 1) if P % d == 0 and heads % d == 0)
     if P % u or heads % u:
-      raise ValueError(f"parallel.usp_ulysses={u} must divide both mesh.seq={P} and the {heads} "
+      raise ValueError(f"parallel.usp_ulysses={u} must divide both {seq_name}={P} and the {heads} "
                        "heads per tensor shard; set it to a common divisor (0 picks one).")
-    plan = Plan("usp", kernel, P, u, P // u, block)
+    plan = Plan("usp", kernel, P, u, P // u, block, rules)
   else:
-    plan = Plan(strategy, kernel, P, 1, P if strategy == "ring" else 1, block)
+    plan = Plan(strategy, kernel, P, 1, P if strategy == "ring" else 1, block, rules)
   if plan.strategy in ("ring", "usp") and seq_len % (2 * plan.ring):
     raise ValueError(f"train.seq_len={seq_len} is not divisible by 2 x {plan.ring} (ring length), "
                      f"which {plan.strategy} attention's zigzag layout needs; use a multiple of "
@@ -128,20 +136,21 @@ def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
     if plan.kernel == "splash" and mesh is not None:
       # Whole sequences per device: a plan is local also when sampling on a mesh with seq > 1.
       return functools.partial(_per_device_under_mesh, local=local, sharded=functools.partial(
-          _sharded, per_device=kernel, mesh=mesh, seq_axis=None))
+          _sharded, per_device=kernel, mesh=mesh, rules=plan.rules, seq_sharded=False))
     return local
+  axis = sharding.spec(QKV_NAMES, plan.rules)[1]  # the mesh axis the sequence is split over
   if plan.strategy == "ulysses":
-    per_device = functools.partial(ulysses.ulysses_attention, kernel=kernel, axis_name="seq",
+    per_device = functools.partial(ulysses.ulysses_attention, kernel=kernel, axis_name=axis,
                                    degree=plan.seq)
   elif plan.strategy == "allgather":
-    per_device = functools.partial(ulysses.allgather_attention, kernel=kernel, axis_name="seq")
+    per_device = functools.partial(ulysses.allgather_attention, kernel=kernel, axis_name=axis)
   elif plan.strategy == "ring":
-    per_device = functools.partial(ring.ring_attention, axis_name="seq", ring_size=plan.ring,
+    per_device = functools.partial(ring.ring_attention, axis_name=axis, ring_size=plan.ring,
                                    stride=1, chunks=2)
   else:
-    per_device = functools.partial(_usp, axis_name="seq", ulysses_degree=plan.ulysses,
+    per_device = functools.partial(_usp, axis_name=axis, ulysses_degree=plan.ulysses,
                                    ring_size=plan.ring)
-  return functools.partial(_sharded, per_device=per_device, mesh=mesh)
+  return functools.partial(_sharded, per_device=per_device, mesh=mesh, rules=plan.rules)
 
 
 def _per_device_under_mesh(q, k, v, *, local, sharded, **kwargs):
@@ -166,12 +175,17 @@ def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size):
 
 
 def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, per_device, mesh,
-             seq_axis="seq"):
-  """Runs ``per_device`` in shard_map: batch over data/fsdp/expert, sequence over seq, heads over tensor."""
+             rules, seq_sharded=True):
+  """Runs ``per_device`` in shard_map, q/k/v split as the rules split QKV_NAMES.
+
+  ``seq_sharded=False`` keeps whole sequences on every device (the local kernel on a mesh).
+  """
   B, N = q.shape[:2]
   if positions_BxS is None:
     positions_BxS = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
-  qkv_spec, seq_spec = P(BATCH_AXES, seq_axis, "tensor", None), P(BATCH_AXES, seq_axis)
+  batch, seq, heads, head_dim = sharding.spec(QKV_NAMES, rules)
+  seq = seq if seq_sharded else None
+  qkv_spec, seq_spec = P(batch, seq, heads, head_dim), P(batch, seq)
   has_segments = segment_ids_BxS is not None
 
   def body(q, k, v, positions, *segments):

@@ -1,5 +1,6 @@
 """The one logical->mesh rule table, sharded initialisation, and batch sharding."""
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,6 +34,49 @@ def rules_from_config(parallel_cfg) -> tuple[tuple[str, Any], ...]:
   return extra + RULES
 
 
+def spec(logical: tuple, rules) -> P:
+  """The mesh PartitionSpec of an array whose dimensions have these logical names.
+
+  flax's resolution: rows in order, a row applies only when its mesh axes are still free in this
+  spec, so a mesh axis used earlier is not reused. shard_map specs go through here too.
+  """
+  return nn.logical_to_mesh_axes(tuple(logical), rules)
+
+
+def entry_axes(entry) -> tuple[str, ...]:
+  """One PartitionSpec entry (None, an axis or a tuple of axes) as a tuple of mesh axes."""
+  return () if entry is None else tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def mesh_axes(logical: str, rules) -> tuple[str, ...]:
+  """The mesh axes the rules shard one logical axis over; () when it is replicated."""
+  return entry_axes(spec((logical,), rules)[0])
+
+
+def axes_size(axes, mesh_sizes: dict) -> int:
+  """How many ways these mesh axes (a spec entry or a tuple) split a dimension."""
+  return math.prod(mesh_sizes[a] for a in entry_axes(axes))
+
+
+def axes_name(axes) -> str:
+  """The config keys of these mesh axes for messages: "mesh.tensor", "mesh.data*mesh.fsdp"."""
+  return "*".join(f"mesh.{a}" for a in entry_axes(axes)) or "no mesh axis"
+
+
+def unsplit(mesh_sizes: dict, rules, *logical: str) -> dict:
+  """These mesh sizes with the axes of the given logical names counted as 1.
+
+  What a model built from them sees: e.g. "act_seq" unsplit keeps whole sequences on every device
+  (sampling) although the mesh's sequence axes are larger.
+  """
+  return {**mesh_sizes, **{a: 1 for name in logical for a in mesh_axes(name, rules)}}
+
+
+def data_parallel_size(mesh_sizes: dict, rules) -> int:
+  """How many ways the batch is split: the product of the mesh axes of "act_batch"."""
+  return axes_size(mesh_axes("act_batch", rules), mesh_sizes)
+
+
 def state_shardings(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   """NamedShardings for a pytree of logically-partitioned (boxed) abstract values."""
   specs = nn.get_partition_spec(abstract_boxed)
@@ -44,10 +88,7 @@ def check_divisible(abstract_boxed: Any, shardings: Any, what: str = "parameter"
   leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_boxed))
   for (path, leaf), sharding in zip(leaves, jax.tree.leaves(shardings)):
     for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
-      if axes is None:
-        continue
-      axes = axes if isinstance(axes, tuple) else (axes,)
-      n = int(np.prod([sharding.mesh.shape[a] for a in axes]))
+      axes, n = entry_axes(axes), axes_size(axes, sharding.mesh.shape)
       if size % n:
         raise ValueError(f"{what} {jax.tree_util.keystr(path)} has size {size} in dimension {dim}, "
                          f"which mesh axes {axes} (size {n}) cannot split evenly; change the model "
@@ -78,7 +119,7 @@ def init_sharded(init_boxed: Callable[[], Any], shardings: Any, mesh: Mesh, rule
 
 def logical_sharding(mesh: Mesh, rules, logical: tuple) -> NamedSharding:
   """The NamedSharding of an array whose dimensions have these logical names."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(logical, rules))
+  return NamedSharding(mesh, spec(logical, rules))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
@@ -147,11 +188,10 @@ def bytes_per_device(abstract_boxed: Any, sizes: dict[str, int], rules) -> int:
   specs = jax.tree.leaves(nn.get_partition_spec(abstract_boxed), is_leaf=is_spec)
   leaves = jax.tree.leaves(nn.unbox(abstract_boxed))
   total = 0
-  for leaf, spec in zip(leaves, specs):
-    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
+  for leaf, names in zip(leaves, specs):
+    mesh_spec = spec(tuple(names), rules) if len(names) else P()
     shape = list(leaf.shape)
     for dim, axes in enumerate(mesh_spec):
-      for axis in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
-        shape[dim] = -(-shape[dim] // sizes[axis])
+      shape[dim] = -(-shape[dim] // axes_size(axes, sizes))
     total += int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
   return total

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from nets import dit, megabyte
 from parallel import moe as parallel_moe
+from parallel import sharding
 from train import models
 
 # Forward FLOPs of the selective scan per token, per inner channel and state entry: the count of
@@ -57,6 +58,7 @@ class _Step:
   seq_len: int  # LM tokens per sequence (0 for images)
   mesh_sizes: dict | None  # for MoE dispatch groups (capacity mode)
   executed: bool  # count what the kernels run, not the model convention
+  rules: tuple  # the active rule table, which decides the dispatch groups on a mesh
 
 
 def model_flops_per_step(config, mesh_sizes: dict | None = None) -> StepFlops:
@@ -73,8 +75,9 @@ def model_flops_per_step(config, mesh_sizes: dict | None = None) -> StepFlops:
   lm = config.task == "lm"
   batch = config.train.batch_size
   units = batch * config.train.seq_len if lm else batch
+  rules = sharding.rules_from_config(config.parallel)
   counts = [3 * units * _FORWARD[name](cfg, _Step(batch, config.train.seq_len if lm else 0,
-                                                  mesh_sizes, executed))
+                                                  mesh_sizes, executed, rules))
             for executed in (False, True)]
   return StepFlops(model=counts[0], executed=counts[1], units=units,
                    unit="tokens" if lm else "images")
@@ -111,8 +114,8 @@ def _moe(moe_cfg, width: int, mlp_dim: int, tokens_per_sequence: int, step: _Ste
     if step.mesh_sizes is None:
       batch_groups, seq_groups = moe_cfg.groups or 1, 1
     else:
-      batch_groups = parallel_moe.batch_groups(moe_cfg, step.mesh_sizes)
-      seq_groups = step.mesh_sizes["seq"]
+      layout = parallel_moe.layout(moe_cfg, step.mesh_sizes, None, step.rules)
+      batch_groups, seq_groups = layout.batch_groups, layout.seq_groups
     T = (step.batch // batch_groups) * (tokens_per_sequence // seq_groups)
     slots = moe_cfg.num_experts * moe_cfg.capacity(T) / T
   return 2 * width * moe_cfg.num_experts + (slots + moe_cfg.shared_experts) * expert

@@ -145,7 +145,6 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
   import jax
   import ml_collections
   from parallel import mesh as parallel_mesh
-  from parallel import moe as parallel_moe
   from parallel import sharding
   from train import checkpoint, models, sampling, watchdog
   config, codec, prompts = prepare(workdir, list(texts), list(id_lists),
@@ -154,15 +153,16 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
   sizes = mesh_sizes(workdir, mesh)
   mesh_cfg = ml_collections.ConfigDict({**sizes, "dcn": dict(config.mesh.get("dcn", {}))})
   resolved = parallel_mesh.mesh_shape(mesh_cfg, jax.device_count())  # a sentence if it misfits
-  models.attention_plan(config, {**resolved, "seq": 1}, models.model_config(config))
+  rules = sharding.rules_from_config(config.parallel)
+  models.attention_plan(config, sharding.unsplit(resolved, rules, "act_seq"),
+                        models.model_config(config))
   config.mesh.update(sizes)
   device_mesh = parallel_mesh.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.parallel)
   model, _, _ = models.build(config, device_mesh, seq_parallel=False)
   _, params = checkpoint.restore_params(
       workdir, checkpoint.abstract_params(config, model, device_mesh, rules), step=step)
   rows = [p for p in prompts for _ in range(num_samples)]
-  dp = parallel_moe.data_parallel(resolved)
+  dp = sharding.data_parallel_size(resolved, rules)
   padded = rows + [rows[-1]] * (-len(rows) % dp)  # the rows must split over the batch axes
   rows_sharding = sharding.logical_sharding(device_mesh, rules, ("act_batch", None))
   print(f"odyssey: decoding on mesh {parallel_mesh._fmt(resolved)} of {jax.device_count()} "

@@ -10,7 +10,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from parallel import moe as parallel_moe
+from parallel import sharding
 from train import checkpoint, flops, metrics, watchdog
 from train import program as program_lib
 from train import workdir as workdir_lib
@@ -135,7 +135,7 @@ class _Loop:
     with program.context(), watchdog.phase("sample"):
       produced = program.task.samples(
           program.sample_model, params, step=step, final=final, workdir=self.workdir,
-          data_parallel=parallel_moe.data_parallel(program.plan.mesh),
+          data_parallel=sharding.data_parallel_size(program.plan.mesh, program.rules),
           sharding=program.batch_shardings)
     if produced is not None:
       summary["samples"] = produced

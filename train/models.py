@@ -7,6 +7,7 @@ import pkgutil
 import nets
 from parallel import attention
 from parallel import moe as parallel_moe
+from parallel import sharding
 
 
 def families() -> list[str]:
@@ -57,8 +58,10 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
   already refused mesh.seq > 1 for them.
   """
   if not sequence_parallel(config.model.name):
-    return attention.make_plan(config.parallel, {**mesh_sizes, "seq": 1, "tensor": 1},
-                               num_heads=1, num_kv_heads=1, seq_len=config.train.seq_len)
+    local = sharding.unsplit(mesh_sizes, sharding.rules_from_config(config.parallel), "act_seq",
+                             "act_heads")
+    return attention.make_plan(config.parallel, local, num_heads=1, num_kv_heads=1,
+                               seq_len=config.train.seq_len)
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=getattr(model_cfg, "num_kv_heads", model_cfg.num_heads),
                              seq_len=attention_length(config, model_cfg))
@@ -72,14 +75,13 @@ def build(config, mesh, *, seq_parallel: bool = True):
   """
   module = family(config.model.name)
   cfg = model_config(config)
-  sizes = dict(mesh.shape)
-  if not seq_parallel:
-    sizes["seq"] = 1
+  rules = sharding.rules_from_config(config.parallel)
+  sizes = dict(mesh.shape) if seq_parallel else sharding.unsplit(dict(mesh.shape), rules, "act_seq")
   plan = attention_plan(config, sizes, cfg)
   kwargs = {}
   moe_cfg = getattr(cfg, "moe", None)
   if moe_cfg is not None and moe_cfg.enabled:
     if not seq_parallel:  # sampling batches are padded to the data-parallel size only
       moe_cfg = dataclasses.replace(moe_cfg, groups=0)
-    kwargs["moe_layout"] = parallel_moe.layout(moe_cfg, sizes, mesh)
+    kwargs["moe_layout"] = parallel_moe.layout(moe_cfg, sizes, mesh, rules)
   return module.Model(cfg, attention_fn=attention.attention_fn(plan, mesh), **kwargs), cfg, plan

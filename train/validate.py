@@ -10,6 +10,7 @@ from nets import llama
 from nets import moe as moe_lib
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
+from parallel import sharding
 from train import models, optimizer, tasks
 
 GROUPS = ("task", "model", "data", "mesh", "parallel", "train", "opt", "ckpt", "log", "eval",
@@ -59,10 +60,12 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
     _positive(config[group][field], name)
-  dp = parallel_moe.data_parallel(sizes)
+  rules = sharding.rules_from_config(config.parallel)
+  dp = sharding.data_parallel_size(sizes, rules)
+  dp_name = sharding.axes_name(sharding.mesh_axes("act_batch", rules))
   if t.batch_size % dp:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the data-parallel size "
-                     f"mesh.data*mesh.fsdp*mesh.expert={dp}; use a multiple of {dp}.")
+                     f"{dp_name}={dp}; use a multiple of {dp}.")
   if t.batch_size % (dp * t.grad_accum):
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
                      f"{t.grad_accum} x the data-parallel size {dp}, so the micro-batches would "
@@ -72,17 +75,16 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                      "processes, so the per-process batch would be uneven.")
   if config.eval.batch_size % dp:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                     f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={dp}; use a multiple "
-                     f"of {dp}.")
+                     f"data-parallel size {dp_name}={dp}; use a multiple of {dp}.")
   if sizes["seq"] > 1 and not models.sequence_parallel(config.model.name):
     raise ValueError(f"model '{config.model.name}' has no sequence-parallel implementation; use "
                      f"mesh.seq=1 (got {sizes['seq']}) and put those devices on mesh.data.")
-  _divisible_by_axis(model_cfg, sizes)
+  _divisible_by_axis(model_cfg, sizes, rules)
   moe_cfg = getattr(model_cfg, "moe", None)
   _check_loop(config.parallel.loop, sizes, moe_cfg)
   if moe_cfg is not None or sizes["expert"] > 1:
     width = moe_cfg.hidden(_mlp_width(model_cfg)) if moe_cfg is not None else 0
-    parallel_moe.check(moe_cfg or moe_lib.Config(), sizes, expert_width=width,
+    parallel_moe.check(moe_cfg or moe_lib.Config(), sizes, expert_width=width, rules=rules,
                        batch_sizes={"train.batch_size": t.batch_size,
                                     "eval.batch_size": config.eval.batch_size})
   attention = models.attention_plan(config, sizes, model_cfg)
@@ -154,19 +156,24 @@ def _positive(value, name):
     raise ValueError(f"config.{name}={value!r} must be a positive integer.")
 
 
-def _divisible_by_axis(model_cfg, sizes):
-  """Model widths that the rule table splits over a mesh axis must divide evenly."""
-  checks = [("num_heads", "tensor"), ("num_kv_heads", "tensor"), ("mlp_dim", "tensor"),
-            ("vocab_size", "tensor"), ("d_model", "fsdp")]
-  for field, axis in checks:
+# Model fields and the logical axis of the parameter dimension each one sizes.
+DIVISIBLE_FIELDS = (("num_heads", "heads"), ("num_kv_heads", "kv_heads"), ("mlp_dim", "mlp"),
+                    ("vocab_size", "vocab"), ("d_model", "embed"))
+
+
+def _divisible_by_axis(model_cfg, sizes, rules):
+  """Model widths that the rule table splits over mesh axes must divide evenly."""
+  for field, logical in DIVISIBLE_FIELDS:
+    axes = sharding.mesh_axes(logical, rules)
+    n, name = sharding.axes_size(axes, sizes), sharding.axes_name(axes)
     value = getattr(model_cfg, field, None)
     if isinstance(value, tuple):  # per-stage sizes (MEGABYTE): the first that does not divide
-      value = next((v for v in value if v % sizes[axis]), value[0])
-    if value is not None and value % sizes[axis]:
-      hint = (" (grouped-query KV heads are sharded over tensor like the query heads)"
+      value = next((v for v in value if v % n), value[0])
+    if value is not None and value % n:
+      hint = (f" (grouped-query KV heads are sharded over {'*'.join(axes)} like the query heads)"
               if field == "num_kv_heads" else "")
-      raise ValueError(f"model.{field}={value} is not divisible by mesh.{axis}={sizes[axis]}"
-                       f"{hint}; use a mesh.{axis} that divides {value} or change the model.")
+      raise ValueError(f"model.{field}={value} is not divisible by {name}={n}{hint}; use a "
+                       f"{name} that divides {value} or change the model.")
 
 
 def validate_workdir(config, workdir: str) -> None:

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from configs import lm
-from parallel import moe as parallel_moe
+from parallel import sharding
 from tests.parallel.step_parity import assert_matches_reference, axes, reference, run_one_step
 from train import validate
 
@@ -72,7 +72,8 @@ def test_moe_config_errors_are_one_sentence(change, message):
 
 
 def test_data_parallel_size_includes_expert_axis():
-  assert parallel_moe.data_parallel(dict(data=2, fsdp=2, expert=2, tensor=4, seq=8)) == 8
+  assert sharding.data_parallel_size(dict(data=2, fsdp=2, expert=2, tensor=4, seq=8),
+                                    sharding.RULES) == 8
   c = moe_config(data=2, expert=4)
   c.train.batch_size = 4
   with pytest.raises(ValueError, match=r"mesh.data\*mesh.fsdp\*mesh.expert=8"):

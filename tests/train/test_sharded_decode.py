@@ -17,7 +17,6 @@ import pytest
 from bench.compile import CompileCounter
 from configs import lm
 from parallel import mesh as parallel_mesh
-from parallel import moe as parallel_moe
 from parallel import sharding
 from tests import REPO, module_command, run_module
 from tests.train.test_multihost import FLAGS as TWO_PROCESS_FLAGS
@@ -59,7 +58,7 @@ def _decode(config, sizes: dict):
   init = lambda: state_lib.create(model, tx, task.init_args(example), config.seed)
   _, shardings = sharding.abstract_and_shardings(init, mesh, rules)
   params = sharding.init_sharded(init, shardings, mesh, rules).params
-  dp = parallel_moe.data_parallel(dict(mesh.shape))
+  dp = sharding.data_parallel_size(dict(mesh.shape), rules)
   rows = PROMPTS * (max(dp, len(PROMPTS)) // len(PROMPTS))
   rows_sharding = sharding.logical_sharding(mesh, rules, ("act_batch", "act_seq"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
