@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from nets import registry
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from train import data, models, tasks
@@ -328,7 +329,7 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None):
 def model_param_shapes(config):
   """ShapeDtypeStructs of the parameters ``config.model`` defines (no mesh; nothing runs)."""
   import flax.linen as nn
-  model = models.family(config.model.name).Model(models.model_config(config))
+  model = registry.get(config.model.name).Model(models.model_config(config))
   task = tasks.get(config)
   example = (task.model_example_batch(1, model.cfg) if hasattr(task, "model_example_batch")
              else task.example_batch(1))
