@@ -92,6 +92,6 @@ class Model(nn.Module):
 FAMILY = Family(
     name="llama", Config=Config, Model=Model, task="lm", num_params=num_params, flops=flops,
     attention_length=lambda cfg, seq_len: seq_len, moe=lambda cfg: cfg.moe,
-    init_cache=lambda cfg, batch, max_len: init_cache(cfg, batch, max_len), converter="llama",
+    init_cache=init_cache, converter="llama",
     test_config=dict(vocab_size=256, num_layers=2, d_model=256, num_heads=4, num_kv_heads=2,
                      mlp_dim=512, max_len=64))

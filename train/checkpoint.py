@@ -331,8 +331,7 @@ def model_param_shapes(config):
   import flax.linen as nn
   model = registry.get(config.model.name).Model(models.model_config(config))
   task = tasks.get(config)
-  example = (task.model_example_batch(1, model.cfg) if hasattr(task, "model_example_batch")
-             else task.example_batch(1))
+  example = task.model_example_batch(1, model.cfg)
   args = task.init_args(jax.tree.map(jnp.asarray, example))
   return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args)["params"]))
 
@@ -417,8 +416,7 @@ def abstract_params(config, model, mesh, rules):
   """ShapeDtypeStructs (with shardings over ``mesh``) of ``model``'s parameters; nothing runs."""
   task = tasks.get(config)
   n = mesh.devices.size
-  example = (task.model_example_batch(n, model.cfg) if hasattr(task, "model_example_batch")
-             else task.example_batch(n))
+  example = task.model_example_batch(n, model.cfg)
   init = lambda: model.init(jax.random.PRNGKey(0), *task.init_args(
       jax.tree.map(jnp.asarray, example)))["params"]
   abstract, _ = sharding.abstract_and_shardings(init, mesh, rules)

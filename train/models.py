@@ -13,10 +13,15 @@ def model_config(config):
   return family.Config.from_config(config.model, remat=config.train.remat)
 
 
+def _seq_len(config) -> int:
+  """LM tokens per sequence; image configs have no train.seq_len."""
+  return config.train.seq_len if config.task == "lm" else 0
+
+
 def attention_length(config, model_cfg) -> int:
   """The (shortest) sequence attention sees: what mesh.seq must split evenly."""
   family = registry.get(config.model.name)
-  return family.attention_length(model_cfg, config.train.seq_len)
+  return family.attention_length(model_cfg, _seq_len(config))
 
 
 def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
@@ -27,7 +32,7 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
   """
   if not registry.get(config.model.name).sequence_parallel:
     return attention.make_plan(config.parallel, {**mesh_sizes, "seq": 1, "tensor": 1},
-                               num_heads=1, num_kv_heads=1, seq_len=config.train.seq_len)
+                               num_heads=1, num_kv_heads=1, seq_len=_seq_len(config))
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=model_cfg.num_kv_heads,
                              seq_len=attention_length(config, model_cfg))

@@ -84,6 +84,11 @@ class LMTask:
     shape = (batch_size, self.config.train.seq_len)
     return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
 
+  def model_example_batch(self, batch_size: int, model_cfg) -> dict:
+    """Zeros shaped as the model's input: the LM's is the data's."""
+    del model_cfg
+    return self.example_batch(batch_size)
+
   def init_args(self, batch):
     return (batch["inputs"],)
 
