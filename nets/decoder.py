@@ -26,7 +26,8 @@ from nets.moe import Config as MoEConfig
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Hyperparameters; built only by ``Config.from_config(config.model)``."""
+  """Hyperparameters of the llama family (nets/llama.py) and of MEGABYTE's Transformer stages;
+  built only by ``Config.from_config(config.model)`` (or megabyte.stage_config)."""
   vocab_size: int
   num_layers: int
   d_model: int

@@ -33,7 +33,8 @@ SCAN_FLOPS = 9
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Hyperparameters; built only by ``Config.from_config(config.model)``."""
+  """Hyperparameters of the mamba family (nets/mamba.py) and of MEGABYTE's Mamba stages; built
+  only by ``Config.from_config(config.model)`` (or megabyte.stage_config)."""
   vocab_size: int
   num_layers: int
   d_model: int
