@@ -13,5 +13,10 @@ Logical axis names (mapped to mesh axes only by parallel/sharding.py):
   activations: "act_batch", "act_seq", "act_embed", "act_heads", "act_kv_heads", "act_mlp",
                "act_vocab"
 A family module exposes a frozen ``Config`` dataclass (``Config.from_config(config.model)`` is the
-one place it is built) and a linen ``Model``.
+one place it is built), a linen ``Model``, and at its bottom ``FAMILY``, its nets.registry.Family
+(parameter count, FLOPs, capabilities, decode cache). Shared modules, which families import
+instead of each other: layers.py (projections, embeddings, norms, rotary, attention/MLP blocks,
+patches, remat policies, the scanned stack, config helpers), decoder.py (the Llama block and KV
+cache), ssm.py (the Mamba block), conditioning.py (DiT's embedders and adaLN-Zero blocks),
+moe.py, attention.py and counting.py (shared FLOP formula pieces).
 """

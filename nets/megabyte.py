@@ -1,7 +1,7 @@
 """MEGABYTE (Yu et al., "MEGABYTE: Predicting Million-byte Sequences with Multiscale Transformers",
 2023) generalised to an N-stage hierarchy as in MBLM (Egli et al., "Multiscale Byte Language
-Models", 2025): each stage is a stack of Transformer (nets.llama.Block) or Mamba
-(nets.mamba.Block) blocks chosen by ``blocks``.
+Models", 2025): each stage is a stack of Transformer (nets/decoder.py) or Mamba (nets/ssm.py)
+blocks chosen by ``blocks``.
 
 ``patch_sizes=(P1, ..., Pn-1)`` gives n stages. Stage 0 (global) runs over tokens of
 G0 = P1·…·Pn-1 bytes; stage s > 0 runs, separately for every stage-(s-1) token, over its Ps
@@ -31,15 +31,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nets import attention, llama, mamba
-from nets.llama import Embed, Proj, RMSNorm
+from nets import attention, counting, decoder, ssm
+from nets.layers import (Embed, Proj, RMSNorm, build_config, check_positive_floats,
+                         check_remat_and_dtypes, scanned)
+from nets.registry import Family
 
 BLOCKS = ("transformer", "mamba")
 _PER_STAGE = ("d_model", "num_layers", "num_heads", "mlp_dim")
-
-
-# Sequence parallelism (mesh.seq > 1) is not implemented for this family: its stages attend within patches, not across a seq-sharded sequence.
-SEQUENCE_PARALLEL = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,18 +56,18 @@ class Config:
   blocks: tuple[str, ...] = ()  # one of BLOCKS per stage; () means all "transformer"
   max_len: int = 2048
   rope_theta: float = 10000.0
-  d_state: int = 16  # Mamba stages: see nets/mamba.py
+  d_state: int = 16  # Mamba stages: see nets/ssm.py
   d_conv: int = 4
   expand: int = 2
   dt_rank: int = 0
   scan_chunk: int = 0
-  scan: str = "auto"  # Mamba stages: see nets.mamba.Config.scan
+  scan: str = "auto"  # Mamba stages: see nets.ssm.Config.scan
   norm_eps: float = 1e-5
   tie_embeddings: bool = False  # the head reuses the last stage's byte table
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat: str = "none"  # one of nets.llama.REMAT_POLICIES
+  remat: str = "none"  # one of nets.layers.REMAT_POLICIES
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
@@ -77,7 +75,7 @@ class Config:
     # ConfigDict/CLI lists become tuples: the dataclass must be hashable.
     tuples = {name: tuple(value) for name in ("patch_sizes", "blocks") + _PER_STAGE
               if isinstance(value := {**model_cfg, **overrides}.get(name), (list, tuple))}
-    return llama.build_config(cls, "megabyte", {}, model_cfg, {**overrides, **tuples})
+    return build_config(cls, "megabyte", {}, model_cfg, {**overrides, **tuples})
 
   def validate(self):
     """Raises ValueError with one sentence for inconsistent hyperparameters."""
@@ -103,7 +101,8 @@ class Config:
       if kind == "transformer" and (d % h or (d // h) % 2):
         raise ValueError(f"model.d_model[{s}]={d} must be model.num_heads[{s}]={h} times an even "
                          "head size (rotary embeddings).")
-    llama.check_remat_and_dtypes(self)
+    check_remat_and_dtypes(self)
+    check_positive_floats(self, ("rope_theta", "norm_eps"))
     for s in range(n):
       stage_config(self, s).validate()
 
@@ -125,17 +124,23 @@ class Config:
     """Input lengths must be multiples of this (the bytes in one global token)."""
     return self.group_sizes[0]
 
+  # The names every family's Config shares (nets/registry.py), of the global stage; num_heads
+  # (a config.model field) stays per stage.
+  width = property(lambda self: self.d_model[0])
+  depth = property(lambda self: self.num_layers[0])
+  mlp_width = property(lambda self: self.mlp_dim[0])
+
 
 def stage_config(cfg: Config, s: int):
-  """The nets.llama or nets.mamba Config of stage ``s``'s blocks."""
+  """The nets.decoder or nets.ssm Config of stage ``s``'s blocks."""
   common = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers[s], d_model=cfg.d_model[s],
                 max_len=cfg.max_len, norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings,
                 init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 remat=cfg.remat)
   if cfg.stage_blocks[s] == "mamba":
-    return mamba.Config(**common, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+    return ssm.Config(**common, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
                         dt_rank=cfg.dt_rank, scan_chunk=cfg.scan_chunk, scan=cfg.scan)
-  return llama.Config(**common, num_heads=cfg.num_heads[s], num_kv_heads=cfg.num_heads[s],
+  return decoder.Config(**common, num_heads=cfg.num_heads[s], num_kv_heads=cfg.num_heads[s],
                       mlp_dim=cfg.mlp_dim[s], rope_theta=cfg.rope_theta)
 
 
@@ -146,14 +151,40 @@ def num_params(cfg: Config) -> int:
   for s in range(n):
     d, sub = cfg.d_model[s], stage_config(cfg, s)
     if cfg.stage_blocks[s] == "mamba":
-      per_layer = mamba.block_params(sub)
-    else:  # llama.Block with num_kv_heads = num_heads, so heads × head size = d
+      per_layer = ssm.block_params(sub)
+    else:  # decoder.Block with num_kv_heads = num_heads, so heads × head size = d
       per_layer = 2 * d + 4 * d * d + 3 * d * cfg.mlp_dim[s]
     total += V * Eb + cfg.num_layers[s] * per_layer + d  # byte table, blocks, output norm
     if s < n - 1:
       total += cfg.group_sizes[s] * Eb * d + d  # patch projection, start token
     if s > 0:
       total += cfg.d_model[s - 1] * cfg.patch_sizes[s - 1] * d  # from the parent token
+  return total
+
+
+def flops(cfg: Config, step: counting.Step) -> float:
+  """Forward FLOPs per byte: Σ_s (per stage-s token) / G_s + 2·E_b·V (the head).
+
+  Stage s runs tokens of G_s bytes in sequences of P_s (P_0 = seq_len / G_0, then the patch
+  sizes); per stage-s token: 2·G_s·E_b·d_s (patch projection of the concatenated byte
+  embeddings; not the last stage) + 2·d_{s-1}·d_s (the parent's output projected to its P_s
+  children; not the global stage) + L_s blocks: decoder blocks (heads × head_dim = d_s, MLP
+  3·2·d_s·M_s) with causal attention over P_s, or Mamba blocks.
+  """
+  n, Eb = cfg.num_stages, cfg.d_model[-1]
+  lengths = (step.seq_len // cfg.group_sizes[0],) + cfg.patch_sizes
+  total = 2 * Eb * cfg.vocab_size
+  for s in range(n):
+    sub, d, G = stage_config(cfg, s), cfg.d_model[s], cfg.group_sizes[s]
+    per_token = 2 * G * Eb * d if s < n - 1 else 0
+    if s > 0:
+      per_token += 2 * cfg.d_model[s - 1] * d
+    if cfg.stage_blocks[s] == "mamba":
+      per_token += sub.num_layers * ssm.block_flops(sub)
+    else:
+      per_token += sub.num_layers * (decoder.layer_flops(sub, lengths[s], step)
+                                     + 3 * 2 * d * sub.mlp_dim)
+    total += per_token / G
   return total
 
 
@@ -200,11 +231,11 @@ class Model(nn.Module):
                                  name=f"from_parent_{s}")(parent_NxD)
       x_NxPxD = nn.with_logical_constraint(x_NxPxD, ("act_batch", "act_seq", "act_embed"))
       if cfg.stage_blocks[s] == "mamba":
-        stack = mamba.scanned(mamba.Block, sub, sub.num_layers, (nn.broadcast, nn.broadcast))
+        stack = scanned(ssm.Block, sub.remat, sub.num_layers)
         x_NxPxD, _ = stack(sub, name=f"stage_{s}")(x_NxPxD, None, None)
       else:
         positions_NxP = jnp.broadcast_to(jnp.arange(P), x_NxPxD.shape[:2])
-        stack = mamba.scanned(llama.Block, sub, sub.num_layers, (nn.broadcast, nn.broadcast))
+        stack = scanned(decoder.Block, sub.remat, sub.num_layers)
         x_NxPxD, _ = stack(sub, self.attention_fn, name=f"stage_{s}")(x_NxPxD, positions_NxP,
                                                                        None)
       parent_NxPxD = RMSNorm(sub, name=f"norm_{s}")(x_NxPxD)
@@ -217,3 +248,13 @@ class Model(nn.Module):
                           out_dtype=jnp.float32, name="lm_head")(x_BxSxE)
     logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
     return logits_BxSxV.astype(jnp.float32)
+
+
+FAMILY = Family(
+    name="megabyte", Config=Config, Model=Model, task="lm",
+    num_params=lambda cfg, active=False: num_params(cfg), flops=flops,
+    attention_length=lambda cfg, seq_len: seq_len,
+    # Its stages attend within patches, not across a seq-sharded sequence.
+    sequence_parallel=False, length_multiple=lambda cfg: cfg.length_multiple,
+    test_config=dict(vocab_size=256, patch_sizes=(4,), d_model=(256, 256), num_layers=(1, 1),
+                     num_heads=(4, 4), mlp_dim=(512, 512), max_len=64))

@@ -51,7 +51,7 @@ ROUTERS = ("softmax", "sigmoid")
 ACTIVATIONS = ("swiglu", "gelu")
 BALANCE = ("global", "micro")
 # The expert matmul outputs are batched over experts (or are ragged_dot), which the dot-based
-# remat policies skip; this name lets train.remat='selective' keep them (nets.llama.remat).
+# remat policies skip; this name lets train.remat='selective' keep them (nets.layers.remat).
 EXPERT_MATMUL = "moe_expert_matmul"
 
 

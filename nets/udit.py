@@ -15,7 +15,7 @@ sub-maps, attends within each (cost ≈ 1/4 of full attention) and merges back
 sees [B', S', heads, head_dim] with the sequence on axis 1 (S' = h·w/4).
 
 Approximations of the official code (YuchuanTian/U-DiT), chosen so tokens stay [B, S, E] and the
-blocks are nets/dit.py's:
+blocks are DiT's (nets/conditioning.py):
 - stem: linear patch embedding (patch_size 1 = per latent pixel, the paper's resolution) plus
   fixed 2-D sin-cos positions; the official stem is a 3×3 conv and positions are RoPE-2D in
   attention.
@@ -28,6 +28,7 @@ blocks are nets/dit.py's:
 - labels are dropped once per example and shared by every width's label embedder (the official
   code draws independently per level).
 So parameter counts and FLOPs are close to, not equal to, the paper's.
+The embedders, blocks and final layer are nets/conditioning.py's (as DiT's).
 """
 
 import dataclasses
@@ -37,8 +38,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nets import attention, dit
-from nets.vit import Dense, build_config, check_basics, patchify, scanned, sincos_2d
+from nets import attention, counting
+from nets.conditioning import (Block, FinalLayer, LabelEmbedder, TimestepEmbedder, block_flops,
+                               check_input, drop_labels, embedder_flops, embedder_params)
+from nets.layers import Dense, build_config, check_basics, patchify, scanned, sincos_2d, unpatchify
+from nets.registry import Family
 
 # hidden_size C, num_heads from the official U_DiT_S/B/L (mlp_ratio 2, depths (2, 5, 8, 5, 2)).
 VARIANTS = {name: dict(hidden_size=c, num_heads=h, depths=(2, 5, 8, 5, 2), patch_size=1)
@@ -66,7 +70,7 @@ class Config:
   learn_sigma: bool = True
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat: str = "none"  # one of nets.llama.REMAT_POLICIES
+  remat: str = "none"  # one of nets.layers.REMAT_POLICIES
 
   def __post_init__(self):
     object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))  # lists from configs
@@ -108,6 +112,20 @@ class Config:
   def null_label(self) -> int:
     return self.num_classes
 
+  @property
+  def max_len(self) -> int:
+    """Tokens of the first stage: the patches."""
+    return (self.input_size // self.patch_size) ** 2
+
+  # The names every family's Config shares (nets/registry.py); widths are the first stage's.
+  width = property(lambda self: self.hidden_size)
+  depth = property(lambda self: sum(self.depths))
+  num_kv_heads = property(lambda self: self.num_heads)
+  mlp_width = property(lambda self: int(self.hidden_size * self.mlp_ratio))
+  image_size = property(lambda self: self.input_size)
+  channels = property(lambda self: self.in_channels)
+  mlp_norm_eps = property(lambda self: 1e-6)  # the adaLN blocks' MLP norm: the reference's
+
   def stage_levels(self) -> list[int]:
     """Width level j (width C·2^j) of each stage, in order: encoder, middle, decoder."""
     L = self.num_levels
@@ -126,15 +144,45 @@ def num_params(cfg: Config) -> int:
     return (4 * W * W + 4 * W) + (2 * W * M + M + W) + (6 * W * W + 6 * W)
 
   n = P * cfg.in_channels * C + C  # patch embedding
-  rows = cfg.num_classes + (cfg.class_dropout_prob > 0)
-  n += sum(dit.FREQUENCY_EMBEDDING_SIZE * W + W + W * W + W + rows * W
-           for W in (C * 2 ** j for j in range(L + 1)))  # t and y embedders per width
+  n += sum(embedder_params(cfg, C * 2 ** j) for j in range(L + 1))  # t and y embedders per width
   n += sum(2 * d * block(W) for d, W in zip(cfg.depths, cfg.stage_widths()))
   for i in range(L):
     W, W_in, W_out = C * 2 ** i, C * 2 ** (i + 1), C * 2 ** max(i, 1)
     n += 4 * W * 2 * W + W_in * 2 * W_in + (2 * W * W_out + W_out)  # down, up, skip merge
   W = cfg.stage_widths()[-1]
   return n + (2 * W * W + 2 * W) + (W * P * cfg.out_channels + P * cfg.out_channels)
+
+
+def flops(cfg: Config, step: counting.Step) -> float:
+  """Forward FLOPs per image: stem 2·p²·C_in·C·g² + one timestep MLP per width C·2^j (j = 0..L)
+  + stages of 2·depth adaLN-Zero blocks (``conditioning.block_flops``; MLP 2·2·W·M, attention
+  within 2×2 sub-maps: S/4 keys) + downsampling 2·4W·2W per merged token + upsampling
+  2·W_in·2W_in per token of the coarser grid + skip merge 2·(W_in/2 + W_skip)·W_out per token
+  + final layer on width 2C.
+
+  Grid side g = input_size / patch_size; encoder stage i runs on grid g/2^i at width C·2^i, the
+  middle stage on g/2^L at C·2^L, decoder stage i on g/2^i at C·2^max(i, 1).
+  """
+  C, L, p = cfg.hidden_size, cfg.num_levels, cfg.patch_size
+  g = cfg.input_size // p
+
+  def stage(depth, grid, W):
+    S = grid * grid
+    return 2 * depth * block_flops(W, S, S // 4, 2 * 2 * W * int(W * cfg.mlp_ratio), step)
+
+  total = 2 * p * p * cfg.in_channels * C * g * g
+  total += sum(embedder_flops(C * 2 ** j) for j in range(L + 1))
+  for i in range(L):
+    W = C * 2 ** i
+    total += stage(cfg.depths[i], g >> i, W) + (g >> (i + 1)) ** 2 * 2 * 4 * W * 2 * W
+  total += stage(cfg.depths[L], g >> L, C * 2 ** L)
+  for i in reversed(range(L)):
+    W_in, W_out = C * 2 ** (i + 1), C * 2 ** max(i, 1)
+    total += (g >> (i + 1)) ** 2 * 2 * W_in * 2 * W_in
+    total += (g >> i) ** 2 * 2 * (W_in // 2 + C * 2 ** i) * W_out
+    total += stage(cfg.depths[2 * L - i], g >> i, W_out)
+  W = cfg.stage_widths()[-1]
+  return total + 2 * W * 2 * W + 2 * W * p * p * cfg.out_channels * g * g
 
 
 def submap_attention(attention_fn, grid_hw: tuple[int, int], q_BxSxHxD, k_BxSxKxD, v_BxSxKxD,
@@ -180,25 +228,25 @@ class Model(nn.Module):
   def stage(self, name: str, depth: int, grid: int, x_BxSxE, c_BxE):
     """``depth`` paper blocks (2·depth adaLN-Zero blocks) with sub-map attention on the grid."""
     attn = functools.partial(submap_attention, self.attention_fn, (grid, grid))
-    blocks = scanned(dit.Block, self.cfg, 2 * depth, num_broadcast=1)
+    blocks = scanned(Block, self.cfg.remat, 2 * depth)
     x_BxSxE, _ = blocks(self.cfg, attn, name=name)(x_BxSxE, c_BxE)
     return x_BxSxE
 
   @nn.compact
   def __call__(self, x_BxHxWxC, t_B, y_B, train: bool = False, force_drop_ids_B=None):
     cfg = self.cfg
-    dit.check_input(cfg, x_BxHxWxC)
+    check_input(cfg, x_BxHxWxC)
     C, L, p = cfg.hidden_size, cfg.num_levels, cfg.patch_size
     g = cfg.input_size // p
     x_BxSxE = Dense(cfg, (C,), ("patch", "embed"), name="x_embedder")(patchify(x_BxHxWxC, p))
     x_BxSxE = x_BxSxE + sincos_2d(g, g, C).astype(cfg.dtype)
 
-    y_B = dit.drop_labels(self, cfg, y_B, train, force_drop_ids_B)
+    y_B = drop_labels(self, cfg, y_B, train, force_drop_ids_B)
     c = []  # c[j]: conditioning of width C·2^j
     for j in range(L + 1):
       W = C * 2 ** j
-      c_BxW = (dit.TimestepEmbedder(cfg, W, name=f"t_embedder{j}")(t_B)
-               + dit.LabelEmbedder(cfg, W, name=f"y_embedder{j}")(y_B))
+      c_BxW = (TimestepEmbedder(cfg, W, name=f"t_embedder{j}")(t_B)
+               + LabelEmbedder(cfg, W, name=f"y_embedder{j}")(y_B))
       c.append(nn.with_logical_constraint(c_BxW, ("act_batch", "act_embed")))
 
     skips = []
@@ -219,6 +267,15 @@ class Model(nn.Module):
       x_BxSxE = nn.with_logical_constraint(x_BxSxE, _ACT)
       x_BxSxE = self.stage(f"dec{i}", cfg.depths[2 * L - i], g >> i, x_BxSxE, c[max(i, 1)])
 
-    out_BxSxP = dit.FinalLayer(cfg, p * p * cfg.out_channels, name="final_layer")(x_BxSxE, c[1])
+    out_BxSxP = FinalLayer(cfg, p * p * cfg.out_channels, name="final_layer")(x_BxSxE, c[1])
     out_BxSxP = nn.with_logical_constraint(out_BxSxP, ("act_batch", "act_seq", None))
-    return dit.unpatchify(out_BxSxP, g, g, p).astype(jnp.float32)
+    return unpatchify(out_BxSxP, g, g, p).astype(jnp.float32)
+
+
+FAMILY = Family(
+    name="udit", Config=Config, Model=Model, task="diffusion",
+    num_params=lambda cfg, active=False: num_params(cfg), flops=flops,
+    # The deepest level, attention within 2x2 sub-maps.
+    attention_length=lambda cfg, seq_len: cfg.max_len // 4 ** (cfg.num_levels + 1),
+    test_config=dict(variant="digits", hidden_size=128, num_heads=2, depths=(1, 1, 1),
+                     input_size=8, in_channels=4))

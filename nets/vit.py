@@ -1,23 +1,22 @@
-"""Vision Transformer classifier (ViT / DeiT sizes) and the pieces the diffusion transformers share.
+"""Vision Transformer classifier (ViT / DeiT sizes).
 
 Images [B, H, W, C] are cut into p×p patches that are flattened and projected (no convolution), so
 tokens flow as [B, S, E] with the sequence on axis 1, like the LM's, and the same attention
 functions apply (nets/attention.py, or the sequence-parallel ones from parallel/). Pre-norm blocks:
 x + MHA(LN(x)); x + MLP(LN(x)); then a final LN, class-token or mean pooling, and a linear head.
-nets/dit.py and nets/udit.py import Dense, LayerNorm, Attention, Mlp, patchify, sincos_2d,
-scanned and the config helpers from here.
+The layers (Dense, LayerNorm, Attention, Mlp, patchify, sincos_2d) are nets/layers.py's.
 """
 
 import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from nets import attention, llama
-from nets.llama import build_config
+from nets import attention, counting
+from nets.layers import (Attention, Dense, LayerNorm, Mlp, build_config, check_basics,
+                         check_positive_floats, patchify, scanned, sincos_2d)
+from nets.registry import Family
 
 # width, depth, mlp_dim, heads: ViT paper Table 1 (B, L, H); Ti and S from DeiT.
 _SIZES = {"Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6), "B": (768, 12, 3072, 12),
@@ -31,15 +30,6 @@ VARIANTS["digits"] = dict(width=64, depth=4, mlp_dim=128, num_heads=4, patch_siz
 POSEMBS = ("learn", "sincos2d")
 POOLS = ("token", "gap")
 _ACT = ("act_batch", "act_seq", "act_embed")
-
-
-def check_basics(cfg, family: str, size_fields: tuple[str, ...]):
-  """Shared validation: sizes set and positive, remat policy and dtype names known."""
-  for name in size_fields:
-    if getattr(cfg, name) <= 0:
-      raise ValueError(f"model.{name}={getattr(cfg, name)} must be positive; set model.variant "
-                       f"(see nets/{family}.py VARIANTS) or model.{name}.")
-  llama.check_remat_and_dtypes(cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +55,7 @@ class Config:
   gelu_approximate: bool = True
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat: str = "none"  # one of nets.llama.REMAT_POLICIES
+  remat: str = "none"  # one of nets.layers.REMAT_POLICIES
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
@@ -90,10 +80,20 @@ class Config:
       raise ValueError(f"model.pool={self.pool!r} is not one of {POOLS}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"model.dropout={self.dropout} must be in [0, 1).")
+    check_positive_floats(self, ("norm_eps",))
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def max_len(self) -> int:
+    """Tokens the blocks see: the patches, and the class token with pool="token"."""
+    return self.num_patches + (self.pool == "token")
+
+  # The names every family's Config shares (nets/registry.py).
+  num_kv_heads = property(lambda self: self.num_heads)
+  mlp_width = property(lambda self: self.mlp_dim)
 
 
 def num_params(cfg: Config) -> int:
@@ -106,143 +106,18 @@ def num_params(cfg: Config) -> int:
   return n + cfg.depth * per_layer + 2 * E + E * K + K
 
 
-# --- Shared pieces (also used by nets/dit.py and nets/udit.py) ---------------------------------
+def flops(cfg: Config, step: counting.Step) -> float:
+  """Forward FLOPs per image: 2·p²·C·E·S_p (patch embedding) + L·S·(2·4·E² + 2·2·E·M + attention)
+  + 2·E·K.
 
-def patchify(x_BxHxWxC, p: int):
-  """[B, H, W, C] -> [B, (H/p)·(W/p), p·p·C], raster order; a patch flattens as (row, col, C)."""
-  B, H, W, C = x_BxHxWxC.shape
-  x = x_BxHxWxC.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
-  """Fixed 2-D sin-cos positions [h·w, dim] in raster order, laid out as MAE/DiT's
-  get_2d_sincos_pos_embed: first half encodes the column, second the row; each half is
-  [sin, cos] of pos·10000^(-k/(dim/4))."""
-  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
-  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                           indexing="ij")
-  def one_axis(pos):
-    out = pos.reshape(-1)[:, None] * omega[None]
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
-
-
-def scanned(block: type[nn.Module], cfg, length: int, num_broadcast: int):
-  """``length`` copies of ``block`` stacked by nn.scan (parameters on a leading "layers" axis).
-
-  The block is called as ``block(carry, *broadcast_args) -> (carry, None)``.
+  S_p patches; S = S_p (+1 with a class token) tokens; non-causal attention over S keys, width E.
   """
-  return nn.scan(llama.remat(block, cfg.remat), variable_axes={"params": 0, "aux": 0},
-                 split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * num_broadcast, length=length,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+  E, S_p, S = cfg.width, cfg.num_patches, cfg.max_len
+  layer = S * (2 * 4 * E * E + 2 * 2 * E * cfg.mlp_dim
+               + counting.attention(S, E, False, step.executed))
+  return (2 * cfg.patch_size ** 2 * cfg.channels * E * S_p + cfg.depth * layer
+          + 2 * E * cfg.num_classes)
 
-
-class Dense(nn.Module):
-  """x · kernel + bias, contracting the last ``n_in`` dims of x with kernel in_dims + out_shape.
-
-  nets.llama.Proj without a bias and with one fixed initializer does not fit the vision
-  references; like Proj, it avoids nn.DenseGeneral (which breaks for N-D kernels under a mesh).
-  ``kernel_init=None`` is Xavier-uniform over the flattened (in, out) dims, as torch's
-  xavier_uniform_ on the equivalent nn.Linear. The bias is zero-initialised and takes the output
-  dims' logical names. ``out_dtype`` float32 (the output heads) accumulates and returns the
-  compute-dtype product in float32, so what the loss sees is not rounded to bf16.
-  """
-  cfg: Any  # reads dtype and param_dtype
-  out_shape: tuple[int, ...]
-  axes: tuple[str | None, ...]
-  n_in: int = 1
-  use_bias: bool = True
-  kernel_init: Callable[..., Any] | None = None
-  out_dtype: Any = None  # None: the compute dtype
-
-  @nn.compact
-  def __call__(self, x):
-    in_shape = x.shape[x.ndim - self.n_in:]
-    n_out = len(self.out_shape)
-    init = self.kernel_init or nn.initializers.variance_scaling(
-        1.0, "fan_avg", "uniform", in_axis=tuple(range(self.n_in)),
-        out_axis=tuple(range(self.n_in, self.n_in + n_out)))
-    param_dtype, dtype = jnp.dtype(self.cfg.param_dtype), jnp.dtype(self.cfg.dtype)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
-                        in_shape + tuple(self.out_shape), param_dtype)
-    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in,
-                      preferred_element_type=self.out_dtype)
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                             self.axes[self.n_in:]),
-                        tuple(self.out_shape), param_dtype)
-      y = y + bias.astype(y.dtype)
-    return y
-
-
-class LayerNorm(nn.Module):
-  """LayerNorm over the last axis in float32; ``affine=False`` is DiT's parameter-free norm."""
-  cfg: Any  # reads dtype, param_dtype
-  affine: bool = True
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x):
-    h = x.astype(jnp.float32)
-    mean = jnp.mean(h, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-    if self.affine:
-      E, param_dtype = x.shape[-1], jnp.dtype(self.cfg.param_dtype)
-      scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                         (E,), param_dtype)
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                        (E,), param_dtype)
-      h = h * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return h.astype(self.cfg.dtype)
-
-
-class Attention(nn.Module):
-  """Bidirectional multi-head self-attention; fused biased qkv projection as timm / DiT.
-
-  The width E comes from the input; head_dim = E // num_heads.
-  """
-  cfg: Any
-  attention_fn: Callable[..., Any]
-  num_heads: int
-
-  @nn.compact
-  def __call__(self, x_BxSxE):
-    E, H = x_BxSxE.shape[-1], self.num_heads
-    D = E // H
-    qkv_BxSx3xHxD = Dense(self.cfg, (3, H, D), ("embed", None, "heads", "head_dim"),
-                          name="qkv")(x_BxSxE)
-    q_BxSxHxD = nn.with_logical_constraint(qkv_BxSx3xHxD[:, :, 0],
-                                           ("act_batch", "act_seq", "act_heads", "head_dim"))
-    k_BxSxHxD = nn.with_logical_constraint(qkv_BxSx3xHxD[:, :, 1],
-                                           ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
-    v_BxSxHxD = nn.with_logical_constraint(qkv_BxSx3xHxD[:, :, 2],
-                                           ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
-    o_BxSxHxD = self.attention_fn(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, causal=False,
-                                  positions_BxS=None, segment_ids_BxS=None)
-    o_BxSxHxD = nn.with_logical_constraint(o_BxSxHxD,
-                                           ("act_batch", "act_seq", "act_heads", "head_dim"))
-    return Dense(self.cfg, (E,), ("heads", "head_dim", "embed"), n_in=2, name="out")(o_BxSxHxD)
-
-
-class Mlp(nn.Module):
-  """Linear -> GELU (tanh-approximate unless ``approximate=False``) -> Linear, back to the input
-  width."""
-  cfg: Any
-  hidden: int
-  approximate: bool = True
-
-  @nn.compact
-  def __call__(self, x_BxSxE):
-    h_BxSxM = Dense(self.cfg, (self.hidden,), ("embed", "mlp"), name="fc1")(x_BxSxE)
-    h_BxSxM = nn.with_logical_constraint(nn.gelu(h_BxSxM, approximate=self.approximate),
-                                         ("act_batch", "act_seq", "act_mlp"))
-    return Dense(self.cfg, (x_BxSxE.shape[-1],), ("mlp", "embed"), name="fc2")(h_BxSxM)
-
-
-# --- ViT ---------------------------------------------------------------------------------------
 
 class Block(nn.Module):
   """Pre-norm encoder block: x + MHA(LN(x)); x + MLP(LN(x))."""
@@ -291,7 +166,7 @@ class Model(nn.Module):
       cls_Bx1xE = jnp.broadcast_to(cls_E.astype(cfg.dtype), (B, 1, E))
       x_BxSxE = jnp.concatenate([cls_Bx1xE, x_BxSxE], axis=1)  # S becomes 1 + S
 
-    blocks = scanned(Block, cfg, cfg.depth, num_broadcast=0)
+    blocks = scanned(Block, cfg.remat, cfg.depth)
     x_BxSxE, _ = blocks(cfg, self.attention_fn, train, name="layers")(x_BxSxE)
     x_BxSxE = LayerNorm(cfg, eps=cfg.norm_eps, name="norm")(x_BxSxE)
     if cfg.pool == "token":
@@ -305,3 +180,11 @@ class Model(nn.Module):
                        name="head")(pooled_BxE)
     logits_BxK = nn.with_logical_constraint(logits_BxK, ("act_batch", None))
     return logits_BxK.astype(jnp.float32)
+
+
+FAMILY = Family(
+    name="vit", Config=Config, Model=Model, task="classification",
+    num_params=lambda cfg, active=False: num_params(cfg), flops=flops,
+    attention_length=lambda cfg, seq_len: cfg.max_len, converter="vit",
+    test_config=dict(variant="digits", width=256, mlp_dim=512, depth=2, num_heads=4,
+                     image_size=16, patch_size=2, channels=3))

@@ -1,4 +1,4 @@
-"""Process-level device setup that must happen before JAX initialises its backends."""
+"""Process-level device setup (before JAX initialises its backends) and device capability checks."""
 
 import os
 import re
@@ -25,3 +25,16 @@ def set_cpu_devices(count: int | None) -> None:
                        f"--xla_force_host_platform_device_count={found.group(1)}; drop one of them.")
     return
   jax.config.update("jax_num_cpu_devices", count)
+
+
+def check_remat_supported(policy: str, devices) -> None:
+  """Raises one sentence when the remat ``policy`` needs a memory space the ``devices`` lack
+  (before anything compiles; train/validate.py passes the devices it will run on)."""
+  if policy != "offload":
+    return
+  for device in devices:
+    kinds = sorted(m.kind for m in device.addressable_memories())
+    if "pinned_host" not in kinds:
+      raise ValueError(f"train.remat='offload' needs devices with a pinned_host memory space "
+                       f"to offload to; this {device.platform} device has only {kinds}, so use "
+                       "train.remat='selective' instead.")

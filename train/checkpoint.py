@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from nets import registry
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from train import data, models, tasks
@@ -328,10 +329,9 @@ def restore_params(workdir: str, abstract_params, *, step: int | None = None):
 def model_param_shapes(config):
   """ShapeDtypeStructs of the parameters ``config.model`` defines (no mesh; nothing runs)."""
   import flax.linen as nn
-  model = models.family(config.model.name).Model(models.model_config(config))
+  model = registry.get(config.model.name).Model(models.model_config(config))
   task = tasks.get(config)
-  example = (task.model_example_batch(1, model.cfg) if hasattr(task, "model_example_batch")
-             else task.example_batch(1))
+  example = task.model_example_batch(1, model.cfg)
   args = task.init_args(jax.tree.map(jnp.asarray, example))
   return nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args)["params"]))
 
@@ -416,8 +416,7 @@ def abstract_params(config, model, mesh, rules):
   """ShapeDtypeStructs (with shardings over ``mesh``) of ``model``'s parameters; nothing runs."""
   task = tasks.get(config)
   n = mesh.devices.size
-  example = (task.model_example_batch(n, model.cfg) if hasattr(task, "model_example_batch")
-             else task.example_batch(n))
+  example = task.model_example_batch(n, model.cfg)
   init = lambda: model.init(jax.random.PRNGKey(0), *task.init_args(
       jax.tree.map(jnp.asarray, example)))["params"]
   abstract, _ = sharding.abstract_and_shardings(init, mesh, rules)

@@ -19,13 +19,9 @@ import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from nets import llama, mamba
+from nets import registry
 from train import watchdog
 
-# Families that decode with a cache: their empty cache for B rows and up to T positions. The rest
-# (MEGABYTE) take the cache-free loop.
-_CACHES = {"nets.llama": lambda cfg, B, T: llama.init_cache(cfg, B, T),
-           "nets.mamba": lambda cfg, B, T: mamba.init_cache(cfg, B)}
 # The host waits for the device every _IN_FLIGHT decode steps (and then, with an end id, checks
 # whether every row has ended). Waiting every step would serialise host and device; never waiting
 # let hundreds of launches of the same sharded program queue up, and with them queued jaxlib
@@ -40,7 +36,7 @@ _IN_FLIGHT = 8
 
 def has_cache(model) -> bool:
   """Whether ``model``'s family decodes with a cache (else the cache-free loop is used)."""
-  return type(model).__module__ in _CACHES
+  return registry.of_model(model).decodes_with_cache
 
 
 def choose(logits_BxV, rng, temperature, top_k, top_p):
@@ -74,7 +70,7 @@ def _allowed(logits_BxV, valid_vocab, end_id):
 def prefill(model, params, tokens_BxP, *, length: int):
   """(logits [B, V] for position P, cache holding positions 0..P-1) of a fresh cache of
   ``length`` positions."""
-  cache = _CACHES[type(model).__module__](model.cfg, tokens_BxP.shape[0], length)
+  cache = registry.of_model(model).init_cache(model.cfg, tokens_BxP.shape[0], length)
   logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, None, None, cache)
   return logits_BxPxV[:, -1], cache
 
@@ -212,7 +208,7 @@ def _decode(model, params, prompts, lens_B, N, max_new_tokens, rng, knobs, end_i
 
 def _uncached(model, params, prompts, max_new_tokens, rng, knobs, pad_id, sharding):
   """The cache-free loop, one batch per distinct prompt; returns the [B, N] token buffer."""
-  multiple = getattr(model.cfg, "length_multiple", 1)  # MEGABYTE's inputs are whole patches
+  multiple = registry.of_model(model).length_multiple(model.cfg)  # MEGABYTE: whole patches
   out_BxN = np.full((len(prompts), max(map(len, prompts)) + max_new_tokens), pad_id, np.int32)
   groups = {}
   for b, prompt in enumerate(prompts):
@@ -232,15 +228,9 @@ def _uncached(model, params, prompts, max_new_tokens, rng, knobs, pad_id, shardi
 
 def sample(model, params, prompt_ids: np.ndarray, *, num_samples: int, max_new_tokens: int,
            temperature: float, seed: int, valid_vocab: int, pad_id: int,
-           sharding=None, length_multiple: int = 1, top_k: int = 0,
-           top_p: float = 1.0) -> np.ndarray:
+           sharding=None, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
   """Returns [num_samples, prompt + max_new_tokens] token ids continuing ``prompt_ids`` (the LM
-  task's end-of-run samples).
-
-  ``length_multiple`` is accepted for the LM task's call and read from the model config instead
-  (MEGABYTE's patch length).
-  """
-  del length_multiple
+  task's end-of-run samples)."""
   prompt_ids = np.asarray(prompt_ids, np.int32)
   rows = generate(model, params, [prompt_ids] * num_samples, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -1,13 +1,13 @@
 """Config validation: every check runs before anything is traced or compiled, one sentence each."""
 
 import dataclasses
-import math
 import os
 
 import jax
 
-from nets import llama
 from nets import moe as moe_lib
+from nets import registry
+from parallel import devices as parallel_devices
 from parallel import mesh as parallel_mesh
 from parallel import moe as parallel_moe
 from parallel import sharding
@@ -38,8 +38,8 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   _check_seed(config.seed)
   optimizer.check(config.opt)
   task = tasks.get(config)
+  family = registry.get(config.model.name)
   model_cfg = models.model_config(config)
-  _check_model_numbers(model_cfg)
   task.check(model_cfg)
   sizes = parallel_mesh.mesh_shape(config.mesh, num_devices)
   hosts = parallel_mesh.granules(jax.devices()) if num_devices == jax.device_count() else 1
@@ -56,7 +56,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
     raise ValueError(f"config.train.hang_timeout_s={hang!r} must be a positive number of seconds "
                      "(how long a train step, eval or sample may make no progress).")
   _check_profile_steps(config.log.profile_steps)
-  llama.check_remat_supported(t.remat, jax.devices())
+  parallel_devices.check_remat_supported(t.remat, jax.devices())
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
     _positive(config[group][field], name)
@@ -76,14 +76,14 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   if config.eval.batch_size % dp:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                      f"data-parallel size {dp_name}={dp}; use a multiple of {dp}.")
-  if sizes["seq"] > 1 and not models.sequence_parallel(config.model.name):
+  if sizes["seq"] > 1 and not family.sequence_parallel:
     raise ValueError(f"model '{config.model.name}' has no sequence-parallel implementation; use "
                      f"mesh.seq=1 (got {sizes['seq']}) and put those devices on mesh.data.")
   _divisible_by_axis(model_cfg, sizes, rules)
-  moe_cfg = getattr(model_cfg, "moe", None)
+  moe_cfg = family.moe_config(model_cfg)
   _check_loop(config.parallel.loop, sizes, moe_cfg)
   if moe_cfg is not None or sizes["expert"] > 1:
-    width = moe_cfg.hidden(_mlp_width(model_cfg)) if moe_cfg is not None else 0
+    width = moe_cfg.hidden(model_cfg.mlp_width) if moe_cfg is not None else 0
     parallel_moe.check(moe_cfg or moe_lib.Config(), sizes, expert_width=width, rules=rules,
                        batch_sizes={"train.batch_size": t.batch_size,
                                     "eval.batch_size": config.eval.batch_size})
@@ -128,27 +128,6 @@ def _check_seed(seed):
   if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
     raise ValueError(f"config.seed={seed!r} must be an integer in [0, 2**32 - 1] (it seeds the "
                      "parameters, the data order and the step's PRNG stream).")
-
-
-# Model fields that must be finite and positive where a family has them (a zero RoPE base or
-# norm epsilon compiles and trains NaN).
-POSITIVE_MODEL_FLOATS = ("rope_theta", "norm_eps")
-
-
-def _check_model_numbers(model_cfg):
-  for field in POSITIVE_MODEL_FLOATS:
-    value = getattr(model_cfg, field, None)
-    if value is None:
-      continue
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value)
-                                       and value > 0):
-      raise ValueError(f"model.{field}={value!r} must be a finite number in (0, inf).")
-
-
-def _mlp_width(model_cfg) -> int:
-  if hasattr(model_cfg, "mlp_dim"):
-    return model_cfg.mlp_dim
-  return int(model_cfg.hidden_size * model_cfg.mlp_ratio)  # DiT
 
 
 def _positive(value, name):

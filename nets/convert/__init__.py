@@ -29,7 +29,8 @@ import ml_dtypes
 import numpy as np
 import safetensors.flax
 
-FAMILIES = ("llama", "vit", "mamba", "dit")
+from nets import registry
+
 # Shards written by ``write_hf`` stay under this many bytes (as transformers' save_pretrained).
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -48,11 +49,13 @@ MAX_HEADER_BYTES = 100 * 1000 * 1000
 
 
 def family(name: str):
-  """The converter module for ``name``, or a sentence listing the families that have one."""
-  if name not in FAMILIES:
+  """The converter module for ``name`` (its nets.registry.Family names it), or a sentence listing
+  the families that have one."""
+  converters = {f.name: f.converter for f in registry.families().values() if f.converter}
+  if name not in converters:
     raise ValueError(f"--family={name!r} has no Hugging Face converter; known families: "
-                     f"{list(FAMILIES)}.")
-  return importlib.import_module(f"nets.convert.{name}")
+                     f"{list(converters)}.")
+  return importlib.import_module(f"nets.convert.{converters[name]}")
 
 
 def dtype(name: str) -> np.dtype:

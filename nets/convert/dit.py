@@ -8,7 +8,7 @@ Layouts that differ, and how each maps exactly:
   label table      diffusers always has num_classes + 1 rows (its null "CFG" row); an odyssey model
                    with class_dropout_prob=0 has no null row and exports a zero one.
   positions        diffusers' pos_embed.pos_embed is a fixed, unsaved sin-cos buffer equal to
-                   nets.vit.sincos_2d; when a checkpoint does carry it, import checks that.
+                   nets.layers.sincos_2d; when a checkpoint does carry it, import checks that.
   final layer      proj_out_1 (shift, scale) and proj_out_2 are odyssey's final_layer adaLN and
                    linear; the unpatchify order (row, col, C) is the same.
   patch embedding, attention, layers: as nets/convert/vit.py.
@@ -19,7 +19,7 @@ by default; the reference uses 1e-6). The MLP's tanh GELU ("gelu-approximate") i
 
 import numpy as np
 
-from nets import convert, dit, vit
+from nets import conditioning, convert, dit, layers
 from nets.convert.vit import (cast, layer, linear_from_hf, linear_to_hf, out_from_hf, out_to_hf,
                               patch_from_hf, patch_to_hf, qkv_from_hf, qkv_to_hf, square, stack,
                               stored_dtype)
@@ -118,15 +118,15 @@ def from_hf(tensors: convert.Tensors, cfg: dit.Config) -> dict:
   p, C, g = cfg.patch_size, cfg.in_channels, cfg.input_size // cfg.patch_size
   if "pos_embed.pos_embed" in tensors:  # older exports saved the fixed buffer
     pos = tensors.take("pos_embed.pos_embed", (1, g * g, E))[0].astype(np.float32)
-    if not np.allclose(pos, vit.sincos_2d(g, g, E), atol=1e-5):
+    if not np.allclose(pos, layers.sincos_2d(g, g, E), atol=1e-5):
       raise ValueError(f"{tensors.source} pos_embed.pos_embed is not the 2-D sin-cos table "
-                       "odyssey's DiT adds (nets.vit.sincos_2d); this checkpoint's positions "
+                       "odyssey's DiT adds (nets.layers.sincos_2d); this checkpoint's positions "
                        "cannot be represented.")
   params = {
       "x_embedder": {"kernel": patch_from_hf(tensors.take("pos_embed.proj.weight", (E, C, p, p))),
                      "bias": tensors.take("pos_embed.proj.bias", (E,))},
   }
-  shapes = ((E, dit.FREQUENCY_EMBEDDING_SIZE), (E,), (E, E), (E,), (K + 1, E))
+  shapes = ((E, conditioning.FREQUENCY_EMBEDDING_SIZE), (E,), (E, E), (E,), (K + 1, E))
   emb = None
   for i in range(cfg.depth):
     here = [tensors.take(f"transformer_blocks.{i}.norm1.emb.{n}", s)

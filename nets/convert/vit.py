@@ -21,7 +21,7 @@ nets/convert/dit.py reuses the layout helpers defined here.
 import jax
 import numpy as np
 
-from nets import convert, vit
+from nets import convert, layers, vit
 
 WEIGHTS = "model.safetensors"
 ARCHITECTURE = "ViTForImageClassification"
@@ -236,7 +236,7 @@ def to_hf(params: dict, cfg: vit.Config) -> dict:
     pos = np.asarray(params["pos_embedding"])
   else:  # the fixed positions become the learned table they equal
     g = cfg.image_size // cfg.patch_size
-    pos = vit.sincos_2d(g, g, cfg.width).astype(cls.dtype)
+    pos = layers.sincos_2d(g, g, cfg.width).astype(cls.dtype)
   emb = "vit.embeddings."
   out = {
       emb + "cls_token": cls[None, None],

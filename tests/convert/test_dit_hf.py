@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from nets import convert, dit, vit
+from nets import convert, dit, layers
 from nets.convert import dit as convert_dit
 from tests.convert import parity_import
 
@@ -62,7 +62,7 @@ def test_import_export_output_matches_diffusers(hf_dir, tmp_path):
   cfg, tensors = _import(path)
   assert (cfg.timestep_freq_shift, cfg.mlp_norm_eps, cfg.learn_sigma) == (1.0, 1e-5, True)
   # diffusers' fixed positions (an unsaved buffer) are odyssey's sin-cos table.
-  np.testing.assert_allclose(hf_pos, vit.sincos_2d(4, 4, 32), atol=1e-6)
+  np.testing.assert_allclose(hf_pos, layers.sincos_2d(4, 4, 32), atol=1e-6)
   params = convert_dit.from_hf(tensors, cfg)
   model = dit.Model(cfg)
   args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(y, jnp.int32))

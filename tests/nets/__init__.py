@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nets import llama
+from nets import layers
 
 
 def assert_causal_by_jacobian(model, params, tokens_1xS, width: int):
   """d logits[t] / d embedding[t'] is exactly zero for t' > t and non-zero for t' <= t.
 
-  The same offset is added to token t's embedding in every ``llama.Embed`` table the model uses
+  The same offset is added to token t's embedding in every ``layers.Embed`` table the model uses
   (MEGABYTE has one per stage; the bytes stay in sequence order in each), so the Jacobian sums
   every path from input t' to output t. Forward mode: the same Jacobian as jacrev, and quicker
   to compile.
@@ -21,7 +21,7 @@ def assert_causal_by_jacobian(model, params, tokens_1xS, width: int):
   def logits_from(delta_SxE):
     def interceptor(next_fun, args, kwargs, context):
       out = next_fun(*args, **kwargs)
-      if isinstance(context.module, llama.Embed) and context.method_name == "__call__":
+      if isinstance(context.module, layers.Embed) and context.method_name == "__call__":
         out = out + delta_SxE.reshape(out.shape)
       return out
     with nn.intercept_methods(interceptor):

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from nets import mamba
+from nets import mamba, ssm
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from tests.nets import assert_causal_by_jacobian
@@ -39,7 +39,7 @@ def test_scan_matches_sequential_numpy_recurrence(impl):
   u, dt, A, Bm, Cm, D, h0 = scan_inputs(S=7)
   keep = np.ones((2, 7), np.float32)
   keep[1, 4] = 0.0  # a new segment starts at step 4 of the second row
-  y, h_last = jit(functools.partial(mamba.selective_scan, impl=impl))(
+  y, h_last = jit(functools.partial(ssm.selective_scan, impl=impl))(
       u, dt, A, Bm, Cm, D, h0_BxIxN=h0, keep_BxS=keep)
   h = h0.astype(np.float64)
   ref = np.zeros(u.shape)
@@ -55,7 +55,7 @@ def test_causal_conv_matches_numpy():
   rng = np.random.default_rng(1)
   u, w, b, prev = (rng.standard_normal(s).astype(np.float32)
                    for s in ((2, 6, 3), (4, 3), (3,), (2, 3, 3)))
-  out, last = jit(mamba.causal_conv)(u, w, b, prev)
+  out, last = jit(ssm.causal_conv)(u, w, b, prev)
   full = np.concatenate([prev, u], axis=1)
   ref = b + np.stack([sum(w[k] * full[:, t + k] for k in range(4)) for t in range(6)], axis=1)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
@@ -67,7 +67,7 @@ def test_chunked_scan_equals_unchunked_forward_and_gradients():
   test below runs the same chunking inside the model)."""
   def loss(inputs, chunk, impl="associative"):
     u, dt, A, Bm, Cm, D, h0 = inputs
-    y, h_last = mamba.selective_scan(u, dt, A, Bm, Cm, D, h0_BxIxN=h0, chunk=chunk, impl=impl)
+    y, h_last = ssm.selective_scan(u, dt, A, Bm, Cm, D, h0_BxIxN=h0, chunk=chunk, impl=impl)
     return jnp.sum(jnp.sin(y)) + jnp.sum(h_last ** 2), (y, h_last)
 
   # Also the sequential scan (CPU's "auto" choice), whole and chunked, against the same numbers.

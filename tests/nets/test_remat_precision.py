@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from nets import dit, llama, mamba, megabyte, moe, udit, vit
+from nets import dit, layers, llama, mamba, megabyte, moe, udit, vit
+from parallel import devices as parallel_devices
 from tests.nets import test_llama, test_mamba, test_megabyte, test_vision
 from train.tasks import lm
 
@@ -82,7 +83,7 @@ def assert_same_grads(grads, ref):
 def test_remat_policies_keep_gradients_and_order_residuals(family):
   """Same gradients under every policy; none > selective > full in residual bytes, and offload
   keeps the same residuals as selective (in host memory where the platform has it)."""
-  models = {p: FAMILIES[family](remat=p) for p in llama.REMAT_POLICIES}
+  models = {p: FAMILIES[family](remat=p) for p in layers.REMAT_POLICIES}
   inputs = models["none"][1]
   params = random_params(models["none"][0], inputs)
   losses = {p: scalar_loss(model, inputs) for p, (model, _) in models.items()}
@@ -103,7 +104,7 @@ def test_selective_recomputes_attention_and_keeps_projections():
   model, inputs = FAMILIES["llama"]()
   params = random_params(model, inputs)
   shapes = {}
-  for policy in llama.REMAT_POLICIES:
+  for policy in layers.REMAT_POLICIES:
     loss = scalar_loss(FAMILIES["llama"](remat=policy)[0], inputs)
     shapes[policy] = [x.shape for x in residuals(loss, params)]
   square = lambda p: [s for s in shapes[p] if s.count(S) >= 2]  # S x T in any dot layout
@@ -118,7 +119,7 @@ def test_offload_runs_on_this_cpu():
   gradients of "none" (XLA:CPU drops the host placement: it is the selective program)."""
   devices = jax.devices()
   assert "pinned_host" in {m.kind for m in devices[0].addressable_memories()}
-  llama.check_remat_supported("offload", devices)
+  parallel_devices.check_remat_supported("offload", devices)
   model, inputs = FAMILIES["llama"]()
   params = random_params(model, inputs)
   loss, offload_loss = (scalar_loss(FAMILIES["llama"](remat=p)[0], inputs)
@@ -133,9 +134,9 @@ def test_offload_is_refused_without_pinned_host_memory():
   with pytest.raises(ValueError, match=r"^train.remat='offload' needs devices with a pinned_host "
                                        r"memory space .* has only \['device'\], so use "
                                        r"train.remat='selective' instead.$"):
-    llama.check_remat_supported("offload", [device_only])
+    parallel_devices.check_remat_supported("offload", [device_only])
   for policy in ("none", "full", "selective"):
-    llama.check_remat_supported(policy, [device_only])
+    parallel_devices.check_remat_supported(policy, [device_only])
 
 
 def _eqns(jaxpr):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nets import attention, dit, udit, vit
+from nets import attention, conditioning, dit, layers, udit, vit
 
 
 def key(seed=0):
@@ -115,7 +115,7 @@ def test_dit_without_learned_sigma_keeps_channels():
 
 def test_adaln_zero_block_is_identity_at_init():
   cfg = dit_cfg()
-  block = dit.Block(cfg, attention.dot_product_attention)
+  block = conditioning.Block(cfg, attention.dot_product_attention)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 16, cfg.hidden_size)), jnp.float32)
   c = jnp.asarray(rng.standard_normal((2, cfg.hidden_size)), jnp.float32)
@@ -158,14 +158,14 @@ def test_label_dropout_equals_the_null_label(dit_init):
 
 def test_patchify_roundtrip():
   x = jnp.arange(2 * 8 * 4 * 3, dtype=jnp.float32).reshape(2, 8, 4, 3)
-  patches = vit.patchify(x, 2)
+  patches = layers.patchify(x, 2)
   assert patches.shape == (2, 8, 12)
   np.testing.assert_array_equal(patches[0, 1], x[0, 0:2, 2:4].reshape(-1))  # raster order
-  np.testing.assert_array_equal(dit.unpatchify(patches, 4, 2, 2), x)
+  np.testing.assert_array_equal(layers.unpatchify(patches, 4, 2, 2), x)
 
 
 def test_sincos_2d_layout():
-  pos = vit.sincos_2d(2, 3, 8)
+  pos = layers.sincos_2d(2, 3, 8)
   assert pos.shape == (6, 8)
   # Token (row 1, col 2) = index 5: first half encodes the column, second half the row.
   np.testing.assert_allclose(pos[5, :4], [np.sin(2), np.sin(2e-2), np.cos(2), np.cos(2e-2)],

@@ -4,7 +4,7 @@ step (initial parameters, loss, gradients and the AdamW update), both built by t
 import pytest
 
 from tests.parallel.step_parity import assert_matches_reference, axes, reference, run_one_step
-from train import models
+from nets import registry
 
 # Each family's tiny config in tests/parallel/step_parity.py (make_config's kind).
 KINDS = {"llama": "lm", "mamba": "mamba", "megabyte": "megabyte", "vit": "vit", "dit": "dit",
@@ -16,7 +16,7 @@ MESH = axes(data=2, fsdp=2, tensor=2)
 MESHES = {"mamba": (axes(data=4, fsdp=2), axes(data=4, tensor=2))}
 
 
-@pytest.mark.parametrize("family", models.families())
+@pytest.mark.parametrize("family", list(registry.families()))
 def test_sharded_step_equals_single_device(family):
   assert family in KINDS, (f"model family {family!r} has no tiny config: add one to "
                            "tests/parallel/step_parity.py's make_config and to KINDS here.")

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bench.compile import CompileCounter
-from nets import llama, mamba, megabyte, moe
+from nets import llama, mamba, megabyte, moe, registry
 from tests import run_module
 from train import generate, sampling
 
@@ -94,7 +94,7 @@ def test_cached_logits_match_the_full_forward(family_model):
   family, model, params = family_model
   tokens = jnp.asarray(np.stack(prompts((12, 12), seed=2)))
   want = np.asarray(forward(model, params, tokens))
-  cache = sampling._CACHES[f"nets.{family}"](model.cfg, 2, 32)
+  cache = registry.get(family).init_cache(model.cfg, 2, 32)
   got = []
   for start, stop in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, 12)]:
     positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))

@@ -4,6 +4,7 @@ A task object (built from the config) provides:
   check()                      -> raises one sentence for a config this task cannot run
   datasets()                   -> (train grain dataset, val grain dataset)
   example_batch(batch_size)    -> zeros with the global shapes of one batch
+  model_example_batch(batch_size, model_cfg) -> zeros shaped as the model's input
   batch_axes                   -> logical axes of each batch entry (for its sharding)
   init_args(batch)             -> positional arguments of model.init
   loss_fn(model, permutation)  -> fn(params, batch, rng) -> (loss, metrics)

@@ -93,8 +93,8 @@ class DiffusionTask(images.ImageTask):
 
   def _sample(self, model, params, labels, rng):
     d = self.config.diffusion
-    side = model.cfg.input_size  # the model's input, which check() matched to the data
-    shape = (labels.shape[0], side, side, model.cfg.in_channels)
+    side = model.cfg.image_size  # the model's input, which check() matched to the data
+    shape = (labels.shape[0], side, side, model.cfg.channels)
     model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
     if d.cfg_scale != 1.0:
       model_fn = diffusion.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)

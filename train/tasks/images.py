@@ -41,8 +41,7 @@ class ImageTask:
   def model_example_batch(self, batch_size: int, model_cfg) -> dict:
     """Zeros shaped as the model's input (not the data's): for workdirs whose config holds a
     model without its dataset, such as Hugging Face weights imported by train.convert."""
-    side = getattr(model_cfg, "input_size", None) or model_cfg.image_size
-    ch = getattr(model_cfg, "in_channels", None) or model_cfg.channels
+    side, ch = model_cfg.image_size, model_cfg.channels
     return {"images": np.zeros((batch_size, side, side, ch), np.float32),
             "labels": np.zeros((batch_size,), np.int32)}
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nets import moe
+from nets import moe, registry
 from train import data, sampling
 
 
@@ -54,7 +54,7 @@ class LMTask:
     if model_cfg.vocab_size < data.BYTE_VOCAB:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
                        f"tokenizer's {data.BYTE_VOCAB} ids.")
-    multiple = getattr(model_cfg, "length_multiple", 1)
+    multiple = registry.get(self.config.model.name).length_multiple(model_cfg)
     if self.config.train.seq_len % multiple:
       raise ValueError(f"train.seq_len={self.config.train.seq_len} is not a multiple of "
                        f"{multiple}, the bytes in one global patch (model.patch_sizes).")
@@ -83,6 +83,11 @@ class LMTask:
   def example_batch(self, batch_size: int) -> dict:
     shape = (batch_size, self.config.train.seq_len)
     return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+
+  def model_example_batch(self, batch_size: int, model_cfg) -> dict:
+    """Zeros shaped as the model's input: the LM's is the data's."""
+    del model_cfg
+    return self.example_batch(batch_size)
 
   def init_args(self, batch):
     return (batch["inputs"],)
@@ -125,9 +130,8 @@ class LMTask:
     tokens = sampling.sample(model, params, data.encode(s.prompt), num_samples=n,
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                              seed=self.config.seed, valid_vocab=256, pad_id=data.PAD_ID,
-                             sharding=sharding["inputs"],
-                             length_multiple=getattr(model.cfg, "length_multiple", 1),
-                             top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0))
+                             sharding=sharding["inputs"], top_k=s.get("top_k", 0),
+                             top_p=s.get("top_p", 1.0))
     texts = [data.decode(row) for row in tokens[:s.num_samples]]
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "samples.txt"), "a") as f:
