@@ -27,7 +27,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from train import checkpoint, diffusion, tasks
+  from train import checkpoint, diffusion_process, tasks
 
   vit_cfg, vit, _, vit_params = checkpoint.load_trained(_VIT.value)
   dit_cfg, dit, _, dit_params = checkpoint.load_trained(_DIT.value)
@@ -57,7 +57,7 @@ def main(argv):
   with open(os.path.join(_OUT.value, f"{name}_agreement.md"), "w") as f:
     f.write(table + "\n")
   first = np.concatenate([images[labels == c][:10] for c in range(classes)])
-  diffusion.save_grid(first, os.path.join(_OUT.value, f"{name}_samples.png"), rows=classes)
+  diffusion_process.save_grid(first, os.path.join(_OUT.value, f"{name}_samples.png"), rows=classes)
   print(json.dumps(result, indent=2))
   print(table)
 

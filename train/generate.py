@@ -5,7 +5,7 @@ Continues each prompt with the language model of a trained (``python -m train``)
 (``python -m train.convert``) workdir and prints prompt + continuation. Prompts are encoded the way
 the model was trained: byte-level (train/data.py), or with the workdir's ``tokenizer.json`` where
 a converted Hugging Face model brought one and the ``tokenizers`` package is installed.
-``--prompt_ids=1,2,3`` gives token ids directly. Decoding (train/sampling.py) uses the KV cache
+``--prompt_ids=1,2,3`` gives token ids directly. Decoding (train/decoding.py) uses the KV cache
 (llama) or the recurrent state (mamba); other families rerun the whole sequence per token.
 
 The model is sharded as it was trained: the mesh is the workdir's ``config.mesh`` (``--mesh=
@@ -73,8 +73,8 @@ def prepare(workdir: str, texts: list[str], id_lists: list[str], *, max_new_toke
             temperature: float, top_k: int, top_p: float, num_samples: int):
   """(config, codec, prompts as id lists) after every check that needs no compile, each failing
   with one sentence: sampling settings, the workdir (config, task, checkpoint), prompt lengths."""
-  from train import checkpoint, models, sampling
-  sampling.check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+  from train import checkpoint, decoding, models
+  decoding.check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p)
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be at least 1.")
@@ -146,7 +146,7 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
   import ml_collections
   from parallel import mesh as parallel_mesh
   from parallel import sharding
-  from train import checkpoint, models, sampling, watchdog
+  from train import checkpoint, decoding, models, watchdog
   config, codec, prompts = prepare(workdir, list(texts), list(id_lists),
                                    max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, num_samples=num_samples)
@@ -171,7 +171,7 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
   with jax.set_mesh(device_mesh), watchdog.phase("sample"):
     import flax.linen as nn
     with nn.logical_axis_rules(rules):
-      outs = sampling.generate(model, params, padded, max_new_tokens=max_new_tokens,
+      outs = decoding.generate(model, params, padded, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                valid_vocab=codec.valid_vocab, end_id=end_id,
                                pad_id=codec.pad_id, sharding=rows_sharding)

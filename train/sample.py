@@ -65,7 +65,7 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   """Writes the grid (or latents) and returns (path, samples [N, H, W, C] in [-1, 1])."""
   import numpy as np
 
-  from train import checkpoint, diffusion, models, tasks
+  from train import checkpoint, diffusion_process, models, tasks
 
   config = checkpoint.load_config(workdir)
   check_task(workdir, config)
@@ -92,7 +92,7 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   if latents:
     np.save(path, images)
   else:
-    diffusion.save_grid(images, path, rows=len(classes))
+    diffusion_process.save_grid(images, path, rows=len(classes))
   return path, images
 
 

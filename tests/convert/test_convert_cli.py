@@ -126,12 +126,12 @@ def test_imported_dit_samples_latents(tmp_path):
 def test_imported_llama_generates_as_transformers(hf_llama, tmp_path):
   """Greedy decoding with odyssey's KV cache on the imported weights equals transformers'
   greedy ``generate`` on the original model, for two prompts of different lengths."""
-  from train import checkpoint, convert, sampling
+  from train import checkpoint, convert, decoding
   model, hf_dir = hf_llama
   convert.import_hf("llama", str(hf_dir), str(tmp_path / "conv"))
   _, ours, _, params = checkpoint.load_trained(str(tmp_path / "conv"))
   prompts = [[5, 77, 301, 9, 120], [42, 7]]
-  outs = sampling.generate(ours, params, prompts, max_new_tokens=12, temperature=0.0)
+  outs = decoding.generate(ours, params, prompts, max_new_tokens=12, temperature=0.0)
   for prompt, out in zip(prompts, outs):
     with torch.no_grad():
       theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,

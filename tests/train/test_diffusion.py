@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import diffusion
+from train import diffusion_process
 
 SHAPE = (4, 4, 4, 2)  # [B, H, W, C], tiny so every compile is fast
 
@@ -22,7 +22,7 @@ def _cos_f(u, s=0.008):
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_schedule_quantities_match_closed_forms(kind):
-  s = diffusion.make_schedule(kind, 1000)
+  s = diffusion_process.make_schedule(kind, 1000)
   b = s.betas
   ac = np.cumprod(1 - b)
   ac_prev = np.append(1.0, ac[:-1])
@@ -43,16 +43,16 @@ def test_schedule_quantities_match_closed_forms(kind):
 
 
 def test_linear_schedule_endpoints_scale_with_num_steps():
-  s = diffusion.make_schedule("linear", 1000)
+  s = diffusion_process.make_schedule("linear", 1000)
   np.testing.assert_allclose([s.betas[0], s.betas[-1]], [1e-4, 0.02], rtol=1e-12)
   assert np.all(np.diff(s.betas) > 0)
-  s = diffusion.make_schedule("linear", 250)  # Reference: scale = 1000 / T.
+  s = diffusion_process.make_schedule("linear", 250)  # Reference: scale = 1000 / T.
   np.testing.assert_allclose([s.betas[0], s.betas[-1]], [4e-4, 0.08], rtol=1e-12)
 
 
 def test_cosine_schedule_follows_f_and_clips_betas():
   T = 1000
-  s = diffusion.make_schedule("cosine", T)
+  s = diffusion_process.make_schedule("cosine", T)
   assert s.betas.max() == 0.999 and s.betas[-1] == 0.999
   unclipped = s.betas < 0.999
   assert unclipped.sum() > 900
@@ -64,27 +64,27 @@ def test_cosine_schedule_follows_f_and_clips_betas():
 
 def test_unknown_schedule_is_a_sentence():
   with pytest.raises(ValueError, match="Unknown noise schedule 'quadratic'"):
-    diffusion.make_schedule("quadratic", 10)
+    diffusion_process.make_schedule("quadratic", 10)
 
 
 def test_respace_keeps_alphas_cumprod_at_kept_steps():
-  s = diffusion.make_schedule("linear", 1000)
-  r = diffusion.respace(s, 250)
+  s = diffusion_process.make_schedule("linear", 1000)
+  r = diffusion_process.respace(s, 250)
   assert r.num_steps == 250 and r.timesteps[0] == 0 and r.timesteps[-1] == 999
   assert len(np.unique(r.timesteps)) == 250
   np.testing.assert_allclose(r.alphas_cumprod, s.alphas_cumprod[r.timesteps], rtol=1e-10)
-  full = diffusion.respace(s, 1000)
+  full = diffusion_process.respace(s, 1000)
   np.testing.assert_allclose(full.betas, s.betas, rtol=1e-9)
   with pytest.raises(ValueError, match="steps=0"):
-    diffusion.respace(s, 0)
+    diffusion_process.respace(s, 0)
 
 
 # --- q_sample -------------------------------------------------------------------------------
 
 
 def test_q_sample_exact_and_statistics():
-  s = diffusion.make_schedule("linear", 1000)
-  q = jax.jit(functools.partial(diffusion.q_sample, s))
+  s = diffusion_process.make_schedule("linear", 1000)
+  q = jax.jit(functools.partial(diffusion_process.q_sample, s))
   x0 = np.full((3, 2, 2, 1), 0.5, np.float32)
   noise = np.random.default_rng(0).standard_normal(x0.shape).astype(np.float32)
   got = q(x0, jnp.array([0, 500, 999]), noise)
@@ -116,13 +116,13 @@ def _oracle_eps(schedule, x0):
 
 
 def test_ddpm_loss_mse_hand_computed():
-  s = diffusion.make_schedule("linear", 100)
+  s = diffusion_process.make_schedule("linear", 100)
   oracle = _oracle_eps(s, X0)
 
   @jax.jit
   def run(w, t, noise):  # w=1: the oracle; w=0: a model predicting zeros.
     model = lambda x_t, t, y, rng: w * oracle(x_t, t, y, rng)
-    return diffusion.ddpm_loss(model, s, X0, None, jax.random.PRNGKey(1), learn_sigma=False,
+    return diffusion_process.ddpm_loss(model, s, X0, None, jax.random.PRNGKey(1), learn_sigma=False,
                                t=t, noise=noise)
 
   loss, m = run(1.0, jnp.array([1, 10, 50, 99]), NOISE)
@@ -133,14 +133,14 @@ def test_ddpm_loss_mse_hand_computed():
 
 
 def test_ddpm_loss_vb_finite_nonnegative_and_zero_for_exact_posterior():
-  s = diffusion.make_schedule("linear", 100)
+  s = diffusion_process.make_schedule("linear", 100)
   oracle = _oracle_eps(s, X0)
 
   @jax.jit
   def run(w, v, t):  # eps = w * oracle + (1 - w) * x_t / 2, variance channels = v
     model = lambda x_t, t, y, rng: jnp.concatenate(
         [w * oracle(x_t, t, y, rng) + (1 - w) * 0.5 * x_t, jnp.full_like(x_t, v)], -1)
-    return diffusion.ddpm_loss(model, s, X0, None, jax.random.PRNGKey(1), learn_sigma=True, t=t)
+    return diffusion_process.ddpm_loss(model, s, X0, None, jax.random.PRNGKey(1), learn_sigma=True, t=t)
 
   # v = -1 selects the posterior log-variance: with the exact mean KL(q || p) = 0 for t >= 1.
   _, m = run(1.0, -1.0, jnp.array([1, 10, 50, 99]))
@@ -152,13 +152,13 @@ def test_ddpm_loss_vb_finite_nonnegative_and_zero_for_exact_posterior():
 
 
 def test_ddpm_loss_vb_gradient_does_not_reach_the_mean():
-  s = diffusion.make_schedule("cosine", 100)
+  s = diffusion_process.make_schedule("cosine", 100)
   params = {"mean": jnp.float32(0.7), "var": jnp.float32(0.2)}
 
   def parts(p):  # Toy model: eps channels depend only on "mean", variance channels on "var".
     model = lambda x_t, t, y, rng: jnp.concatenate(
         [p["mean"] * x_t, jnp.tanh(p["var"] * x_t + p["var"])], axis=-1)
-    loss, m = diffusion.ddpm_loss(model, s, X0, None, jax.random.PRNGKey(1), learn_sigma=True)
+    loss, m = diffusion_process.ddpm_loss(model, s, X0, None, jax.random.PRNGKey(1), learn_sigma=True)
     return loss, m
 
   grads = jax.jit(lambda p: (jax.grad(lambda p: parts(p)[1]["vb"])(p),
@@ -172,32 +172,32 @@ def test_ddpm_loss_vb_gradient_does_not_reach_the_mean():
 def test_flow_loss_oracle_is_zero_and_time_is_scaled():
   def oracle(x_t, t_model, y, rng):  # x_t = (1-t) x0 + t eps  =>  eps - x0 = (x_t - x0) / t.
     # Exact only if the model really receives t * 1000.
-    return (x_t - X0) / (t_model / diffusion.FLOW_TIME_SCALE)[:, None, None, None]
+    return (x_t - X0) / (t_model / diffusion_process.FLOW_TIME_SCALE)[:, None, None, None]
 
   t = jnp.array([0.1, 0.4, 0.7, 0.95])
-  loss, m = jax.jit(lambda t: diffusion.flow_loss(oracle, X0, None, jax.random.PRNGKey(1), t=t))(t)
+  loss, m = jax.jit(lambda t: diffusion_process.flow_loss(oracle, X0, None, jax.random.PRNGKey(1), t=t))(t)
   assert float(loss) < 1e-9 and float(m["mse"]) == float(loss)
 
   zero = lambda x_t, t, y, rng: jnp.zeros_like(x_t)
-  run = jax.jit(lambda rng, noise: diffusion.flow_loss(zero, X0, None, rng, noise=noise)[0])
+  run = jax.jit(lambda rng, noise: diffusion_process.flow_loss(zero, X0, None, rng, noise=noise)[0])
   np.testing.assert_allclose(float(run(jax.random.PRNGKey(3), NOISE)),
                              float(np.mean((NOISE - X0) ** 2)), rtol=1e-6)
-  loss, _ = jax.jit(lambda rng: diffusion.flow_loss(zero, X0, None, rng,
+  loss, _ = jax.jit(lambda rng: diffusion_process.flow_loss(zero, X0, None, rng,
                                                     time_dist="logit_normal"))(
       jax.random.PRNGKey(4))
   assert np.isfinite(float(loss))
   with pytest.raises(ValueError, match="Unknown flow time distribution"):
-    diffusion.flow_loss(zero, X0, None, jax.random.PRNGKey(4), time_dist="beta")
+    diffusion_process.flow_loss(zero, X0, None, jax.random.PRNGKey(4), time_dist="beta")
 
 
 def test_errors_are_sentences():
-  s = diffusion.make_schedule("cosine", 10)
+  s = diffusion_process.make_schedule("cosine", 10)
   with pytest.raises(ValueError, match="learn_sigma=True"):
-    jax.eval_shape(lambda x: diffusion.ddpm_loss(lambda x_t, t, y, rng: x_t, s, x, None,
+    jax.eval_shape(lambda x: diffusion_process.ddpm_loss(lambda x_t, t, y, rng: x_t, s, x, None,
                                                  jax.random.PRNGKey(0), learn_sigma=True),
                    jax.ShapeDtypeStruct(SHAPE, jnp.float32))
   with pytest.raises(ValueError, match="linear schedule needs num_steps > 20"):
-    diffusion.make_schedule("linear", 20)
+    diffusion_process.make_schedule("linear", 20)
 
 
 # --- samplers -------------------------------------------------------------------------------
@@ -214,11 +214,11 @@ def _toy_sample_model(learn_sigma: bool, counter=None):
 
 
 def test_ddim_eta0_deterministic_eta1_stochastic_one_compile():
-  s = diffusion.make_schedule("linear", 50)
+  s = diffusion_process.make_schedule("linear", 50)
   y = jnp.arange(4)
   traces = []
   model = _toy_sample_model(True, traces)
-  sample = jax.jit(lambda rng, eta: diffusion.ddim_sample(
+  sample = jax.jit(lambda rng, eta: diffusion_process.ddim_sample(
       model, s, SHAPE, y, rng, steps=10, eta=eta, learn_sigma=True, noise=NOISE))
   a = sample(jax.random.PRNGKey(1), 0.0)
   b = sample(jax.random.PRNGKey(2), 0.0)
@@ -232,10 +232,10 @@ def test_ddim_eta0_deterministic_eta1_stochastic_one_compile():
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
 def test_ddpm_sample_one_compile_and_finite(learn_sigma):
-  s = diffusion.make_schedule("cosine", 30)
+  s = diffusion_process.make_schedule("cosine", 30)
   y = jnp.arange(4)
   traces = []
-  sample = jax.jit(lambda rng: diffusion.ddpm_sample(
+  sample = jax.jit(lambda rng: diffusion_process.ddpm_sample(
       _toy_sample_model(learn_sigma, traces), s, SHAPE, y, rng, learn_sigma=learn_sigma))
   a = sample(jax.random.PRNGKey(1))
   b = sample(jax.random.PRNGKey(2))
@@ -248,7 +248,7 @@ def test_ddpm_sample_one_compile_and_finite(learn_sigma):
 def test_gaussian_samplers_recover_a_point_mass_and_pass_original_timesteps(sampler):
   # With the exact eps of a point mass c, the x0 prediction is c at every step and the last step
   # (ᾱ_prev = 1) returns it exactly; respaced samplers must hand the model original timesteps.
-  s = diffusion.make_schedule("linear", 40)
+  s = diffusion_process.make_schedule("linear", 40)
   c = np.linspace(-0.8, 0.8, int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)
   seen = []
 
@@ -259,14 +259,14 @@ def test_gaussian_samplers_recover_a_point_mass_and_pass_original_timesteps(samp
     return (x - a * c) / b
 
   if sampler == "ddpm":
-    run = lambda rng: diffusion.ddpm_sample(model, s, SHAPE, None, rng, learn_sigma=False)
+    run = lambda rng: diffusion_process.ddpm_sample(model, s, SHAPE, None, rng, learn_sigma=False)
     want_t = np.arange(40)
   elif sampler == "ddpm_respaced":
-    run = lambda rng: diffusion.ddpm_sample(model, s, SHAPE, None, rng, learn_sigma=False, steps=7)
-    want_t = diffusion.respace(s, 7).timesteps
+    run = lambda rng: diffusion_process.ddpm_sample(model, s, SHAPE, None, rng, learn_sigma=False, steps=7)
+    want_t = diffusion_process.respace(s, 7).timesteps
   else:
-    run = lambda rng: diffusion.ddim_sample(model, s, SHAPE, None, rng, steps=7, learn_sigma=False)
-    want_t = diffusion.respace(s, 7).timesteps
+    run = lambda rng: diffusion_process.ddim_sample(model, s, SHAPE, None, rng, steps=7, learn_sigma=False)
+    want_t = diffusion_process.respace(s, 7).timesteps
   out = jax.jit(run)(jax.random.PRNGKey(3))
   jax.effects_barrier()
   np.testing.assert_allclose(np.asarray(out), np.asarray(c), atol=1e-5)
@@ -281,9 +281,9 @@ def test_flow_sample_is_exact_for_a_point_mass(steps):
 
   def velocity(x, t_model, y):
     traces.append(1)
-    return (x - c) / (t_model / diffusion.FLOW_TIME_SCALE)[:, None, None, None]
+    return (x - c) / (t_model / diffusion_process.FLOW_TIME_SCALE)[:, None, None, None]
 
-  sample = jax.jit(lambda rng: diffusion.flow_sample(velocity, SHAPE, None, rng, steps=steps))
+  sample = jax.jit(lambda rng: diffusion_process.flow_sample(velocity, SHAPE, None, rng, steps=steps))
   out = sample(jax.random.PRNGKey(0))
   sample(jax.random.PRNGKey(1))
   np.testing.assert_allclose(np.asarray(out), np.asarray(c), atol=1e-5)
@@ -309,10 +309,10 @@ def test_cfg_scale_one_is_conditional_scale_zero_is_unconditional():
   def run():
     cond, uncond = model(x, t, y), model(x, t, jnp.full_like(y, null))
     calls.clear()
-    g1 = diffusion.cfg_model_fn(model, 1.0, null)(x, t, y)
+    g1 = diffusion_process.cfg_model_fn(model, 1.0, null)(x, t, y)
     assert calls == [8]  # One call on the doubled batch.
-    g0 = diffusion.cfg_model_fn(model, 0.0, null)(x, t, y)
-    g4 = diffusion.cfg_model_fn(model, 4.0, null)(x, t, y)
+    g0 = diffusion_process.cfg_model_fn(model, 0.0, null)(x, t, y)
+    g4 = diffusion_process.cfg_model_fn(model, 4.0, null)(x, t, y)
     return cond, uncond, g1, g0, g4
 
   cond, uncond, g1, g0, g4 = map(np.asarray, run())
@@ -324,9 +324,9 @@ def test_cfg_scale_one_is_conditional_scale_zero_is_unconditional():
 
 
 def test_cfg_composes_with_a_jitted_sampler():
-  s = diffusion.make_schedule("cosine", 20)
-  guided = diffusion.cfg_model_fn(_toy_sample_model(True), 1.5, null_label=10)
-  out = jax.jit(lambda rng: diffusion.ddim_sample(guided, s, SHAPE, jnp.arange(4), rng, steps=5,
+  s = diffusion_process.make_schedule("cosine", 20)
+  guided = diffusion_process.cfg_model_fn(_toy_sample_model(True), 1.5, null_label=10)
+  out = jax.jit(lambda rng: diffusion_process.ddim_sample(guided, s, SHAPE, jnp.arange(4), rng, steps=5,
                                                   learn_sigma=True))(jax.random.PRNGKey(0))
   assert out.shape == SHAPE and np.all(np.isfinite(np.asarray(out)))
 
@@ -337,7 +337,7 @@ def test_cfg_composes_with_a_jitted_sampler():
 def test_save_grid_grayscale_upscales_small_images(tmp_path):
   imgs = np.concatenate([np.full((4, 8, 8, 1), -1.0), np.full((4, 8, 8, 1), 1.0)])
   path = str(tmp_path / "sub" / "grid.png")
-  size = diffusion.save_grid(imgs, path, rows=2)
+  size = diffusion_process.save_grid(imgs, path, rows=2)
   im = Image.open(path)
   # 8x8 -> 32x32 tiles, 4 columns x 2 rows, 2-pixel borders.
   assert im.size == size == (4 * 34 + 2, 2 * 34 + 2) and im.mode == "L"
@@ -349,7 +349,7 @@ def test_save_grid_grayscale_upscales_small_images(tmp_path):
 def test_save_grid_rgb_keeps_large_images_and_fills_missing_tiles(tmp_path):
   imgs = np.random.default_rng(0).uniform(-1, 1, (5, 32, 32, 3)).astype(np.float32)
   path = str(tmp_path / "rgb.png")
-  diffusion.save_grid(imgs, path, rows=2, pad=0)
+  diffusion_process.save_grid(imgs, path, rows=2, pad=0)
   im = Image.open(path)
   assert im.size == (3 * 32, 2 * 32) and im.mode == "RGB"
   a = np.asarray(im)
@@ -357,4 +357,4 @@ def test_save_grid_rgb_keeps_large_images_and_fills_missing_tiles(tmp_path):
   np.testing.assert_array_equal(a[32:, 32:64], want)
   assert a[32:, 64:].max() == 0
   with pytest.raises(ValueError, match="C = 1 or 3"):
-    diffusion.save_grid(np.zeros((2, 4, 4, 4)), path, rows=1)
+    diffusion_process.save_grid(np.zeros((2, 4, 4, 4)), path, rows=1)

@@ -1,4 +1,4 @@
-"""train/sampling.py and train/generate.py: cached decoding (Llama KV cache, Mamba state) against
+"""train/decoding.py and train/generate.py: cached decoding (Llama KV cache, Mamba state) against
 the full forward pass, one compile for the decode step, the sampling knobs, and the CLI."""
 
 import functools
@@ -15,7 +15,7 @@ import pytest
 from bench.compile import CompileCounter
 from nets import llama, mamba, megabyte, moe, registry
 from tests import run_module
-from train import generate, sampling
+from train import decoding, generate
 
 V = 64
 PROMPT_LENS = (3, 7, 5)  # one batch, three prompt lengths
@@ -76,8 +76,8 @@ def test_greedy_decoding_equals_argmax_of_the_full_forward_and_compiles_once(fam
   _, model, params = family_model
   ps = prompts()
   with CompileCounter() as counter:
-    outs = sampling.generate(model, params, ps, max_new_tokens=12)
-    sampling.generate(model, params, ps, max_new_tokens=12, temperature=0.8, top_k=5, top_p=0.9,
+    outs = decoding.generate(model, params, ps, max_new_tokens=12)
+    decoding.generate(model, params, ps, max_new_tokens=12, temperature=0.8, top_k=5, top_p=0.9,
                       seed=3)
   assert counter.count("decode_step") == 1, counter.functions
   assert counter.count("prefill") == 1, counter.functions
@@ -114,12 +114,12 @@ def test_decode_step_state_holds_the_full_forward_logits():
     buf[b, :len(p)] = p
   knobs = {"temperature": np.float32(0), "top_k": np.int32(0), "top_p": np.float32(1),
            "valid_vocab": np.int32(V), "end_id": np.int32(-1), "pad_id": np.int32(0)}
-  logits, cache = sampling.prefill(model, params, jnp.asarray(buf[:, :3]), length=10)
+  logits, cache = decoding.prefill(model, params, jnp.asarray(buf[:, :3]), length=10)
   state = {"tokens": jnp.asarray(buf), "cache": cache, "logits": logits, "t": jnp.int32(3),
            "rng": jax.random.PRNGKey(0), "done": jnp.zeros(3, bool)}
   seen = [np.asarray(logits)]
   for _ in range(3, 9):
-    state = sampling.decode_step(model, params, state, lens, lens + 3, knobs)
+    state = decoding.decode_step(model, params, state, lens, lens + 3, knobs)
     seen.append(np.asarray(state["logits"]))
   want = full_logits(model, params, list(np.asarray(state["tokens"])))
   np.testing.assert_allclose(np.stack(seen, axis=1), want[:, 2:9], atol=1e-4, rtol=0)
@@ -142,7 +142,7 @@ def test_moe_layers_and_remat_decode_like_the_full_forward():
 def test_sampling_knobs():
   model, params = tiny("llama")
   ps = prompts()
-  gen = lambda **kw: [o.tolist() for o in sampling.generate(model, params, ps, max_new_tokens=8,
+  gen = lambda **kw: [o.tolist() for o in decoding.generate(model, params, ps, max_new_tokens=8,
                                                              **kw)]
   greedy = gen()
   assert gen(temperature=1.0, top_k=1, seed=4) == greedy
@@ -154,7 +154,7 @@ def test_sampling_knobs():
 
 def test_choose_keeps_only_the_top_k_and_the_nucleus():
   logits_BxV = jnp.log(jnp.tile(jnp.array([[0.05, 0.5, 0.3, 0.15]]), (400, 1)))
-  choose = jax.jit(sampling.choose)
+  choose = jax.jit(decoding.choose)
   picked = lambda t, k, p: set(np.asarray(choose(logits_BxV, jax.random.PRNGKey(0), t, k, p)))
   assert picked(1.0, 2, 1.0) == {1, 2}
   assert picked(1.0, 0, 0.75) == {1, 2}  # 0.5 comes before id 2, < 0.75; 0.8 before id 3
@@ -166,18 +166,18 @@ def test_choose_keeps_only_the_top_k_and_the_nucleus():
 def test_end_id_stops_a_row_and_valid_vocab_bounds_the_ids():
   model, params = tiny("llama")
   ps = prompts()
-  greedy = sampling.generate(model, params, ps, max_new_tokens=8, valid_vocab=32)
+  greedy = decoding.generate(model, params, ps, max_new_tokens=8, valid_vocab=32)
   assert all(o.max() < 32 for o in greedy)
   end = int(greedy[0][2])
-  stopped = sampling.generate(model, params, ps, max_new_tokens=8, valid_vocab=32, end_id=end)
+  stopped = decoding.generate(model, params, ps, max_new_tokens=8, valid_vocab=32, end_id=end)
   assert stopped[0].tolist() == greedy[0][:list(greedy[0]).index(end)].tolist()
 
 
 def test_megabyte_takes_the_cache_free_loop():
   model, params = tiny("megabyte")
-  assert not sampling.has_cache(model)
+  assert not decoding.has_cache(model)
   ps = prompts((4, 4))  # one length: one compile of the loop, which is keyed on it
-  outs = sampling.generate(model, params, ps, max_new_tokens=4)
+  outs = decoding.generate(model, params, ps, max_new_tokens=4)
   rows = [np.concatenate([p, o]) for p, o in zip(ps, outs)]
   logits = full_logits(model, params, [np.pad(r, (0, 10 - len(r))) for r in rows])
   for b, (p, row) in enumerate(zip(ps, rows)):
@@ -193,7 +193,7 @@ def test_megabyte_takes_the_cache_free_loop():
 def test_bad_knobs_raise_a_sentence(kw, message):
   model, params = tiny("llama")
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-    sampling.generate(model, params, prompts(), **{"max_new_tokens": 4, **kw})
+    decoding.generate(model, params, prompts(), **{"max_new_tokens": 4, **kw})
 
 
 # ------------------------------------------------------------------------------------------ CLI

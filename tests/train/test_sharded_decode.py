@@ -21,14 +21,14 @@ from parallel import sharding
 from tests import REPO, module_command, run_module
 from tests.train.test_multihost import FLAGS as TWO_PROCESS_FLAGS
 from tests.train.test_multihost import _child_pids, _logged_steps, _read, _wait_for, start_launcher
-from train import models, sampling, tasks
+from train import decoding, models, tasks
 from train import state as state_lib
 from train import optimizer, watchdog
 
-# Prompts of different lengths share one batch; 3 x sampling._IN_FLIGHT + 5 new tokens cross
+# Prompts of different lengths share one batch; 3 x decoding._IN_FLIGHT + 5 new tokens cross
 # several host waits of the bounded decode queue.
 PROMPTS = [[5, 6, 7], [9], [1, 2, 3, 4, 5], [200]]
-NEW = 3 * sampling._IN_FLIGHT + 5
+NEW = 3 * decoding._IN_FLIGHT + 5
 
 
 def _config(family: str):
@@ -62,7 +62,7 @@ def _decode(config, sizes: dict):
   rows = PROMPTS * (max(dp, len(PROMPTS)) // len(PROMPTS))
   rows_sharding = sharding.logical_sharding(mesh, rules, ("act_batch", "act_seq"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return sampling.generate(model, params, rows, max_new_tokens=NEW, sharding=rows_sharding)[:4]
+    return decoding.generate(model, params, rows, max_new_tokens=NEW, sharding=rows_sharding)[:4]
 
 
 CASES = [
@@ -87,7 +87,7 @@ def test_sharded_decoding_equals_one_device(one_device, family, sizes):
 
 
 def test_a_sharded_generation_compiles_the_decode_step_once():
-  sampling.decode_step.clear_cache()  # other tests of this process compiled the same shapes
+  decoding.decode_step.clear_cache()  # other tests of this process compiled the same shapes
   with CompileCounter() as counter:
     _decode(_config("llama"), dict(data=2, fsdp=2, tensor=2))
   assert counter.count("decode_step") == 1, counter.functions
@@ -95,7 +95,7 @@ def test_a_sharded_generation_compiles_the_decode_step_once():
 
 def test_the_decode_queue_is_bounded():
   # The jaxlib 0.10 deadlock came from hundreds of queued launches; the bound must stay small.
-  assert 1 < sampling._IN_FLIGHT <= 16
+  assert 1 < decoding._IN_FLIGHT <= 16
 
 
 # --- python -m train.generate on the training mesh -------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe
-from train import diffusion
+from train import diffusion_process
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
@@ -22,7 +22,7 @@ class DiffusionTask(images.ImageTask):
   def __init__(self, config):
     super().__init__(config)
     d = config.diffusion
-    self.schedule = (diffusion.make_schedule(d.schedule, d.num_steps)
+    self.schedule = (diffusion_process.make_schedule(d.schedule, d.num_steps)
                      if d.objective == "ddpm" else None)
     self._sample_fns = {}
 
@@ -52,11 +52,11 @@ class DiffusionTask(images.ImageTask):
       return out
 
     if self.config.diffusion.objective == "ddpm":
-      loss, metrics = diffusion.ddpm_loss(model_fn, self.schedule, batch["images"],
+      loss, metrics = diffusion_process.ddpm_loss(model_fn, self.schedule, batch["images"],
                                           batch["labels"], noise_rng,
                                           learn_sigma=model.cfg.learn_sigma)
     else:
-      loss, metrics = diffusion.flow_loss(model_fn, batch["images"], batch["labels"], noise_rng)
+      loss, metrics = diffusion_process.flow_loss(model_fn, batch["images"], batch["labels"], noise_rng)
     (aux_loss, aux_metrics), = aux
     if aux_metrics:
       metrics = {**metrics, "denoise_loss": loss, **aux_metrics}
@@ -97,15 +97,15 @@ class DiffusionTask(images.ImageTask):
     shape = (labels.shape[0], side, side, model.cfg.channels)
     model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
     if d.cfg_scale != 1.0:
-      model_fn = diffusion.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)
+      model_fn = diffusion_process.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)
     if d.sampler == "ddpm":
-      return diffusion.ddpm_sample(model_fn, self.schedule, shape, labels, rng,
+      return diffusion_process.ddpm_sample(model_fn, self.schedule, shape, labels, rng,
                                    learn_sigma=model.cfg.learn_sigma, steps=d.sample_steps)
     if d.sampler == "ddim":
-      return diffusion.ddim_sample(model_fn, self.schedule, shape, labels, rng,
+      return diffusion_process.ddim_sample(model_fn, self.schedule, shape, labels, rng,
                                    steps=d.sample_steps, eta=d.ddim_eta,
                                    learn_sigma=model.cfg.learn_sigma)
-    return diffusion.flow_sample(model_fn, shape, labels, rng, steps=d.sample_steps)
+    return diffusion_process.flow_sample(model_fn, shape, labels, rng, steps=d.sample_steps)
 
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
               sharding) -> str | None:
@@ -124,5 +124,5 @@ class DiffusionTask(images.ImageTask):
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      diffusion.save_grid(images[:n], path, rows=classes)
+      diffusion_process.save_grid(images[:n], path, rows=classes)
     return path

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from nets import moe, registry
-from train import data, sampling
+from train import data, decoding
 
 
 def token_loss(logits_BxSxV, targets_BxS):
@@ -64,7 +64,7 @@ class LMTask:
     s = self.config.get("sample")
     if s is not None and s.max_new_tokens > 0:  # checked now, not after the training run
       try:
-        sampling.check_knobs(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+        decoding.check_knobs(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                              top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0))
       except ValueError as e:
         raise ValueError(f"config.sample: {e}") from None
@@ -127,7 +127,7 @@ class LMTask:
     if not final or s.max_new_tokens <= 0:
       return None
     n = -(-s.num_samples // data_parallel) * data_parallel  # the batch must split over the data axes
-    tokens = sampling.sample(model, params, data.encode(s.prompt), num_samples=n,
+    tokens = decoding.sample(model, params, data.encode(s.prompt), num_samples=n,
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                              seed=self.config.seed, valid_vocab=256, pad_id=data.PAD_ID,
                              sharding=sharding["inputs"], top_k=s.get("top_k", 0),
