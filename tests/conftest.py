@@ -9,6 +9,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 _FAST = "--xla_backend_optimization_level=0"  # tests/__init__
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _FAST
+# Two pytest workers share two cores, so a device thread of an in-process collective can wait
+# on the other worker's compile past XLA:CPU's default terminate timeout, which aborts the whole
+# worker (and xdist's loadfile scheduler then waits forever). pytest-timeout (900 s) bounds a
+# real hang instead.
+_TERMINATE = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + _TERMINATE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402,F401  (adds parallel/xla_flags.py's CPU_FLAGS before JAX starts)
