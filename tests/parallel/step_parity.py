@@ -106,6 +106,9 @@ def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1
   def loss_grads_and_step(state, data):
     # One program (one compile) for the gradients and the real optimizer step.
     loss, grads = jax.value_and_grad(loss_fn)(state.params, data)
+    # The step must start after the gradients are done: the two computations are independent, so
+    # XLA:CPU may run their collectives in different orders on different devices and deadlock.
+    loss, grads, state, data = jax.lax.optimization_barrier((loss, grads, state, data))
     new_state, metrics = program.step_fn(state, data)
     return loss, grads, new_state, metrics
 
