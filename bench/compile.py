@@ -27,7 +27,7 @@ SETTINGS = {
     # sampled tokens at the end).
     "full": dict(size="tiny", batch=16, seq=128, layers=(4, 8, 16, 24), repeats=3,
                  run_steps=50, ckpt_every=10, log_every=10, eval_every=25, sample_tokens=32),
-    "quick": dict(size="test", batch=8, seq=32, layers=(4, 24), repeats=1,
+    "quick": dict(size="test", batch=8, seq=32, layers=(2, 8), repeats=1,
                   run_steps=12, ckpt_every=4, log_every=2, eval_every=6, sample_tokens=8),
 }
 MAX_RATIO = 1.5  # compile time at the deepest / the shallowest depth, with the layers scanned

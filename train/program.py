@@ -40,6 +40,7 @@ class Program:
   state_shardings: state_lib.TrainState
   batch_shardings: dict
   step_fn: Callable  # the pure train step, unjitted (for programs that wrap it)
+  step_with_grads: Callable  # step_fn that also returns the gradients it applied (for checks)
   train_step: Callable  # (state, batch) -> (state, metrics), jitted once, state donated
   eval_step: Callable  # (params, batch) -> sums
 
@@ -94,9 +95,11 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
                      for k, axes in task.batch_axes.items()}
   permutation = attention.permutation(config.train.seq_len) if config.task == "lm" else None
   pmap = config.parallel.loop == "pmap"
-  step_fn = steps.make_train_step(
-      task.loss_fn(model, permutation), tx, lr_schedule, grad_accum=config.train.grad_accum,
-      batch_axes=None if pmap else task.batch_axes, axis_name=steps.PMAP_AXIS if pmap else None)
+  make_step = functools.partial(
+      steps.make_train_step, task.loss_fn(model, permutation), tx, lr_schedule,
+      grad_accum=config.train.grad_accum, batch_axes=None if pmap else task.batch_axes,
+      axis_name=steps.PMAP_AXIS if pmap else None)
+  step_fn, step_with_grads = make_step(), make_step(with_grads=True)
   context = functools.partial(_mesh_context, mesh, rules)
   if pmap:  # called outside the mesh context: inside pmap every array is one device's
     train_step = steps.pmapped(step_fn, mesh)
@@ -111,6 +114,7 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
                  sample_model=sample_model, attention=attention, tx=tx, lr_schedule=lr_schedule,
                  example_batch=example, create_state=create_state, abstract_state=abstract,
                  state_shardings=shardings, batch_shardings=batch_shardings, step_fn=step_fn,
+                 step_with_grads=step_with_grads,
                  train_step=train_step, eval_step=eval_step)
 
 

@@ -25,7 +25,7 @@ COUNT_METRICS = ("tokens",)
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
                     grad_accum: int = 1, batch_axes: dict | None = None,
-                    axis_name: str | None = None):
+                    axis_name: str | None = None, with_grads: bool = False):
   """Builds the pure train step; the caller jits (or pmaps) it once and donates the state.
 
   ``grad_accum`` > 1 splits the batch into that many micro-batches inside the step (a
@@ -47,6 +47,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   are not (an overflowing update) is rejected and counted the same way, so no non-finite value
   ever reaches the state the loop checkpoints. The loop stops the run after
   ``train.max_bad_steps`` consecutive bad steps.
+
+  ``with_grads`` makes the step return ``(state, metrics, grads)``, the gradients it applied
+  (averaged over micro-batches and devices), for checks that compare them without a second
+  backward pass.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -69,12 +73,13 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
                      else jax.lax.pmean(v, axis_name)) for k, v in metrics.items()}
     # A non-finite loss makes every gradient NaN, so apply_if_finite rejects the step.
     poison = jnp.where(jnp.isfinite(loss), 0.0, jnp.nan)
-    grads = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    applied = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+    updates, opt_state = tx.update(applied, state.opt_state, state.params)
     params, opt_state = _apply_if_state_finite(state.params, state.opt_state, updates, opt_state)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(applied),
                "lr": lr_schedule(state.step), **bad_step_counts(opt_state)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    return (new_state, metrics, grads) if with_grads else (new_state, metrics)
 
   return train_step
 

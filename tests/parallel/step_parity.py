@@ -64,11 +64,9 @@ def setup(mesh_sizes: dict, devices=None, kind: str = "lm", grad_accum: int = 1,
   config = make_config(kind)
   config.mesh.update(**mesh_sizes)
   config.parallel.update(**parallel)
+  config.train.grad_accum = grad_accum
   mesh = parallel_mesh.make_mesh(config.mesh, devices)
   plan = validate(config, num_devices=mesh.devices.size)
-  # Set after validation, which refuses micro-batches smaller than the data-parallel size; the
-  # step itself computes them, and these tests compare exactly that.
-  config.train.grad_accum = grad_accum
   return program_lib.build(config, plan, mesh=mesh)
 
 
@@ -97,20 +95,12 @@ def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1
   data = program.eval_batch(batch(kind))
   shardings = program.state_shardings
 
-  # The same rng for the reference and the sharded run: noise, timesteps and label dropout agree
-  # because JAX's PRNG is partitionable (values do not depend on the sharding).
-  task_loss = program.task.loss_fn(program.model, program.attention.permutation(S)
-                                   if program.config.task == "lm" else None)
-  loss_fn = lambda params, data: task_loss(params, data, jax.random.split(state.rng)[1])[0]
-
+  # One backward pass: the real step also returns the gradients it applied. The rng is the same
+  # for the reference and the sharded run: noise, timesteps and label dropout agree because
+  # JAX's PRNG is partitionable (values do not depend on the sharding).
   def loss_grads_and_step(state, data):
-    # One program (one compile) for the gradients and the real optimizer step.
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, data)
-    # The step must start after the gradients are done: the two computations are independent, so
-    # XLA:CPU may run their collectives in different orders on different devices and deadlock.
-    loss, grads, state, data = jax.lax.optimization_barrier((loss, grads, state, data))
-    new_state, metrics = program.step_fn(state, data)
-    return loss, grads, new_state, metrics
+    new_state, metrics, grads = program.step_with_grads(state, data)
+    return metrics["loss"], grads, new_state, metrics
 
   with program.context():
     compiled = jax.jit(loss_grads_and_step, in_shardings=(shardings, program.batch_shardings),

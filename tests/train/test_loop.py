@@ -9,7 +9,6 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import lm
-from tests import run_module
 from train import loop
 
 N = 6
@@ -103,16 +102,3 @@ def test_rerun_after_completion_trains_nothing_more(runs, tmp_path):
   assert train_losses(runs["straight"]) == train_losses(runs["resumed"])
 
 
-def test_cli_trains_and_samples(tmp_path):
-  workdir = tmp_path / "cli"
-  proc = run_module(
-      "train", "--config=experiments/lm_stdlib.py:size=test", f"--workdir={workdir}",
-      "--cpu_devices=8", "--config.train.steps=2", "--config.train.batch_size=8",
-      "--config.train.seq_len=32", "--config.eval.steps=1", "--config.eval.batch_size=8",
-      "--config.log.every=1", "--config.sample.max_new_tokens=16",
-      "--config.sample.num_samples=2", timeout=300)
-  assert "done: step 2." in proc.stdout and "sample:" in proc.stdout
-  assert [m["step"] for m in read_metrics(workdir) if m["split"] == "train"] == [1, 2]
-  with open(workdir / "samples.txt") as f:
-    samples = f.read()
-  assert samples.count("=== sample") == 2 and samples.startswith("=== sample 0")
