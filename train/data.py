@@ -102,7 +102,8 @@ def split_files(root: str, split: str, val_fraction: float) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def _stdlib_tokens(root: str, split: str, val_fraction: float) -> np.ndarray:
+def _stdlib_tokens(root: str, split: str, val_fraction: float,
+                   tokenizer_spec: str = "byte") -> np.ndarray:
   docs = []
   for rel in split_files(root, split, val_fraction):
     try:
@@ -110,7 +111,14 @@ def _stdlib_tokens(root: str, split: str, val_fraction: float) -> np.ndarray:
         docs.append(f.read())
     except OSError:  # Permission-denied or dangling files are not worth failing a run for.
       continue
-  tokens = concat_docs(docs)
+  if tokenizer_spec == "byte":
+    tokens = concat_docs(docs)
+  else:  # a subword vocabulary: each document's ids, then the tokenizer's EOS
+    from train import tokenizer
+    tok = tokenizer.load(tokenizer_spec)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    tokens = np.concatenate([np.append(tok.encode_doc(d), tok.eos_id).astype(dtype)
+                             for d in docs] or [np.zeros((0,), dtype)])
   tokens.flags.writeable = False  # Shared by every caller through the cache.
   return tokens
 
@@ -228,7 +236,33 @@ def check_data_config(data_cfg) -> None:
       raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; {how}.")
     if not any(n.endswith(".array_record") for n in os.listdir(data_cfg.path)):
       raise ValueError(f"data.path={data_cfg.path!r} has no .array_record shards; {how}.")
-    read_metadata(data_cfg.path)
+    check_dataset_tokenizer(data_cfg, read_metadata(data_cfg.path))
+  else:
+    _data_tokenizer(data_cfg)
+
+
+def _data_tokenizer(data_cfg):
+  """The tokenizer of data.tokenizer, which must be able to separate documents (an EOS)."""
+  from train import tokenizer
+  spec = tokenizer.spec_of(data_cfg)
+  tok = tokenizer.load(spec)
+  if tok.eos_id is None:
+    raise ValueError(f"data.tokenizer={spec!r} has no end-of-sequence token, which separates the "
+                     "documents of a stream; give a tokenizer that has one.")
+  return tok
+
+
+def check_dataset_tokenizer(data_cfg, meta: dict) -> None:
+  """The dataset at data.path was tokenized with data.tokenizer (metadata.json's "vocab")."""
+  from train import tokenizer
+  tok = _data_tokenizer(data_cfg)
+  if meta.get("vocab", "byte259") != tok.name:
+    made_with = meta.get("tokenizer", {}).get("spec") if isinstance(meta.get("tokenizer"),
+                                                                    dict) else None
+    raise ValueError(f"data.path={data_cfg.path!r} was tokenized with {meta.get('vocab')!r}"
+                     f"{f' ({made_with})' if made_with else ''}, but data.tokenizer="
+                     f"{tokenizer.spec_of(data_cfg)!r} is {tok.name!r}; set --config.data.tokenizer "
+                     "to the dataset's tokenizer, or rewrite the dataset with --tokenizer.")
 
 
 def open_shard(path: str, what: str):
@@ -278,6 +312,8 @@ def split_tokens(data_cfg, split: str) -> int:
   if data_cfg.name == "arrayrecord":
     return int(read_metadata(data_cfg.path)["splits"][split]["num_tokens"])
   root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
+  if _tokenizer_spec(data_cfg) != "byte":  # subword ids: counted by tokenizing (cached for the run)
+    return len(_stdlib_tokens(root, split, float(data_cfg.val_fraction), _tokenizer_spec(data_cfg)))
   # Each document is its bytes and one EOS; unreadable files are skipped when read, so this is
   # an upper bound (make_dataset counts again).
   return sum(os.path.getsize(os.path.join(root, rel)) + 1
@@ -326,7 +362,15 @@ def token_stream(data_cfg, split: str) -> ArrayStream | ArrayRecordStream:
   if data_cfg.name == "arrayrecord":
     return ArrayRecordStream(data_cfg.path, split)
   root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
-  return ArrayStream(_stdlib_tokens(root, split, float(data_cfg.val_fraction)))
+  return ArrayStream(_stdlib_tokens(root, split, float(data_cfg.val_fraction),
+                                    _tokenizer_spec(data_cfg)))
+
+
+def _tokenizer_spec(data_cfg) -> str:
+  """data.tokenizer as a cache key: "byte", or the tokenizer file's absolute path."""
+  from train import tokenizer
+  spec = tokenizer.spec_of(data_cfg)
+  return spec if spec == tokenizer.BYTE_SPEC else os.path.abspath(spec)
 
 
 class WindowSource:
