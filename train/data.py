@@ -17,44 +17,28 @@ import functools
 import json
 import os
 import sysconfig
-import zlib
 
 import grain
 import jax
 import numpy as np
 
-PAD_ID = 256
-BOS_ID = 257
-EOS_ID = 258
-BYTE_VOCAB = 259
-VOCAB_NAME = "byte259"
+# The byte vocabulary and the split rule live with the tokenizers and the text sources, which the
+# converter's worker processes import without JAX; they are re-exported here for the pipeline.
+from train.text_sources import SPLITS, split_of  # noqa: F401
+from train.tokenizer import BOS_ID, BYTE_VOCAB, EOS_ID, PAD_ID, VOCAB_NAME  # noqa: F401
+from train.tokenizer import byte_decode as decode  # noqa: F401
+from train.tokenizer import byte_encode as encode  # noqa: F401
 
 KNOWN_DATASETS = ("stdlib", "arrayrecord")
-SPLITS = ("train", "val")
 # Third-party code is not part of the standard library; caches hold no .py sources worth training on.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
-# ----------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------- documents
 
 
 class DataError(ValueError):
   """A data file that turns out unreadable mid-run; ``python -m train`` prints its sentence."""
-
-
-def encode(text: str | bytes) -> np.ndarray:
-  """Returns the byte ids (0..255) of `text` (utf-8 for str) as int32; no specials added."""
-  data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-  return np.frombuffer(data, np.uint8).astype(np.int32)
-
-
-def decode(ids) -> str:
-  """Returns the text of `ids`: EOS becomes a newline, PAD/BOS and ids >= BYTE_VOCAB are dropped."""
-  # Ids past BYTE_VOCAB can be sampled when the model's vocab is padded; they carry no text.
-  ids = np.asarray(ids, np.int64).reshape(-1)
-  ids = np.where(ids == EOS_ID, ord("\n"), ids)
-  kept = ids[(ids >= 0) & (ids < 256)].astype(np.uint8)
-  return kept.tobytes().decode("utf-8", errors="replace")
 
 
 def concat_docs(docs, dtype=np.uint16) -> np.ndarray:
@@ -66,12 +50,6 @@ def concat_docs(docs, dtype=np.uint16) -> np.ndarray:
     out[pos + len(doc)] = EOS_ID
     pos += len(doc) + 1
   return out
-
-
-def split_of(relpath: str, val_fraction: float) -> str:
-  """Returns "val" or "train" for a file, from the crc32 of its '/'-separated relative path."""
-  val = zlib.crc32(relpath.encode("utf-8")) % 1000 < round(val_fraction * 1000)
-  return "val" if val else "train"
 
 
 # ----------------------------------------------------------------------------- stdlib backend

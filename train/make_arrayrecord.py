@@ -7,7 +7,7 @@
 SRC is a folder of text files (each file one document), a .jsonl file (one document per line, its
 --text_field), a .parquet or .arrow file (the --text_field column), a folder of those, or a
 `datasets.save_to_disk` folder (train/text_sources.py). Documents are taken in a fixed order and
-split into train/val by `train.data.split_of` of their key (a text file's relative path, the same
+split into train/val by `train.text_sources.split_of` of their key (a text file's relative path, the same
 rule as the stdlib corpus; "FILE:ROW" for a row of a record file). Each document is tokenized
 with --tokenizer (train/tokenizer.py; in --num_proc processes, the output the same for any number)
 and followed by the tokenizer's EOS. Each split becomes one stream, cut into chunks of --chunk_len
@@ -32,7 +32,6 @@ from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
 import numpy as np
 
-from train import data
 from train import text_sources
 from train import tokenizer as tokenizer_lib
 
@@ -165,7 +164,7 @@ def _storage_dtype(dtype: str | None, tok) -> str:
 def _check_splits_filled(files, src: str, val_fraction: float) -> None:
   """Training evaluates on val; an empty split would only fail later, after a run has started."""
   for split, fix in (("train", "lower"), ("val", "raise")):
-    if not any(data.split_of(f, val_fraction) == split for f in files):
+    if not any(text_sources.split_of(f, val_fraction) == split for f in files):
       raise ValueError(f"none of the {len(files)} files under --src={src!r} falls in the "
                        f"{split!r} split with --val_fraction={val_fraction} (files are split by "
                        f"a hash of their path); {fix} --val_fraction or add files.")
@@ -174,11 +173,11 @@ def _check_splits_filled(files, src: str, val_fraction: float) -> None:
 def _write_splits(source, spec: str, tok, out: pathlib.Path, *, chunk_len: int, num_shards: int,
                   dtype: np.dtype, val_fraction: float, num_proc: int, progress: bool) -> dict:
   """Streams every document's tokens into its split's shards; returns metadata's "splits"."""
-  names = {s: [shard_name(s, i, num_shards) for i in range(num_shards)] for s in data.SPLITS}
-  writers = {s: _ChunkWriter([out / n for n in names[s]], chunk_len, dtype) for s in data.SPLITS}
-  starts = {s: [] for s in data.SPLITS}
-  num_tokens = dict.fromkeys(data.SPLITS, 0)
-  keyed = ((data.split_of(key, val_fraction), doc) for key, doc in source.documents())
+  names = {s: [shard_name(s, i, num_shards) for i in range(num_shards)] for s in text_sources.SPLITS}
+  writers = {s: _ChunkWriter([out / n for n in names[s]], chunk_len, dtype) for s in text_sources.SPLITS}
+  starts = {s: [] for s in text_sources.SPLITS}
+  num_tokens = dict.fromkeys(text_sources.SPLITS, 0)
+  keyed = ((text_sources.split_of(key, val_fraction), doc) for key, doc in source.documents())
   try:
     for split, tokens in _tokenized(keyed, spec, tok, dtype, num_proc, progress,
                                     total=len(source.files) if source.kinds == ["text"] else None):
@@ -197,7 +196,7 @@ def _write_splits(source, spec: str, tok, out: pathlib.Path, *, chunk_len: int, 
                        f"{split!r} split with --val_fraction={val_fraction} (documents are split "
                        f"by a hash of their key); {fix} --val_fraction or add documents.")
   splits = {}
-  for split in data.SPLITS:
+  for split in text_sources.SPLITS:
     np.save(out / f"{split}-doc_starts.npy", np.asarray(starts[split], np.int64))
     splits[split] = {"num_docs": len(starts[split]), "num_tokens": num_tokens[split],
                      "num_chunks": writers[split].num_chunks, "shards": names[split],
@@ -244,8 +243,10 @@ def _tokenized(keyed, spec: str, tok, dtype, num_proc: int, progress: bool, tota
         yield from _encode_batch(batch, tok, dtype)
         bar.update(len(batch))
       return
-    # fork: the workers only tokenize (no JAX), and start without re-importing this module.
-    with multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (spec,)) as pool:
+    # forkserver, not fork: a process that has started JAX's (or the tokenizers') threads must
+    # not fork; the server imports this module once and forks the workers from a clean state.
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(num_proc, _init_worker, (spec,)) as pool:
       pending = collections.deque()
       for batch in _batches(keyed, _BATCH_DOCS):
         pending.append(pool.apply_async(_encode_batch, (batch, None, dtype)))

@@ -4,7 +4,7 @@
 files exist, their kind is known, parquet/Arrow columns exist and hold text) and returns a
 :class:`Source` whose ``documents()`` yields ``(key, document)`` in a fixed order: files in sorted
 order of their '/'-separated relative paths, rows in file order. The key decides a document's
-train/val split (train/data.py ``split_of``): a text file's relative path (so a folder splits as
+train/val split (``split_of``): a text file's relative path (so a folder splits as
 it always has), ``"REL:ROW"`` for row ROW (0-based; a jsonl's line) of a record file. Every fault
 is a ValueError of one sentence naming the file (and line).
 """
@@ -12,8 +12,17 @@ is a ValueError of one sentence naming the file (and line).
 import json
 import os
 import pathlib
+import zlib
 
 RECORD_KINDS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+SPLITS = ("train", "val")
+
+
+def split_of(relpath: str, val_fraction: float) -> str:
+  """Returns "val" or "train" for a document, from the crc32 of its key (for a file, its
+  '/'-separated relative path)."""
+  val = zlib.crc32(relpath.encode("utf-8")) % 1000 < round(val_fraction * 1000)
+  return "val" if val else "train"
 
 
 class Source:

@@ -23,6 +23,11 @@ import sys
 import numpy as np
 
 BYTE_SPEC = "byte"
+PAD_ID = 256
+BOS_ID = 257
+EOS_ID = 258
+BYTE_VOCAB = 259
+VOCAB_NAME = "byte259"
 # Special tokens a trained tokenizer gets, in id order (pad 0, bos 1, eos 2).
 SPECIALS = ("<pad>", "<s>", "</s>")
 # Names a Hugging Face tokenizer.json's special tokens go by when no tokenizer_config.json says.
@@ -31,6 +36,21 @@ _KNOWN = {"bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]
           "pad": ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")}
 # The file a workdir keeps its tokenizer in, by kind.
 WORKDIR_FILES = {"hf": "tokenizer.json", "spm": "tokenizer.model"}
+
+
+def byte_encode(text: str | bytes) -> np.ndarray:
+  """Returns the byte ids (0..255) of `text` (utf-8 for str) as int32; no specials added."""
+  data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+  return np.frombuffer(data, np.uint8).astype(np.int32)
+
+
+def byte_decode(ids) -> str:
+  """Returns the text of `ids`: EOS becomes a newline, PAD/BOS and ids >= BYTE_VOCAB are dropped."""
+  # Ids past BYTE_VOCAB can be sampled when the model's vocab is padded; they carry no text.
+  ids = np.asarray(ids, np.int64).reshape(-1)
+  ids = np.where(ids == EOS_ID, ord("\n"), ids)
+  kept = ids[(ids >= 0) & (ids < 256)].astype(np.uint8)
+  return kept.tobytes().decode("utf-8", errors="replace")
 
 
 class Tokenizer:
@@ -65,23 +85,21 @@ class Tokenizer:
 
 
 class ByteTokenizer(Tokenizer):
-  """odyssey's byte vocabulary (train/data.py): bytes 0..255, PAD 256, BOS 257, EOS 258."""
+  """odyssey's byte vocabulary: bytes 0..255, PAD 256, BOS 257, EOS 258."""
 
   def __init__(self):
-    from train import data
-    self.name, self.vocab_size = data.VOCAB_NAME, data.BYTE_VOCAB
-    self.bos_id, self.eos_id, self.pad_id = data.BOS_ID, data.EOS_ID, data.PAD_ID
+    self.name, self.vocab_size = VOCAB_NAME, BYTE_VOCAB
+    self.bos_id, self.eos_id, self.pad_id = BOS_ID, EOS_ID, PAD_ID
     self.sample_vocab = 256  # EOS/BOS/PAD are never sampled, as before
-    self._data = data
 
   def encode(self, text):
-    return self._data.encode(text)
+    return byte_encode(text)
 
   def encode_doc(self, doc):
-    return self._data.encode(doc)  # raw bytes stay raw: shards are byte-identical to before
+    return byte_encode(doc)  # raw bytes stay raw: shards are byte-identical to before
 
   def decode(self, ids):
-    return self._data.decode(ids)
+    return byte_decode(ids)
 
 
 def _file_hash(path: str) -> str:
