@@ -156,3 +156,22 @@ def test_the_workdir_keeps_the_tokenizer_and_refuses_another_on_resume(bpe, spm_
   workdir_lib.record_tokenizer(str(tmp_path / "sp"), lm_config(spm_model, 384))
   assert (tmp_path / "sp" / "tokenizer.model").exists()
   assert tokenizer.from_workdir(str(tmp_path / "sp")).name == tokenizer.load(spm_model).name
+
+
+def test_the_stdlib_backend_tokenizes_a_folder_with_the_configured_tokenizer(bpe, tmp_path):
+  import ml_collections
+
+  from train import data
+  root = corpus_folder(tmp_path / "py")
+  for p in root.glob("*.txt"):
+    p.rename(p.with_suffix(".py"))
+  cfg = ml_collections.ConfigDict(dict(name="stdlib", path=str(root), val_fraction=0.3,
+                                       tokenizer=bpe.path, num_threads=0, prefetch=1))
+  data.check_data_config(cfg)
+  for split in data.SPLITS:
+    stream = data.token_stream(cfg, split)
+    tokens = stream.read(0, len(stream))
+    assert len(stream) == data.split_tokens(cfg, split) and tokens.max() < bpe.vocab_size
+    texts = [(root / rel).read_text() for rel in data.split_files(str(root), split, 0.3)]
+    assert bpe.decode(tokens) == "".join(texts)  # EOS separators are special: dropped
+    assert (tokens == bpe.eos_id).sum() == len(texts)
