@@ -1,4 +1,4 @@
-"""Base config for decoder language models (nets/llama.py) on byte-level text.
+"""Base config for decoder language models (nets/llama.py) on text, byte-level by default.
 
 Sizes (``size=`` in the config argument): ``test`` (tests only), ``tiny`` (the ``make run`` job),
 ``small`` and ``base``.
@@ -33,6 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       moe=moe_group()))
   c.data = ml_collections.ConfigDict(dict(
       name="stdlib", path="", val_fraction=0.05,
+      # byte | a tokenizer.json | a SentencePiece .model (train/tokenizer.py); model.vocab_size
+      # must hold its ids. An arrayrecord dataset must have been written with the same one.
+      tokenizer="byte",
       num_threads=0,  # in-memory windows: reader threads only add GIL contention
       prefetch=2))
   c.train.seq_len = 256

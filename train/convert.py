@@ -35,8 +35,8 @@ from absl import app, flags, logging
 BASE_CONFIGS = {"llama": ("configs.lm", "size=tiny"), "mamba": ("experiments.mamba_stdlib", None),
                 "vit": ("configs.vit", None), "dit": ("configs.diffusion", "model=dit")}
 # Files of a Hugging Face folder that travel with imported weights (generation uses tokenizer.json).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
 
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -44,14 +44,17 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def _token_ids(workdir: str, config) -> dict:
   """The special token ids an exported LM's config.json names: those of the Hugging Face model
-  it was imported from, else odyssey's byte vocabulary (train/data.py)."""
-  from train import checkpoint, data
+  it was imported from, else those of the tokenizer the run kept (train/tokenizer.py; bytes
+  when it kept none)."""
+  from train import checkpoint, tokenizer
   marker = os.path.join(workdir, checkpoint.CONVERTED_MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
       return json.load(f).get("token_ids", {})
-  del config  # every odyssey LM dataset is byte-level
-  return {"bos_token_id": data.BOS_ID, "eos_token_id": data.EOS_ID, "pad_token_id": data.PAD_ID}
+  del config  # the workdir's own copy is what the model was trained with
+  tok = tokenizer.from_workdir(workdir)
+  ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  return {k: v for k, v in ids.items() if v is not None}
 
 
 def _check_empty(dst: str) -> None:
@@ -117,11 +120,12 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
   manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
   manager.wait_until_finished()
   manager.close()
+  copied = _copy_tokenizer_files(src, dst)
+  if "tokenizer" in config.data and ("tokenizer.json" in copied or "tokenizer.model" in copied):
+    name = "tokenizer.json" if "tokenizer.json" in copied else "tokenizer.model"
+    config.data.tokenizer = os.path.abspath(os.path.join(dst, name))  # what a fine-tune names
   with open(os.path.join(dst, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  copied = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src, n))]
-  for name in copied:
-    shutil.copy(os.path.join(src, name), os.path.join(dst, name))
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
   info = {"from": "hf", "family": family, "src": os.path.abspath(src), "dtype": stored,
           "params": count, "tensors": len(tensors.names()), "copied": copied,
@@ -160,8 +164,17 @@ def export_hf(family: str, src: str, dst: str, dtype_name: str | None = None,
   written = convert.write_hf(dst, hf_config, tensors, module.WEIGHTS, dtype_name=dtype_name,
                              **({} if max_shard_bytes is None else
                                 {"max_shard_bytes": max_shard_bytes}))
-  return {"from": "odyssey", "family": family, "files": [os.path.basename(w) for w in written],
-          "tensors": len(tensors)}
+  copied = _copy_tokenizer_files(src, dst) if config.get("task") == "lm" else []
+  return {"from": "odyssey", "family": family,
+          "files": [os.path.basename(w) for w in written] + copied, "tensors": len(tensors)}
+
+
+def _copy_tokenizer_files(src: str, dst: str) -> list[str]:
+  """Copies the tokenizer files (TOKENIZER_FILES) of folder ``src`` into ``dst``; their names."""
+  copied = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src, n))]
+  for name in copied:
+    shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+  return copied
 
 
 def define_flags():

@@ -17,44 +17,28 @@ import functools
 import json
 import os
 import sysconfig
-import zlib
 
 import grain
 import jax
 import numpy as np
 
-PAD_ID = 256
-BOS_ID = 257
-EOS_ID = 258
-BYTE_VOCAB = 259
-VOCAB_NAME = "byte259"
+# The byte vocabulary and the split rule live with the tokenizers and the text sources, which the
+# converter's worker processes import without JAX; they are re-exported here for the pipeline.
+from train.text_sources import SPLITS, split_of  # noqa: F401
+from train.tokenizer import BOS_ID, BYTE_VOCAB, EOS_ID, PAD_ID, VOCAB_NAME  # noqa: F401
+from train.tokenizer import byte_decode as decode  # noqa: F401
+from train.tokenizer import byte_encode as encode  # noqa: F401
 
 KNOWN_DATASETS = ("stdlib", "arrayrecord")
-SPLITS = ("train", "val")
 # Third-party code is not part of the standard library; caches hold no .py sources worth training on.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
-# ----------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------------------------- documents
 
 
 class DataError(ValueError):
   """A data file that turns out unreadable mid-run; ``python -m train`` prints its sentence."""
-
-
-def encode(text: str | bytes) -> np.ndarray:
-  """Returns the byte ids (0..255) of `text` (utf-8 for str) as int32; no specials added."""
-  data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-  return np.frombuffer(data, np.uint8).astype(np.int32)
-
-
-def decode(ids) -> str:
-  """Returns the text of `ids`: EOS becomes a newline, PAD/BOS and ids >= BYTE_VOCAB are dropped."""
-  # Ids past BYTE_VOCAB can be sampled when the model's vocab is padded; they carry no text.
-  ids = np.asarray(ids, np.int64).reshape(-1)
-  ids = np.where(ids == EOS_ID, ord("\n"), ids)
-  kept = ids[(ids >= 0) & (ids < 256)].astype(np.uint8)
-  return kept.tobytes().decode("utf-8", errors="replace")
 
 
 def concat_docs(docs, dtype=np.uint16) -> np.ndarray:
@@ -66,12 +50,6 @@ def concat_docs(docs, dtype=np.uint16) -> np.ndarray:
     out[pos + len(doc)] = EOS_ID
     pos += len(doc) + 1
   return out
-
-
-def split_of(relpath: str, val_fraction: float) -> str:
-  """Returns "val" or "train" for a file, from the crc32 of its '/'-separated relative path."""
-  val = zlib.crc32(relpath.encode("utf-8")) % 1000 < round(val_fraction * 1000)
-  return "val" if val else "train"
 
 
 # ----------------------------------------------------------------------------- stdlib backend
@@ -102,7 +80,8 @@ def split_files(root: str, split: str, val_fraction: float) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def _stdlib_tokens(root: str, split: str, val_fraction: float) -> np.ndarray:
+def _stdlib_tokens(root: str, split: str, val_fraction: float,
+                   tokenizer_spec: str = "byte") -> np.ndarray:
   docs = []
   for rel in split_files(root, split, val_fraction):
     try:
@@ -110,7 +89,14 @@ def _stdlib_tokens(root: str, split: str, val_fraction: float) -> np.ndarray:
         docs.append(f.read())
     except OSError:  # Permission-denied or dangling files are not worth failing a run for.
       continue
-  tokens = concat_docs(docs)
+  if tokenizer_spec == "byte":
+    tokens = concat_docs(docs)
+  else:  # a subword vocabulary: each document's ids, then the tokenizer's EOS
+    from train import tokenizer
+    tok = tokenizer.load(tokenizer_spec)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    tokens = np.concatenate([np.append(tok.encode_doc(d), tok.eos_id).astype(dtype)
+                             for d in docs] or [np.zeros((0,), dtype)])
   tokens.flags.writeable = False  # Shared by every caller through the cache.
   return tokens
 
@@ -228,7 +214,33 @@ def check_data_config(data_cfg) -> None:
       raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; {how}.")
     if not any(n.endswith(".array_record") for n in os.listdir(data_cfg.path)):
       raise ValueError(f"data.path={data_cfg.path!r} has no .array_record shards; {how}.")
-    read_metadata(data_cfg.path)
+    check_dataset_tokenizer(data_cfg, read_metadata(data_cfg.path))
+  else:
+    _data_tokenizer(data_cfg)
+
+
+def _data_tokenizer(data_cfg):
+  """The tokenizer of data.tokenizer, which must be able to separate documents (an EOS)."""
+  from train import tokenizer
+  spec = tokenizer.spec_of(data_cfg)
+  tok = tokenizer.load(spec)
+  if tok.eos_id is None:
+    raise ValueError(f"data.tokenizer={spec!r} has no end-of-sequence token, which separates the "
+                     "documents of a stream; give a tokenizer that has one.")
+  return tok
+
+
+def check_dataset_tokenizer(data_cfg, meta: dict) -> None:
+  """The dataset at data.path was tokenized with data.tokenizer (metadata.json's "vocab")."""
+  from train import tokenizer
+  tok = _data_tokenizer(data_cfg)
+  if meta.get("vocab", "byte259") != tok.name:
+    made_with = meta.get("tokenizer", {}).get("spec") if isinstance(meta.get("tokenizer"),
+                                                                    dict) else None
+    raise ValueError(f"data.path={data_cfg.path!r} was tokenized with {meta.get('vocab')!r}"
+                     f"{f' ({made_with})' if made_with else ''}, but data.tokenizer="
+                     f"{tokenizer.spec_of(data_cfg)!r} is {tok.name!r}; set --config.data.tokenizer "
+                     "to the dataset's tokenizer, or rewrite the dataset with --tokenizer.")
 
 
 def open_shard(path: str, what: str):
@@ -278,6 +290,8 @@ def split_tokens(data_cfg, split: str) -> int:
   if data_cfg.name == "arrayrecord":
     return int(read_metadata(data_cfg.path)["splits"][split]["num_tokens"])
   root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
+  if _tokenizer_spec(data_cfg) != "byte":  # subword ids: counted by tokenizing (cached for the run)
+    return len(_stdlib_tokens(root, split, float(data_cfg.val_fraction), _tokenizer_spec(data_cfg)))
   # Each document is its bytes and one EOS; unreadable files are skipped when read, so this is
   # an upper bound (make_dataset counts again).
   return sum(os.path.getsize(os.path.join(root, rel)) + 1
@@ -326,7 +340,15 @@ def token_stream(data_cfg, split: str) -> ArrayStream | ArrayRecordStream:
   if data_cfg.name == "arrayrecord":
     return ArrayRecordStream(data_cfg.path, split)
   root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
-  return ArrayStream(_stdlib_tokens(root, split, float(data_cfg.val_fraction)))
+  return ArrayStream(_stdlib_tokens(root, split, float(data_cfg.val_fraction),
+                                    _tokenizer_spec(data_cfg)))
+
+
+def _tokenizer_spec(data_cfg) -> str:
+  """data.tokenizer as a cache key: "byte", or the tokenizer file's absolute path."""
+  from train import tokenizer
+  spec = tokenizer.spec_of(data_cfg)
+  return spec if spec == tokenizer.BYTE_SPEC else os.path.abspath(spec)
 
 
 class WindowSource:

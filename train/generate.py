@@ -3,8 +3,8 @@
 
 Continues each prompt with the language model of a trained (``python -m train``) or converted
 (``python -m train.convert``) workdir and prints prompt + continuation. Prompts are encoded the way
-the model was trained: byte-level (train/data.py), or with the workdir's ``tokenizer.json`` where
-a converted Hugging Face model brought one and the ``tokenizers`` package is installed.
+the model was trained: with the workdir's ``tokenizer.json`` or ``tokenizer.model`` (a run keeps a
+copy of its ``data.tokenizer``; an imported Hugging Face model brings its own), else byte-level.
 ``--prompt_ids=1,2,3`` gives token ids directly. Decoding (train/decoding.py) uses the KV cache
 (llama) or the recurrent state (mamba); other families rerun the whole sequence per token.
 
@@ -27,35 +27,22 @@ from absl import app, flags, logging
 
 
 class Codec:
-  """Text <-> token ids as the workdir's model saw them, and which ids are text."""
+  """Text <-> token ids as the workdir's model saw them (train/tokenizer.py ``from_workdir``: its
+  tokenizer.json or tokenizer.model, else bytes), and which ids are text."""
 
   def __init__(self, workdir: str):
-    from train import data
-    path = os.path.join(workdir, "tokenizer.json")
-    self.tokenizer = None
-    if os.path.exists(path):
-      try:
-        import tokenizers
-      except ImportError:
-        print(f"odyssey: {path} is ignored (the tokenizers package is not installed); prompts "
-              "are byte-level.", file=sys.stderr)
-      else:
-        self.tokenizer = tokenizers.Tokenizer.from_file(path)
-    if self.tokenizer is None:
-      # Byte-level ids; EOS/BOS/PAD are never sampled, as in the LM task's own samples.
-      self.valid_vocab, self.pad_id, self.name = 256, data.PAD_ID, "bytes"
-      self._encode, self._decode = data.encode, data.decode
-    else:
-      self.valid_vocab, self.pad_id, self.name = self.tokenizer.get_vocab_size(), 0, path
-      self._encode = lambda text: self.tokenizer.encode(text).ids
-      self._decode = lambda ids: self.tokenizer.decode([int(i) for i in ids],
-                                                       skip_special_tokens=True)
+    from train import tokenizer
+    self.tokenizer = tokenizer.from_workdir(workdir)
+    # Byte-level: EOS/BOS/PAD are never sampled, as in the LM task's own samples.
+    self.valid_vocab = self.tokenizer.sample_vocab
+    self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+    self.name = self.tokenizer.path or "bytes"
 
   def encode(self, text: str) -> list[int]:
-    return [int(i) for i in self._encode(text)]
+    return self.tokenizer.encode_prompt(text)
 
   def decode(self, ids) -> str:
-    return self._decode(ids)
+    return self.tokenizer.decode(ids)
 
 
 def parse_ids(text: str) -> list[int]:

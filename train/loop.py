@@ -51,6 +51,7 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
   resumed_from, state, init_note = _restore_or_init(program, ckpt, train_iter)
   start_step = int(jax.device_get(state.step))
   kept = workdir_lib.write_config(workdir, config)  # an earlier, different one is kept
+  workdir_lib.record_tokenizer(workdir, config)
   if kept:
     print(f"odyssey: config.json differs from the previous run's, which is kept as {kept}.",
           flush=True)

@@ -61,6 +61,7 @@ def check_resumable(config, workdir: str) -> None:
   steps = checkpoint_steps(workdir)
   if not steps:
     return
+  check_same_tokenizer(config, workdir, steps[-1])
   try:
     saved = checkpoint.load_config(workdir)
   except (ValueError, OSError):
@@ -72,6 +73,33 @@ def check_resumable(config, workdir: str) -> None:
         f"{', '.join(changed)}, which a resumed run cannot change; nothing in it was touched; "
         f"rerun with its config, or use a new --workdir (with --config.init.from={workdir} to "
         "fine-tune from its parameters).")
+
+
+def check_same_tokenizer(config, workdir: str, step: int) -> None:
+  """Refuses to continue checkpoints made with another vocabulary than ``config.data.tokenizer``:
+  the workdir's tokenizer file (train/tokenizer.py ``record``), else the byte tokenizer."""
+  from train import tokenizer
+  if config.get("task") != "lm":
+    return
+  try:
+    theirs = tokenizer.from_workdir(workdir)
+  except ValueError:  # an unreadable copy: the run's own record below replaces it
+    return
+  ours = tokenizer.from_config(config)
+  if theirs.name != ours.name:
+    held = tokenizer.workdir_file(workdir) or "the byte tokenizer"
+    raise WorkdirError(
+        f"{workdir} holds checkpoints (newest step {step}) of a run tokenized with {held} "
+        f"({theirs.name}), but data.tokenizer={tokenizer.spec_of(config.data)!r} is {ours.name}; "
+        "nothing in it was touched; rerun with that tokenizer, or use a new --workdir.")
+
+
+def record_tokenizer(workdir: str, config) -> None:
+  """Keeps a copy of an LM run's tokenizer file in ``workdir`` (process 0), for generation,
+  export and the resume check."""
+  from train import tokenizer
+  if config.get("task") == "lm" and jax.process_index() == 0:
+    tokenizer.record(workdir, tokenizer.from_config(config))
 
 
 def incompatible_fields(saved, config) -> list[str]:

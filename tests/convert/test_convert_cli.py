@@ -137,3 +137,27 @@ def test_imported_llama_generates_as_transformers(hf_llama, tmp_path):
       theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                               pad_token_id=0, eos_token_id=None)[0].numpy()
     assert list(np.asarray(out)) == list(theirs[len(prompt):]), (out, theirs)
+
+
+def test_import_and_export_carry_the_tokenizer(hf_llama, tmp_path):
+  """A Hugging Face folder's tokenizer.json travels into the imported workdir (which generation
+  and a fine-tune's data.tokenizer use) and out again next to the exported safetensors; a workdir
+  that was trained rather than imported exports its own tokenizer's special ids."""
+  import shutil
+
+  from train import convert, tokenizer
+  _, hf_dir = hf_llama
+  src = tmp_path / "hf"
+  shutil.copytree(hf_dir, src)
+  tok = tokenizer.train_bpe(["def f(x):\n    return x\n" * 20], 300, str(src / "tokenizer.json"))
+  convert.import_hf("llama", str(src), str(tmp_path / "conv"))
+  conv = tmp_path / "conv"
+  assert tokenizer.from_workdir(str(conv)).name == tok.name
+  saved = json.loads((conv / "config.json").read_text())
+  assert saved["data"]["tokenizer"] == str(conv / "tokenizer.json")
+  convert.export_hf("llama", str(conv), str(tmp_path / "out"))
+  assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+  (conv / "converted.json").unlink()  # now it reads as a run that trained with tok
+  convert.export_hf("llama", str(conv), str(tmp_path / "out2"))
+  config = json.loads((tmp_path / "out2" / "config.json").read_text())
+  assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (0, 1, 2)

@@ -165,7 +165,7 @@ def test_arrayrecord_stream_matches_encoded_docs(tmp_path):
                                   num_shards=3, val_fraction=val_fraction)
   assert sorted(os.listdir(dst)) == sorted(
       ["metadata.json"] + [make_arrayrecord.shard_name(s, i, 3) for s in data.SPLITS
-                           for i in range(3)])
+                           for i in range(3)] + [f"{s}-doc_starts.npy" for s in data.SPLITS])
 
   cfg = make_cfg(name="arrayrecord", path=dst, val_fraction=val_fraction)
   data.check_data_config(cfg)
@@ -177,6 +177,8 @@ def test_arrayrecord_stream_matches_encoded_docs(tmp_path):
     assert meta["splits"][split]["num_tokens"] == len(expected)
     stream = data.token_stream(cfg, split)
     np.testing.assert_array_equal(stream.read(0, len(expected)), expected)
+    starts = np.load(dst / meta["splits"][split]["doc_starts"])
+    np.testing.assert_array_equal(starts, np.cumsum([0] + [len(d) + 1 for d in docs[:-1]]))
     # Random reads that straddle chunk (and so shard) boundaries.
     for start, length in [(5, 4), (6, 9), (13, 1), (len(expected) - 3, 10)]:
       np.testing.assert_array_equal(stream.read(start, length), expected[start:start + length])

@@ -42,6 +42,7 @@ SAMPLE = U + "test_image_experiments.py::test_train_sample_on_the_dit_digits_wor
 AGREEMENT = U + "test_image_experiments.py::test_digits_agreement_bench_on_the_trained_workdirs"
 ARRAYRECORD = U + "test_arrayrecord.py::test_make_arrayrecord_writes_shards"
 ARRAYRECORD_TRAIN = U + "test_arrayrecord.py::test_train_on_the_arrayrecord_output_as_written"
+BPE_DATA = U + "test_arrayrecord.py::test_train_a_tokenizer_then_convert_jsonl_with_it_as_written"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
 
 DOCUMENTED = {
@@ -151,6 +152,10 @@ DOCUMENTED = {
     # Data.
     "python -m train.make_arrayrecord --src=my_texts/ --dst=/data/my_corpus --glob='**/*.txt'":
         Runs(ARRAYRECORD),
+    "python -m train.tokenizer --src=my_texts/ --vocab_size=8192 --out=/data/tok/tokenizer.json":
+        Runs(BPE_DATA, "my_texts/ = a few small text files, so fewer than 8192 ids are learned"),
+    "python -m train.make_arrayrecord --src=my_docs.jsonl --text_field=text "
+    "--tokenizer=/data/tok/tokenizer.json --dst=/data/my_bpe_corpus": Runs(BPE_DATA),
     "python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR --cpu_devices=8 "
     "--config.data.name=arrayrecord --config.data.path=/data/my_corpus": Runs(ARRAYRECORD_TRAIN),
 }

@@ -49,3 +49,35 @@ def test_train_on_the_arrayrecord_output_as_written(corpus, tmp_path):
   out = run(command + f" --config.train.steps={STEPS}", tmp_path / "run.log", timeout=600).stdout
   assert "arrayrecord" in (tmp_path / "run" / "config.json").read_text()
   check_lm_run(tmp_path / "run", out, STEPS, "experiments/lm_stdlib.py:size=small")
+
+
+TOKENIZE = doc("python -m train.tokenizer --src=my_texts/ --vocab_size=8192 "
+               "--out=/data/tok/tokenizer.json")
+CONVERT_JSONL = doc("python -m train.make_arrayrecord --src=my_docs.jsonl --text_field=text "
+                    "--tokenizer=/data/tok/tokenizer.json --dst=/data/my_bpe_corpus")
+
+
+def test_train_a_tokenizer_then_convert_jsonl_with_it_as_written(tmp_path):
+  """docs/data.md's tokenizer commands on 40 small stdlib files (a few hundred merges, not 8192)."""
+  from train import tokenizer
+  texts = tmp_path / "my_texts"
+  texts.mkdir()
+  stdlib = sysconfig.get_paths()["stdlib"]
+  files = sorted(f for f in os.listdir(stdlib) if f.endswith(".py"))[:40]
+  for name in files:
+    shutil.copy(os.path.join(stdlib, name), texts / (name[:-3] + ".txt"))
+  tok_path = tmp_path / "tok" / "tokenizer.json"
+  out = run(substitute(TOKENIZE, **{"my_texts/": f"{texts}/", "/data/tok/tokenizer.json": tok_path}),
+            tmp_path / "tokenize.log", timeout=300).stdout
+  tok = tokenizer.load(str(tok_path))
+  assert 259 < tok.vocab_size <= 8192 and tok.eos_id == 2, out[-2000:]
+  docs = [(texts / (n[:-3] + ".txt")).read_text(errors="replace") for n in files]
+  with open(tmp_path / "my_docs.jsonl", "w") as f:
+    f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+  out = run(substitute(CONVERT_JSONL, **{"my_docs.jsonl": tmp_path / "my_docs.jsonl",
+                                         "/data/tok/tokenizer.json": tok_path,
+                                         "/data/my_bpe_corpus": tmp_path / "corpus"}),
+            tmp_path / "convert.log", timeout=300).stdout
+  meta = json.loads((tmp_path / "corpus" / "metadata.json").read_text())
+  assert meta["vocab"] == tok.name and sum(
+      s["num_docs"] for s in meta["splits"].values()) == len(docs), out[-2000:]

@@ -1,4 +1,5 @@
-"""Next-token prediction on byte-level text (train/data.py): loss, bits per byte, text samples."""
+"""Next-token prediction on tokenized text (train/data.py, train/tokenizer.py): loss, bits per
+token (per byte with the byte tokenizer), text samples."""
 
 import math
 import os
@@ -10,11 +11,14 @@ import optax
 
 from nets import moe, registry
 from train import data, decoding
+from train import tokenizer as tokenizer_lib
 
 
-def token_loss(logits_BxSxV, targets_BxS):
-  """Summed float32 cross-entropy over non-padding targets, and their count."""
-  weights_BxS = (targets_BxS != data.PAD_ID).astype(jnp.float32)
+def token_loss(logits_BxSxV, targets_BxS, pad_id: int | None = data.PAD_ID):
+  """Summed float32 cross-entropy over non-padding targets (``pad_id``: the tokenizer's; None:
+  every target counts), and their count."""
+  pad_id = -1 if pad_id is None else pad_id
+  weights_BxS = (targets_BxS != pad_id).astype(jnp.float32)
   # The count depends on the targets alone, so its all-reduce over the batch axes would be
   # independent of the model's layer scan, and XLA:CPU may then run the two in a different order
   # on different devices, each waiting for the other (seen: the expert=4 x data=2 MoE step, one
@@ -45,15 +49,26 @@ class LMTask:
 
   def __init__(self, config):
     self.config = config
+    self._tokenizer = None
+
+  @property
+  def tokenizer(self):
+    """config.data.tokenizer, loaded once (check() reports a bad one in a sentence first)."""
+    if self._tokenizer is None:
+      self._tokenizer = tokenizer_lib.from_config(self.config)
+    return self._tokenizer
 
   def check(self, model_cfg):
     data.check_data_config(self.config.data)
     if not isinstance(self.config.train.seq_len, int) or self.config.train.seq_len < 1:
       raise ValueError(f"config.train.seq_len={self.config.train.seq_len!r} must be a positive "
                        "integer.")
-    if model_cfg.vocab_size < data.BYTE_VOCAB:
-      raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte "
-                       f"tokenizer's {data.BYTE_VOCAB} ids.")
+    tok = self.tokenizer
+    if model_cfg.vocab_size < tok.vocab_size:
+      where = f"in {tok.path}" if tok.path else "of the byte tokenizer"
+      raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                       f"vocabulary ({tok.vocab_size} ids {where}); set --config.model.vocab_size="
+                       f"{tok.vocab_size} or larger.")
     multiple = registry.get(self.config.model.name).length_multiple(model_cfg)
     if self.config.train.seq_len % multiple:
       raise ValueError(f"train.seq_len={self.config.train.seq_len} is not a multiple of "
@@ -97,7 +112,7 @@ class LMTask:
       inputs, targets, positions = reorder(batch, permutation)
       logits, aux_loss, aux_metrics = moe.apply_with_aux(
           model, {"params": params}, inputs, positions, rngs={"dropout": rng})
-      loss_sum, count = token_loss(logits, targets)
+      loss_sum, count = token_loss(logits, targets, self.tokenizer.pad_id)
       ce = loss_sum / jnp.maximum(count, 1.0)
       # "loss" is what is minimised (cross-entropy + MoE auxiliary terms); "ce_loss" alone.
       return ce + aux_loss, {"tokens": count, "ce_loss": ce, **aux_metrics}
@@ -106,7 +121,8 @@ class LMTask:
   def eval_fn(self, model, permutation=None):
     def eval_fn(params, batch):
       inputs, targets, positions = reorder(batch, permutation)
-      loss_sum, count = token_loss(model.apply({"params": params}, inputs, positions), targets)
+      loss_sum, count = token_loss(model.apply({"params": params}, inputs, positions), targets,
+                                   self.tokenizer.pad_id)
       return {"loss_sum": loss_sum, "tokens": count}
     return eval_fn
 
@@ -127,12 +143,14 @@ class LMTask:
     if not final or s.max_new_tokens <= 0:
       return None
     n = -(-s.num_samples // data_parallel) * data_parallel  # the batch must split over the data axes
-    tokens = decoding.sample(model, params, data.encode(s.prompt), num_samples=n,
+    tok = self.tokenizer
+    pad_id = tok.pad_id if tok.pad_id is not None else 0
+    tokens = decoding.sample(model, params, tok.encode(s.prompt), num_samples=n,
                              max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                             seed=self.config.seed, valid_vocab=256, pad_id=data.PAD_ID,
+                             seed=self.config.seed, valid_vocab=tok.sample_vocab, pad_id=pad_id,
                              sharding=sharding["inputs"], top_k=s.get("top_k", 0),
                              top_p=s.get("top_p", 1.0))
-    texts = [data.decode(row) for row in tokens[:s.num_samples]]
+    texts = [tok.decode(row) for row in tokens[:s.num_samples]]
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "samples.txt"), "a") as f:
         for i, text in enumerate(texts):

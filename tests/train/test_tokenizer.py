@@ -1,0 +1,177 @@
+"""train/tokenizer.py: the byte, Hugging Face and SentencePiece tokenizers behind one interface,
+the BPE training command, the model.vocab_size check and the workdir's record of the tokenizer.
+Every tokenizer is made here from a few kilobytes of text (nothing is downloaded)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from configs import lm
+from tests import run_module
+from train import tokenizer, validate
+from train import workdir as workdir_lib
+
+TEXT = ("def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+        "# héllo wörld ✓ — unicode survives\n")
+ROUND_TRIP = "def mul(x, y):\n    return x * y  # héllo ✓\n"
+
+
+def corpus_folder(root):
+  """A folder of a few text files (the train command's default --glob takes .txt)."""
+  root.mkdir(parents=True, exist_ok=True)
+  for i in range(6):
+    (root / f"doc{i}.txt").write_text(TEXT.replace("add", f"add{i}") * (i + 1))
+  return root
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+  """A byte-level BPE of 300 ids trained by train_bpe, in a folder of its own."""
+  out = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+  return tokenizer.train_bpe([TEXT * 3, ROUND_TRIP], 300, str(out))
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+  """A SentencePiece BPE .model with a tiny vocabulary, trained on the same text."""
+  import sentencepiece
+  prefix = tmp_path_factory.mktemp("spm") / "sp"
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter((TEXT * 4 + ROUND_TRIP).splitlines()), model_prefix=str(prefix),
+      vocab_size=80, model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
+      minloglevel=2)
+  return str(prefix) + ".model"
+
+
+def test_byte_tokenizer_keeps_the_byte_ids():
+  tok = tokenizer.load("byte")
+  assert (tok.name, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (
+      "byte259", 259, 256, 257, 258)
+  ids = tok.encode("aé")
+  assert ids.dtype == np.int32 and ids.tolist() == [97, 195, 169]
+  assert tok.decode([257, 97, 258, 256, 300, 98]) == "a\nb"
+  assert tok.encode_doc(b"\xff").tolist() == [255]  # raw bytes stay raw
+
+
+def test_hf_tokenizer_json_round_trips_and_names_its_specials(bpe):
+  assert bpe.name.startswith("hf:") and len(bpe.name) == 15
+  assert (bpe.vocab_size, bpe.pad_id, bpe.bos_id, bpe.eos_id) == (300, 0, 1, 2)
+  ids = bpe.encode(ROUND_TRIP)
+  assert ids.dtype == np.int32 and len(ids) < len(ROUND_TRIP.encode())  # merges happened
+  assert bpe.decode(ids) == ROUND_TRIP
+  assert bpe.decode([1, *ids.tolist(), 2, 0, 999]) == ROUND_TRIP  # specials and padding dropped
+  assert tokenizer.load(bpe.path).name == bpe.name
+
+
+def test_sentencepiece_model_round_trips(spm_model):
+  tok = tokenizer.load(spm_model)
+  assert tok.name.startswith("spm:")
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, None)
+  text = "def add(a, b):"
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and 0 < len(ids) < len(text)
+  assert tok.decode(ids) == text
+  assert tok.decode([1, *ids.tolist(), 2]) == text
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: str(d / "missing.json"), "tokenizer file {p} does not exist"),
+    (lambda d: d / "bad.json", "{p} is not a tokenizer.json the tokenizers package can read"),
+    (lambda d: d / "bad.model", "{p} is not a SentencePiece model"),
+    (lambda d: str(d / "vocab.txt"), "tokenizer '{p}' is neither 'byte'"),
+])
+def test_a_missing_or_malformed_file_is_one_sentence_naming_it(tmp_path, make, message):
+  path = make(tmp_path)
+  if not isinstance(path, str):
+    path.write_text("{not a tokenizer")
+  with pytest.raises(ValueError, match=message.format(p=str(path))):
+    tokenizer.load(str(path))
+
+
+def test_train_command_writes_the_requested_size_deterministically_and_never_overwrites(tmp_path):
+  src = corpus_folder(tmp_path / "texts")
+  out = tmp_path / "tok" / "tokenizer.json"
+  proc = run_module("train.tokenizer", f"--src={src}", "--vocab_size=320", f"--out={out}",
+                    timeout=120)
+  tok = tokenizer.load(str(out))
+  assert tok.vocab_size == 320 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  assert f"wrote {out}: 320 ids" in proc.stdout
+  again = tokenizer.train_bpe((p.read_text() for p in sorted(src.glob("*.txt"))), 320,
+                              str(tmp_path / "again.json"))
+  assert again.name == tok.name  # same source, same bytes
+  before = out.read_bytes()
+  proc = run_module("train.tokenizer", f"--src={src}", "--vocab_size=400", f"--out={out}",
+                    timeout=120, ok=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"odyssey: --out={out} already exists; tokenizer training never overwrites, so give a new "
+      "path.")
+  assert out.read_bytes() == before
+
+
+def lm_config(spec, vocab_size):
+  config = lm.get_config("size=test")
+  config.data.tokenizer = str(spec)
+  config.model.vocab_size = vocab_size
+  config.train.update(batch_size=8, seq_len=32)
+  config.eval.batch_size = 8
+  return config
+
+
+def test_model_vocab_size_is_checked_against_the_tokenizer_in_one_sentence(bpe):
+  with pytest.raises(ValueError) as e:
+    validate.validate(lm_config(bpe.path, 259), num_devices=8, process_count=1)
+  assert str(e.value) == (
+      f"model.vocab_size=259 is smaller than the tokenizer's vocabulary (300 ids in {bpe.path}); "
+      "set --config.model.vocab_size=300 or larger.")
+  with pytest.raises(ValueError, match="has no end-of-sequence token"):
+    # the SentencePiece model of another test has an EOS; a WordLevel file without one has not
+    import tokenizers
+    path = os.path.join(os.path.dirname(bpe.path), "noeos.json")
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "a": 1}, "[UNK]")).save(path)
+    validate.validate(lm_config(path, 384), num_devices=8, process_count=1)
+
+
+def test_the_workdir_keeps_the_tokenizer_and_refuses_another_on_resume(bpe, spm_model, tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "5").mkdir(parents=True)  # a run with a checkpoint (of bytes)
+  hf = lm_config(bpe.path, 384)
+  with pytest.raises(workdir_lib.WorkdirError) as e:
+    workdir_lib.check_resumable(hf, str(workdir))
+  assert e.value.sentence == (
+      f"{workdir} holds checkpoints (newest step 5) of a run tokenized with the byte tokenizer "
+      f"(byte259), but data.tokenizer='{bpe.path}' is {bpe.name}; nothing in it was touched; "
+      "rerun with that tokenizer, or use a new --workdir.")
+  assert sorted(os.listdir(workdir)) == ["checkpoints"]
+  workdir_lib.record_tokenizer(str(workdir), hf)  # what a run of hf does first
+  assert (workdir / "tokenizer.json").read_bytes() == open(bpe.path, "rb").read()
+  assert tokenizer.from_workdir(str(workdir)).name == bpe.name
+  workdir_lib.check_resumable(hf, str(workdir))  # the same tokenizer resumes
+  for other in (lm_config("byte", 384), lm_config(spm_model, 384)):
+    with pytest.raises(workdir_lib.WorkdirError, match="tokenized with .*tokenizer.json"):
+      workdir_lib.check_resumable(other, str(workdir))
+  assert (workdir / "tokenizer.json").read_bytes() == open(bpe.path, "rb").read()
+  (tmp_path / "sp").mkdir()
+  workdir_lib.record_tokenizer(str(tmp_path / "sp"), lm_config(spm_model, 384))
+  assert (tmp_path / "sp" / "tokenizer.model").exists()
+  assert tokenizer.from_workdir(str(tmp_path / "sp")).name == tokenizer.load(spm_model).name
+
+
+def test_the_stdlib_backend_tokenizes_a_folder_with_the_configured_tokenizer(bpe, tmp_path):
+  import ml_collections
+
+  from train import data
+  root = corpus_folder(tmp_path / "py")
+  for p in root.glob("*.txt"):
+    p.rename(p.with_suffix(".py"))
+  cfg = ml_collections.ConfigDict(dict(name="stdlib", path=str(root), val_fraction=0.3,
+                                       tokenizer=bpe.path, num_threads=0, prefetch=1))
+  data.check_data_config(cfg)
+  for split in data.SPLITS:
+    stream = data.token_stream(cfg, split)
+    tokens = stream.read(0, len(stream))
+    assert len(stream) == data.split_tokens(cfg, split) and tokens.max() < bpe.vocab_size
+    texts = [(root / rel).read_text() for rel in data.split_files(str(root), split, 0.3)]
+    assert bpe.decode(tokens) == "".join(texts)  # EOS separators are special: dropped
+    assert (tokens == bpe.eos_id).sum() == len(texts)
