@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       moe=moe_group()))
   c.data = ml_collections.ConfigDict(dict(
       name="stdlib", path="", val_fraction=0.05,
+      packing="none",  # "documents": attention, positions and loss stay within each document
       num_threads=0,  # in-memory windows: reader threads only add GIL contention
       prefetch=2))
   c.train.seq_len = 256
