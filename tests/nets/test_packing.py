@@ -54,6 +54,20 @@ def one_by_one(batch: dict) -> dict:
   return {k: np.stack(v) for k, v in rows.items()}
 
 
+def in_place(batch: dict) -> dict:
+  """Every segment of every row alone at its own offset: the rest of its row is PAD (inputs and
+  targets), with the row's segment ids and positions. Equal loss means no document's logits
+  depend on another document's bytes."""
+  rows = {k: [] for k in batch}
+  for r in range(batch["inputs"].shape[0]):
+    for seg in np.unique(batch["segment_ids"][r]):
+      where = batch["segment_ids"][r] == seg
+      for k in rows:
+        keep = k in ("segment_ids", "positions")
+        rows[k].append(batch[k][r] if keep else np.where(where, batch[k][r], data.PAD_ID))
+  return {k: np.stack(v) for k, v in rows.items()}
+
+
 def max_diff(a, b) -> float:
   return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -61,8 +75,7 @@ def max_diff(a, b) -> float:
 def check_packed_equals_one_by_one(model, batch: dict, name: str, reference: dict | None = None):
   """The packed loss and gradients equal the one-by-one reference's (float32 tolerance)."""
   reference = one_by_one(batch) if reference is None else reference
-  params = jit(model.init)(jax.random.key(0), jnp.asarray(batch["inputs"]))["params"]
-  vg = jit(jax.value_and_grad(_loss_fn(model), has_aux=True))
+  params, vg = _compiled(model, batch["inputs"].shape)
   (got, got_count), got_grads = vg(params, batch)
   (want, want_count), want_grads = vg(params, reference)
   assert got_count == want_count, (got_count, want_count)
@@ -80,6 +93,18 @@ def check_packed_equals_one_by_one(model, batch: dict, name: str, reference: dic
                                            batch["inputs"].shape)}
   _, unpacked_grads = vg(params, unpacked)
   assert max_diff(unpacked_grads, want_grads) > 100 * max(grad_diff, 1e-7)
+
+
+_COMPILED = {}
+
+
+def _compiled(model, shape):
+  """(params, jitted value_and_grad) per model object: tests sharing a model share compiles."""
+  if id(model) not in _COMPILED:
+    params = jit(model.init)(jax.random.key(0), jnp.zeros(shape, jnp.int32))["params"]
+    _COMPILED[id(model)] = (model, params,
+                            jit(jax.value_and_grad(_loss_fn(model), has_aux=True)))
+  return _COMPILED[id(model)][1:]
 
 
 def _loss_fn(model):
@@ -109,7 +134,7 @@ def test_packed_batch_has_the_pipeline_fields():
 
 
 def llama_cfg():
-  return LlamaConfig(vocab_size=288, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+  return LlamaConfig(vocab_size=288, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
                      mlp_dim=64, max_len=64)
 
 
@@ -126,8 +151,39 @@ def test_llama_packed_equals_one_by_one(kernel):
 def test_mamba_packed_equals_one_by_one():
   """The state and the conv window restart at each document (the sequential and associative
   scans apply the restart alike: tests/nets/test_mamba.py)."""
-  cfg = mamba.Config(vocab_size=288, num_layers=2, d_model=16, d_state=4, scan="sequential")
+  cfg = mamba.Config(vocab_size=288, num_layers=1, d_model=16, d_state=4, scan="sequential")
   check_packed_equals_one_by_one(mamba.Model(cfg), packed_batch(), "mamba")
+
+
+# ----------------------------------------------------------------------------- MEGABYTE
+
+
+@functools.lru_cache(maxsize=None)
+def megabyte_model():
+  """Three stages (4-byte global tokens of two 2-byte tokens), the middle one Mamba."""
+  cfg = megabyte.Config(vocab_size=288, patch_sizes=(2, 2), d_model=(32, 16, 16),
+                        num_layers=(1, 1, 1), num_heads=(2, 2, 2), mlp_dim=(64, 32, 32),
+                        blocks=("transformer", "mamba", "transformer"), max_len=64, d_state=4,
+                        scan="sequential")
+  return megabyte.Model(cfg)
+
+
+def test_megabyte_packed_equals_one_by_one_when_documents_start_at_global_tokens():
+  """Documents of 4k bytes with their EOS start at global-token boundaries: each gets exactly
+  the logits it gets alone."""
+  batch = packed_batch((3, 7, 11, 3, 15, 7, 3, 11), S, B)
+  assert np.all(np.nonzero(batch["positions"] == 0)[1] % 4 == 0)
+  check_packed_equals_one_by_one(megabyte_model(), batch, "megabyte/aligned")
+
+
+def test_megabyte_documents_inside_global_tokens_see_only_themselves():
+  """Documents starting inside a global token (or inside a 2-byte token): the packed loss equals
+  that of every document alone at its offset, the rest of its row PAD."""
+  batch = packed_batch()
+  starts = np.nonzero(batch["positions"] == 0)[1]
+  assert np.any(starts % 4 == 2) and np.any(starts % 2 == 1)
+  check_packed_equals_one_by_one(megabyte_model(), batch, "megabyte/unaligned",
+                                 reference=in_place(batch))
 
 
 # ----------------------------------------------------------------------------- cuDNN and Splash
