@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # byte | a tokenizer.json | a SentencePiece .model (train/tokenizer.py); model.vocab_size
       # must hold its ids. An arrayrecord dataset must have been written with the same one.
       tokenizer="byte",
+      packing="none",  # "documents": attention, positions and loss stay within each document
       num_threads=0,  # in-memory windows: reader threads only add GIL contention
       prefetch=2))
   c.train.seq_len = 256

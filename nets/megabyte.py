@@ -29,6 +29,7 @@ import math
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nets import attention, counting, decoder, ssm
@@ -188,11 +189,46 @@ def flops(cfg: Config, step: counting.Step) -> float:
   return total
 
 
+def segment_positions(segment_ids_NxP):
+  """Each token's index within its run of equal segment ids (contiguous documents)."""
+  P = segment_ids_NxP.shape[1]
+  index_NxP = jnp.broadcast_to(jnp.arange(P), segment_ids_NxP.shape)
+  starts_NxP = jnp.concatenate([jnp.ones_like(segment_ids_NxP[:, :1], bool),
+                                segment_ids_NxP[:, 1:] != segment_ids_NxP[:, :-1]], axis=1)
+  return index_NxP - jax.lax.cummax(jnp.where(starts_NxP, index_NxP, 0), axis=1)
+
+
+def _shifted_patches(e_NxPxGxE, seg_NxPxG):
+  """The previous token's byte embeddings at every token, and where the start token goes.
+
+  Without segments: token j gets token j-1's bytes, token 0 the start token. With them, only the
+  bytes of token j's own document (the segment of its first byte) are kept, the others zeroed;
+  a token with none of them (its document starts at its first byte) gets the start token.
+  """
+  zeros = jnp.zeros_like(e_NxPxGxE[:, :1])
+  prev_NxPxGxE = jnp.concatenate([zeros, e_NxPxGxE[:, :-1]], axis=1)
+  first_NxP = jnp.arange(e_NxPxGxE.shape[1])[None, :] == 0
+  if seg_NxPxG is None:
+    return prev_NxPxGxE, first_NxP
+  prev_seg_NxPxG = jnp.concatenate([jnp.full_like(seg_NxPxG[:, :1], -1), seg_NxPxG[:, :-1]],
+                                   axis=1)
+  keep_NxPxG = prev_seg_NxPxG == seg_NxPxG[:, :, :1]
+  prev_NxPxGxE = jnp.where(keep_NxPxG[..., None], prev_NxPxGxE, 0)
+  return prev_NxPxGxE, first_NxP | ~jnp.any(keep_NxPxG, axis=-1)
+
+
 class Model(nn.Module):
   """Byte LM: tokens [B, S] int32 -> logits [B, S, V] float32; S must divide into global tokens.
 
   Same call signature as nets.llama.Model; positions are ignored (each stage numbers its own
-  sequence), and segment ids are refused because a patch may straddle two documents.
+  sequence). Segment ids (packed documents, contiguous) keep every document to itself at every
+  stage: a stage token belongs to the document of its first byte; its input (the previous token's
+  bytes) keeps only that document's bytes, or is the start token where the document starts at
+  the token; its parent's output is added only when the parent belongs to the same document;
+  attention is masked by these token segments, RoPE counts from each document's first token, and
+  Mamba stages restart there. So no byte's logits depend on another document's bytes, and a
+  document starting at a global-patch boundary gets exactly the logits it gets alone
+  (docs/models.md).
   """
   cfg: Config
   attention_fn: Callable[..., Any] = attention.dot_product_attention
@@ -201,9 +237,6 @@ class Model(nn.Module):
   def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None):
     del positions_BxS
     cfg = self.cfg
-    if segment_ids_BxS is not None:
-      raise ValueError("megabyte does not support segment ids (packed documents), because a patch "
-                       "may straddle two documents; pass segment_ids_BxS=None.")
     B, S = tokens_BxS.shape
     G0 = cfg.group_sizes[0]
     if S % G0:
@@ -212,33 +245,33 @@ class Model(nn.Module):
     n, Eb = cfg.num_stages, cfg.d_model[-1]
     byte_cfg = stage_config(cfg, n - 1)  # width Eb: every stage's byte table has it
     lengths = (S // G0,) + cfg.patch_sizes  # each stage's sequence length
-    parent_NxPxD = None
+    parent_NxPxD, parent_seg_N = None, None
     for s in range(n):
       sub, d, P, G = stage_config(cfg, s), cfg.d_model[s], lengths[s], cfg.group_sizes[s]
       embed = Embed(byte_cfg, name=f"embed_{s}")
       e_NxPxGxE = embed(tokens_BxS.reshape(-1, P, G))
+      seg_NxPxG = None if segment_ids_BxS is None else segment_ids_BxS.reshape(-1, P, G)
+      seg_NxP = None if seg_NxPxG is None else seg_NxPxG[:, :, 0]  # a token's first byte's
       if s < n - 1:
-        x_NxPxD = Proj(sub, (d,), (None, None, "embed"), n_in=2, name=f"patch_{s}")(e_NxPxGxE)
+        prev_NxPxGxE, use_start_NxP = _shifted_patches(e_NxPxGxE, seg_NxPxG)
+        x_NxPxD = Proj(sub, (d,), (None, None, "embed"), n_in=2, name=f"patch_{s}")(prev_NxPxGxE)
         start_D = self.param(f"start_{s}", nn.with_logical_partitioning(
             nn.initializers.normal(cfg.init_std), ("embed",)), (d,), jnp.dtype(cfg.param_dtype))
-        start_Nx1xD = jnp.broadcast_to(start_D.astype(x_NxPxD.dtype), (x_NxPxD.shape[0], 1, d))
-        x_NxPxD = jnp.concatenate([start_Nx1xD, x_NxPxD[:, :-1]], axis=1)
+        x_NxPxD = jnp.where(use_start_NxP[..., None], start_D.astype(x_NxPxD.dtype), x_NxPxD)
       else:
         x_NxPxD = e_NxPxGxE[:, :, 0]  # G == 1 and d == Eb
       if parent_NxPxD is not None:
         parent_NxD = parent_NxPxD.reshape(-1, parent_NxPxD.shape[-1])
-        x_NxPxD = x_NxPxD + Proj(sub, (P, d), ("embed", None, None),
+        from_parent_NxPxD = Proj(sub, (P, d), ("embed", None, None),
                                  name=f"from_parent_{s}")(parent_NxD)
+        if seg_NxP is not None:  # only where the parent token is of the same document
+          same_NxP = seg_NxP == parent_seg_N[:, None]
+          from_parent_NxPxD = jnp.where(same_NxP[..., None], from_parent_NxPxD, 0)
+        x_NxPxD = x_NxPxD + from_parent_NxPxD
       x_NxPxD = nn.with_logical_constraint(x_NxPxD, ("act_batch", "act_seq", "act_embed"))
-      if cfg.stage_blocks[s] == "mamba":
-        stack = scanned(ssm.Block, sub.remat, sub.num_layers)
-        x_NxPxD, _ = stack(sub, name=f"stage_{s}")(x_NxPxD, None, None)
-      else:
-        positions_NxP = jnp.broadcast_to(jnp.arange(P), x_NxPxD.shape[:2])
-        stack = scanned(decoder.Block, sub.remat, sub.num_layers)
-        x_NxPxD, _ = stack(sub, self.attention_fn, name=f"stage_{s}")(x_NxPxD, positions_NxP,
-                                                                       None)
+      x_NxPxD = self._stage(sub, s, x_NxPxD, seg_NxP)
       parent_NxPxD = RMSNorm(sub, name=f"norm_{s}")(x_NxPxD)
+      parent_seg_N = None if seg_NxP is None else seg_NxP.reshape(-1)
 
     x_BxSxE = parent_NxPxD.reshape(B, S, Eb)
     if cfg.tie_embeddings:  # ``embed`` is the last stage's byte table
@@ -248,6 +281,18 @@ class Model(nn.Module):
                           out_dtype=jnp.float32, name="lm_head")(x_BxSxE)
     logits_BxSxV = nn.with_logical_constraint(logits_BxSxV, ("act_batch", "act_seq", "act_vocab"))
     return logits_BxSxV.astype(jnp.float32)
+
+  def _stage(self, sub, s: int, x_NxPxD, seg_NxP):
+    """Stage ``s``'s block stack over its sequences, within each document when segmented."""
+    if self.cfg.stage_blocks[s] == "mamba":
+      stack = scanned(ssm.Block, sub.remat, sub.num_layers)
+      return stack(sub, name=f"stage_{s}")(x_NxPxD, seg_NxP, None)[0]
+    if seg_NxP is None:
+      positions_NxP = jnp.broadcast_to(jnp.arange(x_NxPxD.shape[1]), x_NxPxD.shape[:2])
+    else:
+      positions_NxP = segment_positions(seg_NxP)
+    stack = scanned(decoder.Block, sub.remat, sub.num_layers)
+    return stack(sub, self.attention_fn, name=f"stage_{s}")(x_NxPxD, positions_NxP, seg_NxP)[0]
 
 
 FAMILY = Family(

@@ -267,23 +267,34 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def cudnn_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
-                    block_kv: int = 512):
+                    block_kv: int = 512, implementation: str = "cudnn"):
   """cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs).
 
-  cuDNN takes bf16/fp16, head dims that are multiples of 8 up to 128 (256 from Hopper on), and
-  masks causally by index, without segment ids. Everything else goes to the blockwise kernel, a
-  static decision made at trace time: float32, segment masks, other head dims, and causal
-  attention of a query block over a longer key sequence (the all-gather strategy's local queries,
-  whose positions start mid-sequence). Positions must otherwise be 0..N-1 in order, which holds
+  cuDNN takes bf16/fp16 and head dims that are multiples of 8 up to 128 (256 from Hopper on), and
+  masks causally by index. Segment ids (packed documents, padding) go in as its boolean ``mask``
+  argument, [B, 1, S, T] "same segment" (``cudnn_segment_mask``), which cuDNN applies as a bias.
+  Everything else goes to the blockwise kernel, a static decision made at trace time: float32,
+  other head dims, and causal attention of a query block over a longer key sequence (the
+  all-gather strategy's local queries, whose positions start mid-sequence). Positions must
+  otherwise be 0..N-1 in order, or restart at each segment start (packed documents): with
+  contiguous segments, index order and position order agree within a segment. That holds
   wherever a local kernel runs (only ring/USP reorder the sequence, and they use their own block
-  primitives).
+  primitives). ``implementation="xla"`` computes the same call with XLA (tests on CPU).
   """
   D, S, T = q.shape[-1], q.shape[1], k.shape[1]
-  if (q.dtype not in (jnp.bfloat16, jnp.float16) or mask.q_segments is not None
-      or (causal and S != T) or D % 8 or D > _cudnn_max_head_dim()):
+  if (q.dtype not in (jnp.bfloat16, jnp.float16) or (causal and S != T) or D % 8
+      or D > _cudnn_max_head_dim()):
     return blockwise_attention(q, k, v, causal=causal, mask=mask, block_q=block_q,
                                block_kv=block_kv)
-  return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, mask=cudnn_segment_mask(mask), is_causal=causal,
+                                      implementation=implementation)
+
+
+def cudnn_segment_mask(mask: Mask):
+  """bool [B, 1, S, T]: query and key in the same segment; None without segment ids."""
+  if mask.q_segments is None:
+    return None
+  return (mask.q_segments[:, :, None] == mask.kv_segments[:, None, :])[:, None]
 
 
 def _cudnn_max_head_dim() -> int:

@@ -24,6 +24,7 @@ import numpy as np
 
 # The byte vocabulary and the split rule live with the tokenizers and the text sources, which the
 # converter's worker processes import without JAX; they are re-exported here for the pipeline.
+from train import tokenizer
 from train.text_sources import SPLITS, split_of  # noqa: F401
 from train.tokenizer import BOS_ID, BYTE_VOCAB, EOS_ID, PAD_ID, VOCAB_NAME  # noqa: F401
 from train.tokenizer import byte_decode as decode  # noqa: F401
@@ -92,7 +93,6 @@ def _stdlib_tokens(root: str, split: str, val_fraction: float,
   if tokenizer_spec == "byte":
     tokens = concat_docs(docs)
   else:  # a subword vocabulary: each document's ids, then the tokenizer's EOS
-    from train import tokenizer
     tok = tokenizer.load(tokenizer_spec)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     tokens = np.concatenate([np.append(tok.encode_doc(d), tok.eos_id).astype(dtype)
@@ -221,7 +221,6 @@ def check_data_config(data_cfg) -> None:
 
 def _data_tokenizer(data_cfg):
   """The tokenizer of data.tokenizer, which must be able to separate documents (an EOS)."""
-  from train import tokenizer
   spec = tokenizer.spec_of(data_cfg)
   tok = tokenizer.load(spec)
   if tok.eos_id is None:
@@ -232,7 +231,6 @@ def _data_tokenizer(data_cfg):
 
 def check_dataset_tokenizer(data_cfg, meta: dict) -> None:
   """The dataset at data.path was tokenized with data.tokenizer (metadata.json's "vocab")."""
-  from train import tokenizer
   tok = _data_tokenizer(data_cfg)
   if meta.get("vocab", "byte259") != tok.name:
     made_with = meta.get("tokenizer", {}).get("spec") if isinstance(meta.get("tokenizer"),
@@ -346,17 +344,51 @@ def token_stream(data_cfg, split: str) -> ArrayStream | ArrayRecordStream:
 
 def _tokenizer_spec(data_cfg) -> str:
   """data.tokenizer as a cache key: "byte", or the tokenizer file's absolute path."""
-  from train import tokenizer
   spec = tokenizer.spec_of(data_cfg)
   return spec if spec == tokenizer.BYTE_SPEC else os.path.abspath(spec)
 
 
-class WindowSource:
-  """grain random-access source of LM windows: element j covers stream[j*L : j*L + L + 1]."""
+PACKINGS = ("none", "documents")
 
-  def __init__(self, stream, seq_len: int):
+
+def document_fields(inputs_S: np.ndarray, targets_S: np.ndarray, eos_id: int = EOS_ID,
+                    pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
+  """The packed-document fields of one window (``data.packing="documents"``).
+
+  Conventions (docs/data.md): a document ends with its EOS, and the token after an EOS starts the
+  next one. ``segment_ids`` numbers the documents of the window 1, 2, ... (the first one, usually
+  the tail of a document begun in an earlier window, is 1; 0 is left for padding); ``positions``
+  restart at 0 at each document start (and at the window's first token). A target that is the
+  first token of the next document (``inputs[t] == EOS``) becomes ``pad_id``, so the loss skips it.
+  """
+  is_eos_S = inputs_S == eos_id
+  # Segment t counts the EOS tokens strictly before t: the EOS stays with the document it ends.
+  segment_ids_S = (1 + np.concatenate([[0], np.cumsum(is_eos_S[:-1])])).astype(np.int32)
+  index_S = np.arange(len(inputs_S), dtype=np.int32)
+  starts_S = np.concatenate([[True], is_eos_S[:-1]])
+  first_S = np.maximum.accumulate(np.where(starts_S, index_S, 0))
+  return {"inputs": inputs_S, "targets": np.where(is_eos_S, pad_id, targets_S).astype(np.int32),
+          "segment_ids": segment_ids_S, "positions": (index_S - first_S).astype(np.int32)}
+
+
+class WindowSource:
+  """grain random-access source of LM windows: element j covers stream[j*L : j*L + L + 1].
+
+  ``packing="documents"`` adds per-document ``segment_ids`` and ``positions`` and masks the
+  targets that cross a document boundary (``document_fields``); a pure function of the window,
+  so the data iterator's checkpoint covers it.
+  """
+
+  def __init__(self, stream, seq_len: int, packing: str = "none", eos_id: int = EOS_ID,
+               pad_id: int | None = PAD_ID):
+    if packing not in PACKINGS:
+      raise ValueError(f"data.packing={packing!r} is not one of {PACKINGS}.")
     self.stream = stream
     self.seq_len = seq_len
+    self.packing = packing
+    # The tokenizer's ids; a masked target is its PAD, or -1 (which the loss also skips) when it
+    # has none.
+    self.eos_id, self.pad_id = eos_id, -1 if pad_id is None else pad_id
 
   def __len__(self) -> int:
     return max(len(self.stream) - 1, 0) // self.seq_len
@@ -366,6 +398,8 @@ class WindowSource:
     if not 0 <= index < len(self):
       raise IndexError(f"window {index} out of range for {len(self)} windows")
     window = self.stream.read(index * self.seq_len, self.seq_len + 1).astype(np.int32)
+    if self.packing == "documents":
+      return document_fields(window[:-1], window[1:], self.eos_id, self.pad_id)
     return {"inputs": window[:-1], "targets": window[1:]}
 
   def __repr__(self) -> str:  # grain logs the source; keep the token array out of it.
@@ -378,10 +412,12 @@ def num_windows(data_cfg, split: str, seq_len: int) -> int:
 
 
 def make_dataset(data_cfg, *, split: str, seq_len: int, global_batch_size: int, seed: int,
-                 shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
-  """Returns this process's batches {"inputs", "targets": int32[local_b, seq_len]} of `split`."""
+                 shuffle: bool, num_epochs: int | None, packing: str = "none") -> grain.IterDataset:
+  """Returns this process's batches {"inputs", "targets": int32[local_b, seq_len]} of `split`,
+  plus "segment_ids" and "positions" with ``packing="documents"`` (``document_fields``)."""
   check_data_config(data_cfg)
-  source = WindowSource(token_stream(data_cfg, split), seq_len)
+  tok = tokenizer.load(tokenizer.spec_of(data_cfg))
+  source = WindowSource(token_stream(data_cfg, split), seq_len, packing, tok.eos_id, tok.pad_id)
   if len(source) < global_batch_size:
     raise ValueError(f"The {split!r} split of data {data_cfg.name!r} has {len(source)} windows of "
                      f"seq_len={seq_len}, fewer than one batch of {global_batch_size}.")

@@ -80,11 +80,7 @@ def test_sequence_length_must_divide_into_global_tokens():
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 10), jnp.int32))
 
 
-def test_segment_ids_are_refused():
-  model = megabyte.Model(make_cfg())
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  with pytest.raises(ValueError, match="does not support segment ids"):
-    jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, None, tokens)
+# Segment ids (packed documents) are taken since issue 18.4: tests/nets/test_packing.py.
 
 
 @pytest.mark.parametrize("bad, message", [

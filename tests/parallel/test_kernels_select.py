@@ -183,7 +183,8 @@ def test_local_splash_plan_runs_per_device_under_a_mesh(monkeypatch):
 
 
 CUDNN_CANNOT = {  # (head dim, key length, dtype, segments) that cuDNN flash attention cannot take
-    "float32": (16, 32, np.float32, False), "segments": (16, 32, jnp.bfloat16, True),
+    # (Segment ids no longer fall back: they reach cuDNN as its mask, tests/nets/test_packing.py.)
+    "float32": (16, 32, np.float32, False), "float32_segments": (16, 32, np.float32, True),
     "head_dim_12": (12, 32, jnp.bfloat16, False),
     "causal_longer_keys": (16, 64, jnp.bfloat16, False)}
 

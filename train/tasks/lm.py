@@ -31,25 +31,44 @@ def token_loss(logits_BxSxV, targets_BxS, pad_id: int | None = data.PAD_ID):
 
 
 def reorder(batch: dict, permutation):
-  """Applies the attention plan's sequence order to inputs and targets, with true positions.
+  """Applies the attention plan's sequence order to the batch, with true positions.
 
   Every op but attention is position-wise and the loss is a sum over tokens, so running the model
   on a permuted sequence (with its original positions for RoPE and causal masking) changes
-  nothing but which device holds which tokens.
+  nothing but which device holds which tokens. Packed batches carry per-document positions and
+  segment ids, which travel with their tokens; the causal mask then compares per-document
+  positions within a segment, which orders tokens as their sequence indices do.
+  Returns (inputs, targets, positions or None, segment ids or None).
   """
   inputs, targets = batch["inputs"], batch["targets"]
+  positions, segment_ids = batch.get("positions"), batch.get("segment_ids")
   if permutation is None:
-    return inputs, targets, None
-  positions = jnp.broadcast_to(jnp.asarray(permutation, jnp.int32), inputs.shape)
-  return inputs[:, permutation], targets[:, permutation], positions
+    return inputs, targets, positions, segment_ids
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.asarray(permutation, jnp.int32), inputs.shape)
+  else:
+    positions = positions[:, permutation]
+  if segment_ids is not None:
+    segment_ids = segment_ids[:, permutation]
+  return inputs[:, permutation], targets[:, permutation], positions, segment_ids
+
+
+_SEQ_AXES = ("act_batch", "act_seq")
 
 
 class LMTask:
-  batch_axes = {"inputs": ("act_batch", "act_seq"), "targets": ("act_batch", "act_seq")}
+  """``data.packing="documents"`` adds "segment_ids" and "positions" to every batch (train/data.py
+  ``document_fields``): attention stays within a document, RoPE counts from each document's start
+  and Mamba's state restarts there."""
 
   def __init__(self, config):
     self.config = config
     self._tokenizer = None
+    # config.json of runs from before data.packing existed has no such field.
+    self.packing = config.data.get("packing", "none")
+    packed = self.packing == "documents"
+    fields = ("inputs", "targets") + (("segment_ids", "positions") if packed else ())
+    self.batch_axes = {name: _SEQ_AXES for name in fields}
 
   @property
   def tokenizer(self):
@@ -60,6 +79,8 @@ class LMTask:
 
   def check(self, model_cfg):
     data.check_data_config(self.config.data)
+    if self.packing not in data.PACKINGS:
+      raise ValueError(f"data.packing={self.packing!r} is not one of {data.PACKINGS}.")
     if not isinstance(self.config.train.seq_len, int) or self.config.train.seq_len < 1:
       raise ValueError(f"config.train.seq_len={self.config.train.seq_len!r} must be a positive "
                        "integer.")
@@ -92,12 +113,16 @@ class LMTask:
     c = self.config
     make = lambda split, batch, shuffle, epochs: data.make_dataset(
         c.data, split=split, seq_len=c.train.seq_len, global_batch_size=batch, seed=c.seed,
-        shuffle=shuffle, num_epochs=epochs)
+        shuffle=shuffle, num_epochs=epochs, packing=self.packing)
     return make("train", c.train.batch_size, True, None), make("val", c.eval.batch_size, False, 1)
 
   def example_batch(self, batch_size: int) -> dict:
     shape = (batch_size, self.config.train.seq_len)
-    return {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+    batch = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32)}
+    if "segment_ids" in self.batch_axes:
+      batch["segment_ids"] = np.ones(shape, np.int32)
+      batch["positions"] = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
+    return batch
 
   def model_example_batch(self, batch_size: int, model_cfg) -> dict:
     """Zeros shaped as the model's input: the LM's is the data's."""
@@ -109,9 +134,9 @@ class LMTask:
 
   def loss_fn(self, model, permutation=None):
     def loss_fn(params, batch, rng):
-      inputs, targets, positions = reorder(batch, permutation)
+      inputs, targets, positions, segment_ids = reorder(batch, permutation)
       logits, aux_loss, aux_metrics = moe.apply_with_aux(
-          model, {"params": params}, inputs, positions, rngs={"dropout": rng})
+          model, {"params": params}, inputs, positions, segment_ids, rngs={"dropout": rng})
       loss_sum, count = token_loss(logits, targets, self.tokenizer.pad_id)
       ce = loss_sum / jnp.maximum(count, 1.0)
       # "loss" is what is minimised (cross-entropy + MoE auxiliary terms); "ce_loss" alone.
@@ -120,8 +145,9 @@ class LMTask:
 
   def eval_fn(self, model, permutation=None):
     def eval_fn(params, batch):
-      inputs, targets, positions = reorder(batch, permutation)
-      loss_sum, count = token_loss(model.apply({"params": params}, inputs, positions), targets,
+      inputs, targets, positions, segment_ids = reorder(batch, permutation)
+      loss_sum, count = token_loss(model.apply({"params": params}, inputs, positions,
+                                               segment_ids), targets,
                                    self.tokenizer.pad_id)
       return {"loss_sum": loss_sum, "tokens": count}
     return eval_fn
