@@ -206,6 +206,8 @@ def check_data_config(data_cfg) -> None:
     raise ValueError(f"data.val_fraction={data_cfg.val_fraction} must lie strictly between 0 and 1.")
   if data_cfg.path and not os.path.isdir(data_cfg.path):
     raise ValueError(f"data.path={data_cfg.path!r} does not exist or is not a folder.")
+  if packing_of(data_cfg) not in PACKINGS:
+    raise ValueError(f"data.packing={packing_of(data_cfg)!r} is not one of {PACKINGS}.")
   if data_cfg.name == "arrayrecord":
     how = "write one with `python -m train.make_arrayrecord --src=TEXT_DIR --dst=DIR`"
     if not data_cfg.path:
@@ -351,6 +353,11 @@ def _tokenizer_spec(data_cfg) -> str:
 PACKINGS = ("none", "documents")
 
 
+def packing_of(data_cfg) -> str:
+  """``data.packing``; "none" for a config.json written before the field existed."""
+  return data_cfg.get("packing", "none")
+
+
 def document_fields(inputs_S: np.ndarray, targets_S: np.ndarray, eos_id: int = EOS_ID,
                     pad_id: int = PAD_ID) -> dict[str, np.ndarray]:
   """The packed-document fields of one window (``data.packing="documents"``).
@@ -381,8 +388,6 @@ class WindowSource:
 
   def __init__(self, stream, seq_len: int, packing: str = "none", eos_id: int = EOS_ID,
                pad_id: int | None = PAD_ID):
-    if packing not in PACKINGS:
-      raise ValueError(f"data.packing={packing!r} is not one of {PACKINGS}.")
     self.stream = stream
     self.seq_len = seq_len
     self.packing = packing
@@ -412,12 +417,13 @@ def num_windows(data_cfg, split: str, seq_len: int) -> int:
 
 
 def make_dataset(data_cfg, *, split: str, seq_len: int, global_batch_size: int, seed: int,
-                 shuffle: bool, num_epochs: int | None, packing: str = "none") -> grain.IterDataset:
+                 shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
   """Returns this process's batches {"inputs", "targets": int32[local_b, seq_len]} of `split`,
-  plus "segment_ids" and "positions" with ``packing="documents"`` (``document_fields``)."""
+  plus "segment_ids" and "positions" with ``data.packing="documents"`` (``document_fields``)."""
   check_data_config(data_cfg)
   tok = tokenizer.load(tokenizer.spec_of(data_cfg))
-  source = WindowSource(token_stream(data_cfg, split), seq_len, packing, tok.eos_id, tok.pad_id)
+  source = WindowSource(token_stream(data_cfg, split), seq_len, packing_of(data_cfg), tok.eos_id,
+                        tok.pad_id)
   if len(source) < global_batch_size:
     raise ValueError(f"The {split!r} split of data {data_cfg.name!r} has {len(source)} windows of "
                      f"seq_len={seq_len}, fewer than one batch of {global_batch_size}.")

@@ -36,8 +36,9 @@ def _corpus(tmp_path, sizes):
 
 
 def _dataset(cfg, packing, seq_len=8):
+  cfg.packing = packing
   return data.make_dataset(cfg, split="train", seq_len=seq_len, global_batch_size=2, seed=0,
-                           shuffle=True, num_epochs=None, packing=packing)
+                           shuffle=True, num_epochs=None)
 
 
 def test_pipeline_batches_carry_the_fields_and_resume(tmp_path):

@@ -64,9 +64,7 @@ class LMTask:
   def __init__(self, config):
     self.config = config
     self._tokenizer = None
-    # config.json of runs from before data.packing existed has no such field.
-    self.packing = config.data.get("packing", "none")
-    packed = self.packing == "documents"
+    packed = data.packing_of(config.data) == "documents"
     fields = ("inputs", "targets") + (("segment_ids", "positions") if packed else ())
     self.batch_axes = {name: _SEQ_AXES for name in fields}
 
@@ -79,8 +77,6 @@ class LMTask:
 
   def check(self, model_cfg):
     data.check_data_config(self.config.data)
-    if self.packing not in data.PACKINGS:
-      raise ValueError(f"data.packing={self.packing!r} is not one of {data.PACKINGS}.")
     if not isinstance(self.config.train.seq_len, int) or self.config.train.seq_len < 1:
       raise ValueError(f"config.train.seq_len={self.config.train.seq_len!r} must be a positive "
                        "integer.")
@@ -113,7 +109,7 @@ class LMTask:
     c = self.config
     make = lambda split, batch, shuffle, epochs: data.make_dataset(
         c.data, split=split, seq_len=c.train.seq_len, global_batch_size=batch, seed=c.seed,
-        shuffle=shuffle, num_epochs=epochs, packing=self.packing)
+        shuffle=shuffle, num_epochs=epochs)
     return make("train", c.train.batch_size, True, None), make("val", c.eval.batch_size, False, 1)
 
   def example_batch(self, batch_size: int) -> dict:
