@@ -88,7 +88,7 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
   from nets import convert
   from parallel import mesh as parallel_mesh
   from parallel import sharding
-  from train import checkpoint, models
+  from train import checkpoint, models, tokenizer
 
   module = convert.family(family)
   _check_empty(dst)
@@ -121,9 +121,9 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
   manager.wait_until_finished()
   manager.close()
   copied = _copy_tokenizer_files(src, dst)
-  if "tokenizer" in config.data and ("tokenizer.json" in copied or "tokenizer.model" in copied):
-    name = "tokenizer.json" if "tokenizer.json" in copied else "tokenizer.model"
-    config.data.tokenizer = os.path.abspath(os.path.join(dst, name))  # what a fine-tune names
+  kept = tokenizer.workdir_file(dst)
+  if "tokenizer" in config.data and kept:
+    config.data.tokenizer = os.path.abspath(kept)  # what a fine-tune names
   with open(os.path.join(dst, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
