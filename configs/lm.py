@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_threads=0,  # in-memory windows: reader threads only add GIL contention
       prefetch=2))
   c.train.seq_len = 256
+  # Multiple-choice tasks scored at every evaluation (train/multiple_choice.py): comma-separated
+  # jsonl files and built-in names (stdlib_next_line), each logged as val mc/<name>/acc[_norm].
+  c.eval.tasks = ""
   c.sample = ml_collections.ConfigDict(dict(
       prompt="def ", max_new_tokens=200, temperature=0.7, top_k=0, top_p=1.0, num_samples=4))
   return c

@@ -19,6 +19,8 @@ Example (the workdir of ``make run``)::
       --prompt="class " --max_new_tokens=100 --temperature=0.7 --top_p=0.9
 """
 
+import contextlib
+import dataclasses
 import os
 import sys
 
@@ -56,15 +58,10 @@ def parse_ids(text: str) -> list[int]:
   return ids
 
 
-def prepare(workdir: str, texts: list[str], id_lists: list[str], *, max_new_tokens: int,
-            temperature: float, top_k: int, top_p: float, num_samples: int):
-  """(config, codec, prompts as id lists) after every check that needs no compile, each failing
-  with one sentence: sampling settings, the workdir (config, task, checkpoint), prompt lengths."""
-  from train import checkpoint, decoding, models
-  decoding.check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p)
-  if num_samples < 1:
-    raise ValueError(f"--num_samples={num_samples} must be at least 1.")
+def lm_workdir_config(workdir: str, *, purpose: str = "generation", verb: str = "generate"):
+  """The config of ``workdir``, a language-model workdir with a checkpoint, or one sentence
+  saying what it is instead (``purpose``/``verb``: what the caller needs it for)."""
+  from train import checkpoint
   if not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir} does not exist.")
   config = checkpoint.load_config(workdir)
@@ -72,10 +69,23 @@ def prepare(workdir: str, texts: list[str], id_lists: list[str], *, max_new_toke
     raise ValueError(f"{workdir}/config.json has no 'task'; it was written by an older odyssey "
                      "that this one cannot load.")
   if config.task != "lm":
-    raise ValueError(f"{workdir} holds a '{config.task}' model; generation needs a language "
+    raise ValueError(f"{workdir} holds a '{config.task}' model; {purpose} needs a language "
                      "model (task 'lm').")
   if not checkpoint.steps_in(workdir):
-    raise ValueError(f"{workdir} has no checkpoint to generate from; train it first.")
+    raise ValueError(f"{workdir} has no checkpoint to {verb} from; train it first.")
+  return config
+
+
+def prepare(workdir: str, texts: list[str], id_lists: list[str], *, max_new_tokens: int,
+            temperature: float, top_k: int, top_p: float, num_samples: int):
+  """(config, codec, prompts as id lists) after every check that needs no compile, each failing
+  with one sentence: sampling settings, the workdir (config, task, checkpoint), prompt lengths."""
+  from train import decoding, models
+  decoding.check_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p)
+  if num_samples < 1:
+    raise ValueError(f"--num_samples={num_samples} must be at least 1.")
+  config = lm_workdir_config(workdir)
   codec = Codec(workdir)
   if not texts and not id_lists:
     texts = [config.sample.prompt]
@@ -123,20 +133,45 @@ def devices_needed(sizes: dict) -> int | None:
   return None if -1 in sizes.values() else math.prod(sizes.values())
 
 
-def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tokens: int,
-        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-        num_samples: int = 1, step: int | None = None, end_id: int | None = None,
-        mesh: str | None = None):
-  """[(prompt index, prompt + continuation as text)], ``num_samples`` rows per prompt, decoded
-  with the parameters sharded over ``mesh`` ("data=2,fsdp=4"; default the workdir's mesh)."""
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A workdir's model with its parameters sharded over a mesh, ready for inference (``load``)."""
+  config: object  # the workdir's config.json, with the mesh it was loaded on
+  model: object  # the model with the local attention kernel (any length, no sequence parallelism)
+  params: dict
+  step: int  # the checkpoint step the parameters come from
+  mesh: object  # the jax.sharding.Mesh
+  rules: tuple  # the logical -> mesh axis rules
+  sizes: dict  # the mesh's resolved axis sizes
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and logical rules that tracing the model needs."""
+    import flax.linen as nn
+    import jax
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  def rows_sharding(self):
+    """[rows, ...] arrays split over the batch axes (the rows must divide ``data_parallel``)."""
+    from parallel import sharding
+    return sharding.logical_sharding(self.mesh, self.rules, ("act_batch", None))
+
+  @property
+  def data_parallel(self) -> int:
+    from parallel import sharding
+    return sharding.data_parallel_size(self.sizes, self.rules)
+
+
+def load(workdir: str, config, *, mesh: str | None = None, step: int | None = None) -> Loaded:
+  """The model of ``workdir`` (``config``: its checked config, ``lm_workdir_config``) with the
+  parameters of checkpoint ``step`` (default the newest) sharded over ``mesh`` ("data=2,fsdp=4";
+  default the workdir's own mesh); a mesh that misfits the devices is one sentence first."""
   import jax
   import ml_collections
   from parallel import mesh as parallel_mesh
   from parallel import sharding
-  from train import checkpoint, decoding, models, watchdog
-  config, codec, prompts = prepare(workdir, list(texts), list(id_lists),
-                                   max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, num_samples=num_samples)
+  from train import checkpoint, models
   sizes = mesh_sizes(workdir, mesh)
   mesh_cfg = ml_collections.ConfigDict({**sizes, "dcn": dict(config.mesh.get("dcn", {}))})
   resolved = parallel_mesh.mesh_shape(mesh_cfg, jax.device_count())  # a sentence if it misfits
@@ -146,25 +181,53 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
   config.mesh.update(sizes)
   device_mesh = parallel_mesh.make_mesh(config.mesh)
   model, _, _ = models.build(config, device_mesh, seq_parallel=False)
-  _, params = checkpoint.restore_params(
+  step, params = checkpoint.restore_params(
       workdir, checkpoint.abstract_params(config, model, device_mesh, rules), step=step)
+  return Loaded(config=config, model=model, params=params, step=step, mesh=device_mesh,
+                rules=rules, sizes=resolved)
+
+
+def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tokens: int,
+        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+        num_samples: int = 1, step: int | None = None, end_id: int | None = None,
+        mesh: str | None = None):
+  """[(prompt index, prompt + continuation as text)], ``num_samples`` rows per prompt, decoded
+  with the parameters sharded over ``mesh`` ("data=2,fsdp=4"; default the workdir's mesh)."""
+  import jax
+  from parallel import mesh as parallel_mesh
+  from train import decoding, watchdog
+  config, codec, prompts = prepare(workdir, list(texts), list(id_lists),
+                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, num_samples=num_samples)
+  loaded = load(workdir, config, mesh=mesh, step=step)
   rows = [p for p in prompts for _ in range(num_samples)]
-  dp = sharding.data_parallel_size(resolved, rules)
-  padded = rows + [rows[-1]] * (-len(rows) % dp)  # the rows must split over the batch axes
-  rows_sharding = sharding.logical_sharding(device_mesh, rules, ("act_batch", None))
-  print(f"odyssey: decoding on mesh {parallel_mesh._fmt(resolved)} of {jax.device_count()} "
+  padded = rows + [rows[-1]] * (-len(rows) % loaded.data_parallel)  # rows split over batch axes
+  print(f"odyssey: decoding on mesh {parallel_mesh._fmt(loaded.sizes)} of {jax.device_count()} "
         f"{jax.devices()[0].platform} devices.", file=sys.stderr, flush=True)
   watchdog.start(config.train.get("hang_timeout_s", 600.0))
-  with jax.set_mesh(device_mesh), watchdog.phase("sample"):
-    import flax.linen as nn
-    with nn.logical_axis_rules(rules):
-      outs = decoding.generate(model, params, padded, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               valid_vocab=codec.valid_vocab, end_id=end_id,
-                               pad_id=codec.pad_id, sharding=rows_sharding)
+  with loaded.context(), watchdog.phase("sample"):
+    outs = decoding.generate(loaded.model, loaded.params, padded, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             valid_vocab=codec.valid_vocab, end_id=end_id, pad_id=codec.pad_id,
+                             sharding=loaded.rows_sharding())
   watchdog.stop()
   return [(i // num_samples, codec.decode(list(row) + [int(t) for t in new]))
           for i, (row, new) in enumerate(zip(rows, outs[:len(rows)]))]
+
+
+def start_devices(workdir: str, mesh: str | None, cpu_devices: int | None,
+                  processes: tuple) -> None:
+  """Before JAX starts: on a CPU-only machine without ``cpu_devices`` (or XLA_FLAGS' count), as
+  many simulated devices as the mesh needs; then jax.distributed from ``processes`` (coordinator
+  address, number of processes, process id: python -m train's multi-process flags)."""
+  from parallel import devices, distributed, xla_flags
+  count = cpu_devices
+  if count is None and not xla_flags.platforms() and os.path.isdir(workdir):
+    count = devices_needed(mesh_sizes(workdir, mesh))
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+      count = None
+  devices.set_cpu_devices(count)
+  distributed.initialize(*processes)
 
 
 def define_flags():
@@ -203,16 +266,9 @@ def main(argv):
   # Orbax warns about the checkpoint items generation does not read (the data position).
   logging.set_verbosity(logging.ERROR)
   # Imported here: the device count must be set before JAX initialises its backends.
-  from parallel import devices, distributed, xla_flags
   try:
-    count = _CPU_DEVICES.value
-    if count is None and not xla_flags.platforms() and os.path.isdir(_WORKDIR.value):
-      # CPU only: simulate the devices the decoding mesh needs (XLA_FLAGS' count still wins).
-      count = devices_needed(mesh_sizes(_WORKDIR.value, _MESH.value))
-      if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        count = None
-    devices.set_cpu_devices(count)
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    start_devices(_WORKDIR.value, _MESH.value, _CPU_DEVICES.value,
+                  (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
     samples = run(_WORKDIR.value, _PROMPT.value, _PROMPT_IDS.value,
                   max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,

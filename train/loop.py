@@ -129,6 +129,9 @@ class _Loop:
         out = program.eval_step(params, program.eval_batch(local))
         sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
       result = program.task.summarize(jax.device_get(sums))
+      with program.context():
+        result.update(program.task.extra_metrics(program.sample_model, params,
+                                                 sharding=program.batch_shardings))
     self.writer.write(step, result, split="val")
     self.writer.message(f"step {step}: {program.task.headline(result)}")
     summary.setdefault("first_val", result)

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -36,6 +37,8 @@ _KNOWN = {"bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]
           "pad": ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")}
 # The file a workdir keeps its tokenizer in, by kind.
 WORKDIR_FILES = {"hf": "tokenizer.json", "spm": "tokenizer.model"}
+# A byte-fallback piece (SentencePiece, and Hugging Face BPEs converted from it): one raw byte.
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def byte_encode(text: str | bytes) -> np.ndarray:
@@ -67,8 +70,22 @@ class Tokenizer:
   pad_id: int | None
   sample_vocab: int
   path: str | None = None
+  _bytes: np.ndarray | None = None
 
   def encode(self, text: str) -> np.ndarray:
+    raise NotImplementedError
+
+  def token_bytes(self) -> np.ndarray:
+    """int32[vocab_size]: the UTF-8 byte length of the text each id stands for (0 for special
+    and unknown tokens), computed once. ``token_bytes()[encode(text)].sum()`` is
+    ``len(text.encode())`` wherever the tokenizer spells the text exactly (docs/evaluation.md
+    lists the exceptions), so bits per byte compare across tokenizers."""
+    if self._bytes is None:
+      self._bytes = self._count_bytes()
+      self._bytes.flags.writeable = False
+    return self._bytes
+
+  def _count_bytes(self) -> np.ndarray:
     raise NotImplementedError
 
   def decode(self, ids) -> str:
@@ -100,6 +117,9 @@ class ByteTokenizer(Tokenizer):
 
   def decode(self, ids):
     return byte_decode(ids)
+
+  def _count_bytes(self):
+    return (np.arange(BYTE_VOCAB) < 256).astype(np.int32)
 
 
 def _file_hash(path: str) -> str:
@@ -138,6 +158,56 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self._tok.decode(_as_ids(ids, self.vocab_size), skip_special_tokens=True)
+
+  def _count_bytes(self):
+    """Byte-level BPE (GPT-2, Llama 3, ``train_bpe``): each symbol of a token is one byte of
+    ByteLevel's byte-to-unicode alphabet. Otherwise (SentencePiece-style vocabularies): the
+    token's text with the Metaspace symbol (▁) as one space byte, and ``<0xNN>`` byte-fallback
+    pieces one byte each. Added tokens are their own text; special ones and the unknown token
+    count 0."""
+    spec = json.loads(self._tok.to_str())
+    parts = list(_components([spec.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")]))
+    byte_level = any(part.get("type") == "ByteLevel" for part in parts)
+    space = next((part["replacement"] for part in parts if part.get("type") == "Metaspace"
+                  and isinstance(part.get("replacement"), str)), "\u2581")
+    model = spec.get("model") or {}
+    byte_fallback, unknown = bool(model.get("byte_fallback")), model.get("unk_token")
+    alphabet = _byte_level_alphabet()
+    added = self._tok.get_added_tokens_decoder()
+    out = np.zeros(self.vocab_size, np.int32)
+    for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+      if not 0 <= i < self.vocab_size:
+        continue
+      if i in added:
+        out[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
+      elif token == unknown:
+        out[i] = 0  # the text it replaced is not recoverable from the id
+      elif byte_level:
+        out[i] = sum(1 if c in alphabet else len(c.encode("utf-8")) for c in token)
+      elif byte_fallback and _BYTE_PIECE.fullmatch(token):
+        out[i] = 1
+      else:
+        out[i] = len(token.replace(space, " ").encode("utf-8"))
+    return out
+
+
+def _components(node):
+  """Every component (a dict) of a tokenizer.json tree, Sequences' parts included."""
+  if isinstance(node, dict):
+    yield node
+    node = list(node.values())
+  if isinstance(node, list):
+    for value in node:
+      yield from _components(value)
+
+
+@functools.cache
+def _byte_level_alphabet() -> frozenset[str]:
+  """The 256 symbols ByteLevel writes bytes as (GPT-2's bytes_to_unicode): printable Latin-1
+  bytes stand for themselves, the other 68 bytes for U+0100 onwards."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  moved = [256 + n for n in range(256 - len(kept))]
+  return frozenset(map(chr, kept + moved))
 
 
 def _hf_special_ids(tok, path: str) -> dict:
@@ -186,6 +256,16 @@ class SPTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self._sp.decode(_as_ids(ids, self.vocab_size))
+
+  def _count_bytes(self):
+    """Control, unknown and unused pieces 0; byte pieces 1; others their text, ▁ one space."""
+    sp, out = self._sp, np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if sp.is_byte(i):
+        out[i] = 1
+      elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+        out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 @functools.lru_cache(maxsize=16)

@@ -45,7 +45,13 @@ def data_position(workdir, step):
 def runs(tmp_path_factory):
   straight = str(tmp_path_factory.mktemp("straight"))
   resumed = str(tmp_path_factory.mktemp("resumed"))
-  full = loop.run(small_config(), straight)
+  # The straight run also scores a multiple-choice task at each evaluation (eval.tasks).
+  tasks = tmp_path_factory.mktemp("tasks") / "hand.jsonl"
+  tasks.write_text('{"context": "def f(x):\\n    return", "choices": [" x", " 1 +"], "gold": 0}\n'
+                   '{"context": "import", "choices": [" os", "\\n\\n", " sys"], "gold": 2}\n')
+  config = small_config()
+  config.eval.tasks = str(tasks)
+  full = loop.run(config, straight)
   first = loop.run(small_config(), resumed, should_stop=lambda step: step == N // 2)
   second = loop.run(small_config(), resumed)
   return dict(straight=straight, resumed=resumed, full=full, first=first, second=second)
@@ -81,7 +87,11 @@ def test_loss_falls_and_metrics_lines_follow_the_contract(runs):
   val = [m for m in lines if m["split"] == "val"]
   assert [m["step"] for m in val] == [0, 3, 6]
   assert val[-1]["loss"] < val[0]["loss"]
-  np.testing.assert_allclose(val[-1]["bits_per_byte"], val[-1]["loss"] / np.log(2))
+  for m in val:  # per byte of text: the byte tokenizer's EOS targets count no bytes
+    np.testing.assert_allclose(m["bits_per_token"], m["loss"] / np.log(2))
+    np.testing.assert_allclose(m["bits_per_byte"], m["loss"] * m["tokens"] / m["bytes"] / np.log(2))
+    assert m["tokens"] - 10 <= m["bytes"] <= m["tokens"] == 2 * 8 * 32
+    assert m["mc/hand/acc"] in (0.0, 0.5, 1.0) and m["mc/hand/acc_norm"] in (0.0, 0.5, 1.0)
   assert train[0]["lr"] == 0.0 and train[2]["lr"] > 0.0  # warmup from zero
 
 

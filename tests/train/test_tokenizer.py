@@ -44,6 +44,66 @@ def spm_model(tmp_path_factory):
   return str(prefix) + ".model"
 
 
+# Code, accented and CJK text, emoji (a ZWJ sequence), runs of spaces and tabs, control bytes.
+VARIED = ("def f(x):\n\treturn  x ** 2  # two  spaces\n", "Ça déjà vu, naïve façade — Ærøskøbing",
+          "日本語のテキスト、中文文本", "emoji 🙂🚀 and 👩\u200d💻!", "  leading and trailing  ",
+          "\n\n\x00\x7f")
+
+
+def exact_spm(folder, **options):
+  """A SentencePiece BPE that spells text exactly: byte fallback, no normalisation, whitespace
+  kept; ``options`` override (e.g. SentencePiece's default dummy prefix)."""
+  import sentencepiece
+  folder.mkdir(parents=True, exist_ok=True)
+  prefix = folder / "exact"
+  sentencepiece.SentencePieceTrainer.train(**{
+      "sentence_iterator": iter((TEXT * 4).splitlines()), "model_prefix": str(prefix),
+      "vocab_size": 300, "model_type": "bpe", "character_coverage": 1.0, "byte_fallback": True,
+      "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+      "add_dummy_prefix": False, "hard_vocab_limit": False, "minloglevel": 2, **options})
+  return tokenizer.load(str(prefix) + ".model")
+
+
+def metaspace_json(folder, prepend_scheme):
+  """A Hugging Face BPE over Metaspace (▁) words with <0xNN> byte-fallback pieces, the layout
+  of tokenizer.json files converted from SentencePiece."""
+  import json
+
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+  tok.train_from_iterator([TEXT * 3], trainers.BpeTrainer(
+      vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+  spec = json.loads(tok.to_str())
+  for b in range(256):
+    spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+  spec["model"]["byte_fallback"] = True
+  path = folder / f"metaspace_{prepend_scheme}.json"
+  path.write_text(json.dumps(spec))
+  return tokenizer.load(str(path))
+
+
+def test_token_bytes_sum_to_the_utf8_bytes_of_the_text(bpe, tmp_path):
+  """sum(token_bytes[encode(text)]) == len(text.encode()) for the byte tokenizer, a byte-level
+  BPE (train_bpe), a SentencePiece .model and a Metaspace tokenizer.json with byte fallback;
+  specials count 0. The documented exception: a dummy prefix (SentencePiece's default, Metaspace
+  prepend_scheme "first") adds one space that is not in the text."""
+  exact = [tokenizer.load("byte"), bpe, exact_spm(tmp_path), metaspace_json(tmp_path, "never")]
+  for tok in exact:
+    table = tok.token_bytes()
+    assert table.dtype == np.int32 and table.shape == (tok.vocab_size,)
+    assert table is tok.token_bytes()  # computed once
+    assert all(table[i] == 0 for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)
+    for text in VARIED:
+      assert table[tok.encode(text)].sum() == len(text.encode("utf-8")), (tok.name, text)
+  assert tokenizer.load("byte").token_bytes().tolist() == [1] * 256 + [0, 0, 0]
+  for tok in (exact_spm(tmp_path / "dummy", add_dummy_prefix=True),
+              metaspace_json(tmp_path, "first")):
+    for text in VARIED[:4]:  # none starts with a space
+      assert tok.token_bytes()[tok.encode(text)].sum() == len(text.encode("utf-8")) + 1
+
+
 def test_byte_tokenizer_keeps_the_byte_ids():
   tok = tokenizer.load("byte")
   assert (tok.name, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (

@@ -43,6 +43,7 @@ AGREEMENT = U + "test_image_experiments.py::test_digits_agreement_bench_on_the_t
 ARRAYRECORD = U + "test_arrayrecord.py::test_make_arrayrecord_writes_shards"
 ARRAYRECORD_TRAIN = U + "test_arrayrecord.py::test_train_on_the_arrayrecord_output_as_written"
 BPE_DATA = U + "test_arrayrecord.py::test_train_a_tokenizer_then_convert_jsonl_with_it_as_written"
+EVALUATE = U + "test_make_run.py::test_evaluate_on_the_make_run_workdir"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
 
 DOCUMENTED = {
@@ -145,6 +146,11 @@ DOCUMENTED = {
     "[--per_class=4] [--sampler=ddim|ddpm|flow] [--seed=0] [--out=grid.png]": Runs(
         SAMPLE, "workdirs/dit_digits = the dit_digits test's workdir; without, then with the "
         "options (--sampler=ddpm)"),
+    # docs/evaluation.md (and the README's CLI section).
+    "python -m train.evaluate --workdir=DIR --tasks=FILE.jsonl [--tasks=...] [--limit=N] "
+    "[--mesh=...]": Runs(EVALUATE, "DIR = the make-run workdir, FILE.jsonl = a 3-question file, "
+                         "[--tasks=...] = the built-in stdlib_next_line, --limit=8, "
+                         "--mesh=fsdp=4,tensor=2"),
     # docs/decoding.md.
     "python -m train.generate --workdir=DIR --prompt=\"def \" --max_new_tokens=100": Runs(GENERATE),
     "python -m train.generate --workdir=DIR --prompt=\"def \" --mesh=fsdp=4,tensor=2": Runs(

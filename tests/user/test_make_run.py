@@ -1,6 +1,6 @@
 """`make run`, the main job, as the user runs it; then what the README does with its workdir:
-`python -m train.generate`, `python -m train.convert` both ways, generation from the import and
-fine-tuning from it.
+`python -m train.generate`, `python -m train.evaluate`, `python -m train.convert` both ways,
+generation from the import and fine-tuning from it.
 
 One `make run` (module fixture) feeds every test here. Its only override is
 ARGS='--config.train.steps=20' (the documented way): 20 of the 500 steps, enough for the
@@ -144,6 +144,38 @@ def test_generate_on_the_make_run_workdir(make_run, generated, tmp_path):
                          timeout=300).stdout)
   assert list(own) == [(0, 0)] and own[0, 0].startswith("def ") and len(own[0, 0]) > 10, own
   assert other == own
+
+
+# ---------------------------------------------------------------------------- train.evaluate
+
+
+def test_evaluate_on_the_make_run_workdir(make_run, tmp_path):
+  """The evaluate synopsis on the make-run workdir with every option given: a 3-question task
+  file and the built-in stdlib_next_line (its first 8 questions: --limit lowers the size), on
+  another mesh than training's. One line per task is printed and appended to evals.jsonl."""
+  tasks = tmp_path / "tasks.jsonl"
+  tasks.write_text("".join(json.dumps(q) + "\n" for q in [
+      {"context": "def add(a, b):\n    return", "choices": [" a + b", " )(", " 1e9j"], "gold": 0},
+      {"context": "import", "choices": [" os", "\n\n\n"], "gold": 0},
+      {"query": "class Point:\n", "choices": ["    x = 0", "§§§§"], "label": 0}]))
+  command = doc("python -m train.evaluate --workdir=DIR --tasks=FILE.jsonl [--tasks=...] "
+                "[--limit=N] [--mesh=...]")
+  for optional, given in {"[--tasks=...]": "--tasks=stdlib_next_line", "[--limit=N]": "--limit=8",
+                          "[--mesh=...]": "--mesh=fsdp=4,tensor=2"}.items():
+    command = command.replace(optional, given)
+  workdir = make_run["workdir"]
+  out = run(substitute(command, DIR=workdir, **{"FILE.jsonl": tasks}), tmp_path / "evaluate.log",
+            timeout=300).stdout
+  printed = re.findall(r"^(.+): (\d+) questions, acc (\d\.\d{4}), acc_norm (\d\.\d{4})$", out,
+                       re.M)
+  assert [(task, n) for task, n, _, _ in printed] == [(str(tasks), "3"),
+                                                      ("stdlib_next_line", "8")], out[-2000:]
+  results = [json.loads(line) for line in (workdir / "evals.jsonl").read_text().splitlines()]
+  assert [(r["task"], r["step"], r["questions"]) for r in results[-2:]] == [
+      (str(tasks), STEPS, 3), ("stdlib_next_line", STEPS, 8)]
+  for (_, _, acc, acc_norm), result in zip(printed, results[-2:]):
+    assert (acc, acc_norm) == (f"{result['acc']:.4f}", f"{result['acc_norm']:.4f}")
+    assert 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1
 
 
 # ------------------------------------------------------------------ train.convert both ways

@@ -9,6 +9,8 @@ A task object (built from the config) provides:
   init_args(batch)             -> positional arguments of model.init
   loss_fn(model, permutation)  -> fn(params, batch, rng) -> (loss, metrics)
   eval_fn(model, permutation)  -> fn(params, batch) -> sums; summarize(sums) -> metrics
+  extra_metrics(model, params, sharding) -> validation metrics computed outside the eval step
+                                  (the LM's multiple-choice eval.tasks), in the mesh context
   samples(model, params, step, final, out) -> writes samples (text, PNG grid) and returns them
 """
 

@@ -26,6 +26,10 @@ class ImageTask:
         "train": (self.config.train.batch_size, "train.batch_size"),
         "val": (self.config.eval.batch_size, "eval.batch_size")})
 
+  def extra_metrics(self, model, params, *, sharding) -> dict:
+    del model, params, sharding
+    return {}  # everything is in the eval step's sums
+
   def datasets(self):
     c = self.config
     make = lambda split, batch, shuffle, epochs: image_data.make_dataset(

@@ -1,5 +1,6 @@
 """Next-token prediction on tokenized text (train/data.py, train/tokenizer.py): loss, bits per
-token (per byte with the byte tokenizer), text samples."""
+token and per UTF-8 byte of the text (comparable across tokenizers), multiple-choice tasks
+(``eval.tasks``, train/multiple_choice.py), text samples."""
 
 import math
 import os
@@ -11,23 +12,28 @@ import optax
 
 from nets import moe, registry
 from train import data, decoding
+from train import multiple_choice as mc
 from train import tokenizer as tokenizer_lib
 
 
-def token_loss(logits_BxSxV, targets_BxS, pad_id: int | None = data.PAD_ID):
+def token_loss(logits_BxSxV, targets_BxS, pad_id: int | None = data.PAD_ID, token_bytes_V=None):
   """Summed float32 cross-entropy over non-padding targets (``pad_id``: the tokenizer's; None:
-  every target counts), and their count."""
+  every target counts), and their count; given ``token_bytes_V`` (the tokenizer's
+  ``token_bytes()``), also the UTF-8 bytes of the text those targets spell, a third value."""
   pad_id = -1 if pad_id is None else pad_id
   weights_BxS = (targets_BxS != pad_id).astype(jnp.float32)
+  counted = (weights_BxS,)
+  if token_bytes_V is not None:
+    counted += (weights_BxS * jnp.asarray(token_bytes_V, jnp.float32)[targets_BxS],)
   # The count depends on the targets alone, so its all-reduce over the batch axes would be
   # independent of the model's layer scan, and XLA:CPU may then run the two in a different order
   # on different devices, each waiting for the other (seen: the expert=4 x data=2 MoE step, one
   # device in the scan's all-gather, seven in this all-reduce; docs/decoding.md). Tied to the
-  # logits, it is reduced after the scan on every device.
-  logits_BxSxV, weights_BxS = jax.lax.optimization_barrier((logits_BxSxV, weights_BxS))
+  # logits, it is reduced after the scan on every device (the byte count likewise).
+  logits_BxSxV, counted = jax.lax.optimization_barrier((logits_BxSxV, counted))
   losses_BxS = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxSxV.astype(jnp.float32), targets_BxS)
-  return jnp.sum(losses_BxS * weights_BxS), jnp.sum(weights_BxS)
+  return (jnp.sum(losses_BxS * counted[0]), *(jnp.sum(c) for c in counted))
 
 
 def reorder(batch: dict, permutation):
@@ -64,6 +70,7 @@ class LMTask:
   def __init__(self, config):
     self.config = config
     self._tokenizer = None
+    self._mc_tasks = None  # {task name: (questions, encoded rows)} of eval.tasks, read by check()
     packed = data.packing_of(config.data) == "documents"
     fields = ("inputs", "targets") + (("segment_ids", "positions") if packed else ())
     self.batch_axes = {name: _SEQ_AXES for name in fields}
@@ -100,6 +107,7 @@ class LMTask:
                              top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0))
       except ValueError as e:
         raise ValueError(f"config.sample: {e}") from None
+    self._mc_tasks = self._read_mc_tasks(model_cfg.max_len // multiple * multiple)
     # Last: the data files themselves (shards open, each split fills a batch), before the workdir.
     data.check_splits(self.config.data, seq_len=self.config.train.seq_len, batch_sizes={
         "train": (self.config.train.batch_size, "train.batch_size"),
@@ -140,20 +148,59 @@ class LMTask:
     return loss_fn
 
   def eval_fn(self, model, permutation=None):
+    token_bytes_V = self.tokenizer.token_bytes()
+
     def eval_fn(params, batch):
       inputs, targets, positions, segment_ids = reorder(batch, permutation)
-      loss_sum, count = token_loss(model.apply({"params": params}, inputs, positions,
-                                               segment_ids), targets,
-                                   self.tokenizer.pad_id)
-      return {"loss_sum": loss_sum, "tokens": count}
+      loss_sum, count, nbytes = token_loss(
+          model.apply({"params": params}, inputs, positions, segment_ids), targets,
+          self.tokenizer.pad_id, token_bytes_V)
+      return {"loss_sum": loss_sum, "tokens": count, "bytes": nbytes}
     return eval_fn
 
   def summarize(self, sums: dict) -> dict:
-    loss = float(sums["loss_sum"]) / max(float(sums["tokens"]), 1.0)
-    return {"loss": loss, "bits_per_byte": loss / math.log(2), "tokens": float(sums["tokens"])}
+    """Per token (``loss``, ``bits_per_token``) and per UTF-8 byte of the evaluated text
+    (``bits_per_byte``: the loss summed over tokens / ln 2 / their bytes, so a tokenizer that
+    packs more text into a token is not flattered; EOS, BOS and PAD spell no bytes)."""
+    loss_sum, tokens, nbytes = (float(sums[k]) for k in ("loss_sum", "tokens", "bytes"))
+    loss = loss_sum / max(tokens, 1.0)
+    return {"loss": loss, "bits_per_token": loss / math.log(2),
+            "bits_per_byte": loss_sum / math.log(2) / max(nbytes, 1.0), "tokens": tokens,
+            "bytes": nbytes}
+
+  def _read_mc_tasks(self, max_inputs: int) -> dict:
+    """eval.tasks' questions, encoded for inputs of at most ``max_inputs`` tokens; one sentence
+    for a task that cannot be read or a name given twice."""
+    tasks = {}
+    for spec in mc.tasks_of(self.config.eval):
+      name = mc.task_name(spec)
+      try:
+        questions = mc.load_task(spec, self.config.data)
+        if name in tasks:
+          raise ValueError(f"two tasks are named {name!r}; their metrics would collide.")
+        tasks[name] = (questions, mc.encode(questions, self.tokenizer, max_len=max_inputs,
+                                            where=f"{spec}: "))
+      except ValueError as e:
+        raise ValueError(f"config.eval.tasks: {e}") from None
+    return tasks
+
+  def extra_metrics(self, model, params, *, sharding) -> dict:
+    """``mc/<task>/acc`` and ``mc/<task>/acc_norm`` of each eval.tasks task, scored by ``model``
+    (the sampling model: any length) in eval.batch_size rows split as ``sharding``'s batch."""
+    out = {}
+    tok = self.tokenizer
+    for name, (questions, rows) in (self._mc_tasks or {}).items():
+      values = mc.loglikelihoods(model, params, rows, batch_size=self.config.eval.batch_size,
+                                 pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                                 sharding=sharding["inputs"])
+      result = mc.score(questions, mc.per_question(rows, values))
+      out[f"mc/{name}/acc"], out[f"mc/{name}/acc_norm"] = result["acc"], result["acc_norm"]
+    return out
 
   def headline(self, metrics: dict) -> str:
-    return f"val loss {metrics['loss']:.4f}, {metrics['bits_per_byte']:.3f} bits/byte"
+    tasks = "".join(f", {k[len('mc/'):-len('/acc')]} acc {v:.3f}" for k, v in metrics.items()
+                    if k.startswith("mc/") and k.endswith("/acc"))
+    return f"val loss {metrics['loss']:.4f}, {metrics['bits_per_byte']:.3f} bits/byte{tasks}"
 
   def throughput_unit(self) -> tuple[str, int]:
     return "tokens", self.config.train.batch_size * self.config.train.seq_len
