@@ -13,7 +13,8 @@ script alike).
 
 Scoring runs in fixed shapes: rows (question, choice) are grouped into length buckets (powers of
 two from 32, up to the model's max_len) and padded to ``batch_size`` rows, so the forward pass
-compiles once per bucket used; a context too long for the longest bucket loses its oldest tokens.
+compiles once per bucket used. A row longer than the caller's limit (the length the model was
+trained at) loses its context's oldest tokens.
 """
 
 import dataclasses
@@ -185,12 +186,16 @@ class Rows:
 
 
 def encode(questions: list[Question], tok, *, max_len: int, where: str = "") -> Rows:
-  """Rows of ``questions`` (see the module docstring); a context too long for ``max_len`` model
-  inputs loses its oldest tokens, a choice that alone fills them is one sentence."""
+  """Rows of ``questions`` (see the module docstring) of at most ``max_len`` model inputs: a
+  longer context loses its oldest tokens, a longer choice is one sentence."""
   start = tok.eos_id if tok.eos_id is not None else tok.bos_id
   ids, scored, question = [], [], []
   for q_index, q in enumerate(questions):
-    context = [int(i) for i in tok.encode_prompt(q.context)] or [start]
+    context = [int(i) for i in tok.encode_prompt(q.context)]
+    if not context and start is None:
+      raise ValueError(f"{where}question {q_index}'s context encodes to no tokens and the "
+                       "tokenizer has no EOS or BOS to start it with; give it some text.")
+    context = context or [start]
     for c_index, choice in enumerate(q.choices):
       choice_ids = [int(i) for i in tok.encode(choice)]
       if not choice_ids:
@@ -224,7 +229,7 @@ def _scored_logprobs(model, params, inputs_BxL, targets_BxL, mask_BxL):
 
 
 def input_limit(model) -> int:
-  """The longest input a row may have: max_len, in whole units of the family's length multiple
+  """The longest input the model takes: max_len, in whole units of the family's length multiple
   (MEGABYTE's patches)."""
   multiple = registry.of_model(model).length_multiple(model.cfg)
   return model.cfg.max_len // multiple * multiple
@@ -280,10 +285,11 @@ def score(questions: list[Question], choice_loglikelihoods: list[np.ndarray]) ->
   return {"questions": n, "acc": right / max(n, 1), "acc_norm": right_norm / max(n, 1)}
 
 
-def evaluate(model, params, tok, questions: list[Question], *, batch_size: int, sharding=None,
-             where: str = "") -> dict:
-  """``score`` of ``questions`` under ``model`` (see ``loglikelihoods`` for the arguments)."""
-  rows = encode(questions, tok, max_len=input_limit(model), where=where)
+def evaluate(model, params, tok, questions: list[Question], *, batch_size: int, max_len: int,
+             sharding=None, where: str = "") -> dict:
+  """``score`` of ``questions`` under ``model``, rows of at most ``max_len`` inputs (``encode``;
+  see ``loglikelihoods`` for the other arguments)."""
+  rows = encode(questions, tok, max_len=max_len, where=where)
   pad_id = tok.pad_id if tok.pad_id is not None else 0
   values = loglikelihoods(model, params, rows, batch_size=batch_size, pad_id=pad_id,
                           sharding=sharding)

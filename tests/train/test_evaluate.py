@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
   config.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
                       max_len=MAX_LEN, init_std=0.3)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  config.train.seq_len = 32
+  config.train.seq_len = MAX_LEN  # the length train.evaluate cuts rows to
   model = llama.Model(models.model_config(config))
   init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
   params = nn.unbox(init()["params"])
@@ -104,6 +104,20 @@ def test_batched_loglikelihoods_equal_a_naive_row_by_row_computation(workdir):
   assert {k: lines[1][k] for k in result} == result and "time" in lines[1]
   assert evaluate.line(result) == (f"{path}: 4 questions, acc {want['acc']:.4f}, acc_norm "
                                    f"{want['acc_norm']:.4f}")
+
+
+def test_rows_are_cut_to_the_length_the_model_was_trained_at(workdir, tmp_path):
+  """train.seq_len for a trained run (RoPE positions past it were never trained), the model's
+  max_len for an imported one, or --max_len."""
+  config = generate.lm_workdir_config(workdir)
+  model = llama.Model(models.model_config(config))
+  config.train.seq_len = 64
+  assert evaluate.trained_length(workdir, config, model, None) == 64
+  assert evaluate.trained_length(workdir, config, model, 100) == 100
+  with pytest.raises(ValueError, match=r"--max_len=129 must be in \[1, 128\]"):
+    evaluate.trained_length(workdir, config, model, 129)
+  (tmp_path / "converted.json").write_text("{}")
+  assert evaluate.trained_length(str(tmp_path), config, model, None) == MAX_LEN
 
 
 def test_acc_and_acc_norm_on_planted_loglikelihoods(tmp_path):

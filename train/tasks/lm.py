@@ -107,7 +107,7 @@ class LMTask:
                              top_k=s.get("top_k", 0), top_p=s.get("top_p", 1.0))
       except ValueError as e:
         raise ValueError(f"config.sample: {e}") from None
-    self._mc_tasks = self._read_mc_tasks(model_cfg.max_len // multiple * multiple)
+    self._mc_tasks = self._read_mc_tasks(self.config.train.seq_len)  # the trained length
     # Last: the data files themselves (shards open, each split fills a batch), before the workdir.
     data.check_splits(self.config.data, seq_len=self.config.train.seq_len, batch_sizes={
         "train": (self.config.train.batch_size, "train.batch_size"),
