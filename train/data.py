@@ -14,6 +14,7 @@ missing, not ArrayRecord files, or hold other records than metadata.json promise
 """
 
 import functools
+import hashlib
 import json
 import os
 import sysconfig
@@ -83,22 +84,107 @@ def split_files(root: str, split: str, val_fraction: float) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=8)
 def _stdlib_tokens(root: str, split: str, val_fraction: float,
                    tokenizer_spec: str = "byte") -> np.ndarray:
+  files = split_files(root, split, val_fraction)
+  if tokenizer_spec == "byte":  # bytes are the files themselves: read each run, nothing cached
+    tokens = concat_docs(_read_docs(root, files))
+    tokens.flags.writeable = False  # Shared by every caller through the cache.
+    return tokens
+  # A subword vocabulary: each document's ids, then the tokenizer's EOS, tokenized once and kept
+  # in the cache (keyed by the tokenizer's content and the split's files), memory-mapped after.
+  tok = tokenizer.load(tokenizer_spec)
+  path = os.path.join(cache_dir(), "tokens", f"{tok.name.replace(':', '-')}-"
+                      f"{_files_key(root, files, val_fraction)}-{split}.npy")
+  if not os.path.isfile(path):
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    print(f"odyssey: tokenizing the {split!r} split ({len(files)} files under {root}) with "
+          f"{tok.path} ({tok.name}); once, cached as {path}.", flush=True)
+    from tqdm import tqdm
+    parts, docs = [], _read_docs(root, files)
+    with tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=None) as bar:
+      for i in range(0, len(docs), 256):
+        parts += [np.append(ids, tok.eos_id).astype(dtype)
+                  for ids in tok.encode_docs(docs[i:i + 256])]
+        bar.update(len(docs[i:i + 256]))
+    _save_atomically(path, np.concatenate(parts or [np.zeros((0,), dtype)]))
+  try:
+    return np.load(path, mmap_mode="r")  # read-only, shared by every caller through the cache
+  except (OSError, ValueError) as e:
+    raise ValueError(f"the cached token stream {path} is unreadable ({e}); delete it and rerun "
+                     "to rebuild it.") from None
+
+
+def _read_docs(root: str, files) -> list[bytes]:
   docs = []
-  for rel in split_files(root, split, val_fraction):
+  for rel in files:
     try:
       with open(os.path.join(root, rel), "rb") as f:
         docs.append(f.read())
     except OSError:  # Permission-denied or dangling files are not worth failing a run for.
       continue
-  if tokenizer_spec == "byte":
-    tokens = concat_docs(docs)
-  else:  # a subword vocabulary: each document's ids, then the tokenizer's EOS
-    tok = tokenizer.load(tokenizer_spec)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    tokens = np.concatenate([np.append(tok.encode_doc(d), tok.eos_id).astype(dtype)
-                             for d in docs] or [np.zeros((0,), dtype)])
-  tokens.flags.writeable = False  # Shared by every caller through the cache.
-  return tokens
+  return docs
+
+
+def _files_key(root: str, files, val_fraction: float) -> str:
+  """12 hex digits naming a split's files by their relative paths and sizes (not the folder, so
+  the same corpus at another path, or on another machine, has the same key)."""
+  sizes = [f"{rel}\t{_stat(os.path.join(root, rel))[0]}" for rel in files]
+  text = json.dumps([float(val_fraction), sizes])
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)  # a complete file or none, also when two processes build it at once
+
+
+# ----------------------------------------------------------------------------- built on first use
+
+
+def cache_dir() -> str:
+  """Where tokenizers and token streams built on first use are kept: $ODYSSEY_CACHE, else
+  ~/.cache/odyssey. Everything in it can be deleted; it is rebuilt, identically, when needed."""
+  return os.environ.get("ODYSSEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "odyssey")
+
+
+def built_tokenizer(data_cfg, spec: str) -> str:
+  """The tokenizer.json of ``data.tokenizer="bpe:N"``: a byte-level BPE of N ids (the 3 special
+  tokens included; train/tokenizer.py train_bpe) trained on the training split of the run's
+  stdlib-style corpus (the standard library, or the .py files of data.path). Trained on first use
+  and kept in the cache under a key of N and the split's files; later runs, on any machine with
+  the same files, reuse or rebuild the same file (training is deterministic)."""
+  size = spec[len(tokenizer.BUILT_PREFIX):]
+  if not size.isdigit() or int(size) < 256 + len(tokenizer.SPECIALS):
+    raise ValueError(f"data.tokenizer={spec!r} must be 'bpe:N' with N an integer of at least "
+                     f"{256 + len(tokenizer.SPECIALS)} (the 256 byte symbols and the "
+                     f"{len(tokenizer.SPECIALS)} special tokens), e.g. 'bpe:8192'.")
+  if data_cfg.name != "stdlib":
+    raise ValueError(f"data.tokenizer={spec!r} is built from a text corpus, but data.name="
+                     f"{data_cfg.name!r} is already tokenized; use the tokenizer.json its shards "
+                     "were written with (train.make_arrayrecord --tokenizer).")
+  if data_cfg.path and not os.path.isdir(data_cfg.path):
+    raise ValueError(f"data.path={data_cfg.path!r} does not exist or is not a folder.")
+  root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
+  return _built_bpe(root, float(data_cfg.val_fraction), int(size))
+
+
+@functools.lru_cache(maxsize=8)
+def _built_bpe(root: str, val_fraction: float, vocab_size: int) -> str:
+  files = split_files(root, "train", val_fraction)
+  folder = os.path.join(cache_dir(), "tokenizers",
+                        f"bpe{vocab_size}-{_files_key(root, files, val_fraction)}")
+  path = os.path.join(folder, "tokenizer.json")
+  if not os.path.isfile(path):
+    print(f"odyssey: training a byte-level BPE tokenizer of {vocab_size} ids on the {len(files)} "
+          f"train files under {root}; once, cached as {path}.", flush=True)
+    tmp = os.path.join(folder, f"tokenizer.tmp.{os.getpid()}.json")
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    tokenizer.train_bpe(_read_docs(root, files), vocab_size, tmp)
+    os.replace(tmp, path)
+  return path
 
 
 class ArrayStream:

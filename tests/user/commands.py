@@ -126,6 +126,8 @@ DOCUMENTED = {
         Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/megabyte_stdlib.py[:local=mamba] --workdir=DIR "
     "--cpu_devices=8": Runs(LM_EXPERIMENT, "both forms: without and with :local=mamba"),
+    "python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR --cpu_devices=8":
+        Runs(LM_EXPERIMENT, "with ODYSSEY_CACHE set to an empty folder, then rerun"),
     # Hugging Face weights, generation and sampling.
     "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=WORKDIR "
     "[--dtype=bfloat16]": Runs(ROUND_TRIP, "HF_DIR = the export of the make-run workdir; "
