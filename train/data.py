@@ -565,9 +565,8 @@ def mixed(sources: dict, weights: dict[str, float], data_cfg, *, global_batch_si
   own, then interleaved by ``grain.MapDataset.mix`` in proportion to its weight.
 
   The mix is a deterministic interleave (among any k consecutive windows, source i gives
-  k * weight_i of them, to within one; grain rounds the proportions to 1% of the smallest
-  weight), and an index function of the windows before it, so the iterator's checkpoint (its
-  position) resumes the mixture exactly. With ``num_epochs`` set, the mixture ends where its
+  k * weight_i of them to within two, the weights rounded to 1% of the smallest one), a function
+  of the position alone, so the iterator's checkpoint (its position) resumes the mixture exactly. With ``num_epochs`` set, the mixture ends where its
   first source would run out of its epochs. ``sources``: {name: random-access source}.
   """
   _check_processes(global_batch_size)
@@ -575,8 +574,9 @@ def mixed(sources: dict, weights: dict[str, float], data_cfg, *, global_batch_si
   parents = [_epochs(grain.MapDataset.source(sources[key]), seed=source_seed(seed, key),
                      shuffle=shuffle, num_epochs=num_epochs) for key in keys]
   smallest = min(weights.values())
-  # Weights relative to the smallest: grain scales that one to exactly 100 parts.
-  ds = grain.MapDataset.mix(parents, [weights[key] / smallest for key in keys])
+  # Integer parts, the smallest weight 100 of them: grain keeps integers as they are, whereas its
+  # own scaling of floats truncates (weights 0.3 and 0.2 would become 149 and 100 parts).
+  ds = grain.MapDataset.mix(parents, [round(100 * weights[key] / smallest) for key in keys])
   return _shared_batches(ds, data_cfg, global_batch_size=global_batch_size, num_epochs=num_epochs)
 
 
