@@ -43,6 +43,7 @@ AGREEMENT = U + "test_image_experiments.py::test_digits_agreement_bench_on_the_t
 ARRAYRECORD = U + "test_arrayrecord.py::test_make_arrayrecord_writes_shards"
 ARRAYRECORD_TRAIN = U + "test_arrayrecord.py::test_train_on_the_arrayrecord_output_as_written"
 BPE_DATA = U + "test_arrayrecord.py::test_train_a_tokenizer_then_convert_jsonl_with_it_as_written"
+MIXTURE = U + "test_arrayrecord.py::test_train_on_a_mixture_as_written"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
 
 DOCUMENTED = {
@@ -160,6 +161,9 @@ DOCUMENTED = {
     "--tokenizer=/data/tok/tokenizer.json --dst=/data/my_bpe_corpus": Runs(BPE_DATA),
     "python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR --cpu_devices=8 "
     "--config.data.name=arrayrecord --config.data.path=/data/my_corpus": Runs(ARRAYRECORD_TRAIN),
+    "python -m train --config=experiments/lm_mixture.py --workdir=DIR --cpu_devices=8 "
+    "--config.data.sources.prose.path=/data/my_corpus": Runs(
+        MIXTURE, "/data/my_corpus = the make_arrayrecord command's output above"),
 }
 
 
