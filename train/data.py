@@ -167,6 +167,10 @@ def built_tokenizer(data_cfg, spec: str) -> str:
     raise ValueError(f"data.tokenizer={spec!r} must be 'bpe:N' with N an integer of at least "
                      f"{256 + len(tokenizer.SPECIALS)} (the 256 byte symbols and the "
                      f"{len(tokenizer.SPECIALS)} special tokens), e.g. 'bpe:8192'.")
+  if data_cfg.get("source") or source_keys(data_cfg):
+    raise ValueError(f"data.tokenizer={spec!r} is trained on the one corpus of a run, but "
+                     "data.sources mixes several; train a tokenizer on the text you want with "
+                     "`python -m train.tokenizer` and set data.tokenizer to its tokenizer.json.")
   if data_cfg.name != "stdlib":
     raise ValueError(f"data.tokenizer={spec!r} is built from a text corpus, but data.name="
                      f"{data_cfg.name!r} is already tokenized; use the tokenizer.json its shards "

@@ -222,3 +222,12 @@ def test_a_bad_bpe_spec_is_one_sentence(spec, name, message):
   cfg = ml_collections.ConfigDict(dict(name=name, path="", val_fraction=0.05, tokenizer=spec))
   with pytest.raises(ValueError, match=message):
     tokenizer.spec_of(cfg)
+
+
+def test_a_bpe_spec_with_a_mixture_is_one_sentence():
+  """One run, one tokenizer: "bpe:N" would train one per stdlib source of a mixture."""
+  from experiments import lm_mixture
+  c = lm_mixture.get_config()
+  c.data.tokenizer = "bpe:8192"
+  with pytest.raises(ValueError, match="data.sources mixes several"):
+    validate.validate(c)
