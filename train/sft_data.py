@@ -51,20 +51,21 @@ class Example:
 # ----------------------------------------------------------------------------- rows
 
 
-def check_path(data_cfg) -> None:
-  """data.path is a .jsonl file or a folder holding train.jsonl and val.jsonl."""
+def check_path(data_cfg, field: str = "data.path") -> None:
+  """data.path (``field``: how the config names it) is a .jsonl file or a folder holding
+  train.jsonl and val.jsonl."""
   path = data_cfg.path
   if not path:
-    raise ValueError(f"data.name='sft' needs data.path set to {WHAT}.")
+    raise ValueError(f"data.name='sft' needs {field} set to {WHAT}.")
   if os.path.isdir(path):
     missing = [f"{s}.jsonl" for s in SPLITS if not os.path.isfile(os.path.join(path, f"{s}.jsonl"))]
     if missing:
-      raise ValueError(f"data.path={path!r} is a folder without {' and '.join(missing)}; give "
+      raise ValueError(f"{field}={path!r} is a folder without {' and '.join(missing)}; give "
                        f"{WHAT}.")
   elif not os.path.isfile(path):
-    raise ValueError(f"data.path={path!r} does not exist; give {WHAT}.")
+    raise ValueError(f"{field}={path!r} does not exist; give {WHAT}.")
   elif not path.endswith(".jsonl"):
-    raise ValueError(f"data.path={path!r} is not a .jsonl file; give {WHAT}.")
+    raise ValueError(f"{field}={path!r} is not a .jsonl file; give {WHAT}.")
 
 
 def _jsonl(path: str):
@@ -283,20 +284,23 @@ class Source:
 
 
 def check_splits(data_cfg, packing: str, *, seq_len: int,
-                 batch_sizes: dict[str, tuple[int, str]]) -> None:
+                 batch_sizes: dict[str, tuple[int, str]], where: str = "",
+                 val_field: str = "data.val_fraction") -> None:
   """One sentence for a split that is empty or cannot fill one batch, and for an example with
-  nothing to learn within ``seq_len``; ``batch_sizes``: {split: (global batch, config field)}."""
+  nothing to learn within ``seq_len``; ``batch_sizes``: {split: (global batch, config field)};
+  ``where`` and ``val_field``: how the config names the dataset and its val_fraction."""
   path = data_cfg.path
+  where = where or f"data.path={path!r}"
   for split, (batch, field) in batch_sizes.items():
     found = examples(data_cfg, split)
     if not found:
       if os.path.isdir(path):
-        raise ValueError(f"the {split!r} split of data.path={path!r} is empty: "
+        raise ValueError(f"the {split!r} split of {where} is empty: "
                          f"{os.path.join(path, split + '.jsonl')} has no rows; add rows to it.")
-      raise ValueError(f"the {split!r} split of data.path={path!r} is empty (data.val_fraction="
+      raise ValueError(f"the {split!r} split of {where} is empty ({val_field}="
                        f"{data_cfg.val_fraction} of its rows go to val, by a CRC32 of "
-                       f"FILE:ROW); {'raise' if split == 'val' else 'lower'} "
-                       "data.val_fraction or add rows.")
+                       f"FILE:ROW); {'raise' if split == 'val' else 'lower'} {val_field} or add "
+                       "rows.")
     for e in found:
       if not e.learn[1:seq_len + 1].any():
         first = np.flatnonzero(e.learn[1:])
@@ -307,6 +311,6 @@ def check_splits(data_cfg, packing: str, *, seq_len: int,
                          "prompt or raise train.seq_len.")
     rows = len(Source(found, seq_len, packing, None))
     if rows < batch:
-      raise ValueError(f"the {split!r} split of data.path={path!r} has {len(found)} SFT "
+      raise ValueError(f"the {split!r} split of {where} has {len(found)} SFT "
                        f"examples in {rows} rows of train.seq_len={seq_len}, fewer than one "
                        f"batch of {field}={batch}; add rows, or lower {field}.")

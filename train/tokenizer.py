@@ -34,6 +34,9 @@ SPECIALS = ("<pad>", "<s>", "</s>")
 _KNOWN = {"bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]"),
           "eos": ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "[SEP]"),
           "pad": ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")}
+# data.tokenizer="bpe:N": a byte-level BPE of N ids trained on the run's own training split, built
+# on first use and cached (train/data.py built_tokenizer).
+BUILT_PREFIX = "bpe:"
 # The file a workdir keeps its tokenizer in, by kind.
 WORKDIR_FILES = {"hf": "tokenizer.json", "spm": "tokenizer.model"}
 # Where transformers 5 saves a tokenizer's chat template (older ones: in tokenizer_config.json).
@@ -86,6 +89,11 @@ class Tokenizer:
   def encode_doc(self, doc: str | bytes) -> np.ndarray:
     """``encode`` of a document that may be raw bytes (a text file; invalid utf-8 replaced)."""
     return self.encode(doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc)
+
+  def encode_docs(self, docs) -> list[np.ndarray]:
+    """``encode_doc`` of each of ``docs`` (a batch: a Hugging Face tokenizer spreads it over
+    threads)."""
+    return [self.encode_doc(d) for d in docs]
 
 
 class ByteTokenizer(Tokenizer):
@@ -150,6 +158,11 @@ class HFTokenizer(Tokenizer):
 
   def encode_prompt(self, text):
     return list(self._tok.encode(text).ids)
+
+  def encode_docs(self, docs):
+    texts = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs]
+    return [np.asarray(e.ids, np.int32)
+            for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids):
     return self._tok.decode(_as_ids(ids, self.vocab_size), skip_special_tokens=True)
@@ -246,8 +259,14 @@ def load(spec: str) -> Tokenizer:
 
 
 def spec_of(data_cfg) -> str:
-  """``data.tokenizer`` of a config; "byte" for a config.json written before the field existed."""
-  return data_cfg.get("tokenizer", BYTE_SPEC) or BYTE_SPEC
+  """``data.tokenizer`` of a config as a loadable spec: "byte" (also for a config.json written
+  before the field existed), a file path, or for ``"bpe:N"`` the path of the BPE of N ids built on
+  the run's training split on first use and cached (``train.data.built_tokenizer``)."""
+  spec = data_cfg.get("tokenizer", BYTE_SPEC) or BYTE_SPEC
+  if spec.startswith(BUILT_PREFIX):
+    from train import data  # imported here: train.data imports this module
+    return data.built_tokenizer(data_cfg, spec)
+  return spec
 
 
 def from_config(config) -> Tokenizer:

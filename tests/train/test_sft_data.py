@@ -334,3 +334,25 @@ def test_bad_paths_splits_and_templates_are_one_sentence(tmp_path, bpe):
   with pytest.raises(ValueError, match=r"line 1: the chat template of .* failed "
                                        r"\(TemplateError: unknown role tool\)"):
     check(sft_cfg(root, bpe))
+
+
+def test_sft_sources_mix_and_their_faults_name_the_source(tmp_path):
+  """data.sources may name "sft" datasets: rows of each, by weight; a fault names the source."""
+  one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "A"}] * 40)
+  root = folder(tmp_path, [{"prompt": "b", "completion": "B"}] * 20)
+  cfg = sft_cfg("", val_fraction=0.5)
+  cfg.sources = dict(ones=dict(name="sft", path=str(one), weight=0.5),
+                     twos=dict(name="sft", path=str(root), weight=0.5))
+  check(cfg, train_batch=8, val_batch=2)
+  batch = next(iter(data.make_dataset(cfg, split="train", seq_len=8, global_batch_size=8, seed=0,
+                                      shuffle=True, num_epochs=None)))
+  letters = sorted(chr(t) for t in batch["inputs"][:, 1])  # after BOS: the prompt's byte
+  assert letters == ["a"] * 4 + ["b"] * 4, letters
+  cfg.sources.twos.path = str(tmp_path / "nope.jsonl")
+  with pytest.raises(ValueError, match=r"data.sources.twos.path='.*nope.jsonl' does not exist"):
+    check(cfg)
+  cfg.sources.twos.path = str(one)
+  cfg.sources.twos.val_fraction = 0.001
+  with pytest.raises(ValueError, match=r"the 'val' split of data.sources.twos \('.*one.jsonl'\) "
+                                       r"is empty \(data.sources.twos.val_fraction=0.001"):
+    check(cfg)
