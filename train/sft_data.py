@@ -246,12 +246,12 @@ class Source:
   """grain random-access source of SFT rows {"inputs", "targets"} (+ "segment_ids", "positions"
   when packed): a pure function of the row index, so the data iterator's checkpoint covers it."""
 
-  def __init__(self, examples_, seq_len: int, packing: str, pad_id: int | None):
-    self.examples, self.seq_len, self.packed = examples_, seq_len, packing == "documents"
+  def __init__(self, found, seq_len: int, packing: str, pad_id: int | None):
+    self.examples, self.seq_len, self.packed = found, seq_len, packing == "documents"
     self.input_pad, self.masked = (0, -1) if pad_id is None else (pad_id, pad_id)
-    self.lengths = [min(len(e.ids) - 1, seq_len) for e in examples_]
+    self.lengths = [min(len(e.ids) - 1, seq_len) for e in found]
     self.rows = pack(self.lengths, seq_len, self.packed)
-    self.num_cut = sum(len(e.ids) - 1 > seq_len for e in examples_)
+    self.num_cut = sum(len(e.ids) - 1 > seq_len for e in found)
 
   def __len__(self) -> int:
     return len(self.rows)
