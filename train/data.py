@@ -4,6 +4,8 @@ A corpus is one flat token stream: each document's bytes followed by EOS_ID. Two
   * "stdlib": every .py file of the running Python's standard library (or of `data.path`),
     loaded into memory. Needs no download, so every config runs anywhere.
   * "arrayrecord": shards written by `python -m train.make_arrayrecord`, read by random access.
+  * "sft": prompt/completion or chat rows of a jsonl, one example (or, packed, several) per row,
+    with the loss on the completion only (train/sft_data.py).
 Train/val are split by file with a hash of the relative path, so the split is identical on every
 machine and does not move when files are added elsewhere in the tree. For "arrayrecord" the split
 was fixed by the converter's --val_fraction (recorded in metadata.json); data.val_fraction is unused.
@@ -32,13 +34,13 @@ import numpy as np
 
 # The byte vocabulary and the split rule live with the tokenizers and the text sources, which the
 # converter's worker processes import without JAX; they are re-exported here for the pipeline.
-from train import tokenizer
+from train import sft_data, tokenizer
 from train.text_sources import SPLITS, split_of  # noqa: F401
 from train.tokenizer import BOS_ID, BYTE_VOCAB, EOS_ID, PAD_ID, VOCAB_NAME  # noqa: F401
 from train.tokenizer import byte_decode as decode  # noqa: F401
 from train.tokenizer import byte_encode as encode  # noqa: F401
 
-KNOWN_DATASETS = ("stdlib", "arrayrecord")
+KNOWN_DATASETS = ("stdlib", "arrayrecord", "sft")
 # Third-party code is not part of the standard library; caches hold no .py sources worth training on.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -306,7 +308,10 @@ def check_data_config(data_cfg) -> None:
   if not 0.0 < data_cfg.val_fraction < 1.0:
     raise ValueError(f"{_field(data_cfg, 'val_fraction')}={data_cfg.val_fraction} must lie "
                      "strictly between 0 and 1.")
-  if data_cfg.path and not os.path.isdir(data_cfg.path):
+  if data_cfg.name == "sft":
+    # a .jsonl file, or a folder of train.jsonl and val.jsonl
+    sft_data.check_path(data_cfg, _field(data_cfg, "path"))
+  elif data_cfg.path and not os.path.isdir(data_cfg.path):
     raise ValueError(f"{_field(data_cfg, 'path')}={data_cfg.path!r} does not exist or is not a "
                      "folder.")
   if packing_of(data_cfg) not in PACKINGS:
@@ -497,6 +502,11 @@ def check_splits(data_cfg, *, seq_len: int, batch_sizes: dict[str, tuple[int, st
 
 
 def _check_filled(data_cfg, seq_len: int, batch_sizes: dict[str, tuple[int, str]]) -> None:
+  if data_cfg.name == "sft":
+    sft_data.check_splits(data_cfg, packing_of(data_cfg), seq_len=seq_len,
+                          batch_sizes=batch_sizes, where=_where(data_cfg),
+                          val_field=_field(data_cfg, "val_fraction"))
+    return
   if data_cfg.name == "arrayrecord":
     meta = read_metadata(data_cfg.path)
     for split in batch_sizes:
@@ -613,7 +623,8 @@ def num_windows(data_cfg, split: str, seq_len: int) -> int:
 def make_dataset(data_cfg, *, split: str, seq_len: int, global_batch_size: int, seed: int,
                  shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
   """Returns this process's batches {"inputs", "targets": int32[local_b, seq_len]} of `split`,
-  plus "segment_ids" and "positions" with ``data.packing="documents"`` (``document_fields``).
+  plus "segment_ids" and "positions" with ``data.packing="documents"`` (``document_fields``;
+  for "sft", per packed example: train/sft_data.py).
 
   With ``data.sources`` the windows of every source's `split` are mixed by weight (``mixed``);
   ``source_config(data_cfg, key)`` gives the config of one source alone (its own val split)."""
@@ -630,13 +641,23 @@ def make_dataset(data_cfg, *, split: str, seq_len: int, global_batch_size: int, 
                  num_epochs=num_epochs)
 
 
-def window_source(data_cfg, split: str, seq_len: int, global_batch_size: int) -> WindowSource:
-  """The WindowSource of `split` of one dataset, which must fill one global batch."""
+def window_source(data_cfg, split: str, seq_len: int,
+                  global_batch_size: int) -> WindowSource | sft_data.Source:
+  """The WindowSource (for "sft", the sft_data.Source) of `split` of one dataset, which must fill
+  one global batch."""
   tok = tokenizer.load(tokenizer.spec_of(data_cfg))
-  source = WindowSource(token_stream(data_cfg, split), seq_len, packing_of(data_cfg), tok.eos_id,
-                        tok.pad_id)
+  if data_cfg.name == "sft":
+    source = sft_data.Source(sft_data.examples(data_cfg, split), seq_len, packing_of(data_cfg),
+                             tok.pad_id)
+    if source.num_cut and jax.process_index() == 0:
+      print(f"odyssey: {source.num_cut} of {len(source.examples)} {split!r} SFT examples are "
+            f"longer than train.seq_len={seq_len} and are cut.", flush=True)
+  else:
+    source = WindowSource(token_stream(data_cfg, split), seq_len, packing_of(data_cfg),
+                          tok.eos_id, tok.pad_id)
   if len(source) < global_batch_size:
-    raise ValueError(f"The {split!r} split of {_where(data_cfg)} has {len(source)} windows of "
+    raise ValueError(f"The {split!r} split of {_where(data_cfg)} has {len(source)} "
+                     f"{'rows' if data_cfg.name == 'sft' else 'windows'} of "
                      f"seq_len={seq_len}, fewer than one batch of {global_batch_size}.")
   return source
 

@@ -134,7 +134,7 @@ def test_packing_per_source_and_each_source_keeps_its_val_split(folders):
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.sources.code.update(name="parquet"),
-     r"^data.sources.code.name='parquet' is unknown; use one of \('stdlib', 'arrayrecord'\)\.$"),
+     r"^data.sources.code.name='parquet' is unknown; use one of \('stdlib', 'arrayrecord', 'sft'\)\.$"),
     (lambda c: c.sources.code.update(weight=math.nan),
      r"^data.sources.code.weight=nan must be a finite number above 0 \(the weights are "
      r"normalised to sum to 1\)\.$"),

@@ -45,6 +45,7 @@ ARRAYRECORD_TRAIN = U + "test_arrayrecord.py::test_train_on_the_arrayrecord_outp
 BPE_DATA = U + "test_arrayrecord.py::test_train_a_tokenizer_then_convert_jsonl_with_it_as_written"
 MIXTURE = U + "test_arrayrecord.py::test_train_on_a_mixture_as_written"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
+SFT_PATH = U + "test_sft.py::test_import_sft_generate_export_and_transformers_agree"
 
 DOCUMENTED = {
     # Quick start, Results, Experiments.
@@ -164,6 +165,15 @@ DOCUMENTED = {
     "python -m train --config=experiments/lm_mixture.py --workdir=DIR --cpu_devices=8 "
     "--config.data.sources.prose.path=/data/my_corpus": Runs(
         MIXTURE, "/data/my_corpus = the make_arrayrecord command's output above"),
+    # Supervised fine-tuning of an imported model (docs/convert.md, docs/data.md).
+    "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=IMPORTED": Runs(
+        SFT_PATH, "HF_DIR = a tiny random Llama with a locally trained tokenizer.json"),
+    "python -m train --config=experiments/sft.py:from=IMPORTED --workdir=RUN "
+    "--config.data.path=chat.jsonl": Runs(SFT_PATH, "steps, batch sizes, seq_len and the "
+                                          "learning rate lowered/raised for a random tiny model"),
+    "python -m train.generate --workdir=RUN --prompt=\"Q: What is the capital of France? A:\" "
+    "--max_new_tokens=16": Runs(SFT_PATH),
+    "python -m train.convert --from=odyssey --family=llama --src=RUN --dst=HF_OUT": Runs(SFT_PATH),
 }
 
 
