@@ -38,7 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tokenizer="byte",
       packing="none",  # "documents": attention, positions and loss stay within each document
       num_threads=0,  # in-memory windows: reader threads only add GIL contention
-      prefetch=2))
+      prefetch=2,
+      # A mixture: named sources, each a group of name ("stdlib" | "arrayrecord"), path, weight
+      # (normalised) and optionally val_fraction (stdlib). Set, they replace name and path above
+      # and share the rest (docs/data.md, Mixtures). Add them in an experiment file; the command
+      # line can then change their fields (--config.data.sources.NAME.weight=0.7).
+      sources=ml_collections.ConfigDict()))
   c.train.seq_len = 256
   # Multiple-choice tasks scored at every evaluation (train/multiple_choice.py): comma-separated
   # jsonl files and built-in names (stdlib_next_line), each logged as val mc/<name>/acc[_norm].

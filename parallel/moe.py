@@ -96,6 +96,11 @@ def _sharded(x, idx, gates, weights, *, cfg, capacity, dtype, mesh, rules, ep, t
     y, dropped = moe.run_experts(x, idx, gates, weights, cfg=cfg, capacity=capacity, dtype=dtype,
                                  ep_axis=ep_axis if ep > 1 else None, ep=ep,
                                  tp_axis=tp_axis if tp > 1 else None)
+    # The dropped count comes from the routing alone, so its all-reduce would be independent of
+    # the experts' all-to-alls, and XLA:CPU may then start the two in different orders on
+    # different devices, each waiting for the other (as the LM loss's token count did: see
+    # train/tasks/lm.py token_loss). Tied to the experts' output, it is reduced after them.
+    y, dropped = jax.lax.optimization_barrier((y, dropped))
     return y, jax.lax.psum(dropped, token_axes)
 
   return jax.shard_map(body, mesh=mesh, in_specs=(token_spec,) * 3 + (weight_specs,),

@@ -17,6 +17,12 @@ _TERMINATE = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _TERMINATE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tokenizers and token streams built on first use (train/data.py cache_dir) go to a folder of this
+# test process, not the user's ~/.cache/odyssey; subprocesses inherit it. A test of the first use
+# itself sets its own empty one.
+if "ODYSSEY_CACHE" not in os.environ:
+  import tempfile
+  os.environ["ODYSSEY_CACHE"] = tempfile.mkdtemp(prefix="odyssey-test-cache-")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402,F401  (adds parallel/xla_flags.py's CPU_FLAGS before JAX starts)
 

@@ -36,7 +36,7 @@ BASE_CONFIGS = {"llama": ("configs.lm", "size=tiny"), "mamba": ("experiments.mam
                 "vit": ("configs.vit", None), "dit": ("configs.diffusion", "model=dit")}
 # Files of a Hugging Face folder that travel with imported weights (generation uses tokenizer.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -4,9 +4,15 @@ A corpus is one flat token stream: each document's bytes followed by EOS_ID. Two
   * "stdlib": every .py file of the running Python's standard library (or of `data.path`),
     loaded into memory. Needs no download, so every config runs anywhere.
   * "arrayrecord": shards written by `python -m train.make_arrayrecord`, read by random access.
+  * "sft": prompt/completion or chat rows of a jsonl, one example (or, packed, several) per row,
+    with the loss on the completion only (train/sft_data.py).
 Train/val are split by file with a hash of the relative path, so the split is identical on every
 machine and does not move when files are added elsewhere in the tree. For "arrayrecord" the split
 was fixed by the converter's --val_fraction (recorded in metadata.json); data.val_fraction is unused.
+
+A mixture (``data.sources``: named sources, each a backend with its own path, split and weight)
+mixes the sources' shuffled, repeated windows with grain's ``MapDataset.mix`` inside the one
+checkpointed pipeline; each source keeps its own validation split (docs/data.md "Mixtures").
 
 ``check_splits`` (called by the LM task's check, before the workdir is touched) refuses a split
 that cannot fill one batch, a metadata.json that is not the converter's, and shards that are
@@ -14,23 +20,27 @@ missing, not ArrayRecord files, or hold other records than metadata.json promise
 """
 
 import functools
+import hashlib
 import json
+import math
 import os
 import sysconfig
+import zlib
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 
 # The byte vocabulary and the split rule live with the tokenizers and the text sources, which the
 # converter's worker processes import without JAX; they are re-exported here for the pipeline.
-from train import tokenizer
+from train import sft_data, tokenizer
 from train.text_sources import SPLITS, split_of  # noqa: F401
 from train.tokenizer import BOS_ID, BYTE_VOCAB, EOS_ID, PAD_ID, VOCAB_NAME  # noqa: F401
 from train.tokenizer import byte_decode as decode  # noqa: F401
 from train.tokenizer import byte_encode as encode  # noqa: F401
 
-KNOWN_DATASETS = ("stdlib", "arrayrecord")
+KNOWN_DATASETS = ("stdlib", "arrayrecord", "sft")
 # Third-party code is not part of the standard library; caches hold no .py sources worth training on.
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
@@ -83,22 +93,111 @@ def split_files(root: str, split: str, val_fraction: float) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=8)
 def _stdlib_tokens(root: str, split: str, val_fraction: float,
                    tokenizer_spec: str = "byte") -> np.ndarray:
+  files = split_files(root, split, val_fraction)
+  if tokenizer_spec == "byte":  # bytes are the files themselves: read each run, nothing cached
+    tokens = concat_docs(_read_docs(root, files))
+    tokens.flags.writeable = False  # Shared by every caller through the cache.
+    return tokens
+  # A subword vocabulary: each document's ids, then the tokenizer's EOS, tokenized once and kept
+  # in the cache (keyed by the tokenizer's content and the split's files), memory-mapped after.
+  tok = tokenizer.load(tokenizer_spec)
+  path = os.path.join(cache_dir(), "tokens", f"{tok.name.replace(':', '-')}-"
+                      f"{_files_key(root, files, val_fraction)}-{split}.npy")
+  if not os.path.isfile(path):
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    print(f"odyssey: tokenizing the {split!r} split ({len(files)} files under {root}) with "
+          f"{tok.path} ({tok.name}); once, cached as {path}.", flush=True)
+    from tqdm import tqdm
+    parts, docs = [], _read_docs(root, files)
+    with tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=None) as bar:
+      for i in range(0, len(docs), 256):
+        parts += [np.append(ids, tok.eos_id).astype(dtype)
+                  for ids in tok.encode_docs(docs[i:i + 256])]
+        bar.update(len(docs[i:i + 256]))
+    _save_atomically(path, np.concatenate(parts or [np.zeros((0,), dtype)]))
+  try:
+    return np.load(path, mmap_mode="r")  # read-only, shared by every caller through the cache
+  except (OSError, ValueError) as e:
+    raise ValueError(f"the cached token stream {path} is unreadable ({e}); delete it and rerun "
+                     "to rebuild it.") from None
+
+
+def _read_docs(root: str, files) -> list[bytes]:
   docs = []
-  for rel in split_files(root, split, val_fraction):
+  for rel in files:
     try:
       with open(os.path.join(root, rel), "rb") as f:
         docs.append(f.read())
     except OSError:  # Permission-denied or dangling files are not worth failing a run for.
       continue
-  if tokenizer_spec == "byte":
-    tokens = concat_docs(docs)
-  else:  # a subword vocabulary: each document's ids, then the tokenizer's EOS
-    tok = tokenizer.load(tokenizer_spec)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    tokens = np.concatenate([np.append(tok.encode_doc(d), tok.eos_id).astype(dtype)
-                             for d in docs] or [np.zeros((0,), dtype)])
-  tokens.flags.writeable = False  # Shared by every caller through the cache.
-  return tokens
+  return docs
+
+
+def _files_key(root: str, files, val_fraction: float) -> str:
+  """12 hex digits naming a split's files by their relative paths and sizes (not the folder, so
+  the same corpus at another path, or on another machine, has the same key)."""
+  sizes = [f"{rel}\t{_stat(os.path.join(root, rel))[0]}" for rel in files]
+  text = json.dumps([float(val_fraction), sizes])
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _save_atomically(path: str, array: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp.{os.getpid()}.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)  # a complete file or none, also when two processes build it at once
+
+
+# ----------------------------------------------------------------------------- built on first use
+
+
+def cache_dir() -> str:
+  """Where tokenizers and token streams built on first use are kept: $ODYSSEY_CACHE, else
+  ~/.cache/odyssey. Everything in it can be deleted; it is rebuilt, identically, when needed."""
+  return os.environ.get("ODYSSEY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "odyssey")
+
+
+def built_tokenizer(data_cfg, spec: str) -> str:
+  """The tokenizer.json of ``data.tokenizer="bpe:N"``: a byte-level BPE of N ids (the 3 special
+  tokens included; train/tokenizer.py train_bpe) trained on the training split of the run's
+  stdlib-style corpus (the standard library, or the .py files of data.path). Trained on first use
+  and kept in the cache under a key of N and the split's files; later runs, on any machine with
+  the same files, reuse or rebuild the same file (training is deterministic)."""
+  size = spec[len(tokenizer.BUILT_PREFIX):]
+  if not size.isdigit() or int(size) < 256 + len(tokenizer.SPECIALS):
+    raise ValueError(f"data.tokenizer={spec!r} must be 'bpe:N' with N an integer of at least "
+                     f"{256 + len(tokenizer.SPECIALS)} (the 256 byte symbols and the "
+                     f"{len(tokenizer.SPECIALS)} special tokens), e.g. 'bpe:8192'.")
+  if data_cfg.get("source") or source_keys(data_cfg):
+    raise ValueError(f"data.tokenizer={spec!r} is trained on the one corpus of a run, but "
+                     "data.sources mixes several; train a tokenizer on the text you want with "
+                     "`python -m train.tokenizer` and set data.tokenizer to its tokenizer.json.")
+  if data_cfg.name != "stdlib":
+    raise ValueError(f"data.tokenizer={spec!r} is built from a text corpus, but data.name="
+                     f"{data_cfg.name!r} is already tokenized; use the tokenizer.json its shards "
+                     "were written with (train.make_arrayrecord --tokenizer).")
+  if data_cfg.path and not os.path.isdir(data_cfg.path):
+    raise ValueError(f"data.path={data_cfg.path!r} does not exist or is not a folder.")
+  root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()
+  return _built_bpe(root, float(data_cfg.val_fraction), int(size))
+
+
+@functools.lru_cache(maxsize=8)
+def _built_bpe(root: str, val_fraction: float, vocab_size: int) -> str:
+  files = split_files(root, "train", val_fraction)
+  folder = os.path.join(cache_dir(), "tokenizers",
+                        f"bpe{vocab_size}-{_files_key(root, files, val_fraction)}")
+  path = os.path.join(folder, "tokenizer.json")
+  if not os.path.isfile(path):
+    print(f"odyssey: training a byte-level BPE tokenizer of {vocab_size} ids on the {len(files)} "
+          f"train files under {root}; once, cached as {path}.", flush=True)
+    tmp = os.path.join(folder, f"tokenizer.tmp.{os.getpid()}.json")
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    tokenizer.train_bpe(_read_docs(root, files), vocab_size, tmp)
+    os.replace(tmp, path)
+  return path
 
 
 class ArrayStream:
@@ -200,25 +299,106 @@ class ArrayRecordStream:
 
 def check_data_config(data_cfg) -> None:
   """Raises ValueError with one sentence if `data_cfg` cannot produce a dataset."""
+  if source_keys(data_cfg):
+    _check_sources(data_cfg)
+    return
   if data_cfg.name not in KNOWN_DATASETS:
-    raise ValueError(f"data.name={data_cfg.name!r} is unknown; use one of {KNOWN_DATASETS}.")
+    raise ValueError(f"{_field(data_cfg, 'name')}={data_cfg.name!r} is unknown; use one of "
+                     f"{KNOWN_DATASETS}.")
   if not 0.0 < data_cfg.val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction={data_cfg.val_fraction} must lie strictly between 0 and 1.")
-  if data_cfg.path and not os.path.isdir(data_cfg.path):
-    raise ValueError(f"data.path={data_cfg.path!r} does not exist or is not a folder.")
+    raise ValueError(f"{_field(data_cfg, 'val_fraction')}={data_cfg.val_fraction} must lie "
+                     "strictly between 0 and 1.")
+  if data_cfg.name == "sft":
+    # a .jsonl file, or a folder of train.jsonl and val.jsonl
+    sft_data.check_path(data_cfg, _field(data_cfg, "path"))
+  elif data_cfg.path and not os.path.isdir(data_cfg.path):
+    raise ValueError(f"{_field(data_cfg, 'path')}={data_cfg.path!r} does not exist or is not a "
+                     "folder.")
   if packing_of(data_cfg) not in PACKINGS:
     raise ValueError(f"data.packing={packing_of(data_cfg)!r} is not one of {PACKINGS}.")
   if data_cfg.name == "arrayrecord":
     how = "write one with `python -m train.make_arrayrecord --src=TEXT_DIR --dst=DIR`"
+    path = _field(data_cfg, "path")
     if not data_cfg.path:
-      raise ValueError(f"data.name='arrayrecord' needs data.path set to a shard folder; {how}.")
+      raise ValueError(f"{_field(data_cfg, 'name')}='arrayrecord' needs {path} set to a shard "
+                       f"folder; {how}.")
     if not os.path.isfile(os.path.join(data_cfg.path, "metadata.json")):
-      raise ValueError(f"data.path={data_cfg.path!r} has no metadata.json; {how}.")
+      raise ValueError(f"{path}={data_cfg.path!r} has no metadata.json; {how}.")
     if not any(n.endswith(".array_record") for n in os.listdir(data_cfg.path)):
-      raise ValueError(f"data.path={data_cfg.path!r} has no .array_record shards; {how}.")
+      raise ValueError(f"{path}={data_cfg.path!r} has no .array_record shards; {how}.")
     check_dataset_tokenizer(data_cfg, read_metadata(data_cfg.path))
   else:
     _data_tokenizer(data_cfg)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+# The fields of one entry of data.sources; the tokenizer, packing and reader settings stay in data
+# and are shared by every source. val_fraction (stdlib sources only) defaults to data.val_fraction.
+SOURCE_FIELDS = ("name", "path", "weight", "val_fraction")
+
+
+def source_keys(data_cfg) -> tuple[str, ...]:
+  """The names of data.sources in sorted order, the order they are mixed in (config.json sorts
+  its keys, so a resumed run mixes them the same way); () for one dataset (data.name/path) and
+  for a config.json written before data.sources existed."""
+  sources = data_cfg.get("sources")
+  return tuple(sorted(sources.keys())) if isinstance(sources, ml_collections.ConfigDict) else ()
+
+
+def source_config(data_cfg, key: str) -> ml_collections.ConfigDict:
+  """The data config of source ``key`` of a mixture alone: the shared settings of data with the
+  source's name, path and val_fraction, and ``source`` naming it for the error messages."""
+  src = data_cfg.sources[key]
+  cfg = data_cfg.to_dict()
+  del cfg["sources"]
+  cfg.update(name=src.name, path=src.get("path", ""),
+             val_fraction=src.get("val_fraction", data_cfg.val_fraction), source=key)
+  return ml_collections.ConfigDict(cfg)
+
+
+def source_seed(seed: int, key: str) -> int:
+  """The shuffle seed of source ``key``: a function of config.seed and the source's name alone, so
+  adding or reweighting a source leaves the order of the others' windows as it was."""
+  return int(np.random.SeedSequence([seed, zlib.crc32(key.encode())]).generate_state(1)[0])
+
+
+def _field(data_cfg, name: str) -> str:
+  """How the config names field ``name`` of ``data_cfg`` (one source of a mixture, or data)."""
+  key = data_cfg.get("source", "")
+  return f"data.sources.{key}.{name}" if key and name in SOURCE_FIELDS else f"data.{name}"
+
+
+def _check_sources(data_cfg) -> None:
+  """data.sources: each entry a group of known fields with a usable weight and a dataset that
+  check_data_config accepts on its own; no data.path beside them."""
+  if data_cfg.path:
+    raise ValueError(f"data.path={data_cfg.path!r} names one dataset, but data.sources names the "
+                     "datasets of a mixture; set data.path='' and give each source its own path "
+                     "(data.sources.NAME.path).")
+  if not 0.0 < data_cfg.val_fraction < 1.0:  # the stdlib sources' default
+    raise ValueError(f"data.val_fraction={data_cfg.val_fraction} must lie strictly between 0 "
+                     "and 1.")
+  for key in source_keys(data_cfg):
+    src = data_cfg.sources[key]
+    if not isinstance(src, ml_collections.ConfigDict):
+      raise ValueError(f"data.sources.{key}={src!r} is not a source; each source is a group of "
+                       f"{SOURCE_FIELDS} (docs/data.md, Mixtures).")
+    unknown = sorted(set(src.keys()) - set(SOURCE_FIELDS))
+    missing = [f for f in ("name", "weight") if f not in src]
+    if unknown or missing:
+      problem = f"has no {missing[0]!r}" if missing else f"has unknown field(s) {unknown}"
+      raise ValueError(f"data.sources.{key} {problem}; a source has a name and a weight, and "
+                       "optionally a path and a val_fraction.")
+    weight = src.weight
+    if (isinstance(weight, bool) or not isinstance(weight, (int, float))
+        or not math.isfinite(weight) or weight <= 0):
+      raise ValueError(f"data.sources.{key}.weight={weight!r} must be a finite number above 0 "
+                       "(the weights are normalised to sum to 1).")
+    if "val_fraction" in src and src.name == "arrayrecord":
+      raise ValueError(f"data.sources.{key}.val_fraction is unused by an 'arrayrecord' source, "
+                       "whose split the converter's --val_fraction fixed; remove it.")
+    check_data_config(source_config(data_cfg, key))
 
 
 def _data_tokenizer(data_cfg):
@@ -237,7 +417,8 @@ def check_dataset_tokenizer(data_cfg, meta: dict) -> None:
   if meta.get("vocab", "byte259") != tok.name:
     made_with = meta.get("tokenizer", {}).get("spec") if isinstance(meta.get("tokenizer"),
                                                                     dict) else None
-    raise ValueError(f"data.path={data_cfg.path!r} was tokenized with {meta.get('vocab')!r}"
+    raise ValueError(f"{_field(data_cfg, 'path')}={data_cfg.path!r} was tokenized with "
+                     f"{meta.get('vocab')!r}"
                      f"{f' ({made_with})' if made_with else ''}, but data.tokenizer="
                      f"{tokenizer.spec_of(data_cfg)!r} is {tok.name!r}; set --config.data.tokenizer "
                      "to the dataset's tokenizer, or rewrite the dataset with --tokenizer.")
@@ -300,13 +481,32 @@ def split_tokens(data_cfg, split: str) -> int:
 
 
 def _where(data_cfg) -> str:
+  """The dataset of ``data_cfg`` as the messages name it (a mixture's source by its name)."""
+  key = data_cfg.get("source", "")
+  if key:
+    return f"data.sources.{key} ({data_cfg.path!r})" if data_cfg.path else (
+        f"data.sources.{key} ({data_cfg.name!r})")
   return f"data.path={data_cfg.path!r}" if data_cfg.path else f"data {data_cfg.name!r}"
 
 
 def check_splits(data_cfg, *, seq_len: int, batch_sizes: dict[str, tuple[int, str]]) -> None:
   """One sentence for a split that cannot fill one batch or whose shards are damaged, before
-  anything is written; ``batch_sizes``: {split: (global batch size, the config field)}."""
+  anything is written; ``batch_sizes``: {split: (global batch size, the config field)}. Each
+  source of a mixture is checked alone: its val split is evaluated alone, and one batch of its
+  own train split is the same floor as for one dataset (each source is repeated, and fills part
+  of every batch)."""
   check_data_config(data_cfg)
+  keys = source_keys(data_cfg)
+  for cfg in [source_config(data_cfg, key) for key in keys] if keys else [data_cfg]:
+    _check_filled(cfg, seq_len, batch_sizes)
+
+
+def _check_filled(data_cfg, seq_len: int, batch_sizes: dict[str, tuple[int, str]]) -> None:
+  if data_cfg.name == "sft":
+    sft_data.check_splits(data_cfg, packing_of(data_cfg), seq_len=seq_len,
+                          batch_sizes=batch_sizes, where=_where(data_cfg),
+                          val_field=_field(data_cfg, "val_fraction"))
+    return
   if data_cfg.name == "arrayrecord":
     meta = read_metadata(data_cfg.path)
     for split in batch_sizes:
@@ -318,8 +518,12 @@ def check_splits(data_cfg, *, seq_len: int, batch_sizes: dict[str, tuple[int, st
     windows = max(tokens - 1, 0) // seq_len
     if windows < batch:
       empty = " (it is empty)" if tokens == 0 else ""
-      hint = ("rewrite the dataset with another --val_fraction" if data_cfg.name == "arrayrecord"
-              else "change data.val_fraction or add files") if split == "val" else "add data"
+      if split != "val":
+        hint = "add data"
+      elif data_cfg.name == "arrayrecord":
+        hint = "rewrite the dataset with another --val_fraction"
+      else:
+        hint = f"change {_field(data_cfg, 'val_fraction')} or add files"
       raise ValueError(f"the {split!r} split of {_where(data_cfg)} has {tokens:,} tokens{empty}, "
                        f"{windows} windows of train.seq_len={seq_len}, fewer than one batch of "
                        f"{field}={batch}; {hint}, or lower {field}.")
@@ -419,30 +623,93 @@ def num_windows(data_cfg, split: str, seq_len: int) -> int:
 def make_dataset(data_cfg, *, split: str, seq_len: int, global_batch_size: int, seed: int,
                  shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
   """Returns this process's batches {"inputs", "targets": int32[local_b, seq_len]} of `split`,
-  plus "segment_ids" and "positions" with ``data.packing="documents"`` (``document_fields``)."""
+  plus "segment_ids" and "positions" with ``data.packing="documents"`` (``document_fields``;
+  for "sft", per packed example: train/sft_data.py).
+
+  With ``data.sources`` the windows of every source's `split` are mixed by weight (``mixed``);
+  ``source_config(data_cfg, key)`` gives the config of one source alone (its own val split)."""
   check_data_config(data_cfg)
+  keys = source_keys(data_cfg)
+  if keys:
+    sources = {key: window_source(source_config(data_cfg, key), split, seq_len,
+                                  global_batch_size) for key in keys}
+    return mixed(sources, {key: float(data_cfg.sources[key].weight) for key in keys}, data_cfg,
+                 global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                 num_epochs=num_epochs)
+  return batched(window_source(data_cfg, split, seq_len, global_batch_size), data_cfg,
+                 global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                 num_epochs=num_epochs)
+
+
+def window_source(data_cfg, split: str, seq_len: int,
+                  global_batch_size: int) -> WindowSource | sft_data.Source:
+  """The WindowSource (for "sft", the sft_data.Source) of `split` of one dataset, which must fill
+  one global batch."""
   tok = tokenizer.load(tokenizer.spec_of(data_cfg))
-  source = WindowSource(token_stream(data_cfg, split), seq_len, packing_of(data_cfg), tok.eos_id,
-                        tok.pad_id)
+  if data_cfg.name == "sft":
+    source = sft_data.Source(sft_data.examples(data_cfg, split), seq_len, packing_of(data_cfg),
+                             tok.pad_id)
+    if source.num_cut and jax.process_index() == 0:
+      print(f"odyssey: {source.num_cut} of {len(source.examples)} {split!r} SFT examples are "
+            f"longer than train.seq_len={seq_len} and are cut.", flush=True)
+  else:
+    source = WindowSource(token_stream(data_cfg, split), seq_len, packing_of(data_cfg),
+                          tok.eos_id, tok.pad_id)
   if len(source) < global_batch_size:
-    raise ValueError(f"The {split!r} split of data {data_cfg.name!r} has {len(source)} windows of "
+    raise ValueError(f"The {split!r} split of {_where(data_cfg)} has {len(source)} "
+                     f"{'rows' if data_cfg.name == 'sft' else 'windows'} of "
                      f"seq_len={seq_len}, fewer than one batch of {global_batch_size}.")
-  return batched(source, data_cfg, global_batch_size=global_batch_size, seed=seed,
-                 shuffle=shuffle, num_epochs=num_epochs)
+  return source
 
 
 def batched(source, data_cfg, *, global_batch_size: int, seed: int, shuffle: bool,
             num_epochs: int | None) -> grain.IterDataset:
   """The grain pipeline every dataset shares: shuffle -> repeat -> this process's share -> batch."""
-  process_index, process_count = jax.process_index(), jax.process_count()
-  if global_batch_size % process_count:
+  _check_processes(global_batch_size)
+  ds = _epochs(grain.MapDataset.source(source), seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+  return _shared_batches(ds, data_cfg, global_batch_size=global_batch_size, num_epochs=num_epochs)
+
+
+def mixed(sources: dict, weights: dict[str, float], data_cfg, *, global_batch_size: int, seed: int,
+          shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
+  """``batched`` for a mixture: each source shuffled (with ``source_seed``) and repeated on its
+  own, then interleaved by ``grain.MapDataset.mix`` in proportion to its weight.
+
+  The mix is a deterministic interleave (among any k consecutive windows, source i gives
+  k * weight_i of them to within two, the weights rounded to 1% of the smallest one), a function
+  of the position alone, so the iterator's checkpoint (its position) resumes the mixture exactly. With ``num_epochs`` set, the mixture ends where its
+  first source would run out of its epochs. ``sources``: {name: random-access source}.
+  """
+  _check_processes(global_batch_size)
+  keys = sorted(sources)
+  parents = [_epochs(grain.MapDataset.source(sources[key]), seed=source_seed(seed, key),
+                     shuffle=shuffle, num_epochs=num_epochs) for key in keys]
+  smallest = min(weights.values())
+  # Integer parts, the smallest weight 100 of them: grain keeps integers as they are, whereas its
+  # own scaling of floats truncates (weights 0.3 and 0.2 would become 149 and 100 parts).
+  ds = grain.MapDataset.mix(parents, [round(100 * weights[key] / smallest) for key in keys])
+  return _shared_batches(ds, data_cfg, global_batch_size=global_batch_size, num_epochs=num_epochs)
+
+
+def _check_processes(global_batch_size: int) -> None:
+  if global_batch_size % jax.process_count():
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
-                     f"{process_count} JAX processes; make it a multiple of {process_count}.")
-  ds = grain.MapDataset.source(source)
+                     f"{jax.process_count()} JAX processes; make it a multiple of "
+                     f"{jax.process_count()}.")
+
+
+def _epochs(ds: grain.MapDataset, *, seed: int, shuffle: bool,
+            num_epochs: int | None) -> grain.MapDataset:
   if shuffle:
     # Before repeat, so each epoch is a full fresh permutation (repeat reseeds per epoch).
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)
+  return ds.repeat(num_epochs)
+
+
+def _shared_batches(ds: grain.MapDataset, data_cfg, *, global_batch_size: int,
+                    num_epochs: int | None) -> grain.IterDataset:
+  """This process's share of each global batch of ``ds``, batched and read with data's options."""
+  process_index, process_count = jax.process_index(), jax.process_count()
   if num_epochs is not None:
     # Drop the tail that cannot fill a global batch so every process yields the same number of
     # batches; otherwise one host would wait forever in a collective on the last step.

@@ -1,6 +1,8 @@
 """The training loop: ``run(config, workdir)`` is what ``python -m train`` calls."""
 
 import contextlib
+import functools
+import operator
 import os
 import signal
 import threading
@@ -31,8 +33,9 @@ def run(config, workdir: str, *, plan=None,
   would: the current step finishes, the state and data position after it are checkpointed, and
   rerunning continues exactly there. Non-finite steps are skipped (train/steps.py) and the run
   stops with a sentence after ``train.max_bad_steps`` of them in a row, saving nothing.
-  Returns a summary: steps, last train metrics, first and last validation metrics, checkpoints,
-  and ``stopped_by`` when the run ended early.
+  Returns a summary: steps, last train metrics, first and last validation metrics (with a data
+  mixture, pooled over its sources; ``last_val_sources`` holds each source's), checkpoints, and
+  ``stopped_by`` when the run ended early.
   """
   if plan is None:
     plan = validate(config)
@@ -121,19 +124,30 @@ class _Loop:
     self.clock = None  # time and step of the last flush, set when the steps start
 
   def evaluate(self, step, params, final=False):
-    """Validation metrics over eval.steps batches, then the task's samples."""
-    program, summary = self.program, self.summary
-    sums = None
+    """Validation metrics over eval.steps batches, then the task's samples.
+
+    A task whose val side is {source: dataset} (a data mixture) gets eval.steps batches of each:
+    each source's metrics are written as split "val/<source>", and the sums of all of them,
+    pooled, give the "val" metrics (each source counts equally, whatever its mixture weight).
+    """
+    program, summary, task = self.program, self.summary, self.program.task
+    sources = self.val_ds if isinstance(self.val_ds, dict) else {None: self.val_ds}
     with watchdog.phase("eval"):
-      for _, local in zip(range(self.config.eval.steps), self.val_ds):
-        out = program.eval_step(params, program.eval_batch(local))
-        sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-      result = program.task.summarize(jax.device_get(sums))
+      sums = {key: self._eval_sums(params, ds) for key, ds in sources.items()}
+      result = task.summarize(functools.reduce(
+          lambda a, b: jax.tree.map(operator.add, a, b), sums.values()))
+      by_source = {key: task.summarize(s) for key, s in sums.items() if key is not None}
       with program.context():
-        result.update(program.task.extra_metrics(program.sample_model, params,
-                                                 sharding=program.batch_shardings))
+        result.update(task.extra_metrics(program.sample_model, params,
+                                         sharding=program.batch_shardings))
+    for key, metrics_of_source in by_source.items():
+      self.writer.write(step, metrics_of_source, split=f"val/{key}")
     self.writer.write(step, result, split="val")
-    self.writer.message(f"step {step}: {program.task.headline(result)}")
+    headline = task.headline(result)
+    if by_source:
+      headline += f" ({task.source_headline(by_source)})"
+      summary["last_val_sources"] = by_source
+    self.writer.message(f"step {step}: {headline}")
     summary.setdefault("first_val", result)
     summary["last_val"] = result
     with program.context(), watchdog.phase("sample"):
@@ -145,6 +159,14 @@ class _Loop:
       summary["samples"] = produced
       if isinstance(produced, list) and produced and isinstance(produced[0], str):
         self.writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
+
+  def _eval_sums(self, params, val_ds):
+    """The task's eval sums over eval.steps batches of ``val_ds``, on the host."""
+    program, sums = self.program, None
+    for _, local in zip(range(self.config.eval.steps), val_ds):
+      out = program.eval_step(params, program.eval_batch(local))
+      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+    return jax.device_get(sums)
 
   def flush(self, step, device_metrics):
     """Writes the train metrics of ``step`` with the throughput since the last flush."""

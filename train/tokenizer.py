@@ -35,10 +35,15 @@ SPECIALS = ("<pad>", "<s>", "</s>")
 _KNOWN = {"bos": ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]"),
           "eos": ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "[SEP]"),
           "pad": ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")}
+# data.tokenizer="bpe:N": a byte-level BPE of N ids trained on the run's own training split, built
+# on first use and cached (train/data.py built_tokenizer).
+BUILT_PREFIX = "bpe:"
 # The file a workdir keeps its tokenizer in, by kind.
 WORKDIR_FILES = {"hf": "tokenizer.json", "spm": "tokenizer.model"}
 # A byte-fallback piece (SentencePiece, and Hugging Face BPEs converted from it): one raw byte.
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# Where transformers 5 saves a tokenizer's chat template (older ones: in tokenizer_config.json).
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def byte_encode(text: str | bytes) -> np.ndarray:
@@ -61,7 +66,8 @@ class Tokenizer:
 
   Attributes: ``name`` (stable id), ``vocab_size`` (ids the model must embed), ``bos_id``,
   ``eos_id``, ``pad_id`` (int or None), ``sample_vocab`` (ids below it are text a sampler may
-  emit), ``path`` (the file it was read from; None for bytes).
+  emit), ``path`` (the file it was read from; None for bytes), ``chat_template`` (the Jinja chat
+  template of a Hugging Face tokenizer, or None; train/sft_data.py renders it).
   """
   name: str
   vocab_size: int
@@ -70,7 +76,8 @@ class Tokenizer:
   pad_id: int | None
   sample_vocab: int
   path: str | None = None
-  _bytes: np.ndarray | None = None
+  chat_template: str | None = None
+  _bytes: np.ndarray | None = None  # token_bytes(), once computed
 
   def encode(self, text: str) -> np.ndarray:
     raise NotImplementedError
@@ -99,6 +106,11 @@ class Tokenizer:
   def encode_doc(self, doc: str | bytes) -> np.ndarray:
     """``encode`` of a document that may be raw bytes (a text file; invalid utf-8 replaced)."""
     return self.encode(doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc)
+
+  def encode_docs(self, docs) -> list[np.ndarray]:
+    """``encode_doc`` of each of ``docs`` (a batch: a Hugging Face tokenizer spreads it over
+    threads)."""
+    return [self.encode_doc(d) for d in docs]
 
 
 class ByteTokenizer(Tokenizer):
@@ -147,14 +159,30 @@ class HFTokenizer(Tokenizer):
     self.path, self.name = path, f"hf:{_file_hash(path)}"
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.sample_vocab = self.vocab_size
-    ids = _hf_special_ids(self._tok, path)
+    config = _tokenizer_config(path)
+    ids = _hf_special_ids(self._tok, config)
     self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+    self.chat_template = _chat_template(path, config)
 
   def encode(self, text):
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
 
+  def encode_with_offsets(self, text) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """``encode``, and each id's (start, end) character span in ``text``."""
+    encoding = self._tok.encode(text, add_special_tokens=False)
+    return np.asarray(encoding.ids, np.int32), list(encoding.offsets)
+
+  def token_text(self, token_id: int) -> str:
+    """The text of one id (a chat template's ``bos_token``/``eos_token``)."""
+    return self._tok.id_to_token(token_id)
+
   def encode_prompt(self, text):
     return list(self._tok.encode(text).ids)
+
+  def encode_docs(self, docs):
+    texts = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs]
+    return [np.asarray(e.ids, np.int32)
+            for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids):
     return self._tok.decode(_as_ids(ids, self.vocab_size), skip_special_tokens=True)
@@ -210,22 +238,43 @@ def _byte_level_alphabet() -> frozenset[str]:
   return frozenset(map(chr, kept + moved))
 
 
-def _hf_special_ids(tok, path: str) -> dict:
-  """bos/eos/pad ids: as tokenizer_config.json next to ``path`` names them, else by the usual
-  names among the tokenizer's special tokens; None where there is none."""
+def _tokenizer_config(path: str) -> dict:
+  """tokenizer_config.json next to ``path``; {} when there is none or it is not a JSON object."""
   config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return config if isinstance(config, dict) else {}
+
+
+def _chat_template(path: str, config: dict) -> str | None:
+  """The chat template of a tokenizer.json: tokenizer_config.json's "chat_template" (a string, or
+  the one named "default" of a list), else a chat_template.jinja beside it (transformers 5 saves
+  it there); None when it has none."""
+  template = config.get("chat_template")
+  if isinstance(template, list):
+    template = next((t.get("template") for t in template
+                     if isinstance(t, dict) and t.get("name") == "default"), None)
+  if isinstance(template, str):
+    return template
+  jinja = os.path.join(os.path.dirname(path), CHAT_TEMPLATE_FILE)
+  if os.path.isfile(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      return f.read()
+  return None
+
+
+def _hf_special_ids(tok, config: dict) -> dict:
+  """bos/eos/pad ids: as tokenizer_config.json (``config``) names them, else by the usual names
+  among the tokenizer's special tokens; None where there is none."""
   named = {}
-  if os.path.isfile(config_path):
-    try:
-      with open(config_path) as f:
-        config = json.load(f)
-    except (OSError, ValueError):
-      config = {}
-    for kind in _KNOWN:
-      token = config.get(f"{kind}_token") if isinstance(config, dict) else None
-      token = token.get("content") if isinstance(token, dict) else token
-      if isinstance(token, str):
-        named[kind] = token
+  for kind in _KNOWN:
+    token = config.get(f"{kind}_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if isinstance(token, str):
+      named[kind] = token
   specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
   out = {}
   for kind, names in _KNOWN.items():
@@ -290,8 +339,14 @@ def load(spec: str) -> Tokenizer:
 
 
 def spec_of(data_cfg) -> str:
-  """``data.tokenizer`` of a config; "byte" for a config.json written before the field existed."""
-  return data_cfg.get("tokenizer", BYTE_SPEC) or BYTE_SPEC
+  """``data.tokenizer`` of a config as a loadable spec: "byte" (also for a config.json written
+  before the field existed), a file path, or for ``"bpe:N"`` the path of the BPE of N ids built on
+  the run's training split on first use and cached (``train.data.built_tokenizer``)."""
+  spec = data_cfg.get("tokenizer", BYTE_SPEC) or BYTE_SPEC
+  if spec.startswith(BUILT_PREFIX):
+    from train import data  # imported here: train.data imports this module
+    return data.built_tokenizer(data_cfg, spec)
+  return spec
 
 
 def from_config(config) -> Tokenizer:
@@ -315,7 +370,8 @@ def from_workdir(workdir: str) -> Tokenizer:
 
 def record(workdir: str, tok: Tokenizer) -> str | None:
   """Copies ``tok``'s file into ``workdir`` (tokenizer.json / tokenizer.model, with a Hugging Face
-  tokenizer_config.json beside it) unless it already holds it; returns the path, None for bytes."""
+  tokenizer_config.json and chat_template.jinja beside it) unless it already holds it; returns the
+  path, None for bytes."""
   if tok.path is None:
     return None
   dst = os.path.join(workdir, WORKDIR_FILES[tok.name.split(":")[0]])
@@ -323,10 +379,11 @@ def record(workdir: str, tok: Tokenizer) -> str | None:
     tmp = f"{dst}.tmp.{os.getpid()}"
     shutil.copyfile(tok.path, tmp)
     os.replace(tmp, dst)
-  config = os.path.join(os.path.dirname(tok.path), "tokenizer_config.json")
-  if tok.name.startswith("hf:") and os.path.isfile(config) and not os.path.samefile(
-      os.path.dirname(tok.path), workdir):
-    shutil.copyfile(config, os.path.join(workdir, "tokenizer_config.json"))
+  for name in ("tokenizer_config.json", CHAT_TEMPLATE_FILE):
+    config = os.path.join(os.path.dirname(tok.path), name)
+    if tok.name.startswith("hf:") and os.path.isfile(config) and not os.path.samefile(
+        os.path.dirname(tok.path), workdir):
+      shutil.copyfile(config, os.path.join(workdir, name))
   return dst
 
 

@@ -235,3 +235,59 @@ def test_the_stdlib_backend_tokenizes_a_folder_with_the_configured_tokenizer(bpe
     texts = [(root / rel).read_text() for rel in data.split_files(str(root), split, 0.3)]
     assert bpe.decode(tokens) == "".join(texts)  # EOS separators are special: dropped
     assert (tokens == bpe.eos_id).sum() == len(texts)
+
+
+def test_bpe_spec_is_built_on_first_use_cached_and_keyed_by_the_files(tmp_path, monkeypatch,
+                                                                       capsys):
+  """data.tokenizer="bpe:N" trains the BPE on the training split once; a second call, and the same
+  files in another folder, find the cached file (the key does not name the folder)."""
+  import ml_collections
+
+  from train import data
+  monkeypatch.setenv("ODYSSEY_CACHE", str(tmp_path / "cache"))
+  roots = []
+  for name in ("a", "b"):
+    root = corpus_folder(tmp_path / name)
+    for p in root.glob("*.txt"):
+      p.rename(p.with_suffix(".py"))
+    roots.append(root)
+  cfg = lambda root: ml_collections.ConfigDict(dict(
+      name="stdlib", path=str(root), val_fraction=0.3, tokenizer="bpe:300", num_threads=0,
+      prefetch=1))
+  path = tokenizer.spec_of(cfg(roots[0]))
+  assert "training a byte-level BPE tokenizer of 300 ids" in capsys.readouterr().out
+  tok = tokenizer.load(path)
+  assert tok.vocab_size == 300 and path.startswith(str(tmp_path / "cache"))
+  train_text = "".join((roots[0] / rel).read_text()
+                       for rel in data.split_files(str(roots[0]), "train", 0.3))
+  assert tok.decode(tok.encode(train_text)) == train_text
+  stamp = os.stat(path).st_mtime_ns
+  data._built_bpe.cache_clear()
+  assert tokenizer.spec_of(cfg(roots[1])) == path and os.stat(path).st_mtime_ns == stamp
+  assert capsys.readouterr().out == ""  # reused: nothing trained, nothing printed
+  stream = data.token_stream(cfg(roots[1]), "val")  # tokenized once, then memory-mapped
+  assert list((tmp_path / "cache" / "tokens").glob("*-val.npy"))
+  assert tok.decode(stream.read(0, len(stream))) == "".join(
+      (roots[1] / rel).read_text() for rel in data.split_files(str(roots[1]), "val", 0.3))
+
+
+@pytest.mark.parametrize("spec,name,message", [
+    ("bpe:lots", "stdlib", "must be 'bpe:N' with N an integer of at least 259"),
+    ("bpe:100", "stdlib", "must be 'bpe:N' with N an integer of at least 259"),
+    ("bpe:8192", "arrayrecord", "is built from a text corpus, but data.name='arrayrecord' is "
+     "already tokenized"),
+])
+def test_a_bad_bpe_spec_is_one_sentence(spec, name, message):
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(name=name, path="", val_fraction=0.05, tokenizer=spec))
+  with pytest.raises(ValueError, match=message):
+    tokenizer.spec_of(cfg)
+
+
+def test_a_bpe_spec_with_a_mixture_is_one_sentence():
+  """One run, one tokenizer: "bpe:N" would train one per stdlib source of a mixture."""
+  from experiments import lm_mixture
+  c = lm_mixture.get_config()
+  c.data.tokenizer = "bpe:8192"
+  with pytest.raises(ValueError, match="data.sources mixes several"):
+    validate.validate(c)

@@ -44,7 +44,9 @@ ARRAYRECORD = U + "test_arrayrecord.py::test_make_arrayrecord_writes_shards"
 ARRAYRECORD_TRAIN = U + "test_arrayrecord.py::test_train_on_the_arrayrecord_output_as_written"
 BPE_DATA = U + "test_arrayrecord.py::test_train_a_tokenizer_then_convert_jsonl_with_it_as_written"
 EVALUATE = U + "test_make_run.py::test_evaluate_on_the_make_run_workdir"
+MIXTURE = U + "test_arrayrecord.py::test_train_on_a_mixture_as_written"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
+SFT_PATH = U + "test_sft.py::test_import_sft_generate_export_and_transformers_agree"
 
 DOCUMENTED = {
     # Quick start, Results, Experiments.
@@ -127,6 +129,8 @@ DOCUMENTED = {
         Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/megabyte_stdlib.py[:local=mamba] --workdir=DIR "
     "--cpu_devices=8": Runs(LM_EXPERIMENT, "both forms: without and with :local=mamba"),
+    "python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR --cpu_devices=8":
+        Runs(LM_EXPERIMENT, "with ODYSSEY_CACHE set to an empty folder, then rerun"),
     # Hugging Face weights, generation and sampling.
     "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=WORKDIR "
     "[--dtype=bfloat16]": Runs(ROUND_TRIP, "HF_DIR = the export of the make-run workdir; "
@@ -164,6 +168,18 @@ DOCUMENTED = {
     "--tokenizer=/data/tok/tokenizer.json --dst=/data/my_bpe_corpus": Runs(BPE_DATA),
     "python -m train --config=experiments/lm_stdlib.py:size=small --workdir=DIR --cpu_devices=8 "
     "--config.data.name=arrayrecord --config.data.path=/data/my_corpus": Runs(ARRAYRECORD_TRAIN),
+    "python -m train --config=experiments/lm_mixture.py --workdir=DIR --cpu_devices=8 "
+    "--config.data.sources.prose.path=/data/my_corpus": Runs(
+        MIXTURE, "/data/my_corpus = the make_arrayrecord command's output above"),
+    # Supervised fine-tuning of an imported model (docs/convert.md, docs/data.md).
+    "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=IMPORTED": Runs(
+        SFT_PATH, "HF_DIR = a tiny random Llama with a locally trained tokenizer.json"),
+    "python -m train --config=experiments/sft.py:from=IMPORTED --workdir=RUN "
+    "--config.data.path=chat.jsonl": Runs(SFT_PATH, "steps, batch sizes, seq_len and the "
+                                          "learning rate lowered/raised for a random tiny model"),
+    "python -m train.generate --workdir=RUN --prompt=\"Q: What is the capital of France? A:\" "
+    "--max_new_tokens=16": Runs(SFT_PATH),
+    "python -m train.convert --from=odyssey --family=llama --src=RUN --dst=HF_OUT": Runs(SFT_PATH),
 }
 
 

@@ -1,5 +1,6 @@
 """The README's own-corpus path: `python -m train.make_arrayrecord` on a folder of text files,
-then `python -m train` on its output, as written.
+then `python -m train` on its output, alone and mixed with the stdlib corpus (docs/data.md,
+Mixtures), as written.
 
 my_texts/ is a folder of 300 of the standard library's .py files renamed .txt (so some land in
 the validation split by their path hash), and /data/my_corpus a tmp folder.
@@ -12,7 +13,7 @@ import sysconfig
 
 import pytest
 
-from tests.user import check_lm_run, run, substitute
+from tests.user import check_lm_run, metrics, run, substitute
 from tests.user.commands import doc
 
 STEPS = 5
@@ -81,3 +82,32 @@ def test_train_a_tokenizer_then_convert_jsonl_with_it_as_written(tmp_path):
   meta = json.loads((tmp_path / "corpus" / "metadata.json").read_text())
   assert meta["vocab"] == tok.name and sum(
       s["num_docs"] for s in meta["splits"].values()) == len(docs), out[-2000:]
+
+
+MIXTURE = doc("python -m train --config=experiments/lm_mixture.py --workdir=DIR --cpu_devices=8 "
+              "--config.data.sources.prose.path=/data/my_corpus")
+
+
+def test_train_on_a_mixture_as_written(corpus, tmp_path):
+  """docs/data.md's mixture: the stdlib's code (70%) and the converted corpus above (30%).
+  Overrides: --config.train.steps=5 (of 500), --config.opt.warmup_steps=2 (of 50: the loss must
+  move in 5 steps), --config.train.batch_size=8 (of 16), --config.eval.steps=1 (of 8 batches
+  per source) and --config.sample.max_new_tokens=16 (of 200)."""
+  workdir = tmp_path / "run"
+  command = substitute(MIXTURE, DIR=workdir, **{"/data/my_corpus": corpus["corpus"]})
+  out = run(command + " --config.train.steps=5 --config.opt.warmup_steps=2 "
+            "--config.train.batch_size=8 --config.eval.steps=1 --config.sample.max_new_tokens=16",
+            tmp_path / "run.log", timeout=600).stdout
+  check_lm_run(workdir, out, 5, "experiments/lm_mixture.py")
+  pooled = metrics(workdir, "val")
+  by_source = {key: metrics(workdir, f"val/{key}") for key in ("code", "prose")}
+  for key, lines in by_source.items():
+    assert [m["step"] for m in lines] == [0, 5], lines
+    assert lines[-1]["bits_per_byte"] < lines[0]["bits_per_byte"], lines
+  # The pooled line sums the sources' token counts; the headline names each source.
+  for i, line in enumerate(pooled):
+    assert line["tokens"] == sum(lines[i]["tokens"] for lines in by_source.values()), line
+  last = {key: lines[-1]["bits_per_byte"] for key, lines in by_source.items()}
+  assert (f"(code {last['code']:.3f}, prose {last['prose']:.3f} bits/byte)" in out), out[-3000:]
+  saved = json.loads((workdir / "config.json").read_text())["data"]["sources"]
+  assert saved["prose"]["path"] == str(corpus["corpus"]) and saved["code"]["weight"] == 0.7

@@ -15,7 +15,9 @@ import sys
 from tests.user import REPO
 from tests.user.test_registry import _all_documented, doc_pages, documented_commands
 
-PLACEHOLDER = re.compile(r"\.\.\.|<|^FILE")  # --config=FILE[:ARG], --config=..., --config.<path>
+# --config=FILE[:ARG], --config=..., --config.<path>, and an ARG naming a folder the user has
+# (experiments/sft.py:from=IMPORTED), which the config reads, so it cannot load here.
+PLACEHOLDER = re.compile(r"\.\.\.|<|^FILE|:\w+=[A-Z][A-Z_]*$")
 # absl --helpfull: "  --name: help", "  --[no]name: help"; argparse --help: "  --name NAME  help".
 ABSL_FLAG = re.compile(r"^\s+(?:-\S,)?--(\[no\])?([A-Za-z_][\w.-]*):", re.M)
 ARGPARSE_FLAG = re.compile(r"^\s+(?:-\S,\s*)?--()([A-Za-z_][\w-]*)(?=[\s,]|$)", re.M)

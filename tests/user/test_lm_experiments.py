@@ -9,8 +9,14 @@ small for the validation loss to move), ``--config.train.batch_size`` (8 of 16; 
 every mesh here, moe_lm_stdlib's expert=4 x data=2 included), ``--config.eval.steps`` (2 of 8
 batches) and ``--config.sample.max_new_tokens`` (48 of 200 tokens; the sample stays on).
 (lm_stdlib itself is the make-run test's job.) The hybrid MBLM (both block kinds) is also
-rerun with one more step, which must resume from the checkpoint.
+rerun with one more step, which must resume from the checkpoint. lm_stdlib_bpe runs with
+``ODYSSEY_CACHE`` (documented) set to an empty folder, as on a fresh machine: the first run must
+build its tokenizer and token streams there, and a rerun with one more step must reuse them
+untouched and resume.
 """
+
+import hashlib
+import json
 
 import pytest
 
@@ -30,6 +36,8 @@ COMMANDS = {
                         "--cpu_devices=8"),
     "megabyte_stdlib": MEGABYTE.replace("[:local=mamba]", ""),
     "megabyte_stdlib:local=mamba": MEGABYTE.replace("[:local=mamba]", ":local=mamba"),
+    "lm_stdlib_bpe": doc("python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR "
+                         "--cpu_devices=8"),
 }
 
 
@@ -37,6 +45,8 @@ COMMANDS = {
 def test_lm_experiment_trains_evaluates_and_samples(name, tmp_path):
   workdir = tmp_path / "run"
   command = substitute(COMMANDS[name], DIR=workdir) + OVERRIDES
+  if name == "lm_stdlib_bpe":
+    command = f"ODYSSEY_CACHE={tmp_path / 'cache'} {command}"
   out = run(command, tmp_path / "run.log", timeout=600).stdout
   check_lm_run(workdir, out, STEPS, f"experiments/{name.replace(':', '.py:')}"
                if ":" in name else f"experiments/{name}.py")
@@ -52,3 +62,26 @@ def test_lm_experiment_trains_evaluates_and_samples(name, tmp_path):
     assert f"resumed from step {STEPS}" in again and f"done: step {STEPS + 1}." in again
     steps = [m["step"] for m in metrics(workdir, "train")]  # logged every log.every steps
     assert steps == sorted(set(steps)) and steps[-2:] == [STEPS, STEPS + 1], steps
+  if name == "lm_stdlib_bpe":
+    _check_built_on_first_use_then_reused(command, out, workdir, tmp_path)
+
+
+def _check_built_on_first_use_then_reused(command, out, workdir, tmp_path):
+  cache = tmp_path / "cache"
+  built = sorted(p for p in cache.rglob("*") if p.is_file())
+  assert "odyssey: training a byte-level BPE tokenizer of 8192 ids" in out, out[-3000:]
+  assert "odyssey: tokenizing the 'train' split" in out and "tokenizing the 'val' split" in out
+  # One tokenizer and one token stream per split, nothing half-written; the workdir keeps a copy
+  # of the tokenizer the run used, which the vocabulary check and train.generate read.
+  assert [p.suffix for p in built] == [".json", ".npy", ".npy"], built
+  (tokenizer_json,) = [p for p in built if p.suffix == ".json"]
+  assert (workdir / "tokenizer.json").read_bytes() == tokenizer_json.read_bytes()
+  assert json.loads((workdir / "config.json").read_text())["data"]["tokenizer"] == "bpe:8192"
+  stamps = {p: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in built}
+  more = command.replace(f"--config.train.steps={STEPS}", f"--config.train.steps={STEPS + 1}")
+  again = run(more, tmp_path / "rerun.log", timeout=600).stdout
+  assert f"resumed from step {STEPS}" in again and f"done: step {STEPS + 1}." in again
+  assert "training a byte-level BPE" not in again and "odyssey: tokenizing" not in again, again
+  assert sorted(p for p in cache.rglob("*") if p.is_file()) == built
+  assert all((p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) == stamps[p]
+             for p in built)

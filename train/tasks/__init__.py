@@ -2,7 +2,9 @@
 
 A task object (built from the config) provides:
   check()                      -> raises one sentence for a config this task cannot run
-  datasets()                   -> (train grain dataset, val grain dataset)
+  datasets()                   -> (train grain dataset, val grain dataset or {source: val dataset};
+                                  the latter is evaluated per source and pooled, and the task
+                                  then provides source_headline({source: metrics}) -> str)
   example_batch(batch_size)    -> zeros with the global shapes of one batch
   model_example_batch(batch_size, model_cfg) -> zeros shaped as the model's input
   batch_axes                   -> logical axes of each batch entry (for its sharding)

@@ -114,11 +114,18 @@ class LMTask:
         "val": (self.config.eval.batch_size, "eval.batch_size")})
 
   def datasets(self):
+    """(train, val); with data.sources the train side mixes the sources and the val side is
+    {source name: that source's own val split}, which the loop reports one by one and pooled."""
     c = self.config
-    make = lambda split, batch, shuffle, epochs: data.make_dataset(
-        c.data, split=split, seq_len=c.train.seq_len, global_batch_size=batch, seed=c.seed,
+    make = lambda data_cfg, split, batch, shuffle, epochs: data.make_dataset(
+        data_cfg, split=split, seq_len=c.train.seq_len, global_batch_size=batch, seed=c.seed,
         shuffle=shuffle, num_epochs=epochs)
-    return make("train", c.train.batch_size, True, None), make("val", c.eval.batch_size, False, 1)
+    train = make(c.data, "train", c.train.batch_size, True, None)
+    keys = data.source_keys(c.data)
+    if not keys:
+      return train, make(c.data, "val", c.eval.batch_size, False, 1)
+    return train, {key: make(data.source_config(c.data, key), "val", c.eval.batch_size, False, 1)
+                   for key in keys}
 
   def example_batch(self, batch_size: int) -> dict:
     shape = (batch_size, self.config.train.seq_len)
@@ -201,6 +208,11 @@ class LMTask:
     tasks = "".join(f", {k[len('mc/'):-len('/acc')]} acc {v:.3f}" for k, v in metrics.items()
                     if k.startswith("mc/") and k.endswith("/acc"))
     return f"val loss {metrics['loss']:.4f}, {metrics['bits_per_byte']:.3f} bits/byte{tasks}"
+
+  def source_headline(self, by_source: dict[str, dict]) -> str:
+    """Each source's validation bits/byte, briefly, for the line after ``headline``."""
+    return ", ".join(f"{key} {m['bits_per_byte']:.3f}" for key, m in by_source.items()) + (
+        " bits/byte")
 
   def throughput_unit(self) -> tuple[str, int]:
     return "tokens", self.config.train.batch_size * self.config.train.seq_len
