@@ -192,6 +192,9 @@ class _MeanTask:
   def source_headline(self, by_source):
     return ", ".join(f"{k} {m['mean']:.2f}" for k, m in by_source.items())
 
+  def extra_metrics(self, model, params, *, sharding):
+    return {}
+
   def samples(self, *args, **kwargs):
     return None
 
