@@ -174,9 +174,12 @@ def built_tokenizer(data_cfg, spec: str) -> str:
                      "data.sources mixes several; train a tokenizer on the text you want with "
                      "`python -m train.tokenizer` and set data.tokenizer to its tokenizer.json.")
   if data_cfg.name != "stdlib":
-    raise ValueError(f"data.tokenizer={spec!r} is built from a text corpus, but data.name="
-                     f"{data_cfg.name!r} is already tokenized; use the tokenizer.json its shards "
-                     "were written with (train.make_arrayrecord --tokenizer).")
+    instead = ("an SFT run uses the tokenizer of the model it fine-tunes (experiments/sft.py:"
+               "from=WORKDIR takes it from the workdir)" if data_cfg.name == "sft" else
+               "its shards are already tokenized: use the tokenizer.json they were written with "
+               "(train.make_arrayrecord --tokenizer)")
+    raise ValueError(f"data.tokenizer={spec!r} trains a BPE on a stdlib-style corpus "
+                     f"(data.name='stdlib'), but data.name={data_cfg.name!r}; {instead}.")
   if data_cfg.path and not os.path.isdir(data_cfg.path):
     raise ValueError(f"data.path={data_cfg.path!r} does not exist or is not a folder.")
   root = os.path.realpath(data_cfg.path) if data_cfg.path else default_stdlib_root()

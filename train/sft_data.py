@@ -4,8 +4,9 @@
 (``data.val_fraction``; FILE is the file's name, ROW counts non-blank lines from 0: the split rule
 of train/text_sources.py), or a folder holding ``train.jsonl`` and ``val.jsonl``. A row is
 
-  * ``{"prompt": str, "completion": str}``: the ids are the tokenizer's BOS (when it has one),
-    ``encode(prompt)``, ``encode(completion)`` and EOS; the completion and the EOS are learned.
+  * ``{"prompt": str, "completion": str}``: the ids are ``encode_prompt(prompt)`` (the prompt as
+    train.generate frames it: a Llama tokenizer.json's post-processor adds BOS; bytes get none),
+    ``encode(completion)`` and EOS; the completion and the EOS are learned.
   * ``{"messages": [{"role": str, "content": str}, ...]}``: the conversation rendered with the
     tokenizer's chat template (``Tokenizer.chat_template``) the way transformers'
     ``apply_chat_template`` renders it, then encoded; the tokens of the assistant messages are
@@ -122,11 +123,13 @@ def encode_row(tok, row, where: str) -> Example:
 
 
 def prompt_completion_example(tok, prompt: str, completion: str, where: str = "") -> Example:
-  """BOS (if any) + prompt + completion + EOS; the completion and the EOS are learned."""
-  framing = [tok.bos_id] if tok.bos_id is not None else []
-  prompt_ids, completion_ids = tok.encode(prompt), tok.encode(completion)
-  ids = np.concatenate([framing, prompt_ids, completion_ids, [tok.eos_id]]).astype(np.int32)
-  learn = np.arange(len(ids)) >= len(framing) + len(prompt_ids)
+  """The prompt as generation frames it (``encode_prompt``: e.g. Llama's leading BOS from its
+  tokenizer.json's post-processor; nothing added for bytes), the completion, EOS; the completion
+  and the EOS are learned. Framed as train.generate frames a prompt, so the fine-tuned model is
+  asked at generation time exactly as it was taught."""
+  prompt_ids, completion_ids = tok.encode_prompt(prompt), tok.encode(completion)
+  ids = np.concatenate([prompt_ids, completion_ids, [tok.eos_id]]).astype(np.int32)
+  learn = np.arange(len(ids)) >= len(prompt_ids)
   return Example(where, ids, learn)
 
 

@@ -274,8 +274,9 @@ def test_bpe_spec_is_built_on_first_use_cached_and_keyed_by_the_files(tmp_path, 
 @pytest.mark.parametrize("spec,name,message", [
     ("bpe:lots", "stdlib", "must be 'bpe:N' with N an integer of at least 259"),
     ("bpe:100", "stdlib", "must be 'bpe:N' with N an integer of at least 259"),
-    ("bpe:8192", "arrayrecord", "is built from a text corpus, but data.name='arrayrecord' is "
-     "already tokenized"),
+    ("bpe:8192", "arrayrecord", "but data.name='arrayrecord'; its shards are already tokenized"),
+    ("bpe:8192", "sft", "but data.name='sft'; an SFT run uses the tokenizer of the model it "
+     "fine-tunes"),
 ])
 def test_a_bad_bpe_spec_is_one_sentence(spec, name, message):
   import ml_collections
