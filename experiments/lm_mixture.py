@@ -9,7 +9,8 @@ Arrow source all work, see docs/data.md):
 Rerun the same command to resume: the mixture continues exactly where its checkpoint left it.
 Change the weights with --config.data.sources.code.weight=... (they are normalised).
 
-Expect: lm_stdlib's budget, mesh and model; every evaluation writes "val/code" and "val/prose"
+Expect: lm_stdlib's budget, mesh and model, with document packing (no token attends across a
+document boundary, the two sources' documents included); every evaluation writes "val/code" and "val/prose"
 lines to metrics.jsonl (each source's own val split) and a "val" line for the two pooled, and
 prints each source's bits/byte after the pooled figures.
 """
@@ -22,4 +23,7 @@ def get_config(arg: str | None = None):
   # Each source: a backend and its path, a weight, and (stdlib) the fraction of files held out.
   c.data.sources.code = dict(name="stdlib", path="", weight=0.7, val_fraction=0.05)
   c.data.sources.prose = dict(name="arrayrecord", path="", weight=0.3)
+  # Windows of a mixture hold documents of both sources side by side: each attends to itself only,
+  # with positions from its own start (docs/data.md, Document packing).
+  c.data.packing = "documents"
   return c

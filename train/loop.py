@@ -161,12 +161,22 @@ class _Loop:
         self.writer.message("sample:\n" + produced[0] + "\n" + "-" * 40)
 
   def _eval_sums(self, params, val_ds):
-    """The task's eval sums over eval.steps batches of ``val_ds``, on the host."""
+    """The task's eval sums over eval.steps batches of ``val_ds``, on the host.
+
+    One eval launch at a time: with launches of a sharded program queued, XLA:CPU can deadlock,
+    a device that finished one launch blocking a thread of the shared host pool in a collective
+    of the next while a device it waits for still needs a thread to finish the first (seen in an
+    lm_stdlib_bpe evaluation with 2 queued on 2 cores: half the devices in the next launch's
+    all-reduce, the others in the previous launch's all-gathers; train/decoding.py _IN_FLIGHT).
+    The host waits for each batch's sums before launching the next (each wait a watchdog beat);
+    an eval step is short, so little is lost.
+    """
     program, sums = self.program, None
     for _, local in zip(range(self.config.eval.steps), val_ds):
-      out = program.eval_step(params, program.eval_batch(local))
+      out = jax.device_get(program.eval_step(params, program.eval_batch(local)))
+      watchdog.beat()
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    return jax.device_get(sums)
+    return sums
 
   def flush(self, step, device_metrics):
     """Writes the train metrics of ``step`` with the throughput since the last flush."""

@@ -1,5 +1,6 @@
-"""The MoE experiments through the CLI: expert-parallel and expert=1 runs follow the same loss
-trajectory; DiT-MoE trains, logs its auxiliary metrics and writes samples."""
+"""The MoE LM experiment through the CLI: expert-parallel and expert=1 runs follow the same loss
+trajectory. (DiT-MoE through the CLI, its auxiliary metrics and samples: the user tier's
+tests/user/test_image_experiments.py.)"""
 
 import json
 import os
@@ -50,16 +51,3 @@ def test_moe_lm_logs_aux_losses_and_expert_loads(lm_runs):
     assert 0.0 <= m["moe_dropped_frac"] < 0.5  # capacity factor 1.25
     assert m["moe_balance_loss"] >= 0.99  # N_E·Σ f_i·p_i is about 1 at best
     assert m["loss"] > m["ce_loss"]  # the auxiliary terms are added
-
-
-def test_dit_moe_digits_through_the_cli(tmp_path):
-  out, metrics = cli("experiments/dit_moe_digits.py", tmp_path / "dit_moe",
-                     "--config.train.steps=3", "--config.train.batch_size=16",
-                     "--config.eval.every=3", "--config.eval.steps=1",
-                     "--config.eval.batch_size=16", "--config.diffusion.sample_steps=2",
-                     "--config.diffusion.samples_per_class=1", "--config.log.every=1",
-                     "--config.model.moe.capacity_factor=1.0")  # dropless is the default
-  assert "done: step 3." in out and "'expert': 4" in out
-  assert os.path.exists(tmp_path / "dit_moe" / "samples" / "step_000003.png")
-  assert all(0.0 <= m["moe_dropped_frac"] < 1.0 for m in metrics)
-  assert all(m["loss"] > m["denoise_loss"] for m in metrics)

@@ -109,5 +109,7 @@ def test_train_on_a_mixture_as_written(corpus, tmp_path):
     assert line["tokens"] == sum(lines[i]["tokens"] for lines in by_source.values()), line
   last = {key: lines[-1]["bits_per_byte"] for key, lines in by_source.items()}
   assert (f"(code {last['code']:.3f}, prose {last['prose']:.3f} bits/byte)" in out), out[-3000:]
-  saved = json.loads((workdir / "config.json").read_text())["data"]["sources"]
-  assert saved["prose"]["path"] == str(corpus["corpus"]) and saved["code"]["weight"] == 0.7
+  saved = json.loads((workdir / "config.json").read_text())["data"]
+  assert saved["sources"]["prose"]["path"] == str(corpus["corpus"])
+  assert saved["sources"]["code"]["weight"] == 0.7
+  assert saved["packing"] == "documents"  # the experiment packs documents: on the user's path

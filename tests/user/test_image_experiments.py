@@ -10,8 +10,10 @@ else: the loss sits at ln 10 for ~20 steps, then falls (2.16 and 32% accuracy at
 Diffusion: ``--config.train.steps=10`` (of 1,500-3,000), ``--config.train.batch_size=32`` (of 128
 images: a step of the 128-image U-DiT takes ~8 s on 2 loaded cores) and
 ``--config.opt.warmup_steps=2`` (a step count too: at step 10 of a 100-step warmup the learning
-rate is still too small for the validation loss to move). The grids keep their sampler (DDIM, 50
-steps, every class) with ``--config.diffusion.samples_per_class=2`` (of 8 columns).
+rate is still too small for the validation loss to move). The grids keep their sampler (DDIM,
+every class, guided) with ``--config.diffusion.sample_steps=10`` (of 50 denoising steps) and
+``--config.diffusion.samples_per_class=2`` (of 8 columns). DiT-MoE also logs its auxiliary
+losses and dropped fraction (0: dropless by default) on every train line.
 """
 
 import os
@@ -24,7 +26,7 @@ from tests.user.commands import doc
 
 STEPS = {"vit_digits": 40, "dit_digits": 10, "udit_digits": 10, "dit_moe_digits": 10}
 DIFFUSION = (" --config.train.batch_size=32 --config.opt.warmup_steps=2"
-             " --config.diffusion.samples_per_class=2")
+             " --config.diffusion.sample_steps=10 --config.diffusion.samples_per_class=2")
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,12 @@ def test_image_experiment_trains_evaluates_and_samples(name, trained):
   if name == "vit_digits":
     assert val[-1]["accuracy"] > val[0]["accuracy"] + 0.1, val
     return
+  if name == "dit_moe_digits":  # the MoE's terms on every train line; dropless drops nothing
+    from tests.user import metrics
+    train = metrics(workdir, "train")
+    assert train and all(m["loss"] > m["denoise_loss"] and m["moe_dropped_frac"] == 0.0
+                         for m in train), train
+    assert "'expert': 4" in out
   for step in (0, STEPS[name]):  # a grid at every evaluation: one row per class
     with Image.open(workdir / "samples" / f"step_{step:06d}.png") as grid:
       width, height = grid.size
