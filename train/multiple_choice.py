@@ -19,7 +19,6 @@ trained at) loses its context's oldest tokens.
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import registry
-from train import watchdog
+from train import text_sources, watchdog
 
 # lm-eval's other names for the fields, accepted as they are: (field, names in order of preference).
 FIELDS = (("context", ("context", "query")), ("choices", ("choices",)), ("gold", ("gold", "label")))
@@ -53,22 +52,16 @@ def read_jsonl(path: str, limit: int | None = None) -> list[Question]:
                      '{"context": ..., "choices": [...], "gold": i} lines or a built-in task '
                      f"({', '.join(BUILTIN)}).")
   questions = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for number, line in enumerate(f, 1):
-      if limit is not None and len(questions) >= limit:
-        break
-      if line.strip():
-        questions.append(_question(line, f"{path} line {number}"))
+  for number, row in text_sources.jsonl_lines(path):
+    if limit is not None and len(questions) >= limit:
+      break
+    questions.append(_question(row, f"{path} line {number}"))
   if not questions:
     raise ValueError(f"task file {path} holds no questions.")
   return questions
 
 
-def _question(line: str, where: str) -> Question:
-  try:
-    row = json.loads(line)
-  except ValueError as e:
-    raise ValueError(f"{where} is not JSON ({e}).") from None
+def _question(row, where: str) -> Question:
   if not isinstance(row, dict):
     raise ValueError(f"{where} is a JSON {type(row).__name__}, not an object with "
                      '"context", "choices" and "gold".')

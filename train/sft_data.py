@@ -32,7 +32,7 @@ import os
 import numpy as np
 
 from train import tokenizer as tokenizer_lib
-from train.text_sources import SPLITS, split_of
+from train.text_sources import SPLITS, jsonl_lines, split_of
 
 FORMATS = ('{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, '
            '...]}')
@@ -69,32 +69,14 @@ def check_path(data_cfg, field: str = "data.path") -> None:
     raise ValueError(f"{field}={path!r} is not a .jsonl file; give {WHAT}.")
 
 
-def _jsonl(path: str):
-  """(line number, row) of each non-blank line of ``path``."""
-  try:
-    f = open(path, "rb")
-  except OSError as e:
-    raise ValueError(f"{path} could not be read ({e.strerror}).") from None
-  with f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} line {number} is not valid JSON ({e}); fix or remove that "
-                         "line.") from None
-      yield number, row
-
-
 def split_rows(path: str, split: str, val_fraction: float) -> list[tuple[str, object]]:
   """[("FILE line N", row)] of ``split``: its own file in a folder, else the file's rows whose
   "NAME:ROW" key falls in ``split``."""
   if os.path.isdir(path):
     name = os.path.join(path, f"{split}.jsonl")
-    return [(f"{name} line {number}", row) for number, row in _jsonl(name)]
+    return [(f"{name} line {number}", row) for number, row in jsonl_lines(name)]
   base = os.path.basename(path)
-  return [(f"{path} line {number}", row) for i, (number, row) in enumerate(_jsonl(path))
+  return [(f"{path} line {number}", row) for i, (number, row) in enumerate(jsonl_lines(path))
           if split_of(f"{base}:{i}", val_fraction) == split]
 
 

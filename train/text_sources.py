@@ -84,26 +84,38 @@ def _read_bytes(path: str) -> bytes:
     raise ValueError(f"{path} could not be read ({e.strerror}).") from None
 
 
-def _jsonl_rows(path: str, field: str):
-  """The ``field`` string of each non-blank line of a jsonl file."""
-  with open(path, "rb") as f:
+def jsonl_lines(path: str):
+  """(line number, parsed row) of each non-blank line of a jsonl file, or one sentence naming the
+  file (unreadable) or the line (not JSON). Every jsonl reader of odyssey reads through it: text
+  sources, SFT rows (train/sft_data.py), multiple-choice tasks (train/multiple_choice.py)."""
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise ValueError(f"{path} could not be read ({e.strerror}).") from None
+  with f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
         row = json.loads(line)
       except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} line {number} is not valid JSON ({e}); fix or remove "
-                         "that line.") from None
-      if not isinstance(row, dict) or field not in row:
-        fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(f"{path} line {number} has no field {field!r} (it has {fields or 'none'})"
-                         "; name the text field with --text_field.")
-      if not isinstance(row[field], str):
-        raise ValueError(f"{path} line {number}: field {field!r} holds "
-                         f"{type(row[field]).__name__}, not text; name the text field with "
-                         "--text_field.")
-      yield row[field]
+        raise ValueError(f"{path} line {number} is not valid JSON ({e}); fix or remove that "
+                         "line.") from None
+      yield number, row
+
+
+def _jsonl_rows(path: str, field: str):
+  """The ``field`` string of each non-blank line of a jsonl file."""
+  for number, row in jsonl_lines(path):
+    if not isinstance(row, dict) or field not in row:
+      fields = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+      raise ValueError(f"{path} line {number} has no field {field!r} (it has {fields or 'none'})"
+                       "; name the text field with --text_field.")
+    if not isinstance(row[field], str):
+      raise ValueError(f"{path} line {number}: field {field!r} holds "
+                       f"{type(row[field]).__name__}, not text; name the text field with "
+                       "--text_field.")
+    yield row[field]
 
 
 def _arrow_schema(path: str, kind: str):

@@ -142,7 +142,7 @@ def test_acc_and_acc_norm_on_planted_loglikelihoods(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     (None, "task file {p} does not exist"),
-    ('{"context": "a", "choices": ["x"], "gold": 0}\n{"context": ', "{p} line 2 is not JSON"),
+    ('{"context": "a", "choices": ["x"], "gold": 0}\n{"context": ', "{p} line 2 is not valid JSON"),
     ('{"context": "a", "gold": 0}', "{p} line 1 has no 'choices' field"),
     ('{"context": "a", "choices": ["x", "y"], "gold": 2}',
      r"{p} line 1: gold=2 is not the index of one of its 2 choices \(0..1\)"),
