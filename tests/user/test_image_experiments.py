@@ -7,7 +7,7 @@ and DiT workdirs.
 
 Overrides, only of step counts and sizes. ViT: ``--config.train.steps=40`` (of 600), nothing
 else: the loss sits at ln 10 for ~20 steps, then falls (2.16 and 32% accuracy at step 40).
-Diffusion: ``--config.train.steps=10`` (of 1,500-3,000), ``--config.train.batch_size=32`` (of 128
+Diffusion: ``--config.train.steps=10`` (of 1,500-3,000), ``--config.train.batch_size=16`` (of 128
 images: a step of the 128-image U-DiT takes ~8 s on 2 loaded cores) and
 ``--config.opt.warmup_steps=2`` (a step count too: at step 10 of a 100-step warmup the learning
 rate is still too small for the validation loss to move). The grids keep their sampler (DDIM,
@@ -25,7 +25,7 @@ from tests.user import check_run, run, substitute
 from tests.user.commands import doc
 
 STEPS = {"vit_digits": 40, "dit_digits": 10, "udit_digits": 10, "dit_moe_digits": 10}
-DIFFUSION = (" --config.train.batch_size=32 --config.opt.warmup_steps=2"
+DIFFUSION = (" --config.train.batch_size=16 --config.opt.warmup_steps=2"
              " --config.diffusion.sample_steps=10 --config.diffusion.samples_per_class=2")
 
 

@@ -13,7 +13,7 @@ import os
 from tests.user import check_lm_run, run, started_mesh, substitute
 from tests.user.commands import doc
 
-STEPS = 10
+STEPS = 6
 OVERRIDES = f" --config.train.steps={STEPS} --config.eval.steps=2 --config.sample.max_new_tokens=48"
 
 
