@@ -30,3 +30,18 @@ def run_module(module: str, *args: str, timeout: int = 400,
   if ok:
     assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
+
+
+def restore_data_position(tmp_path, it, fresh, step: int = 1):
+  """Saves data iterator ``it``'s position with Orbax, as a training checkpoint does, restores it
+  into the new iterator ``fresh`` and returns ``fresh``."""
+  import orbax.checkpoint as ocp
+
+  from train import data
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(step, args=ocp.args.Composite(data=data.checkpoint_args_save(it)))
+    manager.wait_until_finished()
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    assert manager.latest_step() == step
+    manager.restore(step, args=ocp.args.Composite(data=data.checkpoint_args_restore(fresh)))
+  return fresh

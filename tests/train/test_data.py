@@ -5,9 +5,9 @@ import os
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from tests import restore_data_position
 from train import data
 from train import make_arrayrecord
 
@@ -104,15 +104,8 @@ def test_resume_from_state_continues_exactly():
 def test_resume_through_orbax_checkpoint_manager(tmp_path):
   it = iter(stdlib_dataset())
   take(it, 3)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(3, args=ocp.args.Composite(data=data.checkpoint_args_save(it)))
-    manager.wait_until_finished()
+  fresh = restore_data_position(tmp_path, it, iter(stdlib_dataset()), step=3)
   expected = take(it, 2)
-
-  fresh = iter(stdlib_dataset())
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    assert manager.latest_step() == 3
-    manager.restore(3, args=ocp.args.Composite(data=data.checkpoint_args_restore(fresh)))
   assert_batches_equal(take(fresh, 2), expected)
 
 

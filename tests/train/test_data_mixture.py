@@ -11,8 +11,9 @@ import types
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from tests import restore_data_position
 from absl import flags
 from ml_collections import config_flags
 
@@ -83,12 +84,7 @@ def test_shares_follow_the_weights_and_resume_is_exact(folders, tmp_path):
   # a fresh iterator, and the next batches are the same.
   it = train_iter(cfg)
   take(it, 3)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(3, args=ocp.args.Composite(data=data.checkpoint_args_save(it)))
-    manager.wait_until_finished()
-  fresh = train_iter(cfg)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.restore(3, args=ocp.args.Composite(data=data.checkpoint_args_restore(fresh)))
+  fresh = restore_data_position(tmp_path, it, train_iter(cfg), step=3)
   for want, got in zip(batches[3:8], take(fresh, 5)):
     for key in ("inputs", "targets"):
       np.testing.assert_array_equal(got[key], want[key])

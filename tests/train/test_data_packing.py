@@ -3,9 +3,9 @@ boundary targets on a stream with known EOS positions, through the grain pipelin
 
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from tests import restore_data_position
 from train import data
 
 EOS, PAD = data.EOS_ID, data.PAD_ID
@@ -63,12 +63,7 @@ def test_pipeline_batches_carry_the_fields_and_resume(tmp_path):
   # The fields come from the window alone, so the iterator checkpoint resumes them exactly.
   it = iter(_dataset(cfg, "documents"))
   next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(1, args=ocp.args.Composite(data=data.checkpoint_args_save(it)))
-    manager.wait_until_finished()
-  fresh = iter(_dataset(cfg, "documents"))
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.restore(1, args=ocp.args.Composite(data=data.checkpoint_args_restore(fresh)))
+  fresh = restore_data_position(tmp_path, it, iter(_dataset(cfg, "documents")))
   for want in batches[1:]:
     got = next(fresh)
     for k in want:

@@ -6,15 +6,14 @@ import json
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import lm
 from nets import llama
+from tests.train.test_generate import write_random_llama_workdir
 from train import data, evaluate, generate, models
 from train import multiple_choice as mc
 from train import tokenizer as tokenizer_lib
@@ -33,17 +32,7 @@ def workdir(tmp_path_factory):
                       max_len=MAX_LEN, init_std=0.3)
   config.mesh.update(data=2, fsdp=2, tensor=2)
   config.train.seq_len = MAX_LEN  # the length train.evaluate cuts rows to
-  model = llama.Model(models.model_config(config))
-  init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-  params = nn.unbox(init()["params"])
-  manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"),
-                                  item_handlers={"state": ocp.StandardCheckpointHandler()})
-  manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(path, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort())
-  return str(path)
+  return str(write_random_llama_workdir(path, config, step=3))
 
 
 QUESTIONS = [

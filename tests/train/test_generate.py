@@ -205,18 +205,24 @@ def workdir(tmp_path_factory):
   (parameters only; train.checkpoint.load_trained reads only parameters): far cheaper than
   training a step."""
   from configs import lm
-  from train import models
   path = tmp_path_factory.mktemp("generate")
   config = lm.get_config("size=test")
   config.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=48,
                       max_len=64)
   config.train.seq_len = 32
+  return write_random_llama_workdir(path, config, step=0)
+
+
+def write_random_llama_workdir(path, config, step: int):
+  """Writes ``config``'s Llama with random parameters into workdir ``path`` as train.convert
+  does (config.json, a parameters-only checkpoint at ``step``); returns ``path``."""
+  from train import models
   model = llama.Model(models.model_config(config))
   init = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
   params = nn.unbox(init()["params"])
   manager = ocp.CheckpointManager(os.path.join(path, "checkpoints"),
                                   item_handlers={"state": ocp.StandardCheckpointHandler()})
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})))
   manager.wait_until_finished()
   manager.close()
   with open(os.path.join(path, "config.json"), "w") as f:

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from tests import restore_data_position
 from train import data, sft_data, tokenizer
 
 # A tiny chat template in the style of the Hub's: BOS, a line per turn, EOS after each answer.
@@ -259,12 +259,7 @@ def test_packed_rows_carry_segment_ids_and_positions_and_resume(tmp_path, capsys
   batches = [next(it) for _ in range(4)]
   it = iter(make())
   next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(1, args=ocp.args.Composite(data=data.checkpoint_args_save(it)))
-    manager.wait_until_finished()
-  fresh = iter(make())
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.restore(1, args=ocp.args.Composite(data=data.checkpoint_args_restore(fresh)))
+  fresh = restore_data_position(tmp_path, it, iter(make()))
   for want in batches[1:]:
     got = next(fresh)
     for k in want:
