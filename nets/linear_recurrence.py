@@ -1,0 +1,171 @@
+"""Gated linear recurrences with a matrix state per head, in three forms computing one function:
+what Gated DeltaNet, GLA and Mamba-2 (nets/linear_lm.py) run as their token mixer.
+
+Per head the state S_t is a K x V matrix and, with a_t = exp(log_decay_t) (a scalar per head, or
+one value per key row: GLA's diagonal gate):
+  gated linear attention (beta None):  S_t = a_t ⊙ S_{t-1} + k_t v_tᵀ
+  gated delta rule (beta given):       S_t = a_t S_{t-1} + β_t k_t (v_t − a_t S_{t-1}ᵀ k_t)ᵀ
+  output:                              o_t = S_tᵀ q_t
+``reset_BxS`` True at step t zeroes the state before that step (a new packed document).
+Mamba-2's SSD is the first with a scalar decay: q = C, k = B, v = Δ·x, log_decay = Δ·A.
+
+Forms:
+  ``naive``    one token at a time (``lax.scan``): the reference the tests compare against.
+  ``step``     one token from a given state: generation, O(K·V) per token and head.
+  ``chunked``  the training form. The sequence is cut into chunks of C tokens; inside a chunk the
+               outputs are masked C x C matmuls, across chunks only the states are carried (a short
+               scan of one K x V update per chunk). Decays stay in log space and every exponent is
+               of a difference G_t − G_s with t >= s (G the in-chunk cumulative log decay), so no
+               factor exceeds 1. The delta rule's chunk uses the WY/UT representation: a unit lower
+               triangular solve (I + M) [U | W] = [β V | βγ K] per chunk, M_ts = β_t k_t·k_s
+               γ_t/γ_s for s < t.
+All three run in float32 (float64 when given float64, for the tests' references).
+Extra legend: K key width (state rows), V value width (state columns), C chunk length, n chunks.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _float(*xs):
+  dtype = jnp.promote_types(jnp.result_type(*[x for x in xs if x is not None]), jnp.float32)
+  return [None if x is None else x.astype(dtype) for x in xs]
+
+
+def _check(q, k, v, log_decay, beta):
+  B, S, H, K = q.shape
+  if k.shape != q.shape or v.shape[:3] != (B, S, H):
+    raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} must be [B, S, H, K|V] alike.")
+  if log_decay.shape not in ((B, S, H), (B, S, H, K)):
+    raise ValueError(f"log_decay {log_decay.shape} must be [B, S, H] or [B, S, H, K].")
+  if beta is not None and log_decay.ndim == 4:
+    raise ValueError("the delta rule takes a scalar decay per head (log_decay [B, S, H]).")
+  if beta is not None and beta.shape != (B, S, H):
+    raise ValueError(f"beta {beta.shape} must be [B, S, H].")
+
+
+def step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, beta_BxH, state_BxHxKxV):
+  """One token: (o [B, H, V], new state). ``log_decay`` is [B, H] or [B, H, K]."""
+  a = jnp.exp(log_decay)
+  a = a[..., None, None] if a.ndim == 2 else a[..., None]
+  state = a * state_BxHxKxV
+  if beta_BxH is None:
+    state = state + k_BxHxK[..., :, None] * v_BxHxV[..., None, :]
+  else:
+    err_BxHxV = v_BxHxV - jnp.einsum("bhkv,bhk->bhv", state, k_BxHxK)
+    state = state + (beta_BxH[..., None, None] * k_BxHxK[..., :, None]) * err_BxHxV[..., None, :]
+  return jnp.einsum("bhkv,bhk->bhv", state, q_BxHxK), state
+
+
+def naive(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
+          initial_state=None, reset_BxS=None):
+  """The recurrence token by token. Returns (o [B, S, H, V], final state [B, H, K, V])."""
+  _check(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH)
+  q, k, v, g, beta, s0 = _float(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH,
+                                initial_state)
+  B, S, H, K = q.shape
+  if s0 is None:
+    s0 = jnp.zeros((B, H, K, v.shape[-1]), q.dtype)
+  keep = (jnp.ones((B, S), bool) if reset_BxS is None else ~reset_BxS.astype(bool))
+  t_first = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+
+  def body(state, xs):
+    q_t, k_t, v_t, g_t, b_t, keep_t = xs
+    state = jnp.where(keep_t.reshape((B,) + (1,) * 3), state, 0)
+    return step(q_t, k_t, v_t, g_t, b_t, state)[::-1]
+
+  state, o = jax.lax.scan(body, s0, tuple(map(t_first, (q, k, v, g, beta, keep))))
+  return jnp.moveaxis(o, 0, 1), state
+
+
+def _chunks(x, n: int, C: int):
+  """[B, S, H, ...] padded with zeros to n·C -> [B, H, n, C, ...]."""
+  B, S = x.shape[:2]
+  x = jnp.pad(x, [(0, 0), (0, n * C - S)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape((B, n, C) + x.shape[2:])
+  return jnp.moveaxis(x, 3, 1)
+
+
+def chunked(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
+            initial_state=None, reset_BxS=None, chunk: int = 64):
+  """The chunkwise-parallel form (same values as ``naive``). Returns (o, final state).
+
+  A sequence the chunk does not divide is padded with identity steps (k = v = 0, decay 1).
+  """
+  _check(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH)
+  q, k, v, g, beta, s0 = _float(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH,
+                                initial_state)
+  B, S, H, K = q.shape
+  Vd = v.shape[-1]
+  C = max(1, min(chunk, S))
+  n = -(-S // C)
+  if s0 is None:
+    s0 = jnp.zeros((B, H, K, Vd), q.dtype)
+  q, k, v, g = (_chunks(x, n, C) for x in (q, k, v, g))  # [B, H, n, C, ...]
+  per_key = g.ndim == 5
+  # resets_t: resets at in-chunk positions <= t. s's contribution reaches t (s <= t) only when no
+  # reset lies in (s, t]; the incoming state reaches t only when none lies in [0, t].
+  reset = (jnp.zeros((B, S), jnp.int32) if reset_BxS is None else reset_BxS.astype(jnp.int32))
+  reset = jnp.pad(reset, [(0, 0), (0, n * C - S)]).reshape(B, 1, n, C)
+  resets = jnp.cumsum(reset, axis=-1)
+  causal = jnp.tril(jnp.ones((C, C), bool))
+  linked = causal & (resets[..., :, None] == resets[..., None, :])  # [B, 1, n, C, C]
+  from_start = resets == 0  # [B, 1, n, C]
+  G = jnp.cumsum(g, axis=3)  # [B, H, n, C(, K)]
+  G_end = G[:, :, :, -1:]  # [B, H, n, 1(, K)]
+  to_end = linked[..., -1, :]  # [B, 1, n, C]: s reaches the chunk's last step
+  neg_inf = jnp.asarray(-jnp.inf, q.dtype)
+  if per_key:
+    gamma = jnp.exp(G) * from_start[..., None]  # decay from the chunk start to t
+    decay_ts = jnp.exp(jnp.where(linked[..., None], G[:, :, :, :, None] - G[:, :, :, None],
+                                 neg_inf))  # [B, H, n, C, C, K]
+    scores_ts = jnp.einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, decay_ts)
+    k_end = k * jnp.exp(jnp.where(to_end[..., None], G_end - G, neg_inf))
+    chunk_decay = jnp.exp(G_end[:, :, :, 0]) * from_start[..., -1:]  # [B, H, n, K]
+  else:
+    gamma = jnp.exp(G) * from_start  # [B, H, n, C]
+    decay_ts = jnp.exp(jnp.where(linked, G[..., :, None] - G[..., None, :], neg_inf))
+    scores_ts = jnp.einsum("bhntk,bhnsk->bhnts", q, k) * decay_ts
+    k_end = k * jnp.exp(jnp.where(to_end, G_end - G, neg_inf))[..., None]
+    chunk_decay = jnp.exp(G_end[..., 0]) * from_start[..., -1]  # [B, H, n]
+
+  if beta is None:
+    q_in = q * (gamma if per_key else gamma[..., None])  # reads the incoming state
+    delta_KxV = jnp.einsum("bhnsk,bhnsv->bhnkv", k_end, v)
+
+    def carry(state, xs):
+      decay, delta = xs
+      decay = decay[..., None] if per_key else decay[..., None, None]
+      return decay * state + delta, state
+
+    xs = (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(delta_KxV, 2, 0))
+    final, states = jax.lax.scan(carry, s0, xs)
+    states = jnp.moveaxis(states, 0, 2)  # [B, H, n, K, V]: the state entering each chunk
+    o = (jnp.einsum("bhnts,bhnsv->bhntv", scores_ts, v)
+         + jnp.einsum("bhntk,bhnkv->bhntv", q_in, states))
+  else:
+    beta = _chunks(beta, n, C)  # [B, H, n, C]
+    strict = linked & ~jnp.eye(C, dtype=bool)
+    m_ts = jnp.where(strict, beta[..., None] * jnp.einsum("bhntk,bhnsk->bhnts", k, k) * decay_ts,
+                     0)
+    lhs = m_ts + jnp.eye(C, dtype=q.dtype)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)
+    uw = jax.scipy.linalg.solve_triangular(lhs, rhs, lower=True, unit_diagonal=True)
+    u, w = uw[..., :Vd], uw[..., Vd:]  # [B, H, n, C, V], [B, H, n, C, K]
+    # Entering state S -> leaving state: chunk_decay·S + k_endᵀ (u − w S).
+    trans_KxK = (chunk_decay[..., None, None] * jnp.eye(K, dtype=q.dtype)
+                 - jnp.einsum("bhnsk,bhnsj->bhnkj", k_end, w))
+    delta_KxV = jnp.einsum("bhnsk,bhnsv->bhnkv", k_end, u)
+
+    def carry(state, xs):
+      trans, delta = xs
+      return jnp.einsum("bhkj,bhjv->bhkv", trans, state) + delta, state
+
+    xs = (jnp.moveaxis(trans_KxK, 2, 0), jnp.moveaxis(delta_KxV, 2, 0))
+    final, states = jax.lax.scan(carry, s0, xs)
+    states = jnp.moveaxis(states, 0, 2)
+    q_in = gamma[..., None] * q - jnp.einsum("bhnts,bhnsk->bhntk", scores_ts, w)
+    o = (jnp.einsum("bhnts,bhnsv->bhntv", scores_ts, u)
+         + jnp.einsum("bhntk,bhnkv->bhntv", q_in, states))
+  o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, Vd)[:, :S]
+  return o, final
