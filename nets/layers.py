@@ -116,18 +116,20 @@ def check_basics(cfg, family: str, size_fields: tuple[str, ...]):
   check_remat_and_dtypes(cfg)
 
 
-def scanned(block: type[nn.Module], remat_policy: str, length: int, in_axes=nn.broadcast):
+def scanned(block: type[nn.Module], remat_policy: str, length: int, in_axes=nn.broadcast,
+            axis: str = "layers"):
   """``length`` copies of ``block`` stacked by nn.scan, parameters on a leading "layers" axis.
 
   Every family's layer stack goes through here. The block is called as
   ``block(carry, *args) -> (carry, out)``; ``in_axes`` says per extra argument whether it is
   broadcast (``nn.broadcast``) or scanned over its leading axis (0); one ``nn.broadcast``
   (the default) broadcasts them all.
-  MoE's "aux" statistics stack per layer, and every layer draws its own dropout rng.
+  MoE's "aux" statistics stack per layer, and every layer draws its own dropout rng. ``axis``
+  is the logical name of the stacking axis (a scan nested in a scanned unit needs its own).
   """
   return nn.scan(remat(block, remat_policy), variable_axes={"params": 0, "aux": 0},
                  split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
-                 length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                 length=length, metadata_params={nn.PARTITION_NAME: axis})
 
 
 # --- Decoder layers (Llama, Mamba, MEGABYTE) ---------------------------------------------------

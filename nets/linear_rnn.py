@@ -159,29 +159,33 @@ def num_params(cfg: Config, active: bool = False) -> int:
 
 
 def mixer_flops(cfg: Config, seq_len: int) -> float:
-  """One mixer, per token, as the chunkwise form executes it (chunk c = min(chunk, seq_len)).
+  """One mixer, per token, as the chunkwise form executes it in training (chunk c =
+  min(chunk, seq_len), n = ceil(seq_len / c) chunks).
 
   Projections, convolution taps, and per head: in-chunk scores q·kᵀ (2cK) and their product
-  with the values (2cV), reading the incoming state (2KV) and the chunk's state update (2KV);
-  the delta rule adds k·kᵀ (2cK), the triangular solve for U and W (c(V+K)), the transition
-  (2K² + 2K²V/c for carrying it) and the products with W (2cK, 2KV); GLA's per-channel decays
-  weigh the scores inside the chunk (4cK instead of 2cK).
+  with the values (2cV), reading the incoming state (2KV) and the chunk's state update (2KV).
+  The delta rule adds k·kᵀ (2cK), the transition matrix (2K²), carrying the state through it
+  (2K²V/c for n − 1 of the n chunks: the last one's only feeds the unused final state) and the
+  products with W (2cK); its triangular solve (c·(V+K)) is left out, as XLA's cost analysis
+  leaves it out. GLA's per-channel decays weigh the scores inside the chunk: a difference, an
+  exponential and a product per (t, s, key channel), 3cK.
   """
   E, N, H, K, V, C = (cfg.d_model, cfg.key_heads, cfg.linear_heads, cfg.linear_k_dim,
                       cfg.linear_v_dim, cfg.conv_size)
   c = min(cfg.chunk, seq_len) if seq_len else cfg.chunk
+  n = -(-seq_len // c) if seq_len else 1
   core = 2 * c * K + 2 * c * V + 4 * K * V
   if cfg.mixer == "gated_deltanet":
     proj = 2 * E * (2 * N * K + 2 * H * V + 2 * H)
     conv = 2 * C * (2 * N * K + H * V)
-    core += 2 * c * K + c * (V + K) + 2 * K * K + 2 * K * K * V / c + 2 * c * K + 2 * K * V
+    core += 4 * c * K + 2 * K * K + 2 * K * K * V / c * (n - 1) / n
   elif cfg.mixer == "mamba2":
     proj = 2 * E * (2 * H * V + 2 * N * K + H)
     conv = 2 * C * (H * V + 2 * N * K)
   else:
     proj = 2 * E * (2 * H * K + 2 * H * V + cfg.gate_rank) + 2 * cfg.gate_rank * H * K
     conv = 2 * C * (2 * H * K + H * V)
-    core += 2 * c * K
+    core += 3 * c * K
   return proj + conv + H * core + 2 * H * V * E
 
 
@@ -279,7 +283,8 @@ class HybridUnit(nn.Module):
   @nn.compact
   def __call__(self, x_BxSxE, positions_BxS, segment_ids_BxS, cache, slot_pos_BxT):
     cfg = self.cfg
-    linear = scanned(LinearBlock, "none", cfg.attention_every - 1, in_axes=(nn.broadcast, 0))
+    linear = scanned(LinearBlock, "none", cfg.attention_every - 1, in_axes=(nn.broadcast, 0),
+                     axis="unit_layers")
     x_BxSxE, lin_cache = linear(cfg, self.recurrence_fn, name="linear")(
         x_BxSxE, segment_ids_BxS, None if cache is None else cache["linear"])
     x_BxSxE, att_cache = AttentionBlock(cfg, self.attention_fn, name="attention")(
@@ -356,5 +361,9 @@ FAMILY = Family(
     name="linear_rnn", Config=Config, Model=Model, task="lm", num_params=num_params,
     flops=flops, attention_length=lambda cfg, seq_len: seq_len, sequence_parallel=True,
     init_cache=init_cache,
+    # A Qwen3-Next-like hybrid: one Gated DeltaNet layer (two chunks of the 32 tokens the
+    # contract tests run), then one gated attention layer.
     test_config=dict(vocab_size=1024, num_layers=2, d_model=256, linear_heads=4,
-                     linear_k_dim=64, linear_v_dim=64, mlp_dim=512, max_len=128))
+                     linear_k_heads=2, linear_k_dim=64, linear_v_dim=64, mlp_dim=512, chunk=16,
+                     attention_every=2, num_heads=4, num_kv_heads=2, qk_norm=True,
+                     attn_output_gate=True, rotary_fraction=0.5, max_len=128))

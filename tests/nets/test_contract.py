@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nets import attention, counting, moe, registry
-from tests.train.test_flops import TOLERANCE, _unrolled_scan, loop_free_flops
+from tests.train.test_flops import TOLERANCE, loop_free_flops, unroll_scans
 
 FAMILIES = list(registry.families())
 SHARED = ("width", "depth", "num_heads", "mlp_width", "max_len", "dtype")
@@ -92,7 +92,7 @@ def test_num_params_counts_the_initialised_tree(built):
 def test_forward_flops_match_xla(built, monkeypatch):
   """The executed forward count against XLA's, every nn.scan unrolled (see test_flops.py)."""
   family, cfg, model, inputs, _, params = built
-  monkeypatch.setattr(nn, "scan", _unrolled_scan)
+  unroll_scans(monkeypatch)
   forward = jax.jit(lambda p, *xs: model.apply({"params": p}, *xs))
   got = loop_free_flops(forward.lower(params, *inputs).compile())
   lm = family.task == "lm"

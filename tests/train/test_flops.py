@@ -41,6 +41,17 @@ def _unrolled_scan(*args, **kwargs):
   return _scan(*args, **{**kwargs, "unroll": True})
 
 
+_lax_scan = jax.lax.scan
+
+
+def unroll_scans(monkeypatch):
+  """Every nn.scan and lax.scan unrolled (the linear recurrences carry states between chunks
+  in a lax.scan)."""
+  monkeypatch.setattr(nn, "scan", _unrolled_scan)
+  monkeypatch.setattr(jax.lax, "scan",
+                      lambda *args, **kwargs: _lax_scan(*args, **{**kwargs, "unroll": True}))
+
+
 def _lm(**model):
   c = lm.get_config("size=test")
   c.model.update(num_layers=2, d_model=512, num_heads=8, num_kv_heads=4, mlp_dim=1536,
@@ -108,7 +119,7 @@ def xla_step_flops(config, monkeypatch) -> float:
   mesh = parallel_mesh.make_mesh(config.mesh, jax.devices()[:1])
   rules = sharding.rules_from_config(config.parallel)
   task = tasks.get(config)
-  monkeypatch.setattr(nn, "scan", _unrolled_scan)
+  unroll_scans(monkeypatch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     model, cfg, _ = models.build(config, mesh)
     batch = _example_batch(config, cfg)
