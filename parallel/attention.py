@@ -18,6 +18,10 @@ For causal LMs, ring and USP process the sequence in zigzag order (device i hold
 2P-1-i) so causal work is balanced; the LM task applies ``plan.permutation`` to tokens, targets
 and positions (the loss is a sum over tokens, so the order does not change it). Bidirectional
 vision models keep their patch order: without a causal mask every ring step is equal work.
+``make_plan(..., contiguous=True)`` keeps the sequence in order (device i holds the i-th block)
+for models whose other layers need it: a linear recurrence passes its state from each block to
+the next (parallel/state_passing.py). Ring and USP then run unbalanced, device i attending i + 1
+blocks.
 """
 
 import dataclasses
@@ -48,6 +52,7 @@ class Plan:
   ring: int  # ring length (1 for ulysses/allgather/local)
   block_size: int
   rules: tuple = sharding.RULES  # the active rule table (config.parallel.rules rows first)
+  contiguous: bool = False  # ring/usp on the sequence in order instead of zigzag
 
   def describe(self) -> str:
     if self.strategy == "local":
@@ -56,18 +61,22 @@ class Plan:
               "usp": f"Ulysses groups of {self.ulysses} x ring of {self.ring}",
               "allgather": f"K/V all-gather over seq={self.seq}"}[self.strategy]
     kernel = "" if self.strategy == "ring" else f", local {self.kernel} kernel"
-    return f"attention: {self.strategy} ({detail}{kernel})"
+    order = ", sequence in order" if self.contiguous and self.strategy in ("ring", "usp") else ""
+    return f"attention: {self.strategy} ({detail}{kernel}{order})"
 
   def permutation(self, seq_len: int) -> np.ndarray | None:
     """Sequence order the steps apply before the model (zigzag for ring-based strategies)."""
-    if self.strategy in ("ring", "usp"):
+    if self.strategy in ("ring", "usp") and not self.contiguous:
       return ring.zigzag_permutation(seq_len, self.ring)
     return None
 
 
 def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: int,
-              seq_len: int) -> Plan:
-  """Resolves "auto" and validates the combination; raises one sentence naming the fix."""
+              seq_len: int, contiguous: bool = False) -> Plan:
+  """Resolves "auto" and validates the combination; raises one sentence naming the fix.
+
+  ``contiguous=True``: ring and USP keep the sequence in order (no zigzag permutation).
+  """
   strategy, kernel_name = parallel_cfg.seq_strategy, parallel_cfg.attention
   if strategy not in STRATEGIES:
     raise ValueError(f"config.parallel.seq_strategy={strategy!r} is not one of {STRATEGIES}.")
@@ -107,7 +116,8 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
     plan = Plan("usp", kernel, P, u, P // u, block, rules)
   else:
     plan = Plan(strategy, kernel, P, 1, P if strategy == "ring" else 1, block, rules)
-  if plan.strategy in ("ring", "usp") and seq_len % (2 * plan.ring):
+  plan = dataclasses.replace(plan, contiguous=contiguous)
+  if plan.strategy in ("ring", "usp") and not contiguous and seq_len % (2 * plan.ring):
     raise ValueError(f"train.seq_len={seq_len} is not divisible by 2 x {plan.ring} (ring length), "
                      f"which {plan.strategy} attention's zigzag layout needs; use a multiple of "
                      f"{2 * plan.ring}.")
@@ -139,6 +149,7 @@ def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
           _sharded, per_device=kernel, mesh=mesh, rules=plan.rules, seq_sharded=False))
     return local
   axis = sharding.spec(QKV_NAMES, plan.rules)[1]  # the mesh axis the sequence is split over
+  chunks = 1 if plan.contiguous else 2  # sequence chunks per device: in order, or zigzag's two
   if plan.strategy == "ulysses":
     per_device = functools.partial(ulysses.ulysses_attention, kernel=kernel, axis_name=axis,
                                    degree=plan.seq)
@@ -146,10 +157,10 @@ def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
     per_device = functools.partial(ulysses.allgather_attention, kernel=kernel, axis_name=axis)
   elif plan.strategy == "ring":
     per_device = functools.partial(ring.ring_attention, axis_name=axis, ring_size=plan.ring,
-                                   stride=1, chunks=2)
+                                   stride=1, chunks=chunks)
   else:
     per_device = functools.partial(_usp, axis_name=axis, ulysses_degree=plan.ulysses,
-                                   ring_size=plan.ring)
+                                   ring_size=plan.ring, chunks=chunks)
   return functools.partial(_sharded, per_device=per_device, mesh=mesh, rules=plan.rules)
 
 
@@ -164,13 +175,13 @@ def _per_device_under_mesh(q, k, v, *, local, sharded, **kwargs):
   return sharded(q, k, v, **kwargs)
 
 
-def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size):
+def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size, chunks):
   """Ulysses within consecutive groups of the seq axis, ring attention across the groups."""
   groups = ulysses.consecutive_groups(ulysses_degree * ring_size, ulysses_degree)
   q, k, v, group_mask = ulysses.seq_to_heads(q, k, v, mask, axis_name=axis_name,
                                              degree=ulysses_degree, groups=groups)
   o = ring.ring_attention(q, k, v, causal=causal, mask=group_mask, axis_name=axis_name,
-                          ring_size=ring_size, stride=ulysses_degree, chunks=2)
+                          ring_size=ring_size, stride=ulysses_degree, chunks=chunks)
   return ulysses.heads_to_seq(o, axis_name=axis_name, groups=groups)
 
 

@@ -36,21 +36,21 @@ def parallel_cfg(strategy, kernel="dense", usp_ulysses=0, block_size=8):
                                         usp_ulysses=usp_ulysses, block_size=block_size, rules=()))
 
 
-def inputs(num_kv_heads, seed=0):
+def inputs(num_kv_heads, seed=0, n=N):
   rng = np.random.default_rng(seed)
-  q = rng.standard_normal((B, N, H, D)).astype(np.float32)
-  k = rng.standard_normal((B, N, num_kv_heads, D)).astype(np.float32)
-  v = rng.standard_normal((B, N, num_kv_heads, D)).astype(np.float32)
-  w = rng.standard_normal((B, N, H, D)).astype(np.float32)  # random output cotangent
+  q = rng.standard_normal((B, n, H, D)).astype(np.float32)
+  k = rng.standard_normal((B, n, num_kv_heads, D)).astype(np.float32)
+  v = rng.standard_normal((B, n, num_kv_heads, D)).astype(np.float32)
+  w = rng.standard_normal((B, n, H, D)).astype(np.float32)  # random output cotangent
   # Padding: the last quarter of every other sequence is a separate segment.
-  seg = np.ones((B, N), np.int32)
-  seg[::2, 3 * N // 4:] = 2
+  seg = np.ones((B, n), np.int32)
+  seg[::2, 3 * n // 4:] = 2
   return q, k, v, w, seg
 
 
 @functools.lru_cache(maxsize=None)
-def reference(num_kv_heads, causal, padded):
-  q, k, v, w, seg = inputs(num_kv_heads)
+def reference(num_kv_heads, causal, padded, n=N):
+  q, k, v, w, seg = inputs(num_kv_heads, n=n)
   seg = seg if padded else None
 
   def loss(q, k, v):
@@ -61,16 +61,19 @@ def reference(num_kv_heads, causal, padded):
   return np.asarray(o), [np.asarray(g) for g in grads]
 
 
-def sharded(strategy, mesh_name, num_kv_heads, causal, padded, kernel="dense", permute=False):
+def sharded(strategy, mesh_name, num_kv_heads, causal, padded, kernel="dense", permute=False,
+            contiguous=False, n=N):
   sizes = MESHES[mesh_name]
   mesh = parallel_mesh.make_mesh(ml_collections.ConfigDict(sizes))
   plan = attention.make_plan(parallel_cfg(strategy, kernel, STRATEGIES[strategy]), sizes,
-                             num_heads=H, num_kv_heads=num_kv_heads, seq_len=N)
+                             num_heads=H, num_kv_heads=num_kv_heads, seq_len=n,
+                             contiguous=contiguous)
   fn = attention.attention_fn(plan, mesh)
-  q, k, v, w, seg = inputs(num_kv_heads)
+  q, k, v, w, seg = inputs(num_kv_heads, n=n)
   seg = seg if padded else None
-  perm = plan.permutation(N) if permute else np.arange(N)
-  positions = np.broadcast_to(perm.astype(np.int32), (B, N))
+  perm = plan.permutation(n) if permute else None
+  perm = np.arange(n) if perm is None else perm
+  positions = np.broadcast_to(perm.astype(np.int32), (B, n))
   qkv = NamedSharding(mesh, P(("data", "fsdp"), "seq", "tensor", None))
   put = lambda x: jax.device_put(x[:, perm], qkv)
 
@@ -127,6 +130,24 @@ def test_zigzag_layout_gives_the_same_attention(strategy):
   got = sharded(strategy, "seq8", 2, True, True, permute=True)
   assert not np.array_equal(got[2].permutation(N), np.arange(N))
   check(got, reference(2, True, True))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "usp"])
+def test_contiguous_layout_keeps_the_order_and_matches_dense(strategy):
+  """make_plan(contiguous=True): no zigzag, so a linear recurrence's state can pass shard to shard.
+
+  24 tokens over seq=8 leave 3 per device, which the ring's zigzag (two chunks per device) cannot
+  split and make_plan refuses without contiguous, so the ring passing also shows one chunk per
+  device is used.
+  """
+  got = sharded(strategy, "seq8", 2, True, True, permute=True, contiguous=True, n=24)
+  assert got[2].strategy == strategy and got[2].permutation(24) is None
+  assert "in order" in got[2].describe()
+  check(got, reference(2, True, True, n=24))
+  if strategy == "ring":
+    with pytest.raises(ValueError, match="zigzag layout needs"):
+      attention.make_plan(parallel_cfg(strategy), MESHES["seq8"], num_heads=H, num_kv_heads=2,
+                          seq_len=24)
 
 
 def test_blockwise_kernel_under_ulysses_matches_dense():
