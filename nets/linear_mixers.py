@@ -218,8 +218,9 @@ class Mamba2(nn.Module):
     proj = lambda shape, axes, name: Proj(cfg, shape, axes, name=name)(x_BxSxE)
     z = nn.with_logical_constraint(proj((H, P), ("embed", "heads", "head_dim"), "z"), _HEADS)
     x = proj((H, P), ("embed", "heads", "head_dim"), "x")
-    Bm = proj((G, N), ("embed", None, None), "B")
-    Cm = proj((G, N), ("embed", None, None), "C")
+    # Groups are what tensor parallelism splits B and C by (as Mamba-2 intends them).
+    Bm = proj((G, N), ("embed", "heads", "head_dim"), "B")
+    Cm = proj((G, N), ("embed", "heads", "head_dim"), "C")
     dt = proj((H,), ("embed", "heads"), "dt")
     new = {}
     for name, t in (("x", x), ("B", Bm), ("C", Cm)):

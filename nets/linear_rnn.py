@@ -359,7 +359,7 @@ class Model(nn.Module):
 
 FAMILY = Family(
     name="linear_rnn", Config=Config, Model=Model, task="lm", num_params=num_params,
-    flops=flops, attention_length=lambda cfg, seq_len: seq_len, sequence_parallel=True,
+    flops=flops, attention_length=lambda cfg, seq_len: seq_len, state_passing=True,
     init_cache=init_cache,
     # A Qwen3-Next-like hybrid: one Gated DeltaNet layer (two chunks of the 32 tokens the
     # contract tests run), then one gated attention layer.

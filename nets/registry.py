@@ -34,6 +34,9 @@ class Family:
   # (cfg, seq_len) -> the (shortest) sequence attention sees: what mesh.seq must split evenly
   attention_length: Callable[[Any, int], int]
   sequence_parallel: bool = True  # runs with mesh.seq > 1
+  # Linear recurrences over the sequence: takes ``recurrence_fn`` (parallel/state_passing.py),
+  # and its attention layers, if any, must see the sequence in order (no zigzag).
+  state_passing: bool = False
   moe: Callable[[Any], Any] | None = None  # cfg -> its nets.moe.Config; None: no MoE layers
   # (cfg, batch, max_len) -> the empty decode cache or recurrent state; None: no cached decoding
   init_cache: Callable[[Any, int, int], Any] | None = None

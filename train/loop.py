@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from parallel import sharding
-from train import checkpoint, flops, metrics, watchdog
+from train import checkpoint, flops, metrics, models, watchdog
 from train import program as program_lib
 from train import workdir as workdir_lib
 from train.validate import init_from, validate, validate_workdir
@@ -66,7 +66,7 @@ def _run(config, workdir: str, plan, should_stop) -> dict:
                  f"({_count(program.abstract_state.params):,} params), "
                  f"{'pmap over' if program.pmap else 'mesh ' + str(plan.mesh) + ' on'} "
                  f"{jax.device_count()} {jax.devices()[0].platform} devices"
-                 f"{_hosts(program.mesh)}, {started}; {program.attention.describe()}; "
+                 f"{_hosts(program.mesh)}, {started}; {_plans(program)}; "
                  f"workdir {workdir}")
   loop = _Loop(program, workdir, writer, ckpt, val_ds, start_step)
   # A step, eval or sample that stops making progress (a stuck collective) ends the run with a
@@ -260,6 +260,17 @@ class _Profile:
       jax.profiler.stop_trace()
       self.writer.message(f"profile of steps {self.first}..{step} written to {self.dir} (open "
                           "it with TensorBoard or xprof).")
+
+
+def _plans(program) -> str:
+  """How attention and (for linear-recurrent families) the recurrences cross the mesh."""
+  config, model_cfg = program.config, program.plan.model_cfg
+  recurrence = models.recurrence_plan(config, dict(program.mesh.shape), model_cfg)
+  if recurrence is None:
+    return program.attention.describe()
+  if not model_cfg.num_heads:  # no attention layers
+    return recurrence.describe()
+  return f"{program.attention.describe()}; {recurrence.describe()}"
 
 
 def _hosts(mesh) -> str:

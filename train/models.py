@@ -5,7 +5,7 @@ import dataclasses
 from nets import registry
 from parallel import attention
 from parallel import moe as parallel_moe
-from parallel import sharding
+from parallel import sharding, state_passing
 
 
 def model_config(config):
@@ -31,14 +31,24 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
   Families without sequence parallelism (Mamba, MEGABYTE) get the local kernel; validation has
   already refused mesh.seq > 1 for them.
   """
-  if not registry.get(config.model.name).sequence_parallel:
+  family = registry.get(config.model.name)
+  if not family.sequence_parallel or not model_cfg.num_heads:  # no attention layers
     local = sharding.unsplit(mesh_sizes, sharding.rules_from_config(config.parallel), "act_seq",
                              "act_heads")
     return attention.make_plan(config.parallel, local, num_heads=1, num_kv_heads=1,
                                seq_len=_seq_len(config))
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=model_cfg.num_kv_heads,
-                             seq_len=attention_length(config, model_cfg))
+                             seq_len=attention_length(config, model_cfg),
+                             contiguous=family.state_passing)
+
+
+def recurrence_plan(config, mesh_sizes: dict, model_cfg) -> state_passing.Plan | None:
+  """How a family with linear recurrences runs them on this mesh (validated); None for others."""
+  if not registry.get(config.model.name).state_passing:
+    return None
+  return state_passing.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.linear_heads,
+                                 seq_len=_seq_len(config))
 
 
 def build(config, mesh, *, seq_parallel: bool = True):
@@ -53,6 +63,9 @@ def build(config, mesh, *, seq_parallel: bool = True):
   sizes = dict(mesh.shape) if seq_parallel else sharding.unsplit(dict(mesh.shape), rules, "act_seq")
   plan = attention_plan(config, sizes, cfg)
   kwargs = {}
+  recurrence = recurrence_plan(config, sizes, cfg)
+  if recurrence is not None:
+    kwargs["recurrence_fn"] = state_passing.recurrence_fn(recurrence, mesh)
   moe_cfg = family.moe_config(cfg)
   if moe_cfg is not None and moe_cfg.enabled:
     if not seq_parallel:  # sampling batches are padded to the data-parallel size only

@@ -88,6 +88,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
                        batch_sizes={"train.batch_size": t.batch_size,
                                     "eval.batch_size": config.eval.batch_size})
   attention = models.attention_plan(config, sizes, model_cfg)
+  models.recurrence_plan(config, sizes, model_cfg)  # raises what state passing cannot split
   return Plan(mesh=sizes, task=task, model_cfg=model_cfg, attention=attention)
 
 
@@ -137,7 +138,8 @@ def _positive(value, name):
 
 # Model fields and the logical axis of the parameter dimension each one sizes.
 DIVISIBLE_FIELDS = (("num_heads", "heads"), ("num_kv_heads", "kv_heads"), ("mlp_dim", "mlp"),
-                    ("vocab_size", "vocab"), ("d_model", "embed"))
+                    ("vocab_size", "vocab"), ("d_model", "embed"), ("linear_heads", "heads"),
+                    ("linear_k_heads", "heads"))
 
 
 def _divisible_by_axis(model_cfg, sizes, rules):
