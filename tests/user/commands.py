@@ -125,6 +125,10 @@ DOCUMENTED = {
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/udit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/mamba2_stdlib.py --workdir=DIR --cpu_devices=8":
+        Runs(LM_EXPERIMENT),
+    "python -m train --config=experiments/hybrid_stdlib.py --workdir=DIR --cpu_devices=8 "
+    "--config.mesh.fsdp=1 --config.mesh.tensor=1 --config.mesh.seq=4": Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/mamba_stdlib.py --workdir=DIR --cpu_devices=8":
         Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/megabyte_stdlib.py[:local=mamba] --workdir=DIR "

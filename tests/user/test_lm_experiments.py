@@ -1,5 +1,6 @@
-"""The README's launch commands of the byte-LM experiments (MoE Llama, Mamba, MEGABYTE and the
-hybrid MBLM) through `python -m train`, as written: the experiment's own mesh on 8 simulated CPU
+"""The documented launch commands of the byte-LM experiments (MoE Llama, Mamba, MEGABYTE, the
+hybrid MBLM, Mamba-2 and the sequence-parallel Gated DeltaNet/attention hybrid, whose run also
+covers gdn_stdlib's blocks) through `python -m train`, as written: the experiment's own mesh on 8 simulated CPU
 devices, its evaluation and its end-of-run text sample.
 
 Overrides, only of step counts and sizes (a Mamba step of the full 16x128 batch takes ~5 s on 2
@@ -37,6 +38,11 @@ COMMANDS = {
     "megabyte_stdlib:local=mamba": MEGABYTE.replace("[:local=mamba]", ":local=mamba"),
     "lm_stdlib_bpe": doc("python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR "
                          "--cpu_devices=8"),
+    "mamba2_stdlib": doc("python -m train --config=experiments/mamba2_stdlib.py --workdir=DIR "
+                         "--cpu_devices=8"),
+    "hybrid_stdlib": doc("python -m train --config=experiments/hybrid_stdlib.py --workdir=DIR "
+                         "--cpu_devices=8 --config.mesh.fsdp=1 --config.mesh.tensor=1 "
+                         "--config.mesh.seq=4"),
 }
 
 
@@ -47,13 +53,19 @@ def test_lm_experiment_trains_evaluates_and_samples(name, tmp_path):
   if name == "lm_stdlib_bpe":
     command = f"ODYSSEY_CACHE={tmp_path / 'cache'} {command}"
   out = run(command, tmp_path / "run.log", timeout=600).stdout
-  check_lm_run(workdir, out, STEPS, f"experiments/{name.replace(':', '.py:')}"
-               if ":" in name else f"experiments/{name}.py")
+  mesh = (f"experiments/{name.replace(':', '.py:')}" if ":" in name
+          else f"experiments/{name}.py")
+  if name == "hybrid_stdlib":  # the documented command overrides the experiment's mesh
+    mesh = {"data": 2, "fsdp": 1, "tensor": 1, "seq": 4, "expert": 1}
+  check_lm_run(workdir, out, STEPS, mesh)
   if name == "moe_lm_stdlib":
     train = metrics(workdir, "train")
     assert train and all(m["loss"] > m["ce_loss"] and "moe_load_max" in m for m in train)
   if name == "lm_stdlib_bpe":
     _check_built_on_first_use_then_reused(command, out, workdir, tmp_path)
+  if name == "hybrid_stdlib":  # both sequence-parallel paths in one step, named at launch
+    assert ("'seq': 4" in out and "attention: ulysses (all-to-all over seq=4" in out
+            and "linear recurrence: state passing over seq=4" in out), out[:3000]
 
 
 def _check_built_on_first_use_then_reused(command, out, workdir, tmp_path):
