@@ -1,7 +1,7 @@
 """The documented launch commands of the byte-LM experiments (MoE Llama, Mamba, MEGABYTE, the
 hybrid MBLM, Mamba-2 and the sequence-parallel Gated DeltaNet/attention hybrid, whose run also
-covers gdn_stdlib's blocks) through `python -m train`, as written: the experiment's own mesh on 8 simulated CPU
-devices, its evaluation and its end-of-run text sample.
+covers gdn_stdlib's blocks) through `python -m train`, as written: the experiment's own mesh (or
+the documented one) on 8 simulated CPU devices, its evaluation and its end-of-run text sample.
 
 Overrides, only of step counts and sizes (a Mamba step of the full 16x128 batch takes ~5 s on 2
 loaded cores): ``--config.train.steps`` (6 of 500; the step-0 and final evaluations bracket them),
