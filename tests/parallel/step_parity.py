@@ -34,6 +34,15 @@ BYTE_MODELS = {
                      num_layers=(1, 1), num_heads=(4, 4), mlp_dim=(128, 128),
                      blocks=("transformer", "transformer"), max_len=256, tie_embeddings=False,
                      dtype="float32", param_dtype="float32"),
+    # linear_rnn (experiments/hybrid_stdlib.py and mamba2_stdlib.py at test size): a Gated
+    # DeltaNet + gated attention hybrid, and Mamba-2; chunks of 4 of the 16 tokens.
+    "gdn": dict(name="linear_rnn", mixer="gated_deltanet", vocab_size=384, num_layers=2,
+                d_model=64, linear_heads=4, linear_k_heads=2, linear_k_dim=16, linear_v_dim=16,
+                mlp_dim=128, chunk=4, attention_every=2, num_heads=4, num_kv_heads=2,
+                qk_norm=True, attn_output_gate=True, rotary_fraction=0.5, max_len=256),
+    "ssd": dict(name="linear_rnn", mixer="mamba2", vocab_size=384, num_layers=2, d_model=64,
+                linear_heads=4, linear_k_heads=2, linear_k_dim=8, linear_v_dim=16, chunk=4,
+                residual_in_fp32=True, max_len=256),
 }
 
 

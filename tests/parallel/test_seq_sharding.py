@@ -1,7 +1,10 @@
-"""A whole Llama train step with each sequence-parallel strategy equals the single-device step."""
+"""A whole train step with each sequence-parallel strategy (Llama; linear-recurrent models by state
+passing) equals the single-device step."""
 
 import functools
+import math
 
+import jax
 import pytest
 
 from tests.parallel.step_parity import assert_matches_reference, axes, reference, run_one_step
@@ -34,3 +37,26 @@ def test_ulysses_llama_step_uses_all_to_all():
 
 def test_ring_llama_step_uses_collective_permute():
   assert "collective-permute" in sharded("fsdp2_seq4_ring")["hlo"]
+
+
+# Linear-recurrent models: the recurrences pass states between the sequence shards
+# (parallel/state_passing.py) while the hybrid's attention layer runs its own strategy in the
+# same step, in sequence order. name -> (kind, mesh sizes, config.parallel overrides).
+LINEAR = {
+    "gdn_seq2_ulysses": ("gdn", axes(seq=2), dict(seq_strategy="ulysses")),
+    "gdn_seq4_ring": ("gdn", axes(seq=4), dict(seq_strategy="ring")),
+    "gdn_seq8_ring": ("gdn", axes(seq=8), dict(seq_strategy="ring")),
+    "gdn_data2_seq4_ulysses": ("gdn", axes(data=2, seq=4), dict(seq_strategy="ulysses")),
+    "ssd_tensor2_seq4": ("ssd", axes(tensor=2, seq=4), dict()),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR))
+def test_state_passing_step_equals_single_device(name):
+  kind, sizes, parallel = LINEAR[name]
+  got = run_one_step(sizes, jax.devices()[:math.prod(sizes.values())], kind=kind, **parallel)
+  assert_matches_reference(got, reference(kind))
+  if "seq_strategy" in parallel:
+    assert got["plan"].strategy == parallel["seq_strategy"]
+    assert got["plan"].permutation(16) is None  # the recurrences need the sequence in order
+  assert "all-gather" in got["hlo"]  # the boundary states
