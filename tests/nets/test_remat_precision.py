@@ -16,9 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from nets import dit, layers, llama, mamba, megabyte, moe, udit, vit
+from nets import dit, layers, linear_rnn, llama, mamba, megabyte, moe, udit, vit
 from parallel import devices as parallel_devices
-from tests.nets import test_llama, test_mamba, test_megabyte, test_vision
+from tests.nets import test_linear_rnn, test_llama, test_mamba, test_megabyte, test_vision
 from train.tasks import lm
 
 
@@ -41,6 +41,10 @@ FAMILIES = {
     "megabyte": lambda **kw: (megabyte.Model(test_megabyte.make_cfg(
         patch_sizes=(4,), d_model=(32, 16), num_layers=(1, 1), num_heads=(2, 2),
         mlp_dim=(32, 32), blocks=("transformer", "mamba"), **kw)), _tokens(16)),
+    "linear_rnn": lambda **kw: (linear_rnn.Model(test_linear_rnn.make_cfg("hybrid", **kw)),
+                                _tokens(12)),
+    "linear_rnn_mamba2": lambda **kw: (linear_rnn.Model(test_linear_rnn.make_cfg("mamba2", **kw)),
+                                       _tokens(12)),
     "vit": lambda **kw: (vit.Model(cfg := test_vision.vit_cfg(**kw)), _images(cfg)),
     "dit": lambda **kw: (dit.Model(cfg := test_vision.dit_cfg(**kw)),
                          test_vision.diffusion_inputs(cfg)),
