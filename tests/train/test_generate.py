@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bench.compile import CompileCounter
-from nets import llama, mamba, megabyte, moe, registry
+from nets import linear_rnn, llama, mamba, megabyte, moe, registry
 from tests import run_module
 from train import decoding, generate
 
@@ -30,10 +30,16 @@ def tiny(family: str, **kw):
                                  num_kv_heads=2, mlp_dim=48, max_len=64, init_std=0.5), **kw})
   elif family == "mamba":
     cfg = mamba.Config(vocab_size=V, num_layers=2, d_model=32, d_state=8, init_std=0.5, **kw)
+  elif family == "linear_rnn":  # a Gated DeltaNet + attention hybrid: both caches
+    cfg = linear_rnn.Config(vocab_size=V, num_layers=2, d_model=32, linear_heads=4,
+                            linear_k_heads=2, linear_k_dim=8, linear_v_dim=8, mlp_dim=48, chunk=4,
+                            attention_every=2, num_heads=4, num_kv_heads=2, max_len=64,
+                            init_std=0.5, **kw)
   else:
     cfg = megabyte.Config(vocab_size=V, patch_sizes=(2,), d_model=(32, 16), num_layers=(1, 1),
                           num_heads=(2, 2), mlp_dim=(32, 32), max_len=64, init_std=0.5, **kw)
-  model = {"llama": llama, "mamba": mamba, "megabyte": megabyte}[family].Model(cfg)
+  model = {"llama": llama, "mamba": mamba, "megabyte": megabyte,
+           "linear_rnn": linear_rnn}[family].Model(cfg)
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   if family == "mamba":  # its decay and step-size parameters need their own initialisers
     return model, nn.unbox(jax.jit(init)())
@@ -56,7 +62,7 @@ def prompts(lens=PROMPT_LENS, seed=1):
   return [rng.integers(0, V, n).astype(np.int32) for n in lens]
 
 
-@pytest.fixture(scope="module", params=["llama", "mamba"])
+@pytest.fixture(scope="module", params=["llama", "mamba", "linear_rnn"])
 def family_model(request):
   return (request.param, *tiny(request.param))
 

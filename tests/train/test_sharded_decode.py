@@ -19,6 +19,7 @@ from configs import lm
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from tests import REPO, module_command, run_module
+from tests.parallel import step_parity
 from tests.train.test_multihost import FLAGS as TWO_PROCESS_FLAGS
 from tests.train.test_multihost import _child_pids, _logged_steps, _read, _wait_for, start_launcher
 from train import decoding, models, tasks
@@ -41,6 +42,8 @@ def _config(family: str):
         name="mamba", vocab_size=384, num_layers=2, d_model=64, d_state=8, d_conv=4, expand=2,
         dt_rank=0, scan_chunk=0, max_len=256, tie_embeddings=False, dtype="float32",
         param_dtype="float32"))
+  if family == "linear_rnn":
+    c.model = ml_collections.ConfigDict(step_parity.BYTE_MODELS["gdn"])
   return c
 
 
@@ -70,12 +73,14 @@ CASES = [
     ("llama", dict(data=2, fsdp=2, tensor=2)), ("llama", dict(data=2, seq=2, tensor=2)),
     ("moe", dict(data=2, expert=4)), ("moe", dict(fsdp=2, tensor=2, expert=2)),
     ("mamba", dict(data=2, fsdp=2, tensor=2)), ("mamba", dict(fsdp=8)),
+    ("linear_rnn", dict(data=2, fsdp=2, tensor=2)),
 ]
 
 
 @pytest.fixture(scope="module")
 def one_device():
-  return {family: _decode(_config(family), {}) for family in ("llama", "moe", "mamba")}
+  return {family: _decode(_config(family), {})
+          for family in ("llama", "moe", "mamba", "linear_rnn")}
 
 
 @pytest.mark.parametrize("family,sizes", CASES, ids=[f"{f}-{s}" for f, s in CASES])
