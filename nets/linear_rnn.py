@@ -136,7 +136,7 @@ def mixer_params(cfg: Config) -> int:
   if cfg.mixer == "gated_deltanet":
     return E * (2 * N * K + 2 * H * V + 2 * H) + C * (2 * N * K + H * V) + 2 * H + V + H * V * E
   if cfg.mixer == "mamba2":
-    return (E * (2 * H * V + 2 * N * K + H) + (C + 1) * (H * V + 2 * N * K) + 3 * H + V
+    return (E * (2 * H * V + 2 * N * K + H) + (C + 1) * (H * V + 2 * N * K) + 3 * H + H * V
             + H * V * E)
   conv = C * (2 * H * K + H * V)
   return E * (2 * H * K + 2 * H * V + cfg.gate_rank) + cfg.gate_rank * H * K + H * K + conv + V \
