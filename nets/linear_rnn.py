@@ -360,7 +360,7 @@ class Model(nn.Module):
 FAMILY = Family(
     name="linear_rnn", Config=Config, Model=Model, task="lm", num_params=num_params,
     flops=flops, attention_length=lambda cfg, seq_len: seq_len, state_passing=True,
-    init_cache=init_cache,
+    init_cache=init_cache, converter="linear_rnn",
     # A Qwen3-Next-like hybrid: one Gated DeltaNet layer (two chunks of the 32 tokens the
     # contract tests run), then one gated attention layer.
     test_config=dict(vocab_size=1024, num_layers=2, d_model=256, linear_heads=4,
