@@ -5,7 +5,7 @@ heads and the B/C groups):
   python -m train --config=experiments/mamba2_stdlib.py --workdir=/tmp/odyssey/mamba2_stdlib \
       --cpu_devices=8
 
-7 blocks of width 128 (8 heads of 32 channels, 2 groups of B and C with state 16): 863,560
+7 blocks of width 128 (8 heads of 32 channels, 2 groups of B and C with state 16): 865,128
 parameters against the tiny Llama's 885,888, with lm_stdlib's data, steps, batch and optimizer.
 """
 

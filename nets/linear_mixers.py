@@ -79,23 +79,27 @@ class ShortConv(nn.Module):
 
 class GatedNorm(nn.Module):
   """RMSNorm over groups of the last axis (each group its own statistics) with a SiLU gate:
-  norm(x)·w·SiLU(z) (``gate_first=False``, GDN and GLA) or norm(x·SiLU(z))·w (Mamba-2)."""
+  norm(x)·w·SiLU(z) (``gate_first=False``, GDN and GLA) or norm(x·SiLU(z))·w (Mamba-2).
+  The scale w is one [D] shared by the heads (GDN, GLA), or one per channel [H, D] with
+  ``per_channel`` (Mamba-2, whose norm weight spans all H·D channels)."""
   cfg: Any
   gate_first: bool = False
   groups: int = 1
+  per_channel: bool = False
 
   @nn.compact
   def __call__(self, x_BxSxHxD, z_BxSxHxD):
     B, S, H, D = x_BxSxHxD.shape
-    w_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("head_dim",)),
-                     (D,), jnp.dtype(self.cfg.param_dtype))
+    shape, axes = ((H, D), ("heads", "head_dim")) if self.per_channel else ((D,), ("head_dim",))
+    w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, axes), shape,
+               jnp.dtype(self.cfg.param_dtype))
     x = x_BxSxHxD.astype(jnp.float32)
     gate = nn.silu(z_BxSxHxD.astype(jnp.float32))
     if self.gate_first:
       x = x * gate
     g = x.reshape(B, S, self.groups, -1)
     g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    x = g.reshape(B, S, H, D) * w_D.astype(jnp.float32)
+    x = g.reshape(B, S, H, D) * w.astype(jnp.float32)
     if not self.gate_first:
       x = x * gate
     return x.astype(self.cfg.dtype)
@@ -162,7 +166,7 @@ class GatedDeltaNet(nn.Module):
     if H != N:  # value heads h share key head h // (H/N)
       q, k = (jnp.repeat(x, H // N, axis=2) for x in (q, k))
     o, state = _recur(self, q, k, v, g, beta, segment_ids_BxS, cache)
-    o = GatedNorm(cfg, name="norm")(nn.with_logical_constraint(o, _HEADS), z)
+    o = GatedNorm(cfg, groups=H, name="norm")(nn.with_logical_constraint(o, _HEADS), z)
     out = Proj(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), 2, name="out")(o)
     if cache is None:
       return out, None
@@ -240,7 +244,7 @@ class Mamba2(nn.Module):
     xf = x.astype(jnp.float32)
     y, state = _recur(self, q, k, xf * dt[..., None], log_decay, None, segment_ids_BxS, cache)
     y = y + xf * d.astype(jnp.float32)[:, None]
-    y = GatedNorm(cfg, gate_first=True, groups=G, name="norm")(
+    y = GatedNorm(cfg, gate_first=True, groups=G, per_channel=True, name="norm")(
         nn.with_logical_constraint(y, _HEADS), z)
     out = Proj(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), 2, name="out")(y)
     return out, (None if cache is None else {**new, "state": state})

@@ -136,7 +136,7 @@ def mixer_params(cfg: Config) -> int:
   if cfg.mixer == "gated_deltanet":
     return E * (2 * N * K + 2 * H * V + 2 * H) + C * (2 * N * K + H * V) + 2 * H + V + H * V * E
   if cfg.mixer == "mamba2":
-    return (E * (2 * H * V + 2 * N * K + H) + (C + 1) * (H * V + 2 * N * K) + 3 * H + V
+    return (E * (2 * H * V + 2 * N * K + H) + (C + 1) * (H * V + 2 * N * K) + 3 * H + H * V
             + H * V * E)
   conv = C * (2 * H * K + H * V)
   return E * (2 * H * K + 2 * H * V + cfg.gate_rank) + cfg.gate_rank * H * K + H * K + conv + V \
@@ -360,7 +360,7 @@ class Model(nn.Module):
 FAMILY = Family(
     name="linear_rnn", Config=Config, Model=Model, task="lm", num_params=num_params,
     flops=flops, attention_length=lambda cfg, seq_len: seq_len, state_passing=True,
-    init_cache=init_cache,
+    init_cache=init_cache, converter="linear_rnn",
     # A Qwen3-Next-like hybrid: one Gated DeltaNet layer (two chunks of the 32 tokens the
     # contract tests run), then one gated attention layer.
     test_config=dict(vocab_size=1024, num_layers=2, d_model=256, linear_heads=4,

@@ -16,7 +16,8 @@ Export (an odyssey workdir, trained or imported -> a Hugging Face folder)::
 
 writes config.json and model.safetensors (diffusion_pytorch_model.safetensors for DiT), sharded
 with an index past --max_shard_gb. Families: llama (LlamaForCausalLM), vit
-(ViTForImageClassification), mamba (MambaForCausalLM), dit (diffusers DiTTransformer2DModel).
+(ViTForImageClassification), mamba (MambaForCausalLM), dit (diffusers DiTTransformer2DModel),
+linear_rnn (Mamba2ForCausalLM, dense Qwen3NextForCausalLM).
 Weights are read with safetensors only; pickle files are never opened, and every header and index
 is checked before it is trusted (docs/convert.md). ``--dtype`` converts every floating tensor
 explicitly; by default the stored dtype is kept. Nothing is written into a
@@ -31,9 +32,12 @@ import sys
 from absl import app, flags, logging
 
 
-# The odyssey config an imported model's config.json starts from (its model group is replaced).
+# The odyssey config an imported model's config.json starts from (its model group is replaced):
+# by family, or by "family/model_type" for a family that reads several Hugging Face architectures.
 BASE_CONFIGS = {"llama": ("configs.lm", "size=tiny"), "mamba": ("experiments.mamba_stdlib", None),
-                "vit": ("configs.vit", None), "dit": ("configs.diffusion", "model=dit")}
+                "vit": ("configs.vit", None), "dit": ("configs.diffusion", "model=dit"),
+                "linear_rnn/mamba2": ("experiments.mamba2_stdlib", None),
+                "linear_rnn/qwen3_next": ("experiments.hybrid_stdlib", None)}
 # Files of a Hugging Face folder that travel with imported weights (generation uses tokenizer.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
@@ -71,10 +75,11 @@ def _dtype_name(name: str) -> str | None:
   return name
 
 
-def base_config(family: str):
-  """The odyssey config (an ml_collections ConfigDict) an imported model's workdir starts from."""
+def base_config(family: str, model_type: str | None = None):
+  """The odyssey config (an ml_collections ConfigDict) an imported model's workdir starts from;
+  ``model_type`` (config.json's) picks it for a family with several architectures."""
   import importlib
-  name, arg = BASE_CONFIGS[family]
+  name, arg = BASE_CONFIGS.get(family) or BASE_CONFIGS[f"{family}/{model_type}"]
   return importlib.import_module(name).get_config(arg)
 
 
@@ -96,7 +101,7 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
   fields = module.model_fields(hf_config)
   stored = dtype_name or tensors.stored_dtype()
   fields.update(param_dtype=stored, dtype=stored)
-  config = base_config(family)
+  config = base_config(family, hf_config.get("model_type"))
   model_group = ml_collections.ConfigDict(fields)
   if "moe" in config.model and "moe" not in model_group:
     model_group.moe = config.model.moe
@@ -182,7 +187,8 @@ def define_flags():
   global _FROM, _FAMILY, _SRC, _DST, _DTYPE, _STEP, _MAX_SHARD_GB
   _FROM = flags.DEFINE_enum("from", None, ["hf", "odyssey"],
                             "hf: import a Hugging Face folder; odyssey: export a workdir.")
-  _FAMILY = flags.DEFINE_string("family", None, "Model family: llama | vit | mamba | dit.")
+  _FAMILY = flags.DEFINE_string("family", None,
+                                "Model family: llama | vit | mamba | dit | linear_rnn.")
   _SRC = flags.DEFINE_string("src", None, "The Hugging Face folder (import) or workdir (export).")
   _DST = flags.DEFINE_string("dst", None, "The workdir (import) or Hugging Face folder (export) "
                              "to create; it must not hold files yet.")

@@ -123,13 +123,17 @@ class Tensors:
       a = a.astype(self.dtype)
     return a
 
-  def check_all_used(self, ignore: tuple[str, ...] = ()) -> None:
+  def check_all_used(self, ignore: tuple[str, ...] = (),
+                     ignore_prefixes: tuple[str, ...] = ()) -> None:
     """Raises one sentence naming tensors the model has no place for (a config mismatch).
 
-    ``ignore``: name suffixes that are derived buffers, not weights (e.g. rotary inv_freq).
+    ``ignore``: name suffixes that are derived buffers, not weights (e.g. rotary inv_freq);
+    ``ignore_prefixes``: name prefixes of modules transformers itself skips on load (e.g.
+    Qwen3-Next's multi-token-prediction head ``mtp.``).
     """
     left = sorted(n for n in self._tensors
-                  if n not in self._taken and not any(n.endswith(s) for s in ignore))
+                  if n not in self._taken and not any(n.endswith(s) for s in ignore)
+                  and not n.startswith(tuple(ignore_prefixes)))
     if left:
       shown = ", ".join(repr(n) for n in left[:5]) + (" ..." if len(left) > 5 else "")
       raise ValueError(f"{self.source} has {len(left)} tensor(s) this model config has no place "

@@ -75,9 +75,10 @@ DOCUMENTED = {
         Runs(RECIPE, "make run's recipe is exactly this command (asserted), run by the make-run "
              "test"),
     "python -m train.convert": Runs(ROUND_TRIP),
-    "python -m train.convert --from=hf|odyssey --family=llama|vit|mamba|dit --src=DIR --dst=DIR":
-        Runs(ROUND_TRIP, "synopsis: both directions with --family=llama; the other families' "
-             "import/export are tests/convert/test_{vit,mamba,dit}_hf.py (library parity)"),
+    "python -m train.convert --from=hf|odyssey --family=llama|vit|mamba|dit|linear_rnn --src=DIR "
+    "--dst=DIR": Runs(ROUND_TRIP, "synopsis: both directions with --family=llama; the other "
+                      "families' import/export are tests/convert/test_{vit,mamba,dit,linear_rnn}"
+                      "_hf.py (library parity)"),
     "python -m train.generate": Runs(GENERATE),
     "python -m train.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] --max_new_tokens=N":
         Runs(GENERATE, "synopsis: one prompt, then two"),
