@@ -92,7 +92,7 @@ class GatedNorm(nn.Module):
     B, S, H, D = x_BxSxHxD.shape
     shape, axes = ((H, D), ("heads", "head_dim")) if self.per_channel else ((D,), ("head_dim",))
     w = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, axes), shape,
-               jnp.dtype(self.cfg.param_dtype))
+                   jnp.dtype(self.cfg.param_dtype))
     x = x_BxSxHxD.astype(jnp.float32)
     gate = nn.silu(z_BxSxHxD.astype(jnp.float32))
     if self.gate_first:
@@ -204,7 +204,7 @@ class GLA(nn.Module):
       q, k, v = new.pop("q"), new.pop("k"), new.pop("v")
     q = q.astype(jnp.float32) * K ** -0.5
     o, state = _recur(self, q, k, v, log_decay, None, segment_ids_BxS, cache)
-    o = GatedNorm(cfg, name="norm")(nn.with_logical_constraint(o, _HEADS), gate)
+    o = GatedNorm(cfg, groups=H, name="norm")(nn.with_logical_constraint(o, _HEADS), gate)
     out = Proj(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), 2, name="out")(o)
     return out, (None if cache is None else {**new, "state": state})
 

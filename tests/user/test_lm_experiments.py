@@ -1,6 +1,6 @@
 """The documented launch commands of the byte-LM experiments (MoE Llama, Mamba, MEGABYTE, the
-hybrid MBLM, Mamba-2 and the sequence-parallel Gated DeltaNet/attention hybrid, whose run also
-covers gdn_stdlib's blocks) through `python -m train`, as written: the experiment's own mesh (or
+hybrid MBLM, Gated DeltaNet, Mamba-2 and the sequence-parallel Gated DeltaNet/attention hybrid)
+through `python -m train`, as written: the experiment's own mesh (or
 the documented one) on 8 simulated CPU devices, its evaluation and its end-of-run text sample.
 
 Overrides, only of step counts and sizes (a Mamba step of the full 16x128 batch takes ~5 s on 2
@@ -38,6 +38,8 @@ COMMANDS = {
     "megabyte_stdlib:local=mamba": MEGABYTE.replace("[:local=mamba]", ":local=mamba"),
     "lm_stdlib_bpe": doc("python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR "
                          "--cpu_devices=8"),
+    "gdn_stdlib": doc("python -m train --config=experiments/gdn_stdlib.py --workdir=DIR "
+                      "--cpu_devices=8"),
     "mamba2_stdlib": doc("python -m train --config=experiments/mamba2_stdlib.py --workdir=DIR "
                          "--cpu_devices=8"),
     "hybrid_stdlib": doc("python -m train --config=experiments/hybrid_stdlib.py --workdir=DIR "
