@@ -122,6 +122,12 @@ class _Loop:
                    f"({self.step_flops.model_per_unit:.4g} per {self.unit[:-1]}); peak "
                    f"{self.peak:.4g} FLOP/s ({_peak_source()}); MFU is their ratio")
     self.clock = None  # time and step of the last flush, set when the steps start
+    # XLA:CPU with several (simulated) devices: one train launch at a time, as ``_eval_sums``
+    # does for evaluation. Two queued launches of the sharded step deadlocked once there (a
+    # Gated DeltaNet run on 2 loaded cores, stuck after step 480 of 500, every device thread
+    # spinning), the way queued eval and decode launches did. On CPU the host and the devices
+    # share the cores, so waiting costs nothing worth keeping; accelerators keep one step queued.
+    self.one_launch = jax.default_backend() == "cpu" and jax.device_count() > 1
 
   def evaluate(self, step, params, final=False):
     """Validation metrics over eval.steps batches, then the task's samples.
@@ -209,6 +215,8 @@ class _Loop:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = self.program.train_step(
             state, next_batch(train_iter, self.program.train_batch))
+      if self.one_launch:
+        jax.block_until_ready(step_metrics["bad_steps"])
       profile.after(step, state)
       ckpt.check_saved()  # a failed async save stops the run here, naming its step
       if previous_bad is not None:
