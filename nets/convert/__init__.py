@@ -357,3 +357,15 @@ def write_hf(directory: str, config: dict, tensors: dict, weights: str, *,
     json.dump(config, f, indent=2, sort_keys=True)
     f.write("\n")
   return [os.path.join(directory, n) for n in names]
+
+
+def dtype_name(hf_config: dict) -> str:
+  """A transformers checkpoint's parameter dtype: "dtype" (transformers 5) or "torch_dtype"
+  (4.x), "auto" read as float32; others than float32/float16/bfloat16 give a sentence."""
+  name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+  name = name.removeprefix("torch.")
+  if name == "auto":
+    return "float32"
+  if name not in ("float32", "float16", "bfloat16"):
+    raise ValueError(f"config.json dtype {name!r} is not one of float32, float16, bfloat16.")
+  return name

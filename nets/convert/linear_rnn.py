@@ -34,18 +34,10 @@ parameters, unit i // k at position i % k (the attention block at k - 1).
 import jax.numpy as jnp
 import numpy as np
 
+from nets.convert import dtype_name
+
 WEIGHTS = "model.safetensors"
 ARCHITECTURES = {"mamba2": "Mamba2ForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
-
-
-def _dtype_name(hf: dict) -> str:
-  """The checkpoint's parameter dtype: "dtype" (transformers 5) or "torch_dtype" (4.x)."""
-  name = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch.")
-  if name == "auto":
-    return "float32"
-  if name not in ("float32", "float16", "bfloat16"):
-    raise ValueError(f"config.json dtype {name!r} is not one of float32, float16, bfloat16.")
-  return name
 
 
 def model_type(hf: dict) -> str:
@@ -86,7 +78,7 @@ def _mamba2_fields(hf: dict) -> dict:
   if E * hf.get("expand", 2) != H * P:
     raise ValueError(f"config.json has hidden_size={E} x expand={hf.get('expand', 2)} != "
                      f"num_heads={H} x head_dim={P}, which Mamba2ForCausalLM requires.")
-  dtype = _dtype_name(hf)
+  dtype = dtype_name(hf)
   return dict(
       name="linear_rnn", mixer="mamba2", vocab_size=int(hf["vocab_size"]),
       num_layers=int(hf["num_hidden_layers"]), d_model=E, linear_heads=H,
@@ -145,7 +137,7 @@ def _qwen3_next_fields(hf: dict) -> dict:
                      "odyssey's MLP is SwiGLU (silu).")
   theta, partial = _rope(hf)
   E, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-  dtype = _dtype_name(hf)
+  dtype = dtype_name(hf)
   return dict(
       name="linear_rnn", mixer="gated_deltanet", vocab_size=int(hf["vocab_size"]),
       num_layers=L, d_model=E, linear_heads=int(hf["linear_num_value_heads"]),

@@ -15,18 +15,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from nets.convert import dtype_name
+
 WEIGHTS = "model.safetensors"
-
-
-def _dtype_name(hf_config: dict) -> str:
-  """The checkpoint's parameter dtype: "dtype" (transformers 5) or "torch_dtype" (4.x)."""
-  name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
-  name = str(name).removeprefix("torch.")
-  if name == "auto":
-    return "float32"
-  if name not in ("float32", "float16", "bfloat16"):
-    raise ValueError(f"config.json dtype {name!r} is not one of float32, float16, bfloat16.")
-  return name
 
 
 def model_fields(hf_config: dict) -> dict:
@@ -54,7 +45,7 @@ def model_fields(hf_config: dict) -> dict:
   rank = hf_config.get("time_step_rank", "auto")
   # "auto" is HF's ceil(hidden_size / 16), odyssey's dt_rank=0; an explicit rank is kept as given.
   dt_rank = math.ceil(d_model / 16) if rank == "auto" else int(rank)
-  dtype = _dtype_name(hf_config)
+  dtype = dtype_name(hf_config)
   return dict(
       name="mamba", vocab_size=int(hf_config["vocab_size"]),
       num_layers=int(hf_config["num_hidden_layers"]), d_model=d_model,
