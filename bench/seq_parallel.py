@@ -142,18 +142,22 @@ def step_memory(p: int, n: int, strategy: str = "ulysses") -> dict:
   return result
 
 
-def longest_sequence(p: int, budget: int, start: int, refine: int, cap: int = 1 << 21) -> dict:
-  """Largest N on the grid (multiples of MEM_BLOCK) whose step peak fits ``budget``.
+def longest_sequence(p: int, budget: int, start: int, refine: int, cap: int = 1 << 21,
+                     measure=None, grid: int | None = None) -> dict:
+  """Largest N on the grid whose step peak fits ``budget``.
 
-  Doubling from ``start`` (halving if it does not fit), then ``refine`` bisection steps between
-  the last N that fits and the first that does not.
+  Doubling from ``start`` (halving if it does not fit) until N reaches ``cap``, then ``refine``
+  bisection steps between the last N that fits and the first that does not. ``measure(p, n)``
+  returns a dict with peak_bytes (default: the Llama step's ``step_memory``); the grid defaults
+  to the multiples of both MEM_BLOCK and P.
   """
-  grid = MEM_BLOCK * p // math.gcd(MEM_BLOCK, p)
+  measure = measure or step_memory
+  grid = grid or MEM_BLOCK * p // math.gcd(MEM_BLOCK, p)
   snap = lambda n: max(grid, grid * (n // grid))
   tried = []
 
   def fits(n):
-    r = step_memory(p, n)
+    r = measure(p, n)
     tried.append(dict(N=n, peak_bytes=r["peak_bytes"], fits=r["peak_bytes"] <= budget))
     return r["peak_bytes"] <= budget
 

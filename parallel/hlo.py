@@ -9,7 +9,8 @@ reduce-scatter (G-1) x its result, all-reduce 2 (G-1)/G (ring algorithm), collec
 size when some pair sends to another device). A collective inside a while loop is multiplied by
 the loop's trip count (backend_config known_trip_count; nested loops multiply); a loop without a
 known trip count is counted once and flagged. Conditional branches are counted as if taken. A
-collective whose groups each hold one device moves 0 bytes.
+collective whose groups each hold one device moves 0 bytes; a collective-permute moves its size
+when one of its pairs (even its only one) crosses devices, else 0.
 """
 
 import math
@@ -27,6 +28,7 @@ _CALLEE = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_c
                      r"%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def _dtype_bytes(dtype: str) -> int | None:
@@ -149,7 +151,8 @@ def _bytes(op: str, ins: dict, arrays: list, num_devices: int) -> tuple[int, flo
   size = sum(a[2] for a in arrays)
   if op == "collective-permute":
     pairs = re.findall(r"\{(\d+),(\d+)\}", ins["attrs"].split("source_target_pairs=")[-1])
-    return len(pairs), size, size if any(a != b for a, b in pairs) else 0
+    moved = size if any(a != b for a, b in pairs) else 0
+    return len(pairs), moved, moved
   if op == "all-to-all" and len(arrays) > 1:
     g = len(arrays)
   else:
@@ -165,7 +168,8 @@ def collectives(text: str, num_devices: int) -> dict:
   """Every collective of a compiled per-device HLO, with its executions and bytes per call.
 
   Returns buffer_bytes and wire_bytes (totals), by_op (op -> count, executions, buffer_bytes,
-  wire_bytes), ops (one dict per instruction) and loops_of_unknown_length.
+  wire_bytes), ops (one dict per instruction, with ``source``: the JAX op name XLA recorded in
+  its metadata, "" if none) and loops_of_unknown_length.
   """
   module = parse(text)
   mult, unknown = _multipliers(module)
@@ -181,11 +185,13 @@ def collectives(text: str, num_devices: int) -> dict:
         continue
       arrays = shapes(ins["type"])
       g, buffer, wire = _bytes(base, ins, arrays, num_devices)
-      if g == 1:  # a group of one device (e.g. over a size-1 mesh axis) moves nothing
-        buffer = wire = 0
+      if g == 1 and base != "collective-permute":  # a group of one device (e.g. over a size-1
+        buffer = wire = 0  # mesh axis) moves nothing; a permute's one pair may cross devices
+      source = _OP_NAME.search(ins["attrs"])
       ops.append(dict(op=base, shapes=[f"{d}[{','.join(map(str, s))}]" for d, s, _ in arrays],
                       group=g, times=times, loop_unknown=comp in unknown,
-                      buffer_bytes=buffer * times, wire_bytes=wire * times))
+                      buffer_bytes=buffer * times, wire_bytes=wire * times,
+                      source=source.group(1) if source else ""))
   summary = {}
   for o in ops:
     s = summary.setdefault(o["op"], dict(count=0, executions=0, buffer_bytes=0, wire_bytes=0))

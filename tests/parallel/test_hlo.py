@@ -57,6 +57,15 @@ def test_collective_permute_in_a_loop_is_multiplied_by_its_trip_count():
   assert "all-to-all" not in comm["by_op"] and "all-gather" not in comm["by_op"]
 
 
+def test_one_pair_collective_permute_moves_its_operand():
+  # A halo exchange on two devices is a permute with one pair: it crosses devices all the same.
+  text = _compiled_text(lambda a: jax.lax.ppermute(a, "x", [(0, 1)]) + a, (DEVICES * 2, 16))
+  comm = hlo.collectives(text, DEVICES)
+  permute = comm["by_op"]["collective-permute"]
+  assert permute["buffer_bytes"] == permute["wire_bytes"] == 2 * 16 * 4, comm["ops"]
+  assert all("ppermute" in o["source"] for o in comm["ops"]), comm["ops"]
+
+
 def test_parse_needs_an_entry_computation():
   try:
     hlo.parse("HloModule m\n")

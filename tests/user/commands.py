@@ -106,6 +106,9 @@ DOCUMENTED = {
     # Benchmarks: tests/train/test_bench_*.py run them in --quick mode.
     "python -m bench.mfu": Runs("tests/train/test_bench_mfu.py::"
                                 "test_quick_mfu_bench_writes_sane_figures", "--quick"),
+    "python -m bench.state_passing": Runs("tests/train/test_bench_state_passing.py::"
+                                          "test_quick_state_passing_bench_writes_consistent_"
+                                          "figures", "--quick, in process through its main()"),
     "python -m bench.moe": Runs("tests/train/test_bench_moe.py::"
                                 "test_writes_json_and_markdown_with_the_machine", "--quick"),
     "python -m bench.compile": Runs("tests/train/test_bench_perf.py::"
