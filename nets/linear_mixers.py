@@ -119,6 +119,19 @@ def _log_uniform_dt_bias(cfg):
   return init
 
 
+def _short_convs(cfg, inputs: dict, segment_ids_BxS, cache, bias: bool = False):
+  """ShortConv of each named input (modules "conv_<name>", created in the calling mixer's scope).
+
+  Returns (the convolved inputs in order, {"conv_<name>": window} for the cache)."""
+  outs, windows = [], {}
+  for name, x in inputs.items():
+    key = f"conv_{name}"
+    x, windows[key] = ShortConv(cfg, bias=bias, name=key)(
+        x, segment_ids_BxS, None if cache is None else cache[key])
+    outs.append(x)
+  return outs, windows
+
+
 def _recur(module, q, k, v, log_decay, beta, segment_ids_BxS, cache):
   """Runs the recurrence: through ``recurrence_fn`` when training, from the cache when decoding.
   Returns (o [B, S, H, V] float32, new state or None)."""
@@ -148,12 +161,7 @@ class GatedDeltaNet(nn.Module):
     z = nn.with_logical_constraint(proj((H, V), ("embed", "heads", "head_dim"), "z"), _HEADS)
     b = proj((H,), ("embed", "heads"), "b")
     a = proj((H,), ("embed", "heads"), "a")
-    new = {}
-    for name, x in (("q", q), ("k", k), ("v", v)):
-      x, new[f"conv_{name}"] = ShortConv(cfg, name=f"conv_{name}")(
-          x, segment_ids_BxS, None if cache is None else cache[f"conv_{name}"])
-      new[name] = x
-    q, k, v = new["q"], new["k"], new["v"]
+    (q, k, v), new = _short_convs(cfg, {"q": q, "k": k, "v": v}, segment_ids_BxS, cache)
     a_log = self.param("A_log", nn.with_logical_partitioning(
         lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0)),
         ("heads",)), (H,), pdt)
@@ -170,8 +178,7 @@ class GatedDeltaNet(nn.Module):
     out = Proj(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), 2, name="out")(o)
     if cache is None:
       return out, None
-    return out, {"conv_q": new["conv_q"], "conv_k": new["conv_k"], "conv_v": new["conv_v"],
-                 "state": state}
+    return out, {**new, "state": state}
 
 
 class GLA(nn.Module):
@@ -197,11 +204,7 @@ class GLA(nn.Module):
     log_decay = log_decay / cfg.gate_normalizer
     new = {}
     if cfg.conv_size:
-      for name, x in (("q", q), ("k", k), ("v", v)):
-        x, new[f"conv_{name}"] = ShortConv(cfg, name=f"conv_{name}")(
-            x, segment_ids_BxS, None if cache is None else cache[f"conv_{name}"])
-        new[name] = x
-      q, k, v = new.pop("q"), new.pop("k"), new.pop("v")
+      (q, k, v), new = _short_convs(cfg, {"q": q, "k": k, "v": v}, segment_ids_BxS, cache)
     q = q.astype(jnp.float32) * K ** -0.5
     o, state = _recur(self, q, k, v, log_decay, None, segment_ids_BxS, cache)
     o = GatedNorm(cfg, groups=H, name="norm")(nn.with_logical_constraint(o, _HEADS), gate)
@@ -226,12 +229,8 @@ class Mamba2(nn.Module):
     Bm = proj((G, N), ("embed", "heads", "head_dim"), "B")
     Cm = proj((G, N), ("embed", "heads", "head_dim"), "C")
     dt = proj((H,), ("embed", "heads"), "dt")
-    new = {}
-    for name, t in (("x", x), ("B", Bm), ("C", Cm)):
-      t, new[f"conv_{name}"] = ShortConv(cfg, bias=True, name=f"conv_{name}")(
-          t, segment_ids_BxS, None if cache is None else cache[f"conv_{name}"])
-      new[name] = t
-    x, Bm, Cm = new.pop("x"), new.pop("B"), new.pop("C")
+    (x, Bm, Cm), new = _short_convs(cfg, {"x": x, "B": Bm, "C": Cm}, segment_ids_BxS, cache,
+                                    bias=True)
     dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_log_uniform_dt_bias(cfg),
                                                                  ("heads",)), (H,), pdt)
     a_log = self.param("A_log", nn.with_logical_partitioning(
