@@ -7,7 +7,7 @@ On P = 1, 2, 4, 8 simulated CPU devices with mesh seq=P (parallel/state_passing.
 DeltaNet and Mamba-2 train steps of a small, sequence-dominated model: (1) the bytes each device
 communicates, read from the compiled HLO (parallel/hlo.py) at two sequence lengths and sorted by
 the JAX op that emitted each collective (the boundary-state all-gather and its transpose, the
-short convolutions, the gradient all-reduce); (2) the longest sequence whose train step fits a
+short convolutions' halo exchange, the gradient all-reduce); (2) the longest sequence whose train step fits a
 per-device memory budget (compiled memory_analysis, by bench/seq_parallel.py's search). Compile
 only, nothing is timed. Writes state_passing.{json,md,png}; docs/performance.md explains the
 figures.
@@ -52,7 +52,8 @@ SETTINGS = {
 # Where a collective comes from, by the JAX op name XLA keeps in its metadata: (label, pattern).
 # All-reduces are left to the rest: the gradients' reduction over seq is one combined all-reduce
 # whose metadata lists every parameter's op, the convolutions' among them.
-SOURCES = (("state passing", "shard_map/"), ("short convolutions", "/conv_"))
+# The convolutions' halo exchange runs in a shard_map of its own, so "/conv_" is tested first.
+SOURCES = (("short convolutions", "/conv_"), ("state passing", "shard_map/"))
 OTHER = "gradients, loss and the rest"
 
 
@@ -161,6 +162,10 @@ def checks(doc: dict) -> list[dict]:
       out.append(dict(name=f"{name}, P={p}: state-passing bytes the same at N={n1} and N={n2}",
                       holds=same, detail=f"{mib(state, 3)} vs "
                       f"{mib(b['per_layer_bytes']['state passing'], 3)} MiB per layer"))
+      conv_a, conv_b = (r["per_layer_bytes"]["short convolutions"] for r in (a, b))
+      out.append(dict(name=f"{name}, P={p}: short-convolution (halo) bytes the same at N={n1} "
+                           f"and N={n2}", holds=conv_a == conv_b,
+                      detail=f"{mib(conv_a, 3)} vs {mib(conv_b, 3)} MiB per layer"))
       ratio = b["step_buffer_bytes"] / max(a["step_buffer_bytes"], 1)
       out.append(dict(name=f"{name}, P={p}: whole-step bytes the same at N={n1} and N={n2} "
                            "(within 1%)", holds=abs(ratio - 1) <= 0.01,
@@ -194,7 +199,8 @@ def markdown(doc: dict) -> str:
          "and communicates nothing); MiB = 2^20 bytes, buffer bytes as parallel/hlo.py counts "
          "them. Each collective is attributed by the JAX op that emitted it: state passing (the "
          "all-gather of the boundary states in parallel/state_passing.py and its transpose), the "
-         "short causal convolutions, and the rest of the step (the gradient all-reduce over seq, "
+         "short causal convolutions (the halo exchange: each shard's last conv_size − 1 inputs to "
+         "the next, and their gradients back), and the rest of the step (the gradient all-reduce over seq, "
          "the loss); formula = 2·P·B·H·K·(K+V)·4 B per layer.", "",
          table(["model", "P", "N", "step peak MiB", "state passing MiB / layer",
                 "formula MiB / layer", "short convs MiB / layer", "rest of step MiB",

@@ -42,6 +42,17 @@ def local_recurrence(q, k, v, log_decay, beta, *, reset_BxS, chunk):
   return linear_recurrence.chunked(q, k, v, log_decay, beta, reset_BxS=reset_BxS, chunk=chunk)[0]
 
 
+def local_conv(x_BxSxHxD, w_CxHxD, b_HxD, segment_ids_BxS=None):
+  """The default ``conv_fn``: the depthwise causal convolution of whole sequences from zeros
+  (before SiLU); parallel/state_passing.py's version passes each shard the tail of the previous."""
+  B, S, H, D = x_BxSxHxD.shape
+  C = w_CxHxD.shape[0]
+  out, _ = causal_conv(x_BxSxHxD.reshape(B, S, H * D), w_CxHxD.reshape(C, H * D),
+                       b_HxD.reshape(H * D), jnp.zeros((B, C - 1, H * D), x_BxSxHxD.dtype),
+                       segment_ids_BxS)
+  return out.reshape(B, S, H, D)
+
+
 def resets(segment_ids_BxS):
   """True where a new segment starts (the state is zeroed before that token), or None."""
   if segment_ids_BxS is None:
@@ -55,9 +66,11 @@ def conv_cache(cfg, batch: int, heads: int, width: int):
 
 
 class ShortConv(nn.Module):
-  """Depthwise causal convolution over [B, S, H, D] channels, then SiLU (nets/ssm.py's conv)."""
+  """Depthwise causal convolution over [B, S, H, D] channels, then SiLU (nets/ssm.py's conv):
+  through ``conv_fn`` when training, from the cached window when decoding."""
   cfg: Any
   bias: bool = False
+  conv_fn: Callable[..., Any] = local_conv
 
   @nn.compact
   def __call__(self, x_BxSxHxD, segment_ids_BxS, prev_BxC1xHxD):
@@ -69,10 +82,12 @@ class ShortConv(nn.Module):
                    (C, H, D), pdt)
     b = (self.param("bias", nn.with_logical_partitioning(uniform, ("heads", "head_dim")), (H, D),
                     pdt) if self.bias else jnp.zeros((H, D), pdt))
-    prev = (jnp.zeros((B, C - 1, H * D), x_BxSxHxD.dtype) if prev_BxC1xHxD is None
-            else prev_BxC1xHxD.reshape(B, C - 1, H * D))
+    if prev_BxC1xHxD is None:
+      out = self.conv_fn(x_BxSxHxD, w, b, segment_ids_BxS)
+      return nn.with_logical_constraint(nn.silu(out), _HEADS), None
     out, prev = causal_conv(x_BxSxHxD.reshape(B, S, H * D), w.reshape(C, H * D),
-                            b.reshape(H * D), prev, segment_ids_BxS)
+                            b.reshape(H * D), prev_BxC1xHxD.reshape(B, C - 1, H * D),
+                            segment_ids_BxS)
     out = nn.with_logical_constraint(nn.silu(out).reshape(B, S, H, D), _HEADS)
     return out, prev.reshape(B, C - 1, H, D)
 
@@ -119,14 +134,14 @@ def _log_uniform_dt_bias(cfg):
   return init
 
 
-def _short_convs(cfg, inputs: dict, segment_ids_BxS, cache, bias: bool = False):
+def _short_convs(module, inputs: dict, segment_ids_BxS, cache, bias: bool = False):
   """ShortConv of each named input (modules "conv_<name>", created in the calling mixer's scope).
 
   Returns (the convolved inputs in order, {"conv_<name>": window} for the cache)."""
   outs, windows = [], {}
   for name, x in inputs.items():
     key = f"conv_{name}"
-    x, windows[key] = ShortConv(cfg, bias=bias, name=key)(
+    x, windows[key] = ShortConv(module.cfg, bias=bias, conv_fn=module.conv_fn, name=key)(
         x, segment_ids_BxS, None if cache is None else cache[key])
     outs.append(x)
   return outs, windows
@@ -148,6 +163,7 @@ class GatedDeltaNet(nn.Module):
   """Qwen3-Next's linear-attention layer (see the module docstring)."""
   cfg: Any
   recurrence_fn: Callable[..., Any] = local_recurrence
+  conv_fn: Callable[..., Any] = local_conv
 
   @nn.compact
   def __call__(self, x_BxSxE, segment_ids_BxS=None, cache=None):
@@ -161,7 +177,7 @@ class GatedDeltaNet(nn.Module):
     z = nn.with_logical_constraint(proj((H, V), ("embed", "heads", "head_dim"), "z"), _HEADS)
     b = proj((H,), ("embed", "heads"), "b")
     a = proj((H,), ("embed", "heads"), "a")
-    (q, k, v), new = _short_convs(cfg, {"q": q, "k": k, "v": v}, segment_ids_BxS, cache)
+    (q, k, v), new = _short_convs(self, {"q": q, "k": k, "v": v}, segment_ids_BxS, cache)
     a_log = self.param("A_log", nn.with_logical_partitioning(
         lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0)),
         ("heads",)), (H,), pdt)
@@ -185,6 +201,7 @@ class GLA(nn.Module):
   """Gated Linear Attention (see the module docstring); no convolution unless conv_size > 0."""
   cfg: Any
   recurrence_fn: Callable[..., Any] = local_recurrence
+  conv_fn: Callable[..., Any] = local_conv
 
   @nn.compact
   def __call__(self, x_BxSxE, segment_ids_BxS=None, cache=None):
@@ -204,7 +221,7 @@ class GLA(nn.Module):
     log_decay = log_decay / cfg.gate_normalizer
     new = {}
     if cfg.conv_size:
-      (q, k, v), new = _short_convs(cfg, {"q": q, "k": k, "v": v}, segment_ids_BxS, cache)
+      (q, k, v), new = _short_convs(self, {"q": q, "k": k, "v": v}, segment_ids_BxS, cache)
     q = q.astype(jnp.float32) * K ** -0.5
     o, state = _recur(self, q, k, v, log_decay, None, segment_ids_BxS, cache)
     o = GatedNorm(cfg, groups=H, name="norm")(nn.with_logical_constraint(o, _HEADS), gate)
@@ -216,6 +233,7 @@ class Mamba2(nn.Module):
   """Mamba-2's SSD mixer (see the module docstring)."""
   cfg: Any
   recurrence_fn: Callable[..., Any] = local_recurrence
+  conv_fn: Callable[..., Any] = local_conv
 
   @nn.compact
   def __call__(self, x_BxSxE, segment_ids_BxS=None, cache=None):
@@ -229,7 +247,7 @@ class Mamba2(nn.Module):
     Bm = proj((G, N), ("embed", "heads", "head_dim"), "B")
     Cm = proj((G, N), ("embed", "heads", "head_dim"), "C")
     dt = proj((H,), ("embed", "heads"), "dt")
-    (x, Bm, Cm), new = _short_convs(cfg, {"x": x, "B": Bm, "C": Cm}, segment_ids_BxS, cache,
+    (x, Bm, Cm), new = _short_convs(self, {"x": x, "B": Bm, "C": Cm}, segment_ids_BxS, cache,
                                     bias=True)
     dt_bias = self.param("dt_bias", nn.with_logical_partitioning(_log_uniform_dt_bias(cfg),
                                                                  ("heads",)), (H,), pdt)

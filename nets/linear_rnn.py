@@ -219,13 +219,15 @@ class LinearBlock(nn.Module):
   """x + mixer(RMSNorm(x)) (+ the MLP); scanned, with the cache a scanned input and output."""
   cfg: Config
   recurrence_fn: Callable[..., Any] = linear_mixers.local_recurrence
+  conv_fn: Callable[..., Any] = linear_mixers.local_conv
 
   @nn.compact
   def __call__(self, x_BxSxE, segment_ids_BxS, cache):
     cfg = self.cfg
     x_BxSxE = nn.with_logical_constraint(x_BxSxE, _ACT)
     h = RMSNorm(cfg, name="norm")(x_BxSxE)
-    out, cache = linear_mixers.MIXERS[cfg.mixer](cfg, self.recurrence_fn, name="mixer")(
+    out, cache = linear_mixers.MIXERS[cfg.mixer](cfg, self.recurrence_fn, self.conv_fn,
+                                                 name="mixer")(
         h, segment_ids_BxS, cache)
     x_BxSxE = _mlp(cfg, x_BxSxE + out.astype(x_BxSxE.dtype))
     return nn.with_logical_constraint(x_BxSxE, _ACT), cache
@@ -279,13 +281,14 @@ class HybridUnit(nn.Module):
   cfg: Config
   recurrence_fn: Callable[..., Any]
   attention_fn: Callable[..., Any]
+  conv_fn: Callable[..., Any] = linear_mixers.local_conv
 
   @nn.compact
   def __call__(self, x_BxSxE, positions_BxS, segment_ids_BxS, cache, slot_pos_BxT):
     cfg = self.cfg
     linear = scanned(LinearBlock, "none", cfg.attention_every - 1, in_axes=(nn.broadcast, 0),
                      axis="unit_layers")
-    x_BxSxE, lin_cache = linear(cfg, self.recurrence_fn, name="linear")(
+    x_BxSxE, lin_cache = linear(cfg, self.recurrence_fn, self.conv_fn, name="linear")(
         x_BxSxE, segment_ids_BxS, None if cache is None else cache["linear"])
     x_BxSxE, att_cache = AttentionBlock(cfg, self.attention_fn, name="attention")(
         x_BxSxE, positions_BxS, segment_ids_BxS, None if cache is None else cache["attention"],
@@ -317,6 +320,7 @@ class Model(nn.Module):
   cfg: Config
   attention_fn: Callable[..., Any] = attention.dot_product_attention
   recurrence_fn: Callable[..., Any] = linear_mixers.local_recurrence
+  conv_fn: Callable[..., Any] = linear_mixers.local_conv
 
   @nn.compact
   def __call__(self, tokens_BxS, positions_BxS=None, segment_ids_BxS=None, cache=None):
@@ -334,7 +338,7 @@ class Model(nn.Module):
     layers = None if cache is None else cache["layers"]
     if not cfg.attention_every:
       blocks = scanned(LinearBlock, cfg.remat, cfg.num_layers, in_axes=(nn.broadcast, 0))
-      x_BxSxE, layers = blocks(cfg, self.recurrence_fn, name="layers")(
+      x_BxSxE, layers = blocks(cfg, self.recurrence_fn, self.conv_fn, name="layers")(
           x_BxSxE, segment_ids_BxS, layers)
     else:
       slot_pos = None
@@ -344,7 +348,8 @@ class Model(nn.Module):
         cache = {**cache, "pos": slot_pos}
       units = scanned(HybridUnit, cfg.remat, cfg.num_attention_layers,
                       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
-      x_BxSxE, layers = units(cfg, self.recurrence_fn, self.attention_fn, name="layers")(
+      x_BxSxE, layers = units(cfg, self.recurrence_fn, self.attention_fn, self.conv_fn,
+                                name="layers")(
           x_BxSxE, positions_BxS, segment_ids_BxS, layers, slot_pos)
     x_BxSxE = RMSNorm(cfg, name="final_norm")(x_BxSxE)
     if cfg.tie_embeddings:

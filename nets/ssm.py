@@ -210,16 +210,20 @@ def selective_scan(u_BxSxI, dt_BxSxI, A_IxN, B_BxSxN, C_BxSxN, D_I, *, h0_BxIxN=
   return y + u * f32(D_I), h_last
 
 
-def causal_conv(u_BxSxI, w_CxI, b_I, prev_BxC1xI, segment_ids_BxS=None):
+def causal_conv(u_BxSxI, w_CxI, b_I, prev_BxC1xI, segment_ids_BxS=None, prev_segment_ids=None):
   """Depthwise causal conv: out_t = b + Σ_k w_k ⊙ u_{t-C+1+k}, the C - 1 steps before 0 from prev.
 
-  With segment ids, inputs from another segment count as zero. Returns (out, last C - 1 inputs).
+  With segment ids, inputs from another segment count as zero; the C - 1 steps of prev belong to
+  ``prev_segment_ids`` [B, C - 1] (default: the first token's segment, as in decoding).
+  Returns (out, last C - 1 inputs).
   """
   C, S = w_CxI.shape[0], u_BxSxI.shape[1]
   full_BxTxI = jnp.concatenate([prev_BxC1xI.astype(u_BxSxI.dtype), u_BxSxI], axis=1)
   if segment_ids_BxS is not None:
-    seg_BxT = jnp.concatenate([jnp.repeat(segment_ids_BxS[:, :1], C - 1, axis=1),
-                               segment_ids_BxS], axis=1)
+    if prev_segment_ids is None:
+      prev_segment_ids = jnp.repeat(segment_ids_BxS[:, :1], C - 1, axis=1)
+    seg_BxT = jnp.concatenate([prev_segment_ids.astype(segment_ids_BxS.dtype), segment_ids_BxS],
+                              axis=1)
   out_BxSxI = jnp.broadcast_to(b_I.astype(u_BxSxI.dtype), u_BxSxI.shape)
   for k in range(C):
     tap_BxSxI = full_BxTxI[:, k:k + S] * w_CxI[k].astype(u_BxSxI.dtype)

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from nets import linear_recurrence
+from nets import linear_mixers, linear_recurrence
+from nets.ssm import causal_conv
 from parallel import sharding
 
 # Logical names of q [B, S, H, K]; v, log_decay, beta and the resets drop or keep trailing axes.
@@ -101,6 +102,53 @@ def recurrence_fn(plan: Plan, mesh: Mesh | None) -> Callable:
 
     return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=specs[4],
                          check_vma=False)(*args)
+
+  return fn
+
+
+def conv_fn(plan: Plan, mesh: Mesh | None) -> Callable:
+  """The short causal convolution nets call when training: fn(x [B, S, H, D], w [C, H, D],
+  b [H, D], segment_ids [B, S] | None) -> conv output (before SiLU), as ``linear_mixers.local_conv``.
+
+  Split over seq, each device convolves its own contiguous shard after a halo exchange: one
+  collective-permute passes the last C − 1 inputs (and their segment ids) of every shard to the
+  next; the first shard's are zeros. Per device that is B·(C−1)·H·D numbers at any sequence
+  length (and the same back for the gradients), where leaving the shifted taps to the SPMD
+  partitioner re-laid the whole activation out.
+  """
+  if plan.strategy == "local":
+    return linear_mixers.local_conv
+  batch, seq, heads = sharding.spec(NAMES, plan.rules)
+  def fn(x_BxSxHxD, w_CxHxD, b_HxD, segment_ids_BxS=None):
+    S, C = x_BxSxHxD.shape[1], w_CxHxD.shape[0]
+    if S % plan.seq:
+      raise ValueError(f"the convolution's sequence of {S} tokens is not divisible by the "
+                       f"{plan.seq} devices of {sharding.axes_name(seq)} that split it.")
+    args = [x_BxSxHxD, w_CxHxD, b_HxD]
+    in_specs = [P(batch, seq, heads, None), P(None, heads, None), P(heads, None)]
+    if segment_ids_BxS is not None:
+      args.append(segment_ids_BxS)
+      in_specs.append(P(batch, seq))
+
+    def halo(a, s):
+      """The C − 1 steps before this shard: from the previous shard, or from the previous
+      ceil((C − 1)/s) shards when shards are shorter than the window."""
+      tail = a[:, max(0, s - (C - 1)):]
+      hops = -(-(C - 1) // s)
+      parts = [jax.lax.ppermute(tail, seq, [(r, r + j) for r in range(plan.seq - j)])
+               for j in range(hops, 0, -1)]
+      return jnp.concatenate(parts, axis=1)[:, -(C - 1):]
+
+    def body(x, w, b, *seg):
+      B, s, H, D = x.shape
+      seg_l = seg[0] if seg else None
+      seg_prev = None if seg_l is None else halo(seg_l, s)
+      out, _ = causal_conv(x.reshape(B, s, H * D), w.reshape(C, H * D), b.reshape(H * D),
+                           halo(x, s).reshape(B, C - 1, H * D), seg_l, prev_segment_ids=seg_prev)
+      return out.reshape(B, s, H, D)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
+                         out_specs=P(batch, seq, heads, None), check_vma=False)(*args)
 
   return fn
 

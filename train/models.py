@@ -66,6 +66,7 @@ def build(config, mesh, *, seq_parallel: bool = True):
   recurrence = recurrence_plan(config, sizes, cfg)
   if recurrence is not None:
     kwargs["recurrence_fn"] = state_passing.recurrence_fn(recurrence, mesh)
+    kwargs["conv_fn"] = state_passing.conv_fn(recurrence, mesh)
   moe_cfg = family.moe_config(cfg)
   if moe_cfg is not None and moe_cfg.enabled:
     if not seq_parallel:  # sampling batches are padded to the data-parallel size only
