@@ -18,7 +18,7 @@ Forms:
                of a difference G_t − G_s with t >= s (G the in-chunk cumulative log decay), so no
                factor exceeds 1. The delta rule's chunk uses the WY/UT representation: a unit lower
                triangular solve (I + M) [U | W] = [β V | βγ K] per chunk, M_ts = β_t k_t·k_s
-               γ_t/γ_s for s < t.
+               γ_t/γ_s for s < t, done as (I + M)⁻¹ by matmuls, then one product.
 All three run in float32 (float64 when given float64, for the tests' references).
 Extra legend: K key width (state rows), V value width (state columns), C chunk length, n chunks.
 """
@@ -42,6 +42,44 @@ def _check(q, k, v, log_decay, beta):
     raise ValueError("the delta rule takes a scalar decay per head (log_decay [B, S, H]).")
   if beta is not None and beta.shape != (B, S, H):
     raise ValueError(f"beta {beta.shape} must be [B, S, H].")
+
+
+def _unit_lower_inverse(m, base: int = 16):
+  """(I + m)⁻¹ for strictly lower triangular m [..., n, n], by matmuls only (no LAPACK call, whose
+  BLAS threads would compete with XLA's on CPU): the two diagonal blocks inverted (together when
+  they are the same size), the lower-left block −D⁻¹ m₂₁ A⁻¹; from ``base`` down, the Neumann
+  series I − m + m² − ... summed by doubling (it is finite: m is nilpotent)."""
+  n = m.shape[-1]
+  if n <= base:
+    neg = -m
+    inv, power, terms = jnp.eye(n, dtype=m.dtype) + neg, neg, 2
+    while terms < n:
+      power = power @ power
+      inv = inv + inv @ power
+      terms *= 2
+    return inv
+  h = n // 2
+  if 2 * h == n:
+    halves = _unit_lower_inverse(jnp.stack([m[..., :h, :h], m[..., h:, h:]]), base)
+    a_inv, d_inv = halves[0], halves[1]
+  else:
+    a_inv, d_inv = (_unit_lower_inverse(m[..., :h, :h], base),
+                    _unit_lower_inverse(m[..., h:, h:], base))
+  lower_left = -(d_inv @ (m[..., h:, :h] @ a_inv))
+  return jnp.concatenate([
+      jnp.concatenate([a_inv, jnp.zeros(a_inv.shape[:-1] + (n - h,), m.dtype)], -1),
+      jnp.concatenate([lower_left, d_inv], -1)], -2)
+
+
+def unit_lower_inverse_flops(n: int, base: int = 16) -> int:
+  """The matmul FLOPs (2·M·N·K each) ``_unit_lower_inverse`` runs for one n x n matrix."""
+  if n <= base:
+    doublings = max(0, (n - 1).bit_length() - 1)  # the terms double from 2 until they reach n
+    return doublings * 2 * (2 * n ** 3)
+  h = n // 2
+  d = n - h
+  return (unit_lower_inverse_flops(h, base) + unit_lower_inverse_flops(d, base)
+          + 2 * d * h * h + 2 * d * d * h)
 
 
 def step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, beta_BxH, state_BxHxKxV):
@@ -148,9 +186,8 @@ def chunked(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
     strict = linked & ~jnp.eye(C, dtype=bool)
     m_ts = jnp.where(strict, beta[..., None] * jnp.einsum("bhntk,bhnsk->bhnts", k, k) * decay_ts,
                      0)
-    lhs = m_ts + jnp.eye(C, dtype=q.dtype)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)
-    uw = jax.scipy.linalg.solve_triangular(lhs, rhs, lower=True, unit_diagonal=True)
+    uw = _unit_lower_inverse(m_ts) @ rhs
     u, w = uw[..., :Vd], uw[..., Vd:]  # [B, H, n, C, V], [B, H, n, C, K]
     # Entering state S -> leaving state: chunk_decay·S + k_endᵀ (u − w S).
     trans_KxK = (chunk_decay[..., None, None] * jnp.eye(K, dtype=q.dtype)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nets import attention, counting, decoder, linear_mixers
+from nets import attention, counting, decoder, linear_mixers, linear_recurrence
 from nets.layers import (Embed, Proj, RMSNorm, build_config, check_positive_floats,
                          check_remat_and_dtypes, rotary, scanned)
 from nets.registry import Family
@@ -158,16 +158,18 @@ def num_params(cfg: Config, active: bool = False) -> int:
   return V * E + layers + E + (0 if cfg.tie_embeddings else E * V)
 
 
-def mixer_flops(cfg: Config, seq_len: int) -> float:
-  """One mixer, per token, as the chunkwise form executes it in training (chunk c =
+def mixer_flops(cfg: Config, seq_len: int, executed: bool = False) -> float:
+  """One mixer, per token, as the chunkwise form runs it in training (chunk c =
   min(chunk, seq_len), n = ceil(seq_len / c) chunks).
 
   Projections, convolution taps, and per head: in-chunk scores q·kᵀ (2cK) and their product
   with the values (2cV), reading the incoming state (2KV) and the chunk's state update (2KV).
   The delta rule adds k·kᵀ (2cK), the transition matrix (2K²), carrying the state through it
-  (2K²V/c for n − 1 of the n chunks: the last one's only feeds the unused final state) and the
-  products with W (2cK); its triangular solve (c·(V+K)) is left out, as XLA's cost analysis
-  leaves it out. GLA's per-channel decays weigh the scores inside the chunk: a difference, an
+  (2K²V/c for n − 1 of the n chunks: the last one's only feeds the unused final state), the
+  products with W (2cK) and the unit lower triangular solve for [U | W]: as a model count the
+  solve's c·(V+K) multiply-adds over half the square, executed the matmuls that invert the
+  C x C matrix (``unit_lower_inverse_flops`` / c) and its full product with [βV | βγK]
+  (2c·(V+K)). GLA's per-channel decays weigh the scores inside the chunk: a difference, an
   exponential and a product per (t, s, key channel), 3cK.
   """
   E, N, H, K, V, C = (cfg.d_model, cfg.key_heads, cfg.linear_heads, cfg.linear_k_dim,
@@ -179,6 +181,8 @@ def mixer_flops(cfg: Config, seq_len: int) -> float:
     proj = 2 * E * (2 * N * K + 2 * H * V + 2 * H)
     conv = 2 * C * (2 * N * K + H * V)
     core += 4 * c * K + 2 * K * K + 2 * K * K * V / c * (n - 1) / n
+    core += (linear_recurrence.unit_lower_inverse_flops(c) / c + 2 * c * (V + K) if executed
+             else c * (V + K))
   elif cfg.mixer == "mamba2":
     proj = 2 * E * (2 * H * V + 2 * N * K + H)
     conv = 2 * C * (H * V + 2 * N * K)
@@ -192,7 +196,7 @@ def mixer_flops(cfg: Config, seq_len: int) -> float:
 def flops(cfg: Config, step: counting.Step) -> float:
   """Forward FLOPs per token: mixers, attention layers, MLPs and the head."""
   L, A, E = cfg.num_layers, cfg.num_attention_layers, cfg.d_model
-  total = (L - A) * mixer_flops(cfg, step.seq_len) + L * 3 * 2 * E * cfg.mlp_dim
+  total = (L - A) * mixer_flops(cfg, step.seq_len, step.executed) + L * 3 * 2 * E * cfg.mlp_dim
   if A:
     H, Kh, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     gate = 2 * E * H * D if cfg.attn_output_gate else 0
