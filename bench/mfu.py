@@ -2,14 +2,17 @@
 
   .venv/bin/python -m bench.mfu [--quick] [--out=bench/results] [--steps=N] [--cases=a,b]
 
-For the Llama, DiT, ViT and Mamba train steps on ONE device of the current backend: model FLOPs
-per step (train/flops.py), the median step time (state donated, after two warm-up steps), the
-matmul peak (the best rate of large square matmuls, sampled before, between rounds and after) and
-MFU = model FLOP/s / peak. For the Llama also, timed round-robin with odyssey's step: a plain-JAX
-baseline of the same shapes and other attention settings; on CPU a per-op-kind profile of one
-step, and every matmul of the step timed alone (the matmul-only ceiling). Writes
-mfu.{json,md,png}; docs/performance.md explains the figures. --quick only shows every figure is
-produced.
+For the Llama, DiT, ViT, Mamba, Gated DeltaNet and Mamba-2 train steps on ONE device of the
+current backend: model FLOPs per step (train/flops.py), the median step time (state donated, after
+two warm-up steps), the matmul peak (the best rate of large square matmuls, sampled before, between
+rounds and after) and MFU = model FLOP/s / peak. For the Llama also, timed round-robin with
+odyssey's step: a plain-JAX baseline of the same shapes and other attention settings; on CPU a
+per-op-kind profile of one step, and every matmul of the step timed alone (the matmul-only
+ceiling). For Gated DeltaNet and Mamba-2, timed round-robin with the step: other chunk lengths,
+(Gated DeltaNet) BLAS limited to one thread (a control: no LAPACK call is left in the step), and
+the steps of the cases their MFU targets compare them with (the Expectations table); on CPU the
+profile of the step and of its one-BLAS-thread variant. Writes mfu.{json,md,png}; docs/performance.md explains
+the figures. --quick only shows every figure is produced.
 """
 
 import collections
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import threadpoolctl
 
 from bench import harness
 from configs import diffusion, lm, vit
@@ -73,7 +77,32 @@ def vit_config(quick: bool):
   return c
 
 
-CASES = {"llama": llama_config, "dit": dit_config, "vit": vit_config, "mamba": mamba_config}
+# The linear-recurrent LMs (nets/linear_rnn.py) at the Llama's shape: d_model 512, seq 512,
+# batch 8, 4 layers. Gated DeltaNet: 8 heads with K = V = 64 and the Llama's SwiGLU 1408;
+# Mamba-2: 16 heads of 64 (inner width 2 x d_model), one B/C group with state 128, no MLP.
+GDN = dict(mixer="gated_deltanet", num_layers=4, d_model=512, linear_heads=8, linear_k_heads=8,
+           linear_k_dim=64, linear_v_dim=64, mlp_dim=1408, chunk=64)
+GDN_QUICK = dict(mixer="gated_deltanet", num_layers=2, d_model=64, linear_heads=4,
+                 linear_k_heads=4, linear_k_dim=16, linear_v_dim=16, mlp_dim=128, chunk=16)
+MAMBA2 = dict(mixer="mamba2", num_layers=4, d_model=512, linear_heads=16, linear_k_heads=1,
+              linear_k_dim=128, linear_v_dim=64, mlp_dim=0, chunk=64, norm_eps=1e-5,
+              residual_in_fp32=True)
+MAMBA2_QUICK = dict(MAMBA2, num_layers=2, d_model=64, linear_heads=4, linear_k_dim=16,
+                    linear_v_dim=32, chunk=16)
+
+
+def linear_rnn_config(model: dict, quick: bool):
+  c = lm.get_config("size=test")
+  c.model = ml_collections.ConfigDict(dict(
+      name="linear_rnn", vocab_size=384, conv_size=4, max_len=512, tie_embeddings=False,
+      dtype="float32", param_dtype="float32", **model))
+  c.train.update(batch_size=2 if quick else 8, seq_len=64 if quick else 512)
+  return c
+
+
+CASES = {"llama": llama_config, "dit": dit_config, "vit": vit_config, "mamba": mamba_config,
+         "gated_deltanet": lambda quick: linear_rnn_config(GDN_QUICK if quick else GDN, quick),
+         "mamba2": lambda quick: linear_rnn_config(MAMBA2_QUICK if quick else MAMBA2, quick)}
 
 
 def random_batch(config, model_cfg, rng: np.random.Generator) -> dict:
@@ -98,11 +127,45 @@ LLAMA_VARIANTS = {"blockwise, block 256": dict(attention="blockwise", block_size
 LLAMA_VARIANTS_QUICK = {"blockwise, block 32": dict(attention="blockwise", block_size=32)}
 
 
-def time_round_robin(runs: dict, batch, steps_timed: int, between=None) -> dict:
+# The linear-recurrent steps with other settings, timed round-robin with the default one: other
+# chunk lengths and, for Gated DeltaNet, BLAS limited to one thread while the step runs: a control
+# that the delta rule's chunk solve (matmuls since the LAPACK triangular solve was dropped) no
+# longer runs BLAS threads that compete with XLA's thread pool for the same cores.
+LINEAR_VARIANTS = {
+    "gated_deltanet": {"chunk 32": dict(chunk=32), "chunk 128": dict(chunk=128),
+                       "one BLAS thread": dict(blas_threads=1)},
+    "mamba2": {"chunk 32": dict(chunk=32), "chunk 128": dict(chunk=128)}}
+LINEAR_VARIANTS_QUICK = {"gated_deltanet": {"one BLAS thread": dict(blas_threads=1)},
+                         "mamba2": {}}
+
+
+def blas_threads() -> int | None:
+  """The most threads any loaded BLAS library (OpenBLAS under NumPy, SciPy, LAPACK) uses now."""
+  return max((lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+              if lib["user_api"] == "blas"), default=None)
+
+
+def limited(call, threads: int | None):
+  """``call`` run with the BLAS libraries limited to ``threads`` (as it is, for None)."""
+  if threads is None:
+    return call
+
+  def run():
+    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
+      call()
+  return run
+
+
+def time_round_robin(runs: dict, batch, steps_timed: int, between=None,
+                     threads: dict | None = None) -> dict:
   """name: (median seconds, step times, state) of each ``name: (step, state)``, timed one step
-  of each in turn after two warm-up steps each; ``between()`` runs after every round."""
+  of each in turn after two warm-up steps each; ``between()`` runs after every round. A name in
+  ``threads`` runs with BLAS limited to that many threads."""
   calls = {name: harness.stepper(step, state, batch) for name, (step, state) in runs.items()}
-  times = harness.round_robin(calls, steps_timed, warmup=2, rotate=True, between=between)
+  threads = threads or {}
+  times = harness.round_robin({name: limited(call, threads.get(name))
+                               for name, call in calls.items()},
+                              steps_timed, warmup=2, rotate=True, between=between)
   return {name: (statistics.median(t), t, calls[name].state) for name, t in times.items()}
 
 
@@ -113,6 +176,22 @@ def odyssey_step(config):
   state = program.init()
   compiled = program.train_step.lower(state, batch).compile()
   return compiled, state, batch, program.attention
+
+
+@functools.lru_cache(maxsize=None)
+def _case_step(name: str, quick: bool, chunk: int | None) -> tuple:
+  config = CASES[name](quick)
+  if chunk is not None:
+    config.model.chunk = chunk
+  return odyssey_step(config)  # its state is never stepped: ``case_step`` hands out copies
+
+
+def case_step(name: str, quick: bool, chunk: int | None = None):
+  """``odyssey_step`` of a case (at another chunk length), compiled once per process: a case
+  timed again, as another case's reference or variant, reuses the executable and gets a copy of
+  the initial state (the step donates it)."""
+  compiled, state, batch, plan = _case_step(name, quick, chunk)
+  return compiled, jax.tree.map(jnp.copy, state), batch, plan
 
 
 # ----------------------------------------------------------------------------- plain-JAX baseline
@@ -186,7 +265,8 @@ def baseline_step(config, batch):
 # ----------------------------------------------------------------------------- profile
 
 KINDS = ("matmul", "layout copies", "elementwise / reduction fusions",
-         "scan slicing (dynamic-slice / update-slice)", "other (broadcasts, iota, waits in ops)")
+         "scan slicing (dynamic-slice / update-slice)", "triangular solves (LAPACK custom calls)",
+         "other (broadcasts, iota, waits in ops)")
 
 
 def op_kind(name: str) -> str:
@@ -199,7 +279,9 @@ def op_kind(name: str) -> str:
     return KINDS[3]
   if "fusion" in name:
     return KINDS[2]
-  return KINDS[4]
+  if name.startswith(("triangular_solve", "custom-call", "custom_call")):
+    return KINDS[4]
+  return KINDS[5]
 
 
 def profile(step, state, batch, workdir: str) -> dict:
@@ -380,13 +462,24 @@ def peak(dtype: str, quick: bool, repeats: int | None = None) -> float:
   return best
 
 
-def run_case(name: str, quick: bool, steps_timed: int, profile_dir: str, between=None) -> dict:
-  """One case's figures; the MFUs are filled in by ``set_mfus`` once the peak is known."""
+# The linear-recurrent families' MFU targets: (case, reference case, factor): MFU(case) >=
+# factor x MFU(reference).
+TARGETS = (("gated_deltanet", "llama", 1.0), ("mamba2", "llama", 1.0), ("mamba2", "mamba", 3.0))
+
+
+def run_case(name: str, quick: bool, steps_timed: int, profile_dir: str, between=None,
+             cases: tuple = ()) -> dict:
+  """One case's figures; the MFUs are filled in by ``set_mfus`` once the peak is known.
+  ``cases``: every case of the run (a linear-recurrent case is timed with its targets'
+  references among them)."""
   if name == "llama":
     return run_llama(quick, steps_timed, profile_dir, between)
+  if name in LINEAR_VARIANTS:
+    references = [ref for case, ref, _ in TARGETS if case == name and ref in cases]
+    return run_linear(name, quick, steps_timed, profile_dir, between, references)
   config = CASES[name](quick)
   step_flops = flops.model_flops_per_step(config)
-  compiled, state, batch, plan = odyssey_step(config)
+  compiled, state, batch, plan = case_step(name, quick)
   median, times, _ = time_round_robin({name: (compiled, state)}, batch, steps_timed,
                                       between)[name]
   return {"case": name, "dtype": config.model.dtype, "model_flops_per_step": step_flops.model,
@@ -399,7 +492,7 @@ def run_llama(quick: bool, steps_timed: int, profile_dir: str, between=None) -> 
   (CPU) the profiles of odyssey's and the baseline's steps and the matmul-only ceiling."""
   config = llama_config(quick)
   step_flops = flops.model_flops_per_step(config)
-  compiled, state, batch, plan = odyssey_step(config)
+  compiled, state, batch, plan = case_step("llama", quick)
   runs, plans = {"odyssey": (compiled, state)}, {}
   for variant, overrides in (LLAMA_VARIANTS_QUICK if quick else LLAMA_VARIANTS).items():
     variant_config = llama_config(quick)
@@ -441,14 +534,71 @@ def run_llama(quick: bool, steps_timed: int, profile_dir: str, between=None) -> 
   return row
 
 
+def run_linear(name: str, quick: bool, steps_timed: int, profile_dir: str, between=None,
+               references: list[str] = ()) -> dict:
+  """A linear-recurrent step, round-robin with its variants (other chunk lengths, one BLAS
+  thread) and with the ``references`` its targets compare it with (their steps again, so that
+  the ratio of MFUs is paired round by round: cases timed one after the other see different
+  loads from other processes); on CPU the profiles of the step and of its first one-BLAS-thread
+  variant."""
+  config = CASES[name](quick)
+  step_flops = flops.model_flops_per_step(config)
+  compiled, state, batch, plan = case_step(name, quick)
+  runs, threads, variants = {"default": (compiled, state)}, {}, []
+  for variant, overrides in (LINEAR_VARIANTS_QUICK if quick else LINEAR_VARIANTS)[name].items():
+    variant_config = CASES[name](quick)
+    variant_config.model.chunk = overrides.get("chunk", config.model.chunk)
+    variant_step, variant_state, _, _ = case_step(name, quick, overrides.get("chunk"))
+    runs[variant], threads[variant] = (variant_step, variant_state), overrides.get("blas_threads")
+    variants.append({"variant": variant, "chunk": variant_config.model.chunk,
+                     "blas_threads": threads[variant],
+                     "model_flops_per_step": flops.model_flops_per_step(variant_config).model})
+  refs = []
+  for ref in references:  # the same batch shapes: B x S tokens
+    ref_config = CASES[ref](quick)
+    ref_step, ref_state, _, _ = case_step(ref, quick)
+    runs[f"reference: {ref}"] = (ref_step, ref_state)
+    refs.append({"case": ref, "model_flops_per_step": flops.model_flops_per_step(ref_config).model})
+  timed = time_round_robin(runs, batch, steps_timed, between, threads)
+  median, times, state = timed["default"]
+  for v in variants:
+    v.update(step_s=timed[v["variant"]][0], step_times_s=timed[v["variant"]][1],
+             speed_vs_default=harness.paired_ratio(times, timed[v["variant"]][1]))
+  for r in refs:
+    ref_median, ref_times, _ = timed[f"reference: {r['case']}"]
+    # MFU(case) / MFU(reference) = (F_case / F_ref) x (t_ref / t_case), paired by round.
+    r.update(step_s=ref_median, step_times_s=ref_times,
+             mfu_ratio=step_flops.model / r["model_flops_per_step"]
+             * harness.paired_ratio(ref_times, times))
+  row = {"case": name, "dtype": config.model.dtype, "model_flops_per_step": step_flops.model,
+         "executed_flops_per_step": step_flops.executed,
+         f"{step_flops.unit}_per_step": step_flops.units, "attention": plan.describe(),
+         "chunk": config.model.chunk, "blas_threads": blas_threads(), "step_s": median,
+         "step_times_s": times, "model_flops_per_s": step_flops.model / median,
+         "variants": variants, "references": refs}
+  if jax.devices()[0].platform == "cpu":
+    row["profile"] = profile(compiled, state, batch, tempfile.mkdtemp(dir=profile_dir))
+    one = [v for v in variants if v["blas_threads"]][:1]
+    if one:
+      step, variant_state = runs[one[0]["variant"]][0], timed[one[0]["variant"]][2]
+      with threadpoolctl.threadpool_limits(limits=one[0]["blas_threads"], user_api="blas"):
+        row["variant_profile"] = dict(profile(step, variant_state, batch,
+                                              tempfile.mkdtemp(dir=profile_dir)),
+                                      variant=one[0]["variant"])
+  return row
+
+
 def set_mfus(row: dict, peak_flops: float) -> None:
   """Every MFU and rate of ``row`` against ``peak_flops`` (in place)."""
   model = row["model_flops_per_step"]
   row["mfu"] = flops.mfu(model, row["step_s"], peak_flops)
   if "baseline_step_s" in row:
     row["baseline_mfu"] = flops.mfu(model, row["baseline_step_s"], peak_flops)
-  for variant in row.get("variants", []):
-    variant["mfu"] = flops.mfu(model, variant["step_s"], peak_flops)
+  for variant in row.get("variants", []):  # a chunk length changes the FLOPs counted
+    variant["mfu"] = flops.mfu(variant.get("model_flops_per_step", model), variant["step_s"],
+                               peak_flops)
+  for ref in row.get("references", []):
+    ref["mfu"] = flops.mfu(ref["model_flops_per_step"], ref["step_s"], peak_flops)
   if "ceiling" in row:
     ceiling = row["ceiling"]
     ceiling.update(ceiling_figures(ceiling, model, peak_flops))
@@ -472,8 +622,8 @@ def run(args) -> dict:
   profile_dir = tempfile.mkdtemp(prefix="odyssey_mfu_profile_")
   during = []
   sample = lambda: during.append(peak(dtype, args.quick, repeats=1))
-  rows = [run_case(name, args.quick, steps_timed, profile_dir, sample)
-          for name in args.cases.split(",")]
+  cases = tuple(args.cases.split(","))
+  rows = [run_case(name, args.quick, steps_timed, profile_dir, sample, cases) for name in cases]
   after = peak(dtype, args.quick)
   best = max(before, after, *during, fastest_matmul(rows))
   for row in rows:  # every MFU against the best of the peak measurements
@@ -483,7 +633,28 @@ def run(args) -> dict:
           "cpu_count": os.cpu_count(), "jax": jax.__version__, "dtype": dtype,
           "peak_flops": best, "peak_flops_before": before, "peak_flops_after": after,
           "peak_flops_during": during, "fastest_step_matmul_flops": fastest_matmul(rows),
-          "load_average_1min": [load_before, os.getloadavg()[0]], "rows": rows}
+          "load_average_1min": [load_before, os.getloadavg()[0]], "rows": rows,
+          "checks": targets(rows)}
+
+
+
+def targets(rows: list[dict]) -> list[dict]:
+  """Each target whose two cases ran, judged on the MFU ratio paired round by round with the
+  reference's step; the MFUs of the cases' own runs and the best variant's are given too."""
+  by_case, out = {r["case"]: r for r in rows}, []
+  for case, reference, factor in TARGETS:
+    if case not in by_case or reference not in by_case:
+      continue
+    row = by_case[case]
+    paired = next(r for r in row["references"] if r["case"] == reference)
+    best = max(row["variants"], key=lambda v: v["mfu"], default=None)
+    detail = (f"MFU ratio {paired['mfu_ratio']:.2f} (paired, same rounds); on their own runs "
+              f"{row['mfu']:.3f} vs {by_case[reference]['mfu']:.3f}")
+    if best is not None:
+      detail += f"; best variant ({best['variant']}) {best['mfu']:.3f}"
+    out.append(dict(name=f"{case} MFU ≥ {'' if factor == 1 else f'{factor:g} x '}{reference} MFU",
+                    holds=paired["mfu_ratio"] >= factor, detail=detail))
+  return out
 
 
 def _header(doc: dict) -> str:
@@ -506,6 +677,47 @@ def _variants(r: dict) -> list[str]:
           "median over rounds of default time / variant time):", "",
           harness.table(["attention kernel", "block", "step (s)", "MFU", "speed vs default"],
                         rows)]
+
+
+def _linear_variants(r: dict) -> list[str]:
+  threads = lambda n: "library default" if n is None else n
+  rows = [[f"default (chunk {r['chunk']})", r["chunk"], threads(None), f"{r['step_s']:.3f}",
+           f"{r['mfu']:.3f}", "1.00x"]]
+  rows += [[v["variant"], v["chunk"], threads(v["blas_threads"]), f"{v['step_s']:.3f}",
+            f"{v['mfu']:.3f}", f"{v['speed_vs_default']:.2f}x"] for v in r["variants"]]
+  out = ["", f"The {r['case']} step with other settings, timed round-robin (BLAS threads by "
+         f"default: {threads(r['blas_threads'])}; speed: median over rounds of default time / "
+         "variant time; each MFU against the FLOPs its chunk length counts):", "",
+         harness.table(["variant", "chunk", "BLAS threads", "step (s)", "MFU",
+                        "speed vs default"], rows)]
+  if r.get("references"):
+    rows = [[ref["case"], f"{ref['step_s']:.3f}", f"{ref['mfu']:.3f}",
+             f"{ref['mfu_ratio']:.2f}"] for ref in r["references"]]
+    out += ["", f"The reference steps timed in the same rounds as the {r['case']} step (ratio: "
+            "median over rounds of the two MFUs' ratio):", "",
+            harness.table(["reference", "step (s)", "MFU in these rounds",
+                           f"MFU {r['case']} / reference"], rows)]
+  return out
+
+
+def _linear_profiles(r: dict) -> list[str]:
+  profiles = [("default", r["profile"])]
+  if "variant_profile" in r:
+    profiles.append((r["variant_profile"]["variant"], r["variant_profile"]))
+  rows = [[k] + [f"{p['kinds'][k]:.1%} ({p['kinds_s'][k]:.2f} s)" for _, p in profiles]
+          for k in KINDS]
+  rows += [["op time / traced step wall time"] + [f"{p['thread_s']:.2f} s / "
+                                                  f"{p['step_wall_s']:.2f} s"
+                                                  for _, p in profiles],
+           ["wall time with an op running"] + [f"{p['ops_running_s'] / p['step_wall_s']:.1%}"
+                                               for _, p in profiles]]
+  out = ["", f"Where the {r['case']} step's time goes: one traced step each (jax.profiler, "
+         "XLA:CPU thunks, exclusive time):", "",
+         harness.table(["op kind"] + [who for who, _ in profiles], rows)]
+  for who, p in profiles:
+    out += ["", f"Largest non-matmul ops ({who}): "
+            + ", ".join(f"{n} {s:.2f} s" for n, s in p["top_non_matmul"])]
+  return out
 
 
 def _ceiling(r: dict, peak_flops: float) -> list[str]:
@@ -572,21 +784,31 @@ def markdown(doc: dict) -> str:
       ["case", "model GFLOP/step", "step (s)", "model GFLOP/s", "MFU", "baseline step (s)",
        "baseline MFU", "odyssey / baseline speed"], rows)]
   for r in doc["rows"]:
-    if "variants" in r:
+    if "ceiling" in r:
       out += _variants(r) + _ceiling(r, doc["peak_flops"])
-    if "profile" in r:
+    elif "variants" in r:
+      out += _linear_variants(r)
+    if "baseline_profile" in r:
       out += _profiles(r)
+    elif "profile" in r:
+      out += _linear_profiles(r)
+  if doc.get("checks"):
+    out += ["", harness.expectations(doc["checks"]).rstrip()]
   return "\n".join(out) + "\n"
 
 
 def plot(doc: dict, plt):
-  """MFU per case, with the Llama's baseline and matmul-only ceiling."""
+  """MFU per case, with the Llama's baseline and matmul-only ceiling and the linear-recurrent
+  steps' variants."""
   rows = doc["rows"]
-  fig, ax = plt.subplots(figsize=(6, 3.2))
+  fig, ax = plt.subplots(figsize=(7.5, 3.4))
   ax.bar([r["case"] for r in rows], [r["mfu"] for r in rows], color="tab:blue", label="odyssey")
   for i, r in enumerate(rows):
     if "baseline_mfu" in r:
       ax.bar([i + 0.3], [r["baseline_mfu"]], width=0.3, color="tab:gray", label="plain-JAX baseline")
+    if "ceiling" not in r and r.get("variants"):
+      ax.plot([i + 0.25] * len(r["variants"]), [v["mfu"] for v in r["variants"]], "o",
+              color="tab:orange", markersize=3, label="variants (chunk, BLAS threads)")
     if "ceiling" in r:
       ax.hlines(r["ceiling"]["ceiling_mfu"], i - 0.4, i + 0.45, color="tab:red",
                 label="matmul-only ceiling (Llama)")
@@ -596,7 +818,10 @@ def plot(doc: dict, plt):
   ax.set_title(f"MFU on {doc['backend']} ({doc['cpu_count']} cores), peak "
                f"{doc['peak_flops'] / 1e9:.1f} GFLOP/s ({doc.get('dtype', 'float32')} matmul)",
                fontsize=7)
-  ax.legend(fontsize=7)
+  handles, labels = ax.get_legend_handles_labels()
+  unique = dict(zip(labels, handles))  # one legend entry per label
+  ax.legend(unique.values(), unique.keys(), fontsize=7)
+  ax.tick_params(axis="x", labelsize=7)
   return fig
 
 

@@ -8,12 +8,13 @@ from tests import run_module
 
 
 def test_quick_mfu_bench_writes_sane_figures(tmp_path):
-  proc = run_module("bench.mfu", "--quick", f"--out={tmp_path}", timeout=300)
+  proc = run_module("bench.mfu", "--quick", f"--out={tmp_path}", timeout=400)
   with open(tmp_path / "mfu.json") as f:
     result = json.load(f)
   assert os.path.getsize(tmp_path / "mfu.md") > 0 and "| llama |" in proc.stdout
   assert result["peak_flops"] > 0 and math.isfinite(result["peak_flops"])
-  assert [r["case"] for r in result["rows"]] == ["llama", "dit", "vit", "mamba"]
+  assert [r["case"] for r in result["rows"]] == ["llama", "dit", "vit", "mamba", "gated_deltanet",
+                                                 "mamba2"]
   for row in result["rows"]:
     assert row["model_flops_per_step"] > 0 and row["step_s"] > 0
     assert 0 < row["mfu"] <= 1, row
@@ -37,3 +38,19 @@ def test_quick_mfu_bench_writes_sane_figures(tmp_path):
   for key in ("matmul_only_s", "plain_layout_s", "ceiling_mfu", "ceiling_mfu_causal_skip"):
     assert ceiling[key] > 0 and math.isfinite(ceiling[key]), key
   assert ceiling["ceiling_mfu_causal_skip"] > ceiling["ceiling_mfu"]
+  # Gated DeltaNet and Mamba-2: round-robin with their variants, profiled, against the targets.
+  gdn, mamba2 = result["rows"][4:]
+  assert [(v["chunk"], v["blas_threads"]) for v in gdn["variants"]] == [(gdn["chunk"], 1)]
+  assert all(v["step_s"] > 0 and 0 < v["mfu"] <= 1 for v in gdn["variants"])
+  assert gdn["variant_profile"]["variant"] == gdn["variants"][0]["variant"]
+  solves = "triangular solves (LAPACK custom calls)"
+  for p in (gdn["profile"], gdn["variant_profile"], mamba2["profile"]):
+    assert abs(sum(p["kinds"].values()) - 1) < 1e-6 and p["kinds"]["matmul"] > 0
+  # The delta rule's chunks solve their triangular systems by matmuls: no LAPACK call is left.
+  assert gdn["profile"]["kinds"][solves] == 0 and mamba2["profile"]["kinds"][solves] == 0
+  assert [c["name"] for c in result["checks"]] == [
+      "gated_deltanet MFU ≥ llama MFU", "mamba2 MFU ≥ llama MFU", "mamba2 MFU ≥ 3 x mamba MFU"]
+  assert "## Expectations" in proc.stdout
+  for row, references in ((gdn, ["llama"]), (mamba2, ["llama", "mamba"])):
+    assert [r["case"] for r in row["references"]] == references
+    assert all(r["step_s"] > 0 and r["mfu_ratio"] > 0 for r in row["references"])
