@@ -38,7 +38,7 @@ run: $(STAMP)
 	  --config=experiments/lm_stdlib.py:size=tiny --workdir=$(WORKDIR) --cpu_devices=8 $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40 --junitxml=workdirs/tests.xml tests
 
 clean:
 	rm -rf workdirs
