@@ -48,26 +48,32 @@ def _unit_lower_inverse(m, base: int = 16):
   """(I + m)⁻¹ for strictly lower triangular m [..., n, n], by matmuls only (no LAPACK call, whose
   BLAS threads would compete with XLA's on CPU): the two diagonal blocks inverted (together when
   they are the same size), the lower-left block −D⁻¹ m₂₁ A⁻¹; from ``base`` down, the Neumann
-  series I − m + m² − ... summed by doubling (it is finite: m is nilpotent)."""
+  series I − m + m² − ... summed by doubling (it is finite: m is nilpotent). The leading axes
+  are flattened into one, so every matmul is [G, n, n] whatever the depth of the recursion."""
   n = m.shape[-1]
+  return _inverse_3d(m.reshape(-1, n, n), base).reshape(m.shape)
+
+
+def _inverse_3d(m_GxNxN, base: int):
+  G, n, _ = m_GxNxN.shape
   if n <= base:
-    neg = -m
-    inv, power, terms = jnp.eye(n, dtype=m.dtype) + neg, neg, 2
+    neg = -m_GxNxN
+    inv, power, terms = jnp.eye(n, dtype=neg.dtype) + neg, neg, 2
     while terms < n:
       power = power @ power
       inv = inv + inv @ power
       terms *= 2
     return inv
   h = n // 2
-  if 2 * h == n:
-    halves = _unit_lower_inverse(jnp.stack([m[..., :h, :h], m[..., h:, h:]]), base)
-    a_inv, d_inv = halves[0], halves[1]
+  a, d = m_GxNxN[:, :h, :h], m_GxNxN[:, h:, h:]
+  if 2 * h == n:  # both halves in one batch of 2G
+    both = _inverse_3d(jnp.concatenate([a, d]), base)
+    a_inv, d_inv = both[:G], both[G:]
   else:
-    a_inv, d_inv = (_unit_lower_inverse(m[..., :h, :h], base),
-                    _unit_lower_inverse(m[..., h:, h:], base))
-  lower_left = -(d_inv @ (m[..., h:, :h] @ a_inv))
+    a_inv, d_inv = _inverse_3d(a, base), _inverse_3d(d, base)
+  lower_left = -(d_inv @ (m_GxNxN[:, h:, :h] @ a_inv))
   return jnp.concatenate([
-      jnp.concatenate([a_inv, jnp.zeros(a_inv.shape[:-1] + (n - h,), m.dtype)], -1),
+      jnp.concatenate([a_inv, jnp.zeros((G, h, n - h), a_inv.dtype)], -1),
       jnp.concatenate([lower_left, d_inv], -1)], -2)
 
 

@@ -3,6 +3,10 @@ and gradients, resets, initial states), decoding = the parallel forward, packing
 parameter counts, FLOPs against XLA, and a sharded step against one device."""
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +77,41 @@ def test_chunked_gradients_equal_naive_float64(kind):
                                                                      chunk=4))))(args)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 17, 33, 48, 64, 128])
+def test_unit_lower_inverse_equals_numpy_float64(n):
+  """The delta rule's chunk solve: (I + m)⁻¹ by matmuls, through halves of equal and unequal size
+  (17 → 8 + 9, 33 → 16 + 17) down to the doubling at 16."""
+  with jax.enable_x64(True):
+    m = np.tril(np.random.default_rng(n).uniform(-1, 1, (3, 2, n, n)), -1)
+    got = jax.jit(linear_recurrence._unit_lower_inverse)(m)
+    want = np.linalg.inv(np.eye(n) + m)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+def test_long_chunks_compile_with_the_users_xla_flags():
+  """Chunks of 128 and 256 at XLA:CPU's default optimisation (the suite compiles with -O0): the
+  inverse's recursion once stacked its halves into new leading axes, and a rank-8 matmul aborted
+  the process in XLA:CPU's YNNPACK emitter."""
+  code = """
+import jax, jax.numpy as jnp, numpy as np
+from nets import linear_recurrence
+rng = np.random.default_rng(0)
+q = jnp.asarray(rng.standard_normal((2, 256, 2, 8)), jnp.float32)
+k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+g = jnp.full((2, 256, 2), -0.05, jnp.float32)
+beta = jnp.full((2, 256, 2), 0.5, jnp.float32)
+for chunk in (128, 256):
+  loss = lambda q, k: jnp.sum(linear_recurrence.chunked(q, k, q, g, beta, chunk=chunk)[0] ** 2)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, k)
+  assert all(bool(jnp.isfinite(x).all()) for x in grads)
+print("ok")
+"""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300, cwd=pathlib.Path(__file__).parents[2])
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_bad_shapes_raise_a_sentence():
