@@ -44,7 +44,29 @@ def _check(q, k, v, log_decay, beta):
     raise ValueError(f"beta {beta.shape} must be [B, S, H].")
 
 
-def _unit_lower_inverse(m, base: int = 16):
+@jax.custom_vjp
+def _unit_lower_inverse(m):
+  """(I + m)⁻¹ for strictly lower triangular m [..., n, n] (``_inverse``), differentiated in
+  closed form: with X = (I + m)⁻¹, dX = −X dm X, so m̄ = −Xᵀ X̄ Xᵀ on the strict lower triangle.
+  The backward is two matmuls and keeps only X, not the doubling's intermediates."""
+  return _inverse(m)
+
+
+def _inverse_fwd(m):
+  inv = _inverse(m)
+  return inv, inv
+
+
+def _inverse_bwd(inv, cotangent):
+  inv_t = jnp.swapaxes(inv, -1, -2)
+  strict = jnp.tril(jnp.ones(inv.shape[-2:], bool), -1)
+  return (jnp.where(strict, -(inv_t @ cotangent @ inv_t), 0).astype(inv.dtype),)
+
+
+_unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+def _inverse(m, base: int = 16):
   """(I + m)⁻¹ for strictly lower triangular m [..., n, n], by matmuls only (no LAPACK call, whose
   BLAS threads would compete with XLA's on CPU): the two diagonal blocks inverted (together when
   they are the same size), the lower-left block −D⁻¹ m₂₁ A⁻¹; from ``base`` down, the Neumann

@@ -88,6 +88,13 @@ def test_unit_lower_inverse_equals_numpy_float64(n):
     got = jax.jit(linear_recurrence._unit_lower_inverse)(m)
     want = np.linalg.inv(np.eye(n) + m)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    # Its closed-form gradient equals autodiff through the matmuls, on the strict lower triangle.
+    w = np.random.default_rng(n + 1).standard_normal(m.shape)
+    strict = np.tril(np.ones((n, n), bool), -1)
+    loss = lambda fn: lambda m: jnp.sum(jnp.sin(fn(jnp.where(strict, m, 0))) * w)
+    got = jax.jit(jax.grad(loss(linear_recurrence._unit_lower_inverse)))(m)
+    want = jax.jit(jax.grad(loss(linear_recurrence._inverse)))(m)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
 
 
 def test_long_chunks_compile_with_the_users_xla_flags():
