@@ -44,26 +44,21 @@ def _check(q, k, v, log_decay, beta):
     raise ValueError(f"beta {beta.shape} must be [B, S, H].")
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _unit_lower_inverse(m):
   """(I + m)⁻¹ for strictly lower triangular m [..., n, n] (``_inverse``), differentiated in
-  closed form: with X = (I + m)⁻¹, dX = −X dm X, so m̄ = −Xᵀ X̄ Xᵀ on the strict lower triangle.
-  The backward is two matmuls and keeps only X, not the doubling's intermediates."""
+  closed form: with X = (I + m)⁻¹, dX = −X dm X for dm on the strict lower triangle. The rule is
+  linear in dm, so reverse mode transposes it: the backward is two matmuls and keeps only X,
+  not the doubling's intermediates; forward mode (jacfwd, jvp) works as well."""
   return _inverse(m)
 
 
-def _inverse_fwd(m):
+@_unit_lower_inverse.defjvp
+def _inverse_jvp(primals, tangents):
+  (m,), (dm,) = primals, tangents
   inv = _inverse(m)
-  return inv, inv
-
-
-def _inverse_bwd(inv, cotangent):
-  inv_t = jnp.swapaxes(inv, -1, -2)
-  strict = jnp.tril(jnp.ones(inv.shape[-2:], bool), -1)
-  return (jnp.where(strict, -(inv_t @ cotangent @ inv_t), 0).astype(inv.dtype),)
-
-
-_unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+  strict = jnp.tril(jnp.ones(m.shape[-2:], bool), -1)
+  return inv, -(inv @ jnp.where(strict, dm, 0) @ inv)
 
 
 def _inverse(m, base: int = 16):
