@@ -18,6 +18,9 @@ its shard from a zero state and the shards are joined by their boundary states (
 Communication per layer and device is P·K·(K+V) numbers per head, whatever the sequence length;
 autodiff transposes the all-gather into a reduce-scatter of the same size. The price is compute:
 the shard's recurrence runs with K+V value columns instead of V.
+The short causal convolutions before the recurrence (``conv_fn``) run on the same contiguous
+shards after a halo exchange: a collective-permute of each shard's last conv_size − 1 inputs to
+the next device, also independent of the sequence length.
 Resets come from segment ids compared with the previous token outside the shard_map, so a document
 starting exactly at a shard boundary needs nothing special. The sequence stays in contiguous order
 (no zigzag), so attention layers of the same model use ``attention.make_plan(..., contiguous=True)``.
