@@ -42,15 +42,23 @@ def local_recurrence(q, k, v, log_decay, beta, *, reset_BxS, chunk):
   return linear_recurrence.chunked(q, k, v, log_decay, beta, reset_BxS=reset_BxS, chunk=chunk)[0]
 
 
+def head_conv(x_BxSxHxD, w_CxHxD, b_HxD, prev_BxC1xHxD, segment_ids_BxS=None,
+              prev_segment_ids=None):
+  """nets/ssm.py's ``causal_conv`` over [B, S, H, D] channels: (out, last C − 1 inputs)."""
+  B, S, H, D = x_BxSxHxD.shape
+  C = w_CxHxD.shape[0]
+  out, window = causal_conv(x_BxSxHxD.reshape(B, S, H * D), w_CxHxD.reshape(C, H * D),
+                            b_HxD.reshape(H * D), prev_BxC1xHxD.reshape(B, C - 1, H * D),
+                            segment_ids_BxS, prev_segment_ids)
+  return out.reshape(B, S, H, D), window.reshape(B, C - 1, H, D)
+
+
 def local_conv(x_BxSxHxD, w_CxHxD, b_HxD, segment_ids_BxS=None):
   """The default ``conv_fn``: the depthwise causal convolution of whole sequences from zeros
   (before SiLU); parallel/state_passing.py's version passes each shard the tail of the previous."""
-  B, S, H, D = x_BxSxHxD.shape
-  C = w_CxHxD.shape[0]
-  out, _ = causal_conv(x_BxSxHxD.reshape(B, S, H * D), w_CxHxD.reshape(C, H * D),
-                       b_HxD.reshape(H * D), jnp.zeros((B, C - 1, H * D), x_BxSxHxD.dtype),
-                       segment_ids_BxS)
-  return out.reshape(B, S, H, D)
+  B, _, H, D = x_BxSxHxD.shape
+  zeros = jnp.zeros((B, w_CxHxD.shape[0] - 1, H, D), x_BxSxHxD.dtype)
+  return head_conv(x_BxSxHxD, w_CxHxD, b_HxD, zeros, segment_ids_BxS)[0]
 
 
 def resets(segment_ids_BxS):
@@ -74,7 +82,7 @@ class ShortConv(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxSxHxD, segment_ids_BxS, prev_BxC1xHxD):
-    B, S, H, D = x_BxSxHxD.shape
+    _, _, H, D = x_BxSxHxD.shape
     C, pdt = self.cfg.conv_size, jnp.dtype(self.cfg.param_dtype)
     bound = C ** -0.5
     uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -85,11 +93,8 @@ class ShortConv(nn.Module):
     if prev_BxC1xHxD is None:
       out = self.conv_fn(x_BxSxHxD, w, b, segment_ids_BxS)
       return nn.with_logical_constraint(nn.silu(out), _HEADS), None
-    out, prev = causal_conv(x_BxSxHxD.reshape(B, S, H * D), w.reshape(C, H * D),
-                            b.reshape(H * D), prev_BxC1xHxD.reshape(B, C - 1, H * D),
-                            segment_ids_BxS)
-    out = nn.with_logical_constraint(nn.silu(out).reshape(B, S, H, D), _HEADS)
-    return out, prev.reshape(B, C - 1, H, D)
+    out, prev = head_conv(x_BxSxHxD, w, b, prev_BxC1xHxD, segment_ids_BxS)
+    return nn.with_logical_constraint(nn.silu(out), _HEADS), prev
 
 
 class GatedNorm(nn.Module):

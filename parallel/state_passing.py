@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from nets import linear_mixers, linear_recurrence
-from nets.ssm import causal_conv
 from parallel import sharding
 
 # Logical names of q [B, S, H, K]; v, log_decay, beta and the resets drop or keep trailing axes.
@@ -143,12 +142,10 @@ def conv_fn(plan: Plan, mesh: Mesh | None) -> Callable:
       return jnp.concatenate(parts, axis=1)[:, -(C - 1):]
 
     def body(x, w, b, *seg):
-      B, s, H, D = x.shape
+      s = x.shape[1]
       seg_l = seg[0] if seg else None
       seg_prev = None if seg_l is None else halo(seg_l, s)
-      out, _ = causal_conv(x.reshape(B, s, H * D), w.reshape(C, H * D), b.reshape(H * D),
-                           halo(x, s).reshape(B, C - 1, H * D), seg_l, prev_segment_ids=seg_prev)
-      return out.reshape(B, s, H, D)
+      return linear_mixers.head_conv(x, w, b, halo(x, s), seg_l, seg_prev)[0]
 
     return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
                          out_specs=P(batch, seq, heads, None), check_vma=False)(*args)
