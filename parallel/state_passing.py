@@ -74,6 +74,12 @@ def local(q, k, v, log_decay, beta=None, *, reset_BxS=None, chunk: int = 64):
   return linear_recurrence.chunked(q, k, v, log_decay, beta, reset_BxS=reset_BxS, chunk=chunk)[0]
 
 
+def _check_split(what: str, S: int, plan: Plan, axis) -> None:
+  if S % plan.seq:
+    raise ValueError(f"the {what}'s sequence of {S} tokens is not divisible by the "
+                     f"{plan.seq} devices of {sharding.axes_name(axis)} that split it.")
+
+
 def recurrence_fn(plan: Plan, mesh: Mesh | None) -> Callable:
   """The function nets call: fn(q, k, v, log_decay, beta, *, reset_BxS=None, chunk=64) -> o."""
   if plan.strategy == "local":
@@ -82,10 +88,7 @@ def recurrence_fn(plan: Plan, mesh: Mesh | None) -> Callable:
   axis = seq  # the mesh axis (or axes) the sequence is split over
 
   def fn(q, k, v, log_decay, beta=None, *, reset_BxS=None, chunk: int = 64):
-    S = q.shape[1]
-    if S % plan.seq:
-      raise ValueError(f"the recurrence's sequence of {S} tokens is not divisible by the "
-                       f"{plan.seq} devices of {sharding.axes_name(axis)} that split it.")
+    _check_split("recurrence", q.shape[1], plan, axis)
     specs = {3: P(batch, seq, heads), 4: P(batch, seq, heads, None)}
     args = [q, k, v, log_decay]
     in_specs = [specs[4], specs[4], specs[4], specs[log_decay.ndim]]
@@ -121,11 +124,10 @@ def conv_fn(plan: Plan, mesh: Mesh | None) -> Callable:
   if plan.strategy == "local":
     return linear_mixers.local_conv
   batch, seq, heads = sharding.spec(NAMES, plan.rules)
+
   def fn(x_BxSxHxD, w_CxHxD, b_HxD, segment_ids_BxS=None):
-    S, C = x_BxSxHxD.shape[1], w_CxHxD.shape[0]
-    if S % plan.seq:
-      raise ValueError(f"the convolution's sequence of {S} tokens is not divisible by the "
-                       f"{plan.seq} devices of {sharding.axes_name(seq)} that split it.")
+    C = w_CxHxD.shape[0]
+    _check_split("convolution", x_BxSxHxD.shape[1], plan, seq)
     args = [x_BxSxHxD, w_CxHxD, b_HxD]
     in_specs = [P(batch, seq, heads, None), P(None, heads, None), P(heads, None)]
     if segment_ids_BxS is not None:
