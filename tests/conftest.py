@@ -23,6 +23,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "ODYSSEY_CACHE" not in os.environ:
   import tempfile
   os.environ["ODYSSEY_CACHE"] = tempfile.mkdtemp(prefix="odyssey-test-cache-")
+# One persistent XLA compilation cache for the whole run, shared by both pytest workers and every
+# subprocess they start (set here, in the controller, before the workers spawn): the suite compiles
+# the same programs many times (a run and its resume, make run and generate on its workdir, each
+# process of a multi-process job), and a cache hit skips the compile. Programs and results are
+# unchanged; XLA flags are part of the key, so the user tier's flags still get their own compiles.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="odyssey-test-xla-cache-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402,F401  (adds parallel/xla_flags.py's CPU_FLAGS before JAX starts)
 
