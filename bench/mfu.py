@@ -8,11 +8,10 @@ two warm-up steps), the matmul peak (the best rate of large square matmuls, samp
 rounds and after) and MFU = model FLOP/s / peak. For the Llama also, timed round-robin with
 odyssey's step: a plain-JAX baseline of the same shapes and other attention settings; on CPU a
 per-op-kind profile of one step, and every matmul of the step timed alone (the matmul-only
-ceiling). For Gated DeltaNet and Mamba-2, timed round-robin with the step: other chunk lengths,
-(Gated DeltaNet) BLAS limited to one thread (a control: no LAPACK call is left in the step), and
-the steps of the cases their MFU targets compare them with (the Expectations table); on CPU the
-profile of the step and of its one-BLAS-thread variant. Writes mfu.{json,md,png}; docs/performance.md explains
-the figures. --quick only shows every figure is produced.
+ceiling). For Gated DeltaNet and Mamba-2, timed round-robin with the step: other chunk lengths
+and the steps of the cases their MFU targets compare them with (the Expectations table); on CPU
+the profile of the step. Writes mfu.{json,md,png}; docs/performance.md explains the figures.
+--quick only shows every figure is produced.
 """
 
 import collections
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import threadpoolctl
 
 from bench import harness
 from configs import diffusion, lm, vit
@@ -128,44 +126,18 @@ LLAMA_VARIANTS_QUICK = {"blockwise, block 32": dict(attention="blockwise", block
 
 
 # The linear-recurrent steps with other settings, timed round-robin with the default one: other
-# chunk lengths and, for Gated DeltaNet, BLAS limited to one thread while the step runs: a control
-# that the delta rule's chunk solve (matmuls since the LAPACK triangular solve was dropped) no
-# longer runs BLAS threads that compete with XLA's thread pool for the same cores.
+# chunk lengths.
 LINEAR_VARIANTS = {
-    "gated_deltanet": {"chunk 32": dict(chunk=32), "chunk 128": dict(chunk=128),
-                       "one BLAS thread": dict(blas_threads=1)},
+    "gated_deltanet": {"chunk 32": dict(chunk=32), "chunk 128": dict(chunk=128)},
     "mamba2": {"chunk 32": dict(chunk=32), "chunk 128": dict(chunk=128)}}
-LINEAR_VARIANTS_QUICK = {"gated_deltanet": {"one BLAS thread": dict(blas_threads=1)},
-                         "mamba2": {}}
+LINEAR_VARIANTS_QUICK = {"gated_deltanet": {"chunk 32": dict(chunk=32)}, "mamba2": {}}
 
 
-def blas_threads() -> int | None:
-  """The most threads any loaded BLAS library (OpenBLAS under NumPy, SciPy, LAPACK) uses now."""
-  return max((lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-              if lib["user_api"] == "blas"), default=None)
-
-
-def limited(call, threads: int | None):
-  """``call`` run with the BLAS libraries limited to ``threads`` (as it is, for None)."""
-  if threads is None:
-    return call
-
-  def run():
-    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-      call()
-  return run
-
-
-def time_round_robin(runs: dict, batch, steps_timed: int, between=None,
-                     threads: dict | None = None) -> dict:
+def time_round_robin(runs: dict, batch, steps_timed: int, between=None) -> dict:
   """name: (median seconds, step times, state) of each ``name: (step, state)``, timed one step
-  of each in turn after two warm-up steps each; ``between()`` runs after every round. A name in
-  ``threads`` runs with BLAS limited to that many threads."""
+  of each in turn after two warm-up steps each; ``between()`` runs after every round."""
   calls = {name: harness.stepper(step, state, batch) for name, (step, state) in runs.items()}
-  threads = threads or {}
-  times = harness.round_robin({name: limited(call, threads.get(name))
-                               for name, call in calls.items()},
-                              steps_timed, warmup=2, rotate=True, between=between)
+  times = harness.round_robin(calls, steps_timed, warmup=2, rotate=True, between=between)
   return {name: (statistics.median(t), t, calls[name].state) for name, t in times.items()}
 
 
@@ -536,22 +508,20 @@ def run_llama(quick: bool, steps_timed: int, profile_dir: str, between=None) -> 
 
 def run_linear(name: str, quick: bool, steps_timed: int, profile_dir: str, between=None,
                references: list[str] = ()) -> dict:
-  """A linear-recurrent step, round-robin with its variants (other chunk lengths, one BLAS
-  thread) and with the ``references`` its targets compare it with (their steps again, so that
-  the ratio of MFUs is paired round by round: cases timed one after the other see different
-  loads from other processes); on CPU the profiles of the step and of its first one-BLAS-thread
-  variant."""
+  """A linear-recurrent step, round-robin with its variants (other chunk lengths) and with the
+  ``references`` its targets compare it with (their steps again, so that the ratio of MFUs is
+  paired round by round: cases timed one after the other see different loads from other
+  processes); on CPU the profile of the step."""
   config = CASES[name](quick)
   step_flops = flops.model_flops_per_step(config)
   compiled, state, batch, plan = case_step(name, quick)
-  runs, threads, variants = {"default": (compiled, state)}, {}, []
+  runs, variants = {"default": (compiled, state)}, []
   for variant, overrides in (LINEAR_VARIANTS_QUICK if quick else LINEAR_VARIANTS)[name].items():
     variant_config = CASES[name](quick)
     variant_config.model.chunk = overrides.get("chunk", config.model.chunk)
     variant_step, variant_state, _, _ = case_step(name, quick, overrides.get("chunk"))
-    runs[variant], threads[variant] = (variant_step, variant_state), overrides.get("blas_threads")
+    runs[variant] = (variant_step, variant_state)
     variants.append({"variant": variant, "chunk": variant_config.model.chunk,
-                     "blas_threads": threads[variant],
                      "model_flops_per_step": flops.model_flops_per_step(variant_config).model})
   refs = []
   for ref in references:  # the same batch shapes: B x S tokens
@@ -559,7 +529,7 @@ def run_linear(name: str, quick: bool, steps_timed: int, profile_dir: str, betwe
     ref_step, ref_state, _, _ = case_step(ref, quick)
     runs[f"reference: {ref}"] = (ref_step, ref_state)
     refs.append({"case": ref, "model_flops_per_step": flops.model_flops_per_step(ref_config).model})
-  timed = time_round_robin(runs, batch, steps_timed, between, threads)
+  timed = time_round_robin(runs, batch, steps_timed, between)
   median, times, state = timed["default"]
   for v in variants:
     v.update(step_s=timed[v["variant"]][0], step_times_s=timed[v["variant"]][1],
@@ -573,18 +543,11 @@ def run_linear(name: str, quick: bool, steps_timed: int, profile_dir: str, betwe
   row = {"case": name, "dtype": config.model.dtype, "model_flops_per_step": step_flops.model,
          "executed_flops_per_step": step_flops.executed,
          f"{step_flops.unit}_per_step": step_flops.units, "attention": plan.describe(),
-         "chunk": config.model.chunk, "blas_threads": blas_threads(), "step_s": median,
+         "chunk": config.model.chunk, "step_s": median,
          "step_times_s": times, "model_flops_per_s": step_flops.model / median,
          "variants": variants, "references": refs}
   if jax.devices()[0].platform == "cpu":
     row["profile"] = profile(compiled, state, batch, tempfile.mkdtemp(dir=profile_dir))
-    one = [v for v in variants if v["blas_threads"]][:1]
-    if one:
-      step, variant_state = runs[one[0]["variant"]][0], timed[one[0]["variant"]][2]
-      with threadpoolctl.threadpool_limits(limits=one[0]["blas_threads"], user_api="blas"):
-        row["variant_profile"] = dict(profile(step, variant_state, batch,
-                                              tempfile.mkdtemp(dir=profile_dir)),
-                                      variant=one[0]["variant"])
   return row
 
 
@@ -680,16 +643,14 @@ def _variants(r: dict) -> list[str]:
 
 
 def _linear_variants(r: dict) -> list[str]:
-  threads = lambda n: "library default" if n is None else n
-  rows = [[f"default (chunk {r['chunk']})", r["chunk"], threads(None), f"{r['step_s']:.3f}",
-           f"{r['mfu']:.3f}", "1.00x"]]
-  rows += [[v["variant"], v["chunk"], threads(v["blas_threads"]), f"{v['step_s']:.3f}",
-            f"{v['mfu']:.3f}", f"{v['speed_vs_default']:.2f}x"] for v in r["variants"]]
-  out = ["", f"The {r['case']} step with other settings, timed round-robin (BLAS threads by "
-         f"default: {threads(r['blas_threads'])}; speed: median over rounds of default time / "
-         "variant time; each MFU against the FLOPs its chunk length counts):", "",
-         harness.table(["variant", "chunk", "BLAS threads", "step (s)", "MFU",
-                        "speed vs default"], rows)]
+  rows = [[f"default (chunk {r['chunk']})", r["chunk"], f"{r['step_s']:.3f}", f"{r['mfu']:.3f}",
+           "1.00x"]]
+  rows += [[v["variant"], v["chunk"], f"{v['step_s']:.3f}", f"{v['mfu']:.3f}",
+            f"{v['speed_vs_default']:.2f}x"] for v in r["variants"]]
+  out = ["", f"The {r['case']} step with other chunk lengths, timed round-robin (speed: median "
+         "over rounds of default time / variant time; each MFU against the FLOPs its chunk "
+         "length counts):", "",
+         harness.table(["variant", "chunk", "step (s)", "MFU", "speed vs default"], rows)]
   if r.get("references"):
     rows = [[ref["case"], f"{ref['step_s']:.3f}", f"{ref['mfu']:.3f}",
              f"{ref['mfu_ratio']:.2f}"] for ref in r["references"]]
@@ -702,8 +663,6 @@ def _linear_variants(r: dict) -> list[str]:
 
 def _linear_profiles(r: dict) -> list[str]:
   profiles = [("default", r["profile"])]
-  if "variant_profile" in r:
-    profiles.append((r["variant_profile"]["variant"], r["variant_profile"]))
   rows = [[k] + [f"{p['kinds'][k]:.1%} ({p['kinds_s'][k]:.2f} s)" for _, p in profiles]
           for k in KINDS]
   rows += [["op time / traced step wall time"] + [f"{p['thread_s']:.2f} s / "
@@ -808,7 +767,7 @@ def plot(doc: dict, plt):
       ax.bar([i + 0.3], [r["baseline_mfu"]], width=0.3, color="tab:gray", label="plain-JAX baseline")
     if "ceiling" not in r and r.get("variants"):
       ax.plot([i + 0.25] * len(r["variants"]), [v["mfu"] for v in r["variants"]], "o",
-              color="tab:orange", markersize=3, label="variants (chunk, BLAS threads)")
+              color="tab:orange", markersize=3, label="other chunk lengths")
     if "ceiling" in r:
       ax.hlines(r["ceiling"]["ceiling_mfu"], i - 0.4, i + 0.45, color="tab:red",
                 label="matmul-only ceiling (Llama)")

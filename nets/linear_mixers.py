@@ -191,9 +191,7 @@ class GatedDeltaNet(nn.Module):
     g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(
         a.astype(jnp.float32) + dt_bias.astype(jnp.float32))
     beta = jax.nn.sigmoid(b.astype(jnp.float32))
-    q, k = _l2norm(q) * K ** -0.5, _l2norm(k)
-    if H != N:  # value heads h share key head h // (H/N)
-      q, k = (jnp.repeat(x, H // N, axis=2) for x in (q, k))
+    q, k = _l2norm(q) * K ** -0.5, _l2norm(k)  # value head h reads key head h // (H/N)
     o, state = _recur(self, q, k, v, g, beta, segment_ids_BxS, cache)
     o = GatedNorm(cfg, groups=H, name="norm")(nn.with_logical_constraint(o, _HEADS), z)
     out = Proj(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), 2, name="out")(o)
@@ -262,9 +260,8 @@ class Mamba2(nn.Module):
     d = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("heads",)), (H,), pdt)
     dt = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias.astype(jnp.float32))  # [B, S, H]
     log_decay = dt * -jnp.exp(a_log.astype(jnp.float32))
-    q, k = (jnp.repeat(t, H // G, axis=2) for t in (Cm, Bm))  # head h reads group h // (H/G)
-    xf = x.astype(jnp.float32)
-    y, state = _recur(self, q, k, xf * dt[..., None], log_decay, None, segment_ids_BxS, cache)
+    xf = x.astype(jnp.float32)  # q = C, k = B: head h reads group h // (H/G)
+    y, state = _recur(self, Cm, Bm, xf * dt[..., None], log_decay, None, segment_ids_BxS, cache)
     y = y + xf * d.astype(jnp.float32)[:, None]
     y = GatedNorm(cfg, gate_first=True, groups=G, per_channel=True, name="norm")(
         nn.with_logical_constraint(y, _HEADS), z)

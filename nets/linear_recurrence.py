@@ -19,8 +19,14 @@ Forms:
                factor exceeds 1. The delta rule's chunk uses the WY/UT representation: a unit lower
                triangular solve (I + M) [U | W] = [β V | βγ K] per chunk, M_ts = β_t k_t·k_s
                γ_t/γ_s for s < t, done as (I + M)⁻¹ by matmuls, then one product.
+               With a scalar decay and no β (Mamba-2's SSD, or scalar-gated linear attention),
+               q and k may have fewer heads than v (G groups of H/G consecutive value heads share
+               one q, k: Mamba-2's B and C groups): q·kᵀ is computed once per group, and the state
+               a chunk adds, kᵀ(decay ⊙ v), and the outputs read from the state, q S, are one
+               product per group with all of its heads' value columns side by side.
 All three run in float32 (float64 when given float64, for the tests' references).
-Extra legend: K key width (state rows), V value width (state columns), C chunk length, n chunks.
+Extra legend: K key width (state rows), V value width (state columns), C chunk length, n chunks,
+G key heads (groups), r = H/G value heads per group.
 """
 
 import jax
@@ -33,9 +39,11 @@ def _float(*xs):
 
 
 def _check(q, k, v, log_decay, beta):
-  B, S, H, K = q.shape
-  if k.shape != q.shape or v.shape[:3] != (B, S, H):
-    raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} must be [B, S, H, K|V] alike.")
+  B, S, G, K = q.shape
+  H = v.shape[2]
+  if k.shape != q.shape or v.shape[:2] != (B, S) or H % G:
+    raise ValueError(f"q {q.shape}, k {k.shape} and v {v.shape} must be [B, S, G|H, K|V] alike, "
+                     "with the key heads G dividing the value heads H.")
   if log_decay.shape not in ((B, S, H), (B, S, H, K)):
     raise ValueError(f"log_decay {log_decay.shape} must be [B, S, H] or [B, S, H, K].")
   if beta is not None and log_decay.ndim == 4:
@@ -106,7 +114,9 @@ def unit_lower_inverse_flops(n: int, base: int = 16) -> int:
 
 
 def step(q_BxHxK, k_BxHxK, v_BxHxV, log_decay, beta_BxH, state_BxHxKxV):
-  """One token: (o [B, H, V], new state). ``log_decay`` is [B, H] or [B, H, K]."""
+  """One token: (o [B, H, V], new state). ``log_decay`` is [B, H] or [B, H, K]; q and k may have
+  G heads dividing H (each shared by H/G consecutive heads)."""
+  q_BxHxK, k_BxHxK = _per_head(v_BxHxV.shape[1], q_BxHxK, k_BxHxK)
   a = jnp.exp(log_decay)
   a = a[..., None, None] if a.ndim == 2 else a[..., None]
   state = a * state_BxHxKxV
@@ -124,6 +134,7 @@ def naive(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
   _check(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH)
   q, k, v, g, beta, s0 = _float(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH,
                                 initial_state)
+  q, k = _per_head(v.shape[2], q, k)
   B, S, H, K = q.shape
   if s0 is None:
     s0 = jnp.zeros((B, H, K, v.shape[-1]), q.dtype)
@@ -137,6 +148,11 @@ def naive(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
 
   state, o = jax.lax.scan(body, s0, tuple(map(t_first, (q, k, v, g, beta, keep))))
   return jnp.moveaxis(o, 0, 1), state
+
+
+def _per_head(H: int, *xs):
+  """[..., G, K] -> [..., H, K]: head h reads group h // (H/G)."""
+  return [x if x.shape[-2] == H else jnp.repeat(x, H // x.shape[-2], axis=-2) for x in xs]
 
 
 def _chunks(x, n: int, C: int):
@@ -156,12 +172,15 @@ def chunked(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
   _check(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH)
   q, k, v, g, beta, s0 = _float(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH,
                                 initial_state)
-  B, S, H, K = q.shape
-  Vd = v.shape[-1]
+  B, S, _, K = q.shape
+  H, Vd = v.shape[2:]
   C = max(1, min(chunk, S))
   n = -(-S // C)
   if s0 is None:
     s0 = jnp.zeros((B, H, K, Vd), q.dtype)
+  if beta is None and g.ndim == 3:
+    return _scalar_decay_chunked(q, k, v, g, s0, reset_BxS, n, C)
+  q, k = _per_head(H, q, k)
   q, k, v, g = (_chunks(x, n, C) for x in (q, k, v, g))  # [B, H, n, C, ...]
   per_key = g.ndim == 5
   # resets_t: resets at in-chunk positions <= t. s's contribution reaches t (s <= t) only when no
@@ -229,3 +248,51 @@ def chunked(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
          + jnp.einsum("bhntk,bhnkv->bhntv", q_in, states))
   o = jnp.moveaxis(o, 1, 3).reshape(B, n * C, H, Vd)[:, :S]
   return o, final
+
+
+def _scalar_decay_chunked(q, k, v, g, s0, reset_BxS, n: int, C: int):
+  """``chunked`` for a scalar decay per head and no β (SSD), in the sequence's own layout
+  [B, n, C, heads, ...] with q, k per group: q·kᵀ once per group; the state a chunk adds and the
+  outputs read from the entering state as one product per group over all its heads' value
+  columns (K x C by C x rV, C x K by K x rV); only the in-chunk scores times the values are per
+  head (C x C by C x V)."""
+  B, S, G, K = q.shape
+  H, Vd = v.shape[2:]
+  r = H // G
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, n * C - S)] + [(0, 0)] * (x.ndim - 2)).reshape(
+      (B, n, C) + x.shape[2:])
+  q, k, v, g = pad(q), pad(k), pad(v), pad(g)  # [B, n, C, G|H, ...]
+  reset = (jnp.zeros((B, S), jnp.int32) if reset_BxS is None else reset_BxS.astype(jnp.int32))
+  resets = jnp.cumsum(pad(reset), axis=-1)  # [B, n, C]: resets at in-chunk positions <= t
+  linked = (jnp.tril(jnp.ones((C, C), bool))
+            & (resets[..., :, None] == resets[..., None, :]))  # [B, n, C(t), C(s)]
+  from_start = resets == 0  # [B, n, C]: the entering state reaches t
+  G_cum = jnp.cumsum(g, axis=2)  # [B, n, C, H]
+  G_end = G_cum[:, :, -1]  # [B, n, H]
+  neg_inf = jnp.asarray(-jnp.inf, q.dtype)
+  # In-chunk: scores_ts = (q_t·k_s) exp(G_t − G_s) on linked (t, s), per head.
+  qk = jnp.einsum("bntgk,bnsgk->bngts", q, k)  # [B, n, G, C, C]
+  G_ht = jnp.moveaxis(G_cum, 3, 2).reshape(B, n, G, r, C)
+  decay = jnp.exp(jnp.where(linked[:, :, None, None], G_ht[..., :, None] - G_ht[..., None, :],
+                            neg_inf))  # [B, n, G, r, C, C]
+  v_g = v.reshape(B, n, C, G, r, Vd)
+  o = jnp.einsum("bngrts,bnsgrv->bntgrv", qk[:, :, :, None] * decay, v_g)
+  # Across chunks: the state entering chunk j, S_j = chunk_decay_{j-1} S_{j-1} + kᵀ(w ⊙ v) of
+  # chunk j − 1, with w_s = exp(G_end − G_s) where s reaches the chunk's end.
+  to_end = linked[:, :, -1, :]  # [B, n, C]
+  w = jnp.exp(jnp.where(to_end[..., None], G_end[:, :, None] - G_cum, neg_inf))  # [B, n, C, H]
+  delta = jnp.einsum("bnsgk,bnsgrv->bngkrv", k, v_g * w.reshape(B, n, C, G, r, 1))
+  chunk_decay = (jnp.exp(G_end) * from_start[:, :, -1:]).reshape(B, n, G, 1, r, 1)
+
+  def carry(state, xs):
+    decay_j, delta_j = xs
+    return decay_j * state + delta_j, state
+
+  s0 = jnp.swapaxes(s0.reshape(B, G, r, K, Vd), 2, 3)  # [B, G, K, r, V]
+  final, states = jax.lax.scan(carry, s0, (jnp.moveaxis(chunk_decay, 1, 0),
+                                            jnp.moveaxis(delta, 1, 0)))
+  states = jnp.moveaxis(states, 0, 1)  # [B, n, G, K, r, V]
+  gamma = (jnp.exp(G_cum) * from_start[..., None]).reshape(B, n, C, G, r, 1)
+  o = o + jnp.einsum("bntgk,bngkrv->bntgrv", q, states) * gamma
+  o = o.reshape(B, n * C, H, Vd)[:, :S]
+  return o, jnp.swapaxes(final, 2, 3).reshape(B, H, K, Vd)

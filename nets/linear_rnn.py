@@ -170,7 +170,8 @@ def mixer_flops(cfg: Config, seq_len: int, executed: bool = False) -> float:
   solve's c·(V+K) multiply-adds over half the square, executed the matmuls that invert the
   C x C matrix (``unit_lower_inverse_flops`` / c) and its full product with [βV | βγK]
   (2c·(V+K)). GLA's per-channel decays weigh the scores inside the chunk: a difference, an
-  exponential and a product per (t, s, key channel), 3cK.
+  exponential and a product per (t, s, key channel), 3cK. Mamba-2's q·kᵀ (C·Bᵀ) is computed once
+  per group, not per head (nets/linear_recurrence.py's grouped SSD).
   """
   E, N, H, K, V, C = (cfg.d_model, cfg.key_heads, cfg.linear_heads, cfg.linear_k_dim,
                       cfg.linear_v_dim, cfg.conv_size)
@@ -186,6 +187,7 @@ def mixer_flops(cfg: Config, seq_len: int, executed: bool = False) -> float:
   elif cfg.mixer == "mamba2":
     proj = 2 * E * (2 * H * V + 2 * N * K + H)
     conv = 2 * C * (H * V + 2 * N * K)
+    return proj + conv + H * (core - 2 * c * K) + N * 2 * c * K + 2 * H * V * E
   else:
     proj = 2 * E * (2 * H * K + 2 * H * V + cfg.gate_rank) + 2 * cfg.gate_rank * H * K
     conv = 2 * C * (2 * H * K + H * V)

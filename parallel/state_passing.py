@@ -36,7 +36,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from nets import linear_mixers, linear_recurrence
 from parallel import sharding
 
-# Logical names of q [B, S, H, K]; v, log_decay, beta and the resets drop or keep trailing axes.
+# Logical names of q [B, S, H|G, K]; v, log_decay, beta and the resets drop or keep trailing axes
+# (q and k's G groups split over the heads axes like v's H heads: the config checks both divide).
 # The key and value widths are never split: the state update needs whole rows and columns.
 NAMES = ("act_batch", "act_seq", "act_heads")
 
@@ -157,8 +158,8 @@ def conv_fn(plan: Plan, mesh: Mesh | None) -> Callable:
 
 def _per_device(q, k, v, log_decay, beta, reset_BxS, *, chunk: int, axis_name):
   """This device's outputs given its contiguous shard (inside shard_map over ``axis_name``)."""
-  B, _, H, K = q.shape
-  Vd = v.shape[-1]
+  B, _, _, K = q.shape  # q and k may have fewer heads (groups) than v
+  H, Vd = v.shape[2:]
   dtype = jnp.promote_types(v.dtype, jnp.float32)
   v_aug = jnp.concatenate([v.astype(dtype), jnp.zeros(v.shape[:3] + (K,), dtype)], axis=-1)
   start_KxW = jnp.concatenate([jnp.zeros((K, Vd), dtype), jnp.eye(K, dtype=dtype)], axis=-1)
