@@ -79,6 +79,33 @@ def test_chunked_gradients_equal_naive_float64(kind):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_grouped_keys_equal_keys_repeated_per_head_float64(kind):
+  """q and k with G = 2 heads for v's H = 4 (Mamba-2's B/C groups, GDN's key heads): chunked
+  (SSD computes per group) equals naive on q, k repeated to every head, forward and gradients
+  (the grouped q, k receive the sum of their heads' gradients)."""
+  with jax.enable_x64(True):
+    q, k, v, g, beta, s0, reset = recurrence_inputs(kind, S=19, H=4)
+    q, k = q[:, :, ::2], k[:, :, ::2]  # [B, S, 2, K]
+    w = np.random.default_rng(2).standard_normal(v.shape)
+
+    def loss(fn, repeat, args):
+      q, k, v, g, beta, s0 = args
+      if repeat:
+        q, k = jnp.repeat(q, 2, axis=2), jnp.repeat(k, 2, axis=2)
+      o, s = fn(q, k, v, g, beta, initial_state=s0, reset_BxS=reset)
+      return jnp.sum(jnp.sin(o) * w) + jnp.sum(s ** 2), (o, s)
+
+    args = (q, k, v, g, beta, s0)
+    want = jax.jit(jax.grad(functools.partial(loss, linear_recurrence.naive, True),
+                            has_aux=True))(args)
+    for chunk in (4, 8):
+      got = jax.jit(jax.grad(functools.partial(loss, functools.partial(
+          linear_recurrence.chunked, chunk=chunk), False), has_aux=True))(args)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10, err_msg=f"chunk {chunk}")
+
+
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 17, 33, 48, 64, 128])
 def test_unit_lower_inverse_equals_numpy_float64(n):
   """The delta rule's chunk solve: (I + m)⁻¹ by matmuls, through halves of equal and unequal size
@@ -127,6 +154,8 @@ def test_bad_shapes_raise_a_sentence():
     linear_recurrence.chunked(q, q, q, jnp.zeros((1, 4, 2, 3)), jnp.zeros((1, 4, 2)))
   with pytest.raises(ValueError, match=r"log_decay \(1, 4, 3\) must be"):
     linear_recurrence.chunked(q, q, q, jnp.zeros((1, 4, 3)))
+  with pytest.raises(ValueError, match="key heads G dividing the value heads H"):
+    linear_recurrence.chunked(q, q, jnp.zeros((1, 4, 3, 3)), jnp.zeros((1, 4, 3)))
 
 
 # --- the family --------------------------------------------------------------------------------
