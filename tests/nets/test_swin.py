@@ -1,0 +1,82 @@
+"""nets/swin.py's window geometry: partition/reverse, the relative position index, the cyclic
+shift's regions, and (shifted-)window attention against dense attention over the whole map with
+the equivalent mask and bias, computed in float64 by a loop written from the paper's definition."""
+
+import jax
+import numpy as np
+import pytest
+
+from nets import swin
+
+
+def test_partition_and_reverse_are_inverse_and_row_major():
+  x = np.arange(2 * 8 * 12 * 3).reshape(2, 8, 12, 3)
+  w = np.asarray(swin.window_partition(x, 4))
+  assert w.shape == (2 * 2 * 3, 16, 3)
+  np.testing.assert_array_equal(w[1], x[0, 0:4, 4:8].reshape(16, 3))  # window (0, 1)
+  np.testing.assert_array_equal(w[3], x[0, 4:8, 0:4].reshape(16, 3))  # window (1, 0)
+  np.testing.assert_array_equal(swin.window_reverse(w, 4, 8, 12), x)
+
+
+def test_relative_position_index_matches_the_offsets():
+  M = 3
+  idx = swin.relative_position_index(M)
+  for i in range(M * M):
+    for j in range(M * M):
+      dy, dx = i // M - j // M, i % M - j % M
+      assert idx[i, j] == (dy + M - 1) * (2 * M - 1) + dx + M - 1
+  assert idx.min() == 0 and idx.max() == (2 * M - 1) ** 2 - 1
+
+
+def _reference(q, k, v, table, M, shift):
+  """Dense attention over all H·W tokens of each image: token a attends to b iff, on the map
+  rolled by −shift, they share a window and (for shift > 0) the region of Swin's image mask."""
+  B, H, W, Hh, D = q.shape
+  regions = np.zeros((H, W), int)
+  if shift:
+    cnt = 0
+    for hs in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+      for ws in (slice(0, -M), slice(-M, -shift), slice(-shift, None)):
+        regions[hs, ws] = cnt
+        cnt += 1
+  pos = [(y, x) for y in range(H) for x in range(W)]
+  rolled = [((y - shift) % H, (x - shift) % W) for y, x in pos]
+  out = np.zeros_like(q)
+  for b in range(B):
+    qs, ks, vs = (t[b].reshape(H * W, Hh, D) for t in (q, k, v))
+    for a, (ya, xa) in enumerate(rolled):
+      keys = [c for c, (yc, xc) in enumerate(rolled)
+              if (ya // M, xa // M) == (yc // M, xc // M) and regions[ya, xa] == regions[yc, xc]]
+      for h in range(Hh):
+        logits = np.array([qs[a, h] @ ks[c, h] / np.sqrt(D)
+                           + table[(ya % M - rolled[c][0] % M + M - 1) * (2 * M - 1)
+                                   + xa % M - rolled[c][1] % M + M - 1, h] for c in keys])
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        out[b, pos[a][0], pos[a][1], h] = p @ vs[keys, h]
+  return out
+
+
+@pytest.mark.parametrize("H,W,M,shift", [(8, 8, 4, 0), (8, 8, 4, 2), (8, 12, 4, 2), (6, 6, 3, 1)])
+def test_shifted_window_attention_equals_dense_attention_with_the_mask(H, W, M, shift):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(H * W + shift)
+    q, k, v = rng.standard_normal((3, 2, H, W, 2, 4))
+    table = rng.standard_normal(((2 * M - 1) ** 2, 2))
+    got = jax.jit(swin.shifted_window_attention, static_argnums=(4, 5))(q, k, v, table, M, shift)
+    np.testing.assert_allclose(got, _reference(q, k, v, table, M, shift), rtol=1e-10, atol=1e-12)
+
+
+def test_the_shift_mask_matters():
+  """Negative control: without the region mask the shifted attention differs from the reference."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 1, 8, 8, 1, 4))
+    table = np.zeros((49, 1))
+    bias = table[swin.relative_position_index(4)].transpose(2, 0, 1)
+    part = lambda x: swin.window_partition(np.roll(x, (-2, -2), (1, 2)).reshape(1, 8, 8, 4),
+                                           4).reshape(-1, 16, 1, 4)
+    o = swin.window_attention(part(q), part(k), part(v), bias)
+    o = np.roll(swin.window_reverse(o.reshape(-1, 16, 4), 4, 8, 8).reshape(1, 8, 8, 1, 4),
+                (2, 2), (1, 2))
+    assert np.abs(o - _reference(q, k, v, table, 4, 2)).max() > 1e-3
