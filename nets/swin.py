@@ -87,3 +87,117 @@ def shifted_window_attention(q, k, v, bias_table, M: int, shift: int):
   o = window_attention(part(q), part(k), part(v), bias, regions)
   o = window_reverse(o.reshape(-1, M * M, Hh * D), M, H, W).reshape(B, H, W, Hh, D)
   return roll(o, shift)
+
+
+# --- the model (work in progress: not yet a registered family) ----------------------------------
+
+import dataclasses  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+
+from nets.layers import Dense, LayerNorm, Mlp, patchify  # noqa: E402
+
+# embed_dim, depths, heads per stage: the paper's Table 7 (window 7, patch 4, at 224).
+VARIANTS = {"T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+            "S": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+            "B": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+            "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  image_size: int = 224
+  channels: int = 3
+  num_classes: int = 1000
+  patch_size: int = 4
+  window_size: int = 7
+  embed_dim: int = 96
+  depths: tuple = (2, 2, 6, 2)
+  num_heads: tuple = (3, 6, 12, 24)
+  mlp_ratio: int = 4
+  norm_eps: float = 1e-5
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def stage(self, i: int):
+    """(width, map side, window, shift of odd blocks) of stage i: a map no larger than the window
+    gets one window and no shift (as the reference implementation does)."""
+    side = self.image_size // self.patch_size // 2 ** i
+    M = min(self.window_size, side)
+    return self.embed_dim * 2 ** i, side, M, (0 if side <= self.window_size else M // 2)
+
+
+def num_params(cfg: Config) -> int:
+  C, P = cfg.embed_dim, cfg.patch_size
+  total = P * P * cfg.channels * C + C + 2 * C  # patch embedding and its norm
+  for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+    c, _, M, _ = cfg.stage(i)
+    m = cfg.mlp_ratio * c
+    block = 4 * c + (3 * c * c + 3 * c) + (2 * M - 1) ** 2 * heads + (c * c + c) \
+        + (c * m + m) + (m * c + c)
+    total += depth * block
+    if i < len(cfg.depths) - 1:
+      total += 2 * 4 * c + 4 * c * 2 * c  # patch merging: norm, reduction without bias
+  c = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
+  return total + 2 * c + c * cfg.num_classes + cfg.num_classes
+
+
+class SwinBlock(nn.Module):
+  cfg: Config
+  heads: int
+  window: int
+  shift: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    cfg, M = self.cfg, self.window
+    B, H, W, C = x_BxHxWxC.shape
+    D = C // self.heads
+    h = LayerNorm(cfg, eps=cfg.norm_eps, name="norm1")(x_BxHxWxC)
+    qkv = Dense(cfg, (3, self.heads, D), ("embed", None, "heads", "head_dim"), name="qkv")(h)
+    table = self.param("relative_position_bias_table", nn.with_logical_partitioning(
+        nn.initializers.truncated_normal(0.02), (None, "heads")), ((2 * M - 1) ** 2, self.heads),
+        jnp.dtype(cfg.param_dtype))
+    o = shifted_window_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
+                                 table, M, self.shift)
+    x_BxHxWxC = x_BxHxWxC + Dense(cfg, (C,), ("heads", "head_dim", "embed"), n_in=2,
+                                  name="proj")(o)
+    h = LayerNorm(cfg, eps=cfg.norm_eps, name="norm2")(x_BxHxWxC)
+    return x_BxHxWxC + Mlp(cfg, cfg.mlp_ratio * C, False, name="mlp")(h)
+
+
+class PatchMerging(nn.Module):
+  """2 x 2 neighbours concatenated (order (0,0), (1,0), (0,1), (1,1)), LayerNorm, 4C -> 2C."""
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    C = x_BxHxWxC.shape[-1]
+    x = jnp.concatenate([x_BxHxWxC[:, 0::2, 0::2], x_BxHxWxC[:, 1::2, 0::2],
+                         x_BxHxWxC[:, 0::2, 1::2], x_BxHxWxC[:, 1::2, 1::2]], axis=-1)
+    x = LayerNorm(self.cfg, eps=self.cfg.norm_eps, name="norm")(x)
+    return Dense(self.cfg, (2 * C,), ("mlp", "embed"), use_bias=False, name="reduction")(x)
+
+
+class Model(nn.Module):
+  """Swin classifier: images [B, H, W, C] -> logits [B, num_classes] float32."""
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, images_BxHxWxC, train: bool = False):
+    cfg = self.cfg
+    B = images_BxHxWxC.shape[0]
+    g = cfg.image_size // cfg.patch_size
+    x = Dense(cfg, (cfg.embed_dim,), ("patch", "embed"), name="patch_embed")(
+        patchify(images_BxHxWxC, cfg.patch_size)).reshape(B, g, g, cfg.embed_dim)
+    x = LayerNorm(cfg, eps=cfg.norm_eps, name="patch_norm")(x)
+    for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+      _, _, M, shift = cfg.stage(i)
+      for j in range(depth):
+        x = SwinBlock(cfg, heads, M, shift if j % 2 else 0, name=f"stage{i}_block{j}")(x)
+      if i < len(cfg.depths) - 1:
+        x = PatchMerging(cfg, name=f"stage{i}_merge")(x)
+    x = LayerNorm(cfg, eps=cfg.norm_eps, name="norm")(x)
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(cfg.dtype)
+    return Dense(cfg, (cfg.num_classes,), ("embed", "classes"), out_dtype=jnp.float32,
+                 name="head")(pooled).astype(jnp.float32)

@@ -80,3 +80,26 @@ def test_the_shift_mask_matters():
     o = np.roll(swin.window_reverse(o.reshape(-1, 16, 4), 4, 8, 8).reshape(1, 8, 8, 1, 4),
                 (2, 2), (1, 2))
     assert np.abs(o - _reference(q, k, v, table, 4, 2)).max() > 1e-3
+
+
+# The paper's Table 1 / the reference implementation's counts at 224 with 1000 classes.
+PAPER = {"T": 28_288_354, "S": 49_606_258, "B": 87_768_224}
+
+
+@pytest.mark.parametrize("variant", list(PAPER))
+def test_parameter_counts_match_the_paper(variant):
+  cfg = swin.Config(**swin.VARIANTS[variant])
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
+  params = jax.eval_shape(lambda x: swin.Model(cfg).init(jax.random.PRNGKey(0), x), images)
+  counted = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  assert counted == swin.num_params(cfg)
+  assert abs(counted / PAPER[variant] - 1) < 0.01, (counted, PAPER[variant])
+
+
+def test_a_tiny_swin_runs_at_32px():
+  cfg = swin.Config(image_size=32, channels=1, num_classes=10, patch_size=2, window_size=4,
+                    embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+  x = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
+  params = swin.Model(cfg).init(jax.random.PRNGKey(0), x)
+  logits = swin.Model(cfg).apply(params, x)
+  assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
