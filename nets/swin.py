@@ -201,3 +201,41 @@ class Model(nn.Module):
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(cfg.dtype)
     return Dense(cfg, (cfg.num_classes,), ("embed", "classes"), out_dtype=jnp.float32,
                  name="head")(pooled).astype(jnp.float32)
+
+
+def params_from_hf(sd: dict, cfg: Config) -> dict:
+  """transformers (5.x) ``SwinForImageClassification`` state dict (numpy arrays) -> this Model's
+  params.
+  (Work in progress: becomes nets/convert/swin.py with export and config mapping.)"""
+  t = lambda name: np.asarray(sd[name])
+  ln = lambda prefix: {"scale": t(prefix + ".weight"), "bias": t(prefix + ".bias")}
+  dense = lambda prefix: {"kernel": t(prefix + ".weight").T, "bias": t(prefix + ".bias")}
+  conv = t("swin.embeddings.patch_embeddings.projection.weight")  # [E, C, p, p]
+  p = {"patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
+                       "bias": t("swin.embeddings.patch_embeddings.projection.bias")},
+       "patch_norm": ln("swin.embeddings.norm")}
+  for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+    c = cfg.embed_dim * 2 ** i
+    D = c // heads
+    for j in range(depth):
+      hf = f"swin.encoder.layers.{i}.blocks.{j}."
+      att = hf + "attention."
+      qkv_w = np.stack([t(att + n + ".weight").T.reshape(c, heads, D)
+                        for n in ("q_proj", "k_proj", "v_proj")], axis=1)
+      qkv_b = np.stack([t(att + n + ".bias").reshape(heads, D)
+                        for n in ("q_proj", "k_proj", "v_proj")])
+      p[f"stage{i}_block{j}"] = {
+          "norm1": ln(hf + "layernorm_before"), "norm2": ln(hf + "layernorm_after"),
+          "qkv": {"kernel": qkv_w, "bias": qkv_b},
+          "relative_position_bias_table": t(
+              att + "relative_position_bias.relative_position_bias_table"),
+          "proj": {"kernel": t(att + "o_proj.weight").T.reshape(heads, D, c),
+                   "bias": t(att + "o_proj.bias")},
+          "mlp": {"fc1": dense(hf + "mlp.fc1"), "fc2": dense(hf + "mlp.fc2")}}
+    if i < len(cfg.depths) - 1:
+      hf = f"swin.encoder.layers.{i}.downsample."
+      p[f"stage{i}_merge"] = {"norm": ln(hf + "norm"),
+                              "reduction": {"kernel": t(hf + "reduction.weight").T}}
+  p["norm"] = ln("swin.layernorm")
+  p["head"] = dense("classifier")
+  return p

@@ -103,3 +103,28 @@ def test_a_tiny_swin_runs_at_32px():
   params = swin.Model(cfg).init(jax.random.PRNGKey(0), x)
   logits = swin.Model(cfg).apply(params, x)
   assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_logits_equal_transformers_swin():
+  """A tiny random SwinForImageClassification (three stages: shifted windows in the first two,
+  a map no larger than the window in the last) imported into odyssey gives the same logits."""
+  torch = pytest.importorskip("torch", reason="the parity extra (torch, transformers) is absent")
+  transformers = pytest.importorskip("transformers", reason="the parity extra is absent")
+  hf_cfg = transformers.SwinConfig(image_size=32, patch_size=2, num_channels=3, embed_dim=16,
+                                   depths=[2, 2, 2], num_heads=[2, 4, 4], window_size=4, num_labels=10,
+                                   hidden_act="gelu", layer_norm_eps=1e-5)
+  torch.manual_seed(0)
+  hf = transformers.SwinForImageClassification(hf_cfg).eval()
+  with torch.no_grad():  # the bias tables start at zero: make them matter
+    for name, w in hf.named_parameters():
+      if "relative_position_bias_table" in name:
+        w.normal_(0, 0.5)
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  cfg = swin.Config(image_size=32, channels=3, num_classes=10, patch_size=2, window_size=4,
+                    embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 4))
+  assert [cfg.stage(i)[3] for i in range(3)] == [2, 2, 0]  # the 4x4 last map is not shifted
+  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
+  got = swin.Model(cfg).apply({"params": swin.params_from_hf(sd, cfg)}, images)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
