@@ -142,6 +142,22 @@ def num_params(cfg: Config) -> int:
   return total + 2 * c + c * cfg.num_classes + cfg.num_classes
 
 
+def flops(cfg: Config) -> float:
+  """Forward matmul FLOPs per image: the patch embedding 2·p²·C_in·E·S₀; per block at width c on
+  S tokens, the projections 2·(3c² + c²)·S, the MLP 2·2·c·(r·c)·S and window attention 4·S·M²·c
+  (scores and weighted values over each token's M² window keys); per merging 2·4c·2c·S/4; the
+  head 2·c_last·classes."""
+  g = cfg.image_size // cfg.patch_size
+  total = 2 * cfg.patch_size ** 2 * cfg.channels * cfg.embed_dim * g * g
+  for i, depth in enumerate(cfg.depths):
+    c, side, M, _ = cfg.stage(i)
+    S = side * side
+    total += depth * S * (2 * 4 * c * c + 2 * 2 * c * cfg.mlp_ratio * c + 4 * M * M * c)
+    if i < len(cfg.depths) - 1:
+      total += 2 * 4 * c * 2 * c * S // 4
+  return total + 2 * cfg.embed_dim * 2 ** (len(cfg.depths) - 1) * cfg.num_classes
+
+
 class SwinBlock(nn.Module):
   cfg: Config
   heads: int

@@ -128,3 +128,18 @@ def test_logits_equal_transformers_swin():
     want = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
   got = swin.Model(cfg).apply({"params": swin.params_from_hf(sd, cfg)}, images)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_flops_match_xla():
+  """At widths where matmuls dominate (the norms, GELU and softmax are left out of the formula),
+  with 16 x 16 windows, so the window attention is about a twelfth of each block's FLOPs."""
+  from tests.train.test_flops import TOLERANCE, loop_free_flops
+  cfg = swin.Config(image_size=64, channels=3, num_classes=100, patch_size=2, window_size=16,
+                    embed_dim=512, depths=(2, 2), num_heads=(8, 16))
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), np.float32)
+  params = jax.eval_shape(lambda x: swin.Model(cfg).init(jax.random.PRNGKey(0), x)["params"],
+                          images)
+  got = loop_free_flops(jax.jit(lambda p, x: swin.Model(cfg).apply({"params": p}, x)).lower(
+      params, images).compile())
+  counted = swin.flops(cfg) * 2
+  assert 1.0 <= got / counted < 1.0 + TOLERANCE, f"XLA {got:.4g} vs formula {counted:.4g}"
