@@ -5,12 +5,14 @@ import jax.numpy as jnp
 
 
 def dot_product_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, *, causal: bool,
-                          positions_BxS=None, segment_ids_BxS=None, segment_ids_BxT=None):
+                          positions_BxS=None, segment_ids_BxS=None, segment_ids_BxT=None,
+                          bias_HxSxT=None):
   """Softmax attention with grouped-query heads (H % K == 0); logits and softmax in float32.
 
   Masks: ``causal`` keeps keys whose position is <= the query's (positions default to 0..S-1 and
   are shared by queries and keys, S == T); segment ids, when given, keep only pairs in the same
-  segment (packed documents; give padding its own id).
+  segment (packed documents; give padding its own id). ``bias_HxSxT`` is added to the scaled
+  logits of every batch row (Swin's relative position bias).
   """
   B, S, H, D = q_BxSxHxD.shape
   T, K = k_BxTxKxD.shape[1], k_BxTxKxD.shape[2]
@@ -21,6 +23,8 @@ def dot_product_attention(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, *, causal: bool,
   q_BxSxKxGxD = q_BxSxHxD.reshape(B, S, K, G, D)
   logits_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q_BxSxKxGxD, k_BxTxKxD,
                                 preferred_element_type=jnp.float32) * (D ** -0.5)
+  if bias_HxSxT is not None:
+    logits_BxKxGxSxT = logits_BxKxGxSxT + bias_HxSxT.astype(jnp.float32).reshape(K, G, S, T)
   mask = jnp.ones((1, 1, 1, S, T), dtype=bool)
   if causal:
     if positions_BxS is None:

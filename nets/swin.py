@@ -1,18 +1,35 @@
-"""Swin Transformer geometry (Liu et al. 2021, "Swin Transformer: Hierarchical Vision Transformer
-using Shifted Windows"): window partitioning, the relative position index of the bias table, the
-cyclic shift's region ids, and shifted-window attention. (Work in progress on branch ``swin``: the
-family, its variants, patch merging and the converter come next; see issue 20.)
+"""Swin Transformer classifier (Liu et al. 2021, "Swin Transformer: Hierarchical Vision
+Transformer using Shifted Windows").
 
-Tokens are [B, H, W, C] feature maps; windows are M x M; a shifted block rolls the map by −M/2
-before partitioning and by +M/2 after. After the roll a window can hold tokens from up to four
-regions of the unrolled map that are not neighbours there; each token gets its region's id and
-attention keeps only pairs with the same id, the cyclic-shift mask as a segment-id mask.
+Images are cut into p x p patches (a Dense on patchified pixels, as ViT) and flow through stages
+of [B, H, W, C] feature maps; each stage after the first halves the map (patch merging: 2 x 2
+neighbours concatenated, LayerNorm, 4C -> 2C). Blocks are pre-norm: x + W-MSA(LN(x));
+x + MLP(LN(x)), with attention inside M x M windows and, every other block, on the map rolled by
+−M/2 first and by +M/2 after (shifted windows), so information crosses window borders.
+
+Window attention goes through the attention function the model receives (nets/attention.py or a
+kernel of parallel/kernels.py): windows are its batch rows, [B·nW, N, heads, D]; the relative
+position bias [heads, N, N] (gathered from a (2M−1)² x heads table) is its additive ``bias``;
+and the cyclic shift's mask is a segment-id mask: after the roll a window can hold tokens from up
+to four regions of the unrolled map that are not neighbours there; each token gets its region's
+id and attention keeps only pairs with the same id.
+A stage whose map is no larger than the window gets one window and no shift (as the reference
+implementation). The parameters follow Hugging Face ``SwinForImageClassification``'s layout, up
+to the fused qkv projection (nets/convert/swin.py).
 Extra legend: M window size, N = M² tokens per window, nW windows per image.
 """
 
-import jax
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from nets import attention
+from nets.layers import (Dense, LayerNorm, Mlp, build_config, check_basics, check_positive_floats,
+                         patchify, remat)
+from nets.registry import Family
 
 
 def window_partition(x_BxHxWxC, M: int):
@@ -53,71 +70,96 @@ def shift_region_ids(H: int, W: int, M: int, shift: int) -> np.ndarray:
   return ids
 
 
-def window_attention(q, k, v, bias_HxNxN, region_ids_nWxN=None):
-  """Attention inside each window: q, k, v [B·nW, N, heads, D]; the bias [heads, N, N] added to
-  the scaled logits; pairs of different regions masked (shifted blocks). Logits and softmax in
-  float32 (float64 for float64 inputs). Returns [B·nW, N, heads, D]."""
-  BnW, N, Hh, D = q.shape
-  f = jnp.promote_types(q.dtype, jnp.float32)
-  logits = jnp.einsum("wihd,wjhd->whij", q, k, preferred_element_type=f) * D ** -0.5
-  logits = logits + bias_HxNxN.astype(f)[None]
-  if region_ids_nWxN is not None:
-    nW = region_ids_nWxN.shape[0]
-    same = region_ids_nWxN[:, :, None] == region_ids_nWxN[:, None, :]  # [nW, N, N]
-    logits = logits.reshape(BnW // nW, nW, Hh, N, N)
-    logits = jnp.where(same[None, :, None], logits, jnp.finfo(f).min)
-    logits = logits.reshape(BnW, Hh, N, N)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("whij,wjhd->wihd", probs, v)
-
-
-def shifted_window_attention(q, k, v, bias_table, M: int, shift: int):
+def shifted_window_attention(q, k, v, bias_table, M: int, shift: int,
+                             attention_fn: Callable[..., Any] = attention.dot_product_attention):
   """Swin's (shifted-)window attention on [B, H, W, heads, D] maps: roll by −shift, partition,
   attend with the relative position bias (``bias_table`` [(2M−1)², heads]) and the region mask,
   reverse and roll back."""
   B, H, W, Hh, D = q.shape
   roll = lambda x, s: jnp.roll(x, (s, s), axis=(1, 2)) if shift else x
-  part = lambda x: window_partition(roll(x, -shift).reshape(B, H, W, Hh * D), M).reshape(
-      -1, M * M, Hh, D)
-  bias = bias_table[relative_position_index(M)].transpose(2, 0, 1)  # [heads, N, N]
-  regions = None
+  part = lambda x: nn.with_logical_constraint(
+      window_partition(roll(x, -shift).reshape(B, H, W, Hh * D), M).reshape(-1, M * M, Hh, D),
+      ("act_batch", "act_seq", "act_heads", "head_dim"))
+  bias_HxNxN = bias_table[relative_position_index(M)].transpose(2, 0, 1)
+  segments = None
   if shift:
-    regions = window_partition(jnp.asarray(shift_region_ids(H, W, M, shift))[None, ..., None],
-                               M)[..., 0]  # [nW, N]
-  o = window_attention(part(q), part(k), part(v), bias, regions)
+    regions_nWxN = window_partition(
+        jnp.asarray(shift_region_ids(H, W, M, shift))[None, ..., None], M)[..., 0]
+    segments = jnp.tile(regions_nWxN, (B, 1))  # windows are image-major: [B·nW, N]
+  o = attention_fn(part(q), part(k), part(v), causal=False, positions_BxS=None,
+                   segment_ids_BxS=segments, bias_HxSxT=bias_HxNxN)
   o = window_reverse(o.reshape(-1, M * M, Hh * D), M, H, W).reshape(B, H, W, Hh, D)
   return roll(o, shift)
 
-
-# --- the model (work in progress: not yet a registered family) ----------------------------------
-
-import dataclasses  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
-
-from nets.layers import Dense, LayerNorm, Mlp, patchify  # noqa: E402
 
 # embed_dim, depths, heads per stage: the paper's Table 7 (window 7, patch 4, at 224).
 VARIANTS = {"T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
             "S": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
             "B": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
             "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))}
+# sklearn digits upscaled to 32 x 32 grey: an 8 x 8 patch grid in 4 x 4 windows (shifted), then
+# one 4 x 4 window.
+VARIANTS["digits"] = dict(embed_dim=64, depths=(2, 2), num_heads=(2, 4), patch_size=4,
+                          window_size=4, image_size=32, channels=1, num_classes=10)
+_ACT = ("act_batch", None, None, "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  image_size: int = 224
+  """Hyperparameters; built only by ``Config.from_config(config.model)``."""
+  variant: str = ""  # a key of VARIANTS; presets every field config.model leaves unset
+  image_size: int = 224  # square images
   channels: int = 3
   num_classes: int = 1000
   patch_size: int = 4
   window_size: int = 7
-  embed_dim: int = 96
-  depths: tuple = (2, 2, 6, 2)
-  num_heads: tuple = (3, 6, 12, 24)
+  embed_dim: int = 0  # the first stage's width; each later stage doubles it
+  depths: tuple = ()  # blocks per stage
+  num_heads: tuple = ()  # heads per stage
   mlp_ratio: int = 4
   norm_eps: float = 1e-5
-  dtype: str = "float32"
+  # The MLP's GELU: exact erf (the paper's and Hugging Face's hidden_act="gelu"), or True for the
+  # tanh approximation.
+  gelu_approximate: bool = False
+  dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  remat: str = "none"  # one of nets.layers.REMAT_POLICIES, per block
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides) -> "Config":
+    """Builds from ``config.model`` (its ``name`` is the family, not a hyperparameter)."""
+    cfg = build_config(cls, "swin", VARIANTS, model_cfg, overrides)
+    return dataclasses.replace(cfg, depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads))
+
+  def validate(self):
+    """Raises ValueError with one sentence for inconsistent hyperparameters."""
+    check_basics(self, "swin", ("image_size", "channels", "num_classes", "patch_size",
+                                "window_size", "embed_dim", "mlp_ratio"))
+    if not self.depths or len(self.depths) != len(self.num_heads):
+      raise ValueError(f"model.depths={tuple(self.depths)} and model.num_heads="
+                       f"{tuple(self.num_heads)} must name the same number (at least one) of "
+                       "stages.")
+    if min(self.depths) < 1 or min(self.num_heads) < 1:
+      raise ValueError(f"model.depths={tuple(self.depths)} and model.num_heads="
+                       f"{tuple(self.num_heads)} must be positive.")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"model.image_size={self.image_size} is not divisible by "
+                       f"model.patch_size={self.patch_size}.")
+    grid, halvings = self.image_size // self.patch_size, 2 ** (len(self.depths) - 1)
+    if grid % halvings:
+      raise ValueError(f"the {grid} x {grid} patch grid cannot be halved {len(self.depths) - 1} "
+                       f"times (one patch merging per stage after the first); use an image_size "
+                       f"whose patch grid is a multiple of {halvings}.")
+    for i, heads in enumerate(self.num_heads):
+      width, side, M, _ = self.stage(i)
+      if width % heads:
+        raise ValueError(f"stage {i}: width {width} (model.embed_dim={self.embed_dim} x 2^{i}) is "
+                         f"not divisible by model.num_heads[{i}]={heads}.")
+      if side % M:
+        raise ValueError(f"stage {i}: the {side} x {side} map is not divisible into "
+                         f"model.window_size={self.window_size} windows; choose a window that "
+                         "divides every stage's map (or an image_size that makes it so).")
+    check_positive_floats(self, ("norm_eps",))
 
   def stage(self, i: int):
     """(width, map side, window, shift of odd blocks) of stage i: a map no larger than the window
@@ -126,8 +168,17 @@ class Config:
     M = min(self.window_size, side)
     return self.embed_dim * 2 ** i, side, M, (0 if side <= self.window_size else M // 2)
 
+  # The names every family's Config shares (nets/registry.py).
+  width = property(lambda self: self.embed_dim)
+  depth = property(lambda self: sum(self.depths))
+  num_kv_heads = property(lambda self: self.num_heads)
+  mlp_width = property(lambda self: self.mlp_ratio * self.embed_dim)
+  # Tokens of the first stage's map (attention itself sees windows of window_size² tokens).
+  max_len = property(lambda self: (self.image_size // self.patch_size) ** 2)
+
 
 def num_params(cfg: Config) -> int:
+  """Closed-form parameter count (tests check it against the initialised model and the paper)."""
   C, P = cfg.embed_dim, cfg.patch_size
   total = P * P * cfg.channels * C + C + 2 * C  # patch embedding and its norm
   for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
@@ -142,11 +193,11 @@ def num_params(cfg: Config) -> int:
   return total + 2 * c + c * cfg.num_classes + cfg.num_classes
 
 
-def flops(cfg: Config) -> float:
+def flops(cfg: Config, step=None) -> float:
   """Forward matmul FLOPs per image: the patch embedding 2·p²·C_in·E·S₀; per block at width c on
   S tokens, the projections 2·(3c² + c²)·S, the MLP 2·2·c·(r·c)·S and window attention 4·S·M²·c
-  (scores and weighted values over each token's M² window keys); per merging 2·4c·2c·S/4; the
-  head 2·c_last·classes."""
+  (scores and weighted values over each token's M² window keys, all executed: no causal skip);
+  per merging 2·4c·2c·S/4; the head 2·c_last·classes."""
   g = cfg.image_size // cfg.patch_size
   total = 2 * cfg.patch_size ** 2 * cfg.channels * cfg.embed_dim * g * g
   for i, depth in enumerate(cfg.depths):
@@ -159,7 +210,9 @@ def flops(cfg: Config) -> float:
 
 
 class SwinBlock(nn.Module):
+  """x + W-MSA(LN(x)) (shifted when ``shift`` > 0); x + MLP(LN(x)), on [B, H, W, C] maps."""
   cfg: Config
+  attention_fn: Callable[..., Any]
   heads: int
   window: int
   shift: int
@@ -167,19 +220,22 @@ class SwinBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC):
     cfg, M = self.cfg, self.window
-    B, H, W, C = x_BxHxWxC.shape
+    C = x_BxHxWxC.shape[-1]
     D = C // self.heads
+    x_BxHxWxC = nn.with_logical_constraint(x_BxHxWxC, _ACT)
     h = LayerNorm(cfg, eps=cfg.norm_eps, name="norm1")(x_BxHxWxC)
     qkv = Dense(cfg, (3, self.heads, D), ("embed", None, "heads", "head_dim"), name="qkv")(h)
     table = self.param("relative_position_bias_table", nn.with_logical_partitioning(
         nn.initializers.truncated_normal(0.02), (None, "heads")), ((2 * M - 1) ** 2, self.heads),
         jnp.dtype(cfg.param_dtype))
     o = shifted_window_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
-                                 table, M, self.shift)
+                                 table, M, self.shift, self.attention_fn)
+    o = nn.with_logical_constraint(o, ("act_batch", None, None, "act_heads", "head_dim"))
     x_BxHxWxC = x_BxHxWxC + Dense(cfg, (C,), ("heads", "head_dim", "embed"), n_in=2,
                                   name="proj")(o)
     h = LayerNorm(cfg, eps=cfg.norm_eps, name="norm2")(x_BxHxWxC)
-    return x_BxHxWxC + Mlp(cfg, cfg.mlp_ratio * C, False, name="mlp")(h)
+    x_BxHxWxC = x_BxHxWxC + Mlp(cfg, cfg.mlp_ratio * C, cfg.gelu_approximate, name="mlp")(h)
+    return nn.with_logical_constraint(x_BxHxWxC, _ACT)
 
 
 class PatchMerging(nn.Module):
@@ -198,60 +254,39 @@ class PatchMerging(nn.Module):
 class Model(nn.Module):
   """Swin classifier: images [B, H, W, C] -> logits [B, num_classes] float32."""
   cfg: Config
+  attention_fn: Callable[..., Any] = attention.dot_product_attention
 
   @nn.compact
   def __call__(self, images_BxHxWxC, train: bool = False):
     cfg = self.cfg
-    B = images_BxHxWxC.shape[0]
+    B, H, W, C = images_BxHxWxC.shape
+    if (H, W, C) != (cfg.image_size, cfg.image_size, cfg.channels):
+      raise ValueError(f"images are {H}x{W}x{C} but the model expects model.image_size="
+                       f"{cfg.image_size} (square) and model.channels={cfg.channels}.")
     g = cfg.image_size // cfg.patch_size
     x = Dense(cfg, (cfg.embed_dim,), ("patch", "embed"), name="patch_embed")(
         patchify(images_BxHxWxC, cfg.patch_size)).reshape(B, g, g, cfg.embed_dim)
     x = LayerNorm(cfg, eps=cfg.norm_eps, name="patch_norm")(x)
+    block = remat(SwinBlock, cfg.remat)
     for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
       _, _, M, shift = cfg.stage(i)
       for j in range(depth):
-        x = SwinBlock(cfg, heads, M, shift if j % 2 else 0, name=f"stage{i}_block{j}")(x)
+        x = block(cfg, self.attention_fn, heads, M, shift if j % 2 else 0,
+                  name=f"stage{i}_block{j}")(x)
       if i < len(cfg.depths) - 1:
         x = PatchMerging(cfg, name=f"stage{i}_merge")(x)
     x = LayerNorm(cfg, eps=cfg.norm_eps, name="norm")(x)
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(cfg.dtype)
-    return Dense(cfg, (cfg.num_classes,), ("embed", "classes"), out_dtype=jnp.float32,
-                 name="head")(pooled).astype(jnp.float32)
+    pooled_BxC = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(cfg.dtype)
+    pooled_BxC = nn.with_logical_constraint(pooled_BxC, ("act_batch", "act_embed"))
+    logits_BxK = Dense(cfg, (cfg.num_classes,), ("embed", "classes"), out_dtype=jnp.float32,
+                       name="head")(pooled_BxC)
+    return nn.with_logical_constraint(logits_BxK, ("act_batch", None)).astype(jnp.float32)
 
 
-def params_from_hf(sd: dict, cfg: Config) -> dict:
-  """transformers (5.x) ``SwinForImageClassification`` state dict (numpy arrays) -> this Model's
-  params.
-  (Work in progress: becomes nets/convert/swin.py with export and config mapping.)"""
-  t = lambda name: np.asarray(sd[name])
-  ln = lambda prefix: {"scale": t(prefix + ".weight"), "bias": t(prefix + ".bias")}
-  dense = lambda prefix: {"kernel": t(prefix + ".weight").T, "bias": t(prefix + ".bias")}
-  conv = t("swin.embeddings.patch_embeddings.projection.weight")  # [E, C, p, p]
-  p = {"patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
-                       "bias": t("swin.embeddings.patch_embeddings.projection.bias")},
-       "patch_norm": ln("swin.embeddings.norm")}
-  for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
-    c = cfg.embed_dim * 2 ** i
-    D = c // heads
-    for j in range(depth):
-      hf = f"swin.encoder.layers.{i}.blocks.{j}."
-      att = hf + "attention."
-      qkv_w = np.stack([t(att + n + ".weight").T.reshape(c, heads, D)
-                        for n in ("q_proj", "k_proj", "v_proj")], axis=1)
-      qkv_b = np.stack([t(att + n + ".bias").reshape(heads, D)
-                        for n in ("q_proj", "k_proj", "v_proj")])
-      p[f"stage{i}_block{j}"] = {
-          "norm1": ln(hf + "layernorm_before"), "norm2": ln(hf + "layernorm_after"),
-          "qkv": {"kernel": qkv_w, "bias": qkv_b},
-          "relative_position_bias_table": t(
-              att + "relative_position_bias.relative_position_bias_table"),
-          "proj": {"kernel": t(att + "o_proj.weight").T.reshape(heads, D, c),
-                   "bias": t(att + "o_proj.bias")},
-          "mlp": {"fc1": dense(hf + "mlp.fc1"), "fc2": dense(hf + "mlp.fc2")}}
-    if i < len(cfg.depths) - 1:
-      hf = f"swin.encoder.layers.{i}.downsample."
-      p[f"stage{i}_merge"] = {"norm": ln(hf + "norm"),
-                              "reduction": {"kernel": t(hf + "reduction.weight").T}}
-  p["norm"] = ln("swin.layernorm")
-  p["head"] = dense("classifier")
-  return p
+FAMILY = Family(
+    name="swin", Config=Config, Model=Model, task="classification",
+    num_params=lambda cfg, active=False: num_params(cfg), flops=flops,
+    attention_length=lambda cfg, seq_len: min(cfg.window_size, cfg.image_size // cfg.patch_size)
+    ** 2, sequence_parallel=False, converter="swin",
+    test_config=dict(variant="digits", embed_dim=128, depths=(2, 2), num_heads=(4, 8),
+                     image_size=32, patch_size=2, window_size=8, channels=3))

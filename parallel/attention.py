@@ -132,15 +132,16 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
 
 
 def attention_fn(plan: Plan, mesh: Mesh | None) -> Callable:
-  """The function nets call: fn(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None)."""
+  """The function nets call: fn(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None,
+  bias_HxSxT=None); an additive bias (Swin's windows) needs the local strategy."""
   kernel = kernels.KERNELS[plan.kernel]
   if plan.kernel in ("blockwise", "cudnn", "splash"):  # cudnn/splash fall back to blockwise
     kernel = functools.partial(kernel, block_q=plan.block_size, block_kv=plan.block_size)
 
-  def local(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None):
+  def local(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, bias_HxSxT=None):
     mask = kernels.make_mask(q.shape[1], batch=q.shape[0], q_positions=positions_BxS,
                              q_segments=segment_ids_BxS)
-    return kernel(q, k, v, causal=causal, mask=mask)
+    return kernel(q, k, v, causal=causal, mask=mask, bias=bias_HxSxT)
 
   if plan.strategy == "local":
     if plan.kernel == "splash" and mesh is not None:
@@ -170,8 +171,8 @@ def _per_device_under_mesh(q, k, v, *, local, sharded, **kwargs):
   Mosaic (Pallas TPU) kernels cannot be partitioned by the compiler: under jit over several
   devices they must run in shard_map; inside pmap the arrays already are one device's.
   """
-  if jax.sharding.get_abstract_mesh().empty:
-    return local(q, k, v, **kwargs)
+  if jax.sharding.get_abstract_mesh().empty or kwargs.get("bias_HxSxT") is not None:
+    return local(q, k, v, **kwargs)  # with a bias Splash runs blockwise, which XLA partitions
   return sharded(q, k, v, **kwargs)
 
 
@@ -185,12 +186,15 @@ def _usp(q, k, v, *, causal, mask, axis_name, ulysses_degree, ring_size, chunks)
   return ulysses.heads_to_seq(o, axis_name=axis_name, groups=groups)
 
 
-def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, per_device, mesh,
-             rules, seq_sharded=True):
+def _sharded(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, bias_HxSxT=None,
+             per_device, mesh, rules, seq_sharded=True):
   """Runs ``per_device`` in shard_map, q/k/v split as the rules split QKV_NAMES.
 
   ``seq_sharded=False`` keeps whole sequences on every device (the local kernel on a mesh).
   """
+  if bias_HxSxT is not None:  # families with a bias (Swin) are not sequence-parallel
+    raise ValueError("an additive attention bias runs only with the local attention strategy "
+                     "(mesh.seq=1).")
   B, N = q.shape[:2]
   if positions_BxS is None:
     positions_BxS = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))

@@ -1,7 +1,9 @@
 """Local (one-device) attention kernels and the block primitives the parallel strategies share.
 
-Every kernel has the signature of ``attention(q, k, v, *, causal, mask)`` below, where a ``Mask``
-carries the positions and segment ids that decide which (query, key) pairs may attend:
+Every kernel has the signature of ``attention(q, k, v, *, causal, mask, bias=None)`` below, where a
+``Mask`` carries the positions and segment ids that decide which (query, key) pairs may attend
+(and ``bias`` [H, S, T], shared by the batch rows, is added to the scaled logits: Swin's relative
+position bias, its windows being the batch rows):
   * causal: key position <= query position (positions, not indices, so permuted layouts such as
     ring attention's zigzag order stay correct);
   * segments: query and key in the same segment (packed documents; padding is its own segment).
@@ -83,13 +85,24 @@ def _group(q_BxSxHxD, K):
   return q_BxSxHxD.reshape(B, S, K, H // K, D)
 
 
-def block_forward(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, allowed_BxSxT):
-  """Attention of a query block over one key block: (o normalised, lse [B, S, H]) in float32."""
+def _grouped_bias(bias_HxSxT, K):
+  """An additive logits bias [H, S, T] (shared by the batch) as [1, K, G, S, T]."""
+  H, S, T = bias_HxSxT.shape
+  return bias_HxSxT.astype(jnp.float32).reshape(1, K, H // K, S, T)
+
+
+def block_forward(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, allowed_BxSxT, bias_HxSxT=None):
+  """Attention of a query block over one key block: (o normalised, lse [B, S, H]) in float32.
+
+  ``bias_HxSxT``, when given, is added to the scaled logits of every batch row (Swin's relative
+  position bias)."""
   B, S, H, D = q_BxSxHxD.shape
   K = k_BxTxKxD.shape[2]
   q = _group(q_BxSxHxD, K)
   s_BxKxGxSxT = jnp.einsum("bskgd,btkd->bkgst", q, k_BxTxKxD,
                            preferred_element_type=jnp.float32) * (D ** -0.5)
+  if bias_HxSxT is not None:
+    s_BxKxGxSxT = s_BxKxGxSxT + _grouped_bias(bias_HxSxT, K)
   allowed = allowed_BxSxT[:, None, None]
   s_BxKxGxSxT = jnp.where(allowed, s_BxKxGxSxT, -jnp.inf)
   m = jnp.max(s_BxKxGxSxT, axis=-1, keepdims=True)
@@ -113,11 +126,12 @@ def merge(o1, lse1, o2, lse2):
 
 
 def block_backward(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, allowed_BxSxT, do_BxSxHxD, lse_BxSxH,
-                   delta_BxSxH):
+                   delta_BxSxH, bias_HxSxT=None):
   """Gradient contributions of one (query block, key block) pair, recomputing probabilities.
 
   ``lse`` is the final log-sum-exp of each query row over ALL keys and ``delta = sum(do * o)``
   with the final output, so p = exp(s - lse) are the true probabilities restricted to this block.
+  With a ``bias_HxSxT`` the result is (dq, dk, dv, dbias [H, S, T]), dbias summed over the batch.
   """
   B, S, H, D = q_BxSxHxD.shape
   K = k_BxTxKxD.shape[2]
@@ -129,13 +143,18 @@ def block_backward(q_BxSxHxD, k_BxTxKxD, v_BxTxKxD, allowed_BxSxT, do_BxSxHxD, l
   lse = jnp.transpose(lse_BxSxH.reshape(B, S, K, G), (0, 2, 3, 1))[..., None]
   delta = jnp.transpose(delta_BxSxH.reshape(B, S, K, G), (0, 2, 3, 1))[..., None]
   s = jnp.einsum("bskgd,btkd->bkgst", q, k) * scale
+  if bias_HxSxT is not None:
+    s = s + _grouped_bias(bias_HxSxT, K)
   p = jnp.where(allowed_BxSxT[:, None, None], jnp.exp(s - lse), 0.0)
   dv = jnp.einsum("bkgst,bskgd->btkd", p, do)
   dp = jnp.einsum("bskgd,btkd->bkgst", do, v)
-  ds = p * (dp - delta) * scale
+  dlogits = p * (dp - delta)  # d(loss)/d(scaled logits + bias)
+  ds = dlogits * scale
   dq = jnp.einsum("bkgst,btkd->bskgd", ds, k).reshape(B, S, H, D)
   dk = jnp.einsum("bkgst,bskgd->btkd", ds, q)
-  return dq, dk, dv
+  if bias_HxSxT is None:
+    return dq, dk, dv
+  return dq, dk, dv, jnp.sum(dlogits, axis=0).reshape(bias_HxSxT.shape)
 
 
 def delta_of(o_BxSxHxD, do_BxSxHxD):
@@ -145,9 +164,9 @@ def delta_of(o_BxSxHxD, do_BxSxHxD):
 # ----------------------------------------------------------------------------- kernels
 
 
-def dense_attention(q, k, v, *, causal: bool, mask: Mask):
+def dense_attention(q, k, v, *, causal: bool, mask: Mask, bias=None):
   """The dense reference: one block covering everything (O(N^2) memory)."""
-  o, _ = block_forward(q, k, v, mask.block(causal))
+  o, _ = block_forward(q, k, v, mask.block(causal), bias)
   return o.astype(q.dtype)
 
 
@@ -159,21 +178,24 @@ def _blocks(n: int, size: int) -> int:
   return size
 
 
-def blockwise_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
+def blockwise_attention(q, k, v, *, causal: bool, mask: Mask, bias=None, block_q: int = 512,
                         block_kv: int = 512):
-  """Online-softmax attention over blocks; memory O(N * block) in forward and backward."""
+  """Online-softmax attention over blocks; memory O(N * block) in forward and backward.
+
+  ``bias`` [H, S, T], when given, is added to every row's scaled logits and gets its gradient
+  (summed over the batch) like q, k and v."""
   bq = _blocks(q.shape[1], block_q)
   bk = _blocks(k.shape[1], block_kv)
   # Tie the mask to q: otherwise, under reverse-mode autodiff of a layer scan, the masks (which
   # depend only on loop-invariant positions) are hoisted out of the loop and every block pair's
   # mask is materialised at once, O(N^2) memory (bench/seq_parallel.py measured it).
   q, mask = jax.lax.optimization_barrier((q, mask))
-  return _blockwise(q, k, v, mask, causal, bq, bk)
+  return _blockwise(q, k, v, mask, bias, causal, bq, bk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _blockwise(q, k, v, mask, causal, bq, bk):
-  o, _ = _blockwise_fwd_stats(q, k, v, mask, causal, bq, bk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q, k, v, mask, bias, causal, bq, bk):
+  o, _ = _blockwise_fwd_stats(q, k, v, mask, bias, causal, bq, bk)
   return o.astype(q.dtype)
 
 
@@ -197,66 +219,80 @@ def _mask_blocks(mask: Mask, bq, bk):
           _split(mask.kv_segments, bk) if seg else None)
 
 
+def _bias_rows(bias, bq):
+  """[H, S, T] -> [S // bq, H, bq, T] (None stays None: scans carry no leaf for it)."""
+  return None if bias is None else _split(bias, bq)
+
+
+def _bias_cols(bias_q, bk):
+  """[H, bq, T] -> [T // bk, H, bq, bk]."""
+  return None if bias_q is None else _split(bias_q, bk, axis=2)
+
+
 def _allowed(causal, qp, kp, qs, ks):
   return Mask(qp, kp, qs, ks).block(causal)
 
 
-def _blockwise_fwd_stats(q, k, v, mask, causal, bq, bk):
+def _blockwise_fwd_stats(q, k, v, mask, bias, causal, bq, bk):
   B, S, H, D = q.shape
   qp, kp, qs, ks = _mask_blocks(mask, bq, bk)
   k_blocks, v_blocks = _split(k, bk), _split(v, bk)
 
   def per_q_block(args):
-    q_blk, qp_blk, qs_blk = args
+    q_blk, qp_blk, qs_blk, bias_q = args
 
     def over_kv(carry, kv):
       o, lse = carry
-      k_blk, v_blk, kp_blk, ks_blk = kv
+      k_blk, v_blk, kp_blk, ks_blk, bias_blk = kv
       o2, lse2 = block_forward(q_blk, k_blk, v_blk, _allowed(causal, qp_blk, kp_blk, qs_blk,
-                                                             ks_blk))
+                                                             ks_blk), bias_blk)
       return merge(o, lse, o2, lse2), None
 
     init = (jnp.zeros((B, bq, H, D), jnp.float32), jnp.full((B, bq, H), EMPTY_LSE, jnp.float32))
-    (o, lse), _ = jax.lax.scan(over_kv, init, (k_blocks, v_blocks, kp, ks))
+    (o, lse), _ = jax.lax.scan(over_kv, init, (k_blocks, v_blocks, kp, ks, _bias_cols(bias_q, bk)))
     return o, lse
 
-  o, lse = jax.lax.map(per_q_block, (_split(q, bq), qp, qs))
+  o, lse = jax.lax.map(per_q_block, (_split(q, bq), qp, qs, _bias_rows(bias, bq)))
   return _unsplit(o), _unsplit(lse)
 
 
-def _blockwise_fwd(q, k, v, mask, causal, bq, bk):
-  o, lse = _blockwise_fwd_stats(q, k, v, mask, causal, bq, bk)
-  return o.astype(q.dtype), (q, k, v, mask, o, lse)
+def _blockwise_fwd(q, k, v, mask, bias, causal, bq, bk):
+  o, lse = _blockwise_fwd_stats(q, k, v, mask, bias, causal, bq, bk)
+  return o.astype(q.dtype), (q, k, v, mask, bias, o, lse)
 
 
 def _blockwise_bwd(causal, bq, bk, res, do):
-  q, k, v, mask, o, lse = res
+  q, k, v, mask, bias, o, lse = res
   delta = delta_of(o, do)
   qp, kp, qs, ks = _mask_blocks(mask, bq, bk)
   k_blocks, v_blocks = _split(k, bk), _split(v, bk)
 
   def over_q(carry, xs):
     dk_acc, dv_acc = carry
-    q_blk, do_blk, lse_blk, delta_blk, qp_blk, qs_blk = xs
+    q_blk, do_blk, lse_blk, delta_blk, qp_blk, qs_blk, bias_q = xs
 
     def over_kv(dq, kv):
-      k_blk, v_blk, kp_blk, ks_blk = kv
-      dq_c, dk_c, dv_c = block_backward(q_blk, k_blk, v_blk,
-                                        _allowed(causal, qp_blk, kp_blk, qs_blk, ks_blk),
-                                        do_blk, lse_blk, delta_blk)
-      return dq + dq_c, (dk_c, dv_c)
+      k_blk, v_blk, kp_blk, ks_blk, bias_blk = kv
+      grads = block_backward(q_blk, k_blk, v_blk, _allowed(causal, qp_blk, kp_blk, qs_blk, ks_blk),
+                             do_blk, lse_blk, delta_blk, bias_blk)
+      return dq + grads[0], grads[1:]  # (dk, dv) or (dk, dv, dbias) of this block pair
 
-    dq, (dk_c, dv_c) = jax.lax.scan(over_kv, jnp.zeros(q_blk.shape, jnp.float32),
-                                    (k_blocks, v_blocks, kp, ks))
-    return (dk_acc + dk_c, dv_acc + dv_c), dq
+    dq, kv_grads = jax.lax.scan(over_kv, jnp.zeros(q_blk.shape, jnp.float32),
+                                (k_blocks, v_blocks, kp, ks, _bias_cols(bias_q, bk)))
+    dk_c, dv_c = kv_grads[:2]
+    return (dk_acc + dk_c, dv_acc + dv_c), (dq, kv_grads[2:])
 
   zeros_k = jnp.zeros(k_blocks.shape, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(over_q, (zeros_k, zeros_k),
-                              (_split(q, bq), _split(do, bq), _split(lse, bq), _split(delta, bq),
-                               qp, qs))
+  (dk, dv), (dq, dbias) = jax.lax.scan(
+      over_q, (zeros_k, zeros_k), (_split(q, bq), _split(do, bq), _split(lse, bq),
+                                   _split(delta, bq), qp, qs, _bias_rows(bias, bq)))
+  if bias is None:
+    dbias = None
+  else:  # [S/bq, T/bk, H, bq, bk] -> [H, S, T]
+    dbias = dbias[0].transpose(2, 0, 3, 1, 4).reshape(bias.shape).astype(bias.dtype)
   mask_ct = jax.tree.map(_int_cotangent, mask)  # None fields stay None (empty subtrees)
   return (_unsplit(dq).astype(q.dtype), _unsplit(dk).astype(k.dtype),
-          _unsplit(dv).astype(v.dtype), mask_ct)
+          _unsplit(dv).astype(v.dtype), mask_ct, dbias)
 
 
 def _int_cotangent(x):
@@ -266,7 +302,7 @@ def _int_cotangent(x):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def cudnn_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
+def cudnn_attention(q, k, v, *, causal: bool, mask: Mask, bias=None, block_q: int = 512,
                     block_kv: int = 512, implementation: str = "cudnn"):
   """cuDNN flash attention through jax.nn.dot_product_attention (NVIDIA GPUs).
 
@@ -280,14 +316,17 @@ def cudnn_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
   contiguous segments, index order and position order agree within a segment. That holds
   wherever a local kernel runs (only ring/USP reorder the sequence, and they use their own block
   primitives). ``implementation="xla"`` computes the same call with XLA (tests on CPU).
+  An additive ``bias`` [H, S, T] (Swin's relative positions) goes in as cuDNN's bias, [1, H, S, T],
+  in the compute dtype.
   """
   D, S, T = q.shape[-1], q.shape[1], k.shape[1]
   if (q.dtype not in (jnp.bfloat16, jnp.float16) or (causal and S != T) or D % 8
       or D > _cudnn_max_head_dim()):
-    return blockwise_attention(q, k, v, causal=causal, mask=mask, block_q=block_q,
+    return blockwise_attention(q, k, v, causal=causal, mask=mask, bias=bias, block_q=block_q,
                                block_kv=block_kv)
-  return jax.nn.dot_product_attention(q, k, v, mask=cudnn_segment_mask(mask), is_causal=causal,
-                                      implementation=implementation)
+  bias = None if bias is None else bias[None].astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=cudnn_segment_mask(mask),
+                                      is_causal=causal, implementation=implementation)
 
 
 def cudnn_segment_mask(mask: Mask):
@@ -303,7 +342,7 @@ def _cudnn_max_head_dim() -> int:
   return 256 if capability is not None and float(capability) >= 9.0 else 128
 
 
-def splash_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
+def splash_attention(q, k, v, *, causal: bool, mask: Mask, bias=None, block_q: int = 512,
                      block_kv: int = 512, interpret: bool = False):
   """Pallas Splash attention (TPUs): flash attention that skips fully masked blocks.
 
@@ -318,13 +357,14 @@ def splash_attention(q, k, v, *, causal: bool, mask: Mask, block_q: int = 512,
   runs (ring/USP's zigzag order never reaches a local kernel). Mosaic kernels cannot be
   partitioned by the compiler: on several devices this runs inside shard_map
   (parallel/attention.py) or pmap. ``interpret=True`` runs the kernel in the Pallas interpreter
-  (on CPU, for tests).
+  (on CPU, for tests). Splash takes no additive bias: a call with ``bias`` (Swin's windows, whose
+  49 or 144 tokens no multiple of 128 divides anyway) runs blockwise.
   """
   B, S, H, D = q.shape
   T = k.shape[1]
   bq, bk = _splash_block(S, block_q), _splash_block(T, block_kv)
-  if _splash is None or bq is None or bk is None or (causal and S != T):
-    return blockwise_attention(q, k, v, causal=causal, mask=mask, block_q=block_q,
+  if _splash is None or bq is None or bk is None or (causal and S != T) or bias is not None:
+    return blockwise_attention(q, k, v, causal=causal, mask=mask, bias=bias, block_q=block_q,
                                block_kv=block_kv)
   kernel = _splash_kernel(H, S, T, causal, bq, bk, interpret)
   to_heads = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, N, heads, D] -> [B, heads, N, D]

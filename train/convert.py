@@ -35,7 +35,8 @@ from absl import app, flags, logging
 # The odyssey config an imported model's config.json starts from (its model group is replaced):
 # by family, or by "family/model_type" for a family that reads several Hugging Face architectures.
 BASE_CONFIGS = {"llama": ("configs.lm", "size=tiny"), "mamba": ("experiments.mamba_stdlib", None),
-                "vit": ("configs.vit", None), "dit": ("configs.diffusion", "model=dit"),
+                "vit": ("configs.vit", None), "swin": ("configs.swin", None),
+                "dit": ("configs.diffusion", "model=dit"),
                 "linear_rnn/mamba2": ("experiments.mamba2_stdlib", None),
                 "linear_rnn/qwen3_next": ("experiments.hybrid_stdlib", None)}
 # Files of a Hugging Face folder that travel with imported weights (generation uses tokenizer.json).

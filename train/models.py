@@ -35,8 +35,9 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
   if not family.sequence_parallel or not model_cfg.num_heads:  # no attention layers
     local = sharding.unsplit(mesh_sizes, sharding.rules_from_config(config.parallel), "act_seq",
                              "act_heads")
+    # Image families attend over what the family says (Swin: a window's tokens).
     return attention.make_plan(config.parallel, local, num_heads=1, num_kv_heads=1,
-                               seq_len=_seq_len(config))
+                               seq_len=_seq_len(config) or attention_length(config, model_cfg))
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=model_cfg.num_kv_heads,
                              seq_len=attention_length(config, model_cfg),

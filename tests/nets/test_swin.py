@@ -1,12 +1,19 @@
-"""nets/swin.py's window geometry: partition/reverse, the relative position index, the cyclic
-shift's regions, and (shifted-)window attention against dense attention over the whole map with
-the equivalent mask and bias, computed in float64 by a loop written from the paper's definition."""
+"""nets/swin.py: window geometry (partition/reverse, the relative position index, the cyclic
+shift's regions); (shifted-)window attention through the local attention kernels against dense
+attention over the whole map with the equivalent mask and bias, computed in float64 by a loop
+written from the paper's definition; the paper's parameter counts; configs refused with a
+sentence; the FLOPs formula against XLA. (Hugging Face parity: tests/convert/test_swin_hf.py;
+the sharded step: tests/parallel/test_family_parity.py.)"""
+
+import functools
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from nets import swin
+from nets import attention, swin
+from parallel import kernels
 
 
 def test_partition_and_reverse_are_inverse_and_row_major():
@@ -57,29 +64,52 @@ def _reference(q, k, v, table, M, shift):
   return out
 
 
+def _kernel(name, **kw):
+  """A parallel/kernels.py kernel behind the attention function signature nets call."""
+  def fn(q, k, v, *, causal, positions_BxS=None, segment_ids_BxS=None, bias_HxSxT=None):
+    mask = kernels.make_mask(q.shape[1], batch=q.shape[0], q_segments=segment_ids_BxS)
+    return kernels.KERNELS[name](q, k, v, causal=causal, mask=mask, bias=bias_HxSxT, **kw)
+  return fn
+
+
+# By window size M: the blockwise kernel cuts each window into M blocks of M tokens.
+KERNELS = {"nets reference": lambda M: attention.dot_product_attention,
+           "dense": lambda M: _kernel("dense"),
+           "blockwise (M blocks per window)": lambda M: _kernel("blockwise", block_q=M, block_kv=M)}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("H,W,M,shift", [(8, 8, 4, 0), (8, 8, 4, 2), (8, 12, 4, 2), (6, 6, 3, 1)])
-def test_shifted_window_attention_equals_dense_attention_with_the_mask(H, W, M, shift):
-  with jax.enable_x64(True):
-    rng = np.random.default_rng(H * W + shift)
-    q, k, v = rng.standard_normal((3, 2, H, W, 2, 4))
-    table = rng.standard_normal(((2 * M - 1) ** 2, 2))
-    got = jax.jit(swin.shifted_window_attention, static_argnums=(4, 5))(q, k, v, table, M, shift)
-    np.testing.assert_allclose(got, _reference(q, k, v, table, M, shift), rtol=1e-10, atol=1e-12)
+def test_shifted_window_attention_equals_dense_attention_with_the_mask(H, W, M, shift, kernel):
+  """Kernels compute logits in float32: float32 inputs against the float64 loop."""
+  rng = np.random.default_rng(H * W + shift)
+  q, k, v = rng.standard_normal((3, 2, H, W, 2, 8))
+  table = rng.standard_normal(((2 * M - 1) ** 2, 2))
+  fn = jax.jit(functools.partial(swin.shifted_window_attention, M=M, shift=shift,
+                                 attention_fn=KERNELS[kernel](M)))
+  got = fn(*(x.astype(np.float32) for x in (q, k, v, table)))
+  np.testing.assert_allclose(got, _reference(q, k, v, table, M, shift), atol=2e-5)
 
 
-def test_the_shift_mask_matters():
-  """Negative control: without the region mask the shifted attention differs from the reference."""
-  with jax.enable_x64(True):
-    rng = np.random.default_rng(0)
-    q, k, v = rng.standard_normal((3, 1, 8, 8, 1, 4))
-    table = np.zeros((49, 1))
-    bias = table[swin.relative_position_index(4)].transpose(2, 0, 1)
-    part = lambda x: swin.window_partition(np.roll(x, (-2, -2), (1, 2)).reshape(1, 8, 8, 4),
-                                           4).reshape(-1, 16, 1, 4)
-    o = swin.window_attention(part(q), part(k), part(v), bias)
-    o = np.roll(swin.window_reverse(o.reshape(-1, 16, 4), 4, 8, 8).reshape(1, 8, 8, 1, 4),
-                (2, 2), (1, 2))
-    assert np.abs(o - _reference(q, k, v, table, 4, 2)).max() > 1e-3
+def test_the_shift_mask_and_the_bias_matter():
+  """Negative controls: without the region mask, or without the bias, the shifted attention is
+  far from the reference."""
+  rng = np.random.default_rng(0)
+  q, k, v = rng.standard_normal((3, 1, 8, 8, 2, 8)).astype(np.float32)
+  table = rng.standard_normal((49, 2)).astype(np.float32)
+  want = _reference(q, k, v, table, 4, 2)
+
+  def no_mask(q, k, v, *, segment_ids_BxS, **kw):
+    return attention.dot_product_attention(q, k, v, **kw)
+
+  unmasked = swin.shifted_window_attention(q, k, v, table, 4, 2, no_mask)
+  assert np.abs(unmasked - want).max() > 1e-2
+  unbiased = swin.shifted_window_attention(q, k, v, 0 * table, 4, 2)
+  assert np.abs(unbiased - want).max() > 1e-2
+
+
+def _cfg(**fields):
+  return swin.Config.from_config(ml_collections.ConfigDict(dict(name="swin", **fields)))
 
 
 # The paper's Table 1 / the reference implementation's counts at 224 with 1000 classes.
@@ -88,7 +118,7 @@ PAPER = {"T": 28_288_354, "S": 49_606_258, "B": 87_768_224}
 
 @pytest.mark.parametrize("variant", list(PAPER))
 def test_parameter_counts_match_the_paper(variant):
-  cfg = swin.Config(**swin.VARIANTS[variant])
+  cfg = _cfg(variant=variant)
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
   params = jax.eval_shape(lambda x: swin.Model(cfg).init(jax.random.PRNGKey(0), x), images)
   counted = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -96,46 +126,36 @@ def test_parameter_counts_match_the_paper(variant):
   assert abs(counted / PAPER[variant] - 1) < 0.01, (counted, PAPER[variant])
 
 
-def test_a_tiny_swin_runs_at_32px():
-  cfg = swin.Config(image_size=32, channels=1, num_classes=10, patch_size=2, window_size=4,
-                    embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+def test_digits_variant_shapes_and_stages():
+  cfg = _cfg(variant="digits")
+  assert [cfg.stage(i) for i in range(2)] == [(64, 8, 4, 2), (128, 4, 4, 0)]
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
   params = swin.Model(cfg).init(jax.random.PRNGKey(0), x)
   logits = swin.Model(cfg).apply(params, x)
   assert logits.shape == (2, 10) and np.isfinite(np.asarray(logits)).all()
+  assert sum(p.size for p in jax.tree.leaves(params)) == swin.num_params(cfg)
 
 
-def test_logits_equal_transformers_swin():
-  """A tiny random SwinForImageClassification (three stages: shifted windows in the first two,
-  a map no larger than the window in the last) imported into odyssey gives the same logits."""
-  torch = pytest.importorskip("torch", reason="the parity extra (torch, transformers) is absent")
-  transformers = pytest.importorskip("transformers", reason="the parity extra is absent")
-  hf_cfg = transformers.SwinConfig(image_size=32, patch_size=2, num_channels=3, embed_dim=16,
-                                   depths=[2, 2, 2], num_heads=[2, 4, 4], window_size=4, num_labels=10,
-                                   hidden_act="gelu", layer_norm_eps=1e-5)
-  torch.manual_seed(0)
-  hf = transformers.SwinForImageClassification(hf_cfg).eval()
-  with torch.no_grad():  # the bias tables start at zero: make them matter
-    for name, w in hf.named_parameters():
-      if "relative_position_bias_table" in name:
-        w.normal_(0, 0.5)
-  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-  cfg = swin.Config(image_size=32, channels=3, num_classes=10, patch_size=2, window_size=4,
-                    embed_dim=16, depths=(2, 2, 2), num_heads=(2, 4, 4))
-  assert [cfg.stage(i)[3] for i in range(3)] == [2, 2, 0]  # the 4x4 last map is not shifted
-  images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-  with torch.no_grad():
-    want = hf(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
-  got = swin.Model(cfg).apply({"params": swin.params_from_hf(sd, cfg)}, images)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("fields,match", [
+    (dict(depths=(2, 2, 2), num_heads=(2, 4)), "the same number"),
+    (dict(image_size=30), "not divisible by model.patch_size"),
+    (dict(image_size=24, patch_size=4, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)),
+     "cannot be halved 3 times"),
+    (dict(num_heads=(3, 4)), r"not divisible by model.num_heads\[0\]=3"),
+    (dict(window_size=3), "not divisible into model.window_size=3 windows"),
+    (dict(depths=(2, 0)), "must be positive"),
+])
+def test_bad_configs_get_one_sentence(fields, match):
+  with pytest.raises(ValueError, match=match):
+    _cfg(variant="digits", **fields)
 
 
 def test_forward_flops_match_xla():
   """At widths where matmuls dominate (the norms, GELU and softmax are left out of the formula),
   with 16 x 16 windows, so the window attention is about a twelfth of each block's FLOPs."""
   from tests.train.test_flops import TOLERANCE, loop_free_flops
-  cfg = swin.Config(image_size=64, channels=3, num_classes=100, patch_size=2, window_size=16,
-                    embed_dim=512, depths=(2, 2), num_heads=(8, 16))
+  cfg = _cfg(image_size=64, channels=3, num_classes=100, patch_size=2, window_size=16,
+             embed_dim=512, depths=(2, 2), num_heads=(8, 16))
   images = jax.ShapeDtypeStruct((2, 64, 64, 3), np.float32)
   params = jax.eval_shape(lambda x: swin.Model(cfg).init(jax.random.PRNGKey(0), x)["params"],
                           images)
