@@ -288,5 +288,7 @@ FAMILY = Family(
     num_params=lambda cfg, active=False: num_params(cfg), flops=flops,
     attention_length=lambda cfg, seq_len: min(cfg.window_size, cfg.image_size // cfg.patch_size)
     ** 2, sequence_parallel=False, converter="swin",
-    test_config=dict(variant="digits", embed_dim=128, depths=(2, 2), num_heads=(4, 8),
-                     image_size=32, patch_size=2, window_size=8, channels=3))
+    # The tanh GELU: XLA counts the exact erf's polynomial, 3.5% of this model's FLOPs.
+    test_config=dict(variant="digits", embed_dim=256, depths=(2, 2), num_heads=(4, 8),
+                     image_size=32, patch_size=2, window_size=8, channels=3,
+                     gelu_approximate=True))

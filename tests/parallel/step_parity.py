@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import diffusion, lm, vit
+from configs import diffusion, lm, swin, vit
 from parallel import mesh as parallel_mesh
 from train import image_data
 from train import program as program_lib
@@ -47,7 +47,7 @@ BYTE_MODELS = {
 
 
 def make_config(kind: str):
-  """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, DiT and
+  """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, Swin, DiT and
   U-DiT (+ MoE)."""
   base_kind = kind.split("_")[0]
   if base_kind in ("lm", *BYTE_MODELS):
@@ -57,6 +57,8 @@ def make_config(kind: str):
       config.model = ml_collections.ConfigDict(BYTE_MODELS[base_kind])
   elif base_kind == "vit":
     config = vit.get_config("variant=digits")
+  elif base_kind == "swin":  # 32 px: shifted 4 x 4 windows, one merging
+    config = swin.get_config("variant=digits")
   else:
     config = diffusion.get_config(f"model={base_kind},variant=digits")
   if kind in MOE:

@@ -7,7 +7,8 @@ from tests.parallel.step_parity import assert_matches_reference, axes, reference
 from nets import registry
 
 # Each family's tiny config in tests/parallel/step_parity.py (make_config's kind).
-KINDS = {"llama": "lm", "mamba": "mamba", "megabyte": "megabyte", "vit": "vit", "dit": "dit",
+KINDS = {"llama": "lm", "mamba": "mamba", "megabyte": "megabyte", "vit": "vit", "swin": "swin",
+         "dit": "dit",
          "udit": "udit", "linear_rnn": "gdn"}
 MESH = axes(data=2, fsdp=2, tensor=2)
 
