@@ -2,7 +2,7 @@
 
   .venv/bin/python -m bench.mfu [--quick] [--out=bench/results] [--steps=N] [--cases=a,b]
 
-For the Llama, DiT, ViT, Mamba, Gated DeltaNet and Mamba-2 train steps on ONE device of the
+For the Llama, DiT, ViT, Swin, Mamba, Gated DeltaNet and Mamba-2 train steps on ONE device of the
 current backend: model FLOPs per step (train/flops.py), the median step time (state donated, after
 two warm-up steps), the matmul peak (the best rate of large square matmuls, sampled before, between
 rounds and after) and MFU = model FLOP/s / peak. For the Llama also, timed round-robin with
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from bench import harness
-from configs import diffusion, lm, vit
+from configs import diffusion, lm, swin, vit
 from train import flops, models
 from train import program as program_lib
 
@@ -75,6 +75,14 @@ def vit_config(quick: bool):
   return c
 
 
+def swin_config(quick: bool):
+  c = swin.get_config("variant=digits" if quick else "variant=T")
+  if not quick:  # Swin-T at 224x224x3: 56x56 patches in 7x7 windows, 3 mergings
+    c.model.update(image_size=224, channels=3, num_classes=1000)
+  c.train.update(batch_size=2 if quick else 8)
+  return c
+
+
 # The linear-recurrent LMs (nets/linear_rnn.py) at the Llama's shape: d_model 512, seq 512,
 # batch 8, 4 layers. Gated DeltaNet: 8 heads with K = V = 64 and the Llama's SwiGLU 1408;
 # Mamba-2: 16 heads of 64 (inner width 2 x d_model), one B/C group with state 128, no MLP.
@@ -98,7 +106,8 @@ def linear_rnn_config(model: dict, quick: bool):
   return c
 
 
-CASES = {"llama": llama_config, "dit": dit_config, "vit": vit_config, "mamba": mamba_config,
+CASES = {"llama": llama_config, "dit": dit_config, "vit": vit_config, "swin": swin_config,
+         "mamba": mamba_config,
          "gated_deltanet": lambda quick: linear_rnn_config(GDN_QUICK if quick else GDN, quick),
          "mamba2": lambda quick: linear_rnn_config(MAMBA2_QUICK if quick else MAMBA2, quick)}
 

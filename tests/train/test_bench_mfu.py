@@ -13,8 +13,8 @@ def test_quick_mfu_bench_writes_sane_figures(tmp_path):
     result = json.load(f)
   assert os.path.getsize(tmp_path / "mfu.md") > 0 and "| llama |" in proc.stdout
   assert result["peak_flops"] > 0 and math.isfinite(result["peak_flops"])
-  assert [r["case"] for r in result["rows"]] == ["llama", "dit", "vit", "mamba", "gated_deltanet",
-                                                 "mamba2"]
+  assert [r["case"] for r in result["rows"]] == ["llama", "dit", "vit", "swin", "mamba",
+                                                 "gated_deltanet", "mamba2"]
   for row in result["rows"]:
     assert row["model_flops_per_step"] > 0 and row["step_s"] > 0
     assert 0 < row["mfu"] <= 1, row

@@ -75,9 +75,9 @@ DOCUMENTED = {
         Runs(RECIPE, "make run's recipe is exactly this command (asserted), run by the make-run "
              "test"),
     "python -m train.convert": Runs(ROUND_TRIP),
-    "python -m train.convert --from=hf|odyssey --family=llama|vit|mamba|dit|linear_rnn --src=DIR "
+    "python -m train.convert --from=hf|odyssey --family=llama|vit|swin|mamba|dit|linear_rnn --src=DIR "
     "--dst=DIR": Runs(ROUND_TRIP, "synopsis: both directions with --family=llama; the other "
-                      "families' import/export are tests/convert/test_{vit,mamba,dit,linear_rnn}"
+                      "families' import/export are tests/convert/test_{vit,swin,mamba,dit,linear_rnn}"
                       "_hf.py (library parity)"),
     "python -m train.generate": Runs(GENERATE),
     "python -m train.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] --max_new_tokens=N":
@@ -124,6 +124,8 @@ DOCUMENTED = {
     "python -m train --config=experiments/dit_moe_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/vit_digits.py --workdir=DIR --cpu_devices=8":
+        Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/swin_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/dit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),

@@ -207,9 +207,9 @@ def test_export_then_import_then_generate_the_same_text(make_run, converted, gen
   assert json.loads((imported / "converted.json").read_text())["family"] == "llama"
   # The synopsis form, both directions, into fresh folders: the same tensors come back.
   synopsis = doc("python -m train.convert --from=hf|odyssey "
-                 "--family=llama|vit|mamba|dit|linear_rnn --src=DIR --dst=DIR")
+                 "--family=llama|vit|swin|mamba|dit|linear_rnn --src=DIR --dst=DIR")
   form = lambda direction: synopsis.replace("hf|odyssey", direction).replace(
-      "llama|vit|mamba|dit|linear_rnn", "llama").replace("--src=DIR --dst=DIR",
+      "llama|vit|swin|mamba|dit|linear_rnn", "llama").replace("--src=DIR --dst=DIR",
                                                           "--src=SRC --dst=DST")
   run(substitute(form("odyssey"), SRC=imported, DST=tmp_path / "hf2"), tmp_path / "e.log",
       timeout=300)
