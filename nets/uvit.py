@@ -13,8 +13,8 @@ so the diffusion objectives, samplers and guidance in train/ apply unchanged.
 
 The in-blocks and out-blocks are each one nn.scan: the in-blocks' scan emits every block's output
 (the skips, stacked on a leading axis), and the out-blocks' scan consumes them reversed. With the
-"intermediates" collection mutable the model also sows every block's output ("in_blocks",
-"mid_block", "out_blocks"), which tests use to check the skip wiring.
+"intermediates" collection mutable the model also sows every block's output ("in_block_outputs",
+"mid_block_output", "out_block_outputs"), which tests use to check the skip wiring.
 
 Where it differs from the paper's code (baofff/U-ViT): the qkv projection has a bias (fused,
 nets/layers.py's Attention); the MLP's GELU is the tanh approximation; the timestep token always
@@ -202,14 +202,14 @@ class Model(nn.Module):
     if L:
       x_BxTxE, skips_LxBxTxE = scanned(Block, cfg.remat, L)(
           cfg, self.attention_fn, name="in_blocks")(x_BxTxE)
-      self.sow("intermediates", "in_blocks", skips_LxBxTxE)
+      self.sow("intermediates", "in_block_outputs", skips_LxBxTxE)
     x_BxTxE, _ = remat(Block, cfg.remat)(cfg, self.attention_fn, name="mid_block")(x_BxTxE)
-    self.sow("intermediates", "mid_block", x_BxTxE)
+    self.sow("intermediates", "mid_block_output", x_BxTxE)
     if L:
       x_BxTxE, outs_LxBxTxE = scanned(Block, cfg.remat, L, in_axes=0)(
           cfg, self.attention_fn, skip=True, emit=emit, name="out_blocks")(
               x_BxTxE, self.long_skips(skips_LxBxTxE))
-      self.sow("intermediates", "out_blocks", outs_LxBxTxE)
+      self.sow("intermediates", "out_block_outputs", outs_LxBxTxE)
 
     x_BxTxE = LayerNorm(cfg, eps=cfg.norm_eps, name="norm")(x_BxTxE)
     out_BxSxP = Dense(cfg, (p * p * cfg.out_channels,), ("embed", "patch"), kernel_init=_INIT,
