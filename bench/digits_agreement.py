@@ -14,7 +14,7 @@ import os
 from absl import app, flags
 
 _VIT = flags.DEFINE_string("vit_workdir", None, "Workdir of a trained experiments/vit_digits run.")
-_DIT = flags.DEFINE_string("dit_workdir", None, "Workdir of a trained dit_digits/udit_digits run.")
+_DIT = flags.DEFINE_string("dit_workdir", None, "Workdir of a trained dit_digits/udit_digits/uvit_digits run.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 50, "Samples per class.")
 _CFG = flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: the run's config).")
 _SEED = flags.DEFINE_integer("seed", 1, "Sampling seed.")

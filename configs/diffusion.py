@@ -1,6 +1,6 @@
-"""Base config for class-conditional diffusion with DiT or U-DiT on the embedded digits.
+"""Base config for class-conditional diffusion with DiT, U-DiT or U-ViT on the embedded digits.
 
-Config argument: ``model=dit|udit,variant=NAME`` (a key of the family's VARIANTS).
+Config argument: ``model=dit|udit|uvit,variant=NAME`` (a key of the family's VARIANTS).
 """
 
 import ml_collections

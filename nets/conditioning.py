@@ -1,5 +1,6 @@
 """The diffusion transformers' conditioning and adaLN-Zero blocks (DiT, Peebles & Xie, as
-facebookresearch/DiT), shared by nets/dit.py and nets/udit.py.
+facebookresearch/DiT), shared by nets/dit.py and nets/udit.py; nets/uvit.py uses the embedders
+(its time and label tokens).
 
 c = timestep embedding (sinusoidal features -> MLP) + label embedding (a table with a "null" row
 for classifier-free guidance); each block and the final layer regress shift/scale/gate vectors

@@ -155,6 +155,16 @@ def _per_head(H: int, *xs):
   return [x if x.shape[-2] == H else jnp.repeat(x, H // x.shape[-2], axis=-2) for x in xs]
 
 
+def _reset_masks(reset_BxS, B: int, S: int, n: int, C: int):
+  """(linked [B, n, C(t), C(s)], from_start [B, n, C]) of the chunks: s's contribution reaches t
+  (s <= t) only when no reset lies in (s, t]; the incoming state reaches t only when none lies in
+  [0, t] (resets counted by a cumulative sum over in-chunk positions)."""
+  reset = (jnp.zeros((B, S), jnp.int32) if reset_BxS is None else reset_BxS.astype(jnp.int32))
+  resets = jnp.cumsum(jnp.pad(reset, [(0, 0), (0, n * C - S)]).reshape(B, n, C), axis=-1)
+  linked = jnp.tril(jnp.ones((C, C), bool)) & (resets[..., :, None] == resets[..., None, :])
+  return linked, resets == 0
+
+
 def _chunks(x, n: int, C: int):
   """[B, S, H, ...] padded with zeros to n·C -> [B, H, n, C, ...]."""
   B, S = x.shape[:2]
@@ -180,17 +190,12 @@ def chunked(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
     s0 = jnp.zeros((B, H, K, Vd), q.dtype)
   if beta is None and g.ndim == 3:
     return _scalar_decay_chunked(q, k, v, g, s0, reset_BxS, n, C)
+  # From here: the delta rule (scalar decay) and the per-key decay (GLA, no β).
   q, k = _per_head(H, q, k)
   q, k, v, g = (_chunks(x, n, C) for x in (q, k, v, g))  # [B, H, n, C, ...]
   per_key = g.ndim == 5
-  # resets_t: resets at in-chunk positions <= t. s's contribution reaches t (s <= t) only when no
-  # reset lies in (s, t]; the incoming state reaches t only when none lies in [0, t].
-  reset = (jnp.zeros((B, S), jnp.int32) if reset_BxS is None else reset_BxS.astype(jnp.int32))
-  reset = jnp.pad(reset, [(0, 0), (0, n * C - S)]).reshape(B, 1, n, C)
-  resets = jnp.cumsum(reset, axis=-1)
-  causal = jnp.tril(jnp.ones((C, C), bool))
-  linked = causal & (resets[..., :, None] == resets[..., None, :])  # [B, 1, n, C, C]
-  from_start = resets == 0  # [B, 1, n, C]
+  linked, from_start = _reset_masks(reset_BxS, B, S, n, C)
+  linked, from_start = linked[:, None], from_start[:, None]  # [B, 1, n, C, C], [B, 1, n, C]
   G = jnp.cumsum(g, axis=3)  # [B, H, n, C(, K)]
   G_end = G[:, :, :, -1:]  # [B, H, n, 1(, K)]
   to_end = linked[..., -1, :]  # [B, 1, n, C]: s reaches the chunk's last step
@@ -209,14 +214,13 @@ def chunked(q_BxSxHxK, k_BxSxHxK, v_BxSxHxV, log_decay, beta_BxSxH=None, *,
     k_end = k * jnp.exp(jnp.where(to_end, G_end - G, neg_inf))[..., None]
     chunk_decay = jnp.exp(G_end[..., 0]) * from_start[..., -1]  # [B, H, n]
 
-  if beta is None:
-    q_in = q * (gamma if per_key else gamma[..., None])  # reads the incoming state
+  if beta is None:  # the per-key decay
+    q_in = q * gamma  # reads the incoming state
     delta_KxV = jnp.einsum("bhnsk,bhnsv->bhnkv", k_end, v)
 
     def carry(state, xs):
       decay, delta = xs
-      decay = decay[..., None] if per_key else decay[..., None, None]
-      return decay * state + delta, state
+      return decay[..., None] * state + delta, state
 
     xs = (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(delta_KxV, 2, 0))
     final, states = jax.lax.scan(carry, s0, xs)
@@ -262,11 +266,7 @@ def _scalar_decay_chunked(q, k, v, g, s0, reset_BxS, n: int, C: int):
   pad = lambda x: jnp.pad(x, [(0, 0), (0, n * C - S)] + [(0, 0)] * (x.ndim - 2)).reshape(
       (B, n, C) + x.shape[2:])
   q, k, v, g = pad(q), pad(k), pad(v), pad(g)  # [B, n, C, G|H, ...]
-  reset = (jnp.zeros((B, S), jnp.int32) if reset_BxS is None else reset_BxS.astype(jnp.int32))
-  resets = jnp.cumsum(pad(reset), axis=-1)  # [B, n, C]: resets at in-chunk positions <= t
-  linked = (jnp.tril(jnp.ones((C, C), bool))
-            & (resets[..., :, None] == resets[..., None, :]))  # [B, n, C(t), C(s)]
-  from_start = resets == 0  # [B, n, C]: the entering state reaches t
+  linked, from_start = _reset_masks(reset_BxS, B, S, n, C)  # [B, n, C(t), C(s)], [B, n, C]
   G_cum = jnp.cumsum(g, axis=2)  # [B, n, C, H]
   G_end = G_cum[:, :, -1]  # [B, n, H]
   neg_inf = jnp.asarray(-jnp.inf, q.dtype)

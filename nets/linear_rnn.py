@@ -177,7 +177,8 @@ def mixer_flops(cfg: Config, seq_len: int, executed: bool = False) -> float:
                       cfg.linear_v_dim, cfg.conv_size)
   c = min(cfg.chunk, seq_len) if seq_len else cfg.chunk
   n = -(-seq_len // c) if seq_len else 1
-  core = 2 * c * K + 2 * c * V + 4 * K * V
+  core = 2 * c * K + 2 * c * V + 4 * K * V  # per head
+  per_group = 0  # per key head (group)
   if cfg.mixer == "gated_deltanet":
     proj = 2 * E * (2 * N * K + 2 * H * V + 2 * H)
     conv = 2 * C * (2 * N * K + H * V)
@@ -187,12 +188,13 @@ def mixer_flops(cfg: Config, seq_len: int, executed: bool = False) -> float:
   elif cfg.mixer == "mamba2":
     proj = 2 * E * (2 * H * V + 2 * N * K + H)
     conv = 2 * C * (H * V + 2 * N * K)
-    return proj + conv + H * (core - 2 * c * K) + N * 2 * c * K + 2 * H * V * E
+    core -= 2 * c * K  # the scores q·kᵀ: per group, below
+    per_group = 2 * c * K
   else:
     proj = 2 * E * (2 * H * K + 2 * H * V + cfg.gate_rank) + 2 * cfg.gate_rank * H * K
     conv = 2 * C * (2 * H * K + H * V)
     core += 3 * c * K
-  return proj + conv + H * core + 2 * H * V * E
+  return proj + conv + H * core + N * per_group + 2 * H * V * E
 
 
 def flops(cfg: Config, step: counting.Step) -> float:

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -21,7 +22,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # test process, not the user's ~/.cache/odyssey; subprocesses inherit it. A test of the first use
 # itself sets its own empty one.
 if "ODYSSEY_CACHE" not in os.environ:
-  import tempfile
   os.environ["ODYSSEY_CACHE"] = tempfile.mkdtemp(prefix="odyssey-test-cache-")
 # One persistent XLA compilation cache for the whole run, shared by both pytest workers and every
 # subprocess they start (set here, in the controller, before the workers spawn): the suite compiles
@@ -29,7 +29,6 @@ if "ODYSSEY_CACHE" not in os.environ:
 # process of a multi-process job), and a cache hit skips the compile. Programs and results are
 # unchanged; XLA flags are part of the key, so the user tier's flags still get their own compiles.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import tempfile
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="odyssey-test-xla-cache-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

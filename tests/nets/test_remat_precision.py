@@ -16,9 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from nets import dit, layers, linear_rnn, llama, mamba, megabyte, moe, udit, vit
+from nets import dit, layers, linear_rnn, llama, mamba, megabyte, moe, udit, uvit, vit
 from parallel import devices as parallel_devices
-from tests.nets import test_linear_rnn, test_llama, test_mamba, test_megabyte, test_vision
+from tests.nets import (test_linear_rnn, test_llama, test_mamba, test_megabyte, test_uvit,
+                         test_vision)
 from train.tasks import lm
 
 
@@ -50,6 +51,7 @@ FAMILIES = {
                          test_vision.diffusion_inputs(cfg)),
     "udit": lambda **kw: (udit.Model(cfg := test_vision.udit_cfg(depths=[1, 1, 1], **kw)),
                           test_vision.diffusion_inputs(cfg)),
+    "uvit": lambda **kw: (uvit.Model(cfg := test_uvit.uvit_cfg(**kw)), test_uvit.inputs(cfg)),
 }
 
 

@@ -47,8 +47,8 @@ BYTE_MODELS = {
 
 
 def make_config(kind: str):
-  """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, Swin, DiT and
-  U-DiT (+ MoE)."""
+  """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, Swin, DiT,
+  U-DiT and U-ViT (+ MoE)."""
   base_kind = kind.split("_")[0]
   if base_kind in ("lm", *BYTE_MODELS):
     config = lm.get_config("size=test")

@@ -81,8 +81,11 @@ def _dit(model="dit", **moe):
     c.model.update(hidden_size=512, depth=2, num_heads=8, input_size=16, patch_size=2,
                    in_channels=4)
     c.model.moe.update(**moe)
-  else:
+  elif model == "udit":
     c.model.update(hidden_size=256, num_heads=4, depths=(1, 1, 1), input_size=16, in_channels=4)
+  else:  # uvit
+    c.model.update(hidden_size=256, depth=3, num_heads=4, input_size=16, patch_size=2,
+                   in_channels=4)
   c.train.batch_size = 4
   return c
 
@@ -100,6 +103,7 @@ CONFIGS = {
     "dit_moe": lambda: _dit(num_experts=4, top_k=2, shared_experts=1, expert_dim=512,
                             capacity_factor=1.0),
     "udit": lambda: _dit("udit"),
+    "uvit": lambda: _dit("uvit"),
 }
 
 

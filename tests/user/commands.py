@@ -131,6 +131,8 @@ DOCUMENTED = {
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/udit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/uvit_digits.py --workdir=DIR --cpu_devices=8":
+        Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/gdn_stdlib.py --workdir=DIR --cpu_devices=8":
         Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/mamba2_stdlib.py --workdir=DIR --cpu_devices=8":

@@ -1,7 +1,7 @@
 """The README's launch commands of the vision and diffusion experiments (ViT, Swin, DiT, U-DiT,
-DiT-MoE on the embedded digits) through `python -m train`, as written: the experiment's own mesh on 8
-simulated CPU devices, its evaluation at step 0 and at the end, and, for the diffusion models,
-the PNG grid of guided samples (DDIM 50 steps, every class) at each evaluation. Then
+U-ViT, DiT-MoE on the embedded digits) through `python -m train`, as written: the experiment's own
+mesh on 8 simulated CPU devices, its evaluation at step 0 and at the end, and, for the diffusion
+models, the PNG grid of guided samples (DDIM 50 steps, every class) at each evaluation. Then
 `python -m train.sample` on the DiT workdir and `python -m bench.digits_agreement` on the ViT
 and DiT workdirs.
 
@@ -25,7 +25,8 @@ from PIL import Image
 from tests.user import check_run, run, substitute
 from tests.user.commands import doc
 
-STEPS = {"vit_digits": 40, "swin_digits": 40, "dit_digits": 10, "udit_digits": 10, "dit_moe_digits": 10}
+STEPS = {"vit_digits": 40, "swin_digits": 40, "dit_digits": 10, "udit_digits": 10,
+         "uvit_digits": 10, "dit_moe_digits": 10}
 CLASSIFIERS = ("vit_digits", "swin_digits")
 DIFFUSION = (" --config.train.batch_size=16 --config.opt.warmup_steps=2"
              " --config.diffusion.sample_steps=10 --config.diffusion.samples_per_class=2")
