@@ -16,10 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from nets import dit, layers, linear_rnn, llama, mamba, megabyte, moe, udit, uvit, vit
+from nets import dit, layers, linear_rnn, llama, mamba, megabyte, moe, swin, udit, uvit, vit
 from parallel import devices as parallel_devices
-from tests.nets import (test_linear_rnn, test_llama, test_mamba, test_megabyte, test_uvit,
-                         test_vision)
+from tests.nets import (test_linear_rnn, test_llama, test_mamba, test_megabyte, test_swin,
+                         test_uvit, test_vision)
 from train.tasks import lm
 
 
@@ -47,6 +47,7 @@ FAMILIES = {
     "linear_rnn_mamba2": lambda **kw: (linear_rnn.Model(test_linear_rnn.make_cfg("mamba2", **kw)),
                                        _tokens(12)),
     "vit": lambda **kw: (vit.Model(cfg := test_vision.vit_cfg(**kw)), _images(cfg)),
+    "swin": lambda **kw: (swin.Model(cfg := test_swin.swin_cfg(**kw)), _images(cfg)),
     "dit": lambda **kw: (dit.Model(cfg := test_vision.dit_cfg(**kw)),
                          test_vision.diffusion_inputs(cfg)),
     "udit": lambda **kw: (udit.Model(cfg := test_vision.udit_cfg(depths=[1, 1, 1], **kw)),
@@ -80,9 +81,15 @@ def nbytes(leaves) -> int:
   return sum(x.size * x.dtype.itemsize for x in leaves)
 
 
-def assert_same_grads(grads, ref):
+def assert_same_grads(grads, ref, atol_of_max=1e-6):
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6 * float(np.abs(r).max()))
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=atol_of_max * float(np.abs(r).max()))
+
+
+# Swin's bias tables: each row's gradient sums the logit gradients of every (query, key) pair at
+# that offset (a scatter-add over ~256 pairs per head), in an order XLA picks per program; the last
+# stage's are small (max ~2e-5), and "full" differs from "none" by up to 5.6e-6 of that maximum.
+ATOL_OF_MAX = {"swin": 1e-5}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -95,8 +102,9 @@ def test_remat_policies_keep_gradients_and_order_residuals(family):
   losses = {p: scalar_loss(model, inputs) for p, (model, _) in models.items()}
   compared = ("none", "full", "selective")
   grads = jax.jit(lambda ps: {p: jax.grad(losses[p])(ps) for p in compared})(params)
-  assert_same_grads(grads["full"], grads["none"])
-  assert_same_grads(grads["selective"], grads["none"])
+  tol = ATOL_OF_MAX.get(family, 1e-6)
+  assert_same_grads(grads["full"], grads["none"], tol)
+  assert_same_grads(grads["selective"], grads["none"], tol)
   kept = {p: nbytes(residuals(loss, params)) for p, loss in losses.items()}
   assert kept["none"] > kept["selective"] > kept["full"], kept
   assert kept["offload"] == kept["selective"], kept

@@ -112,6 +112,13 @@ def _cfg(**fields):
   return swin.Config.from_config(ml_collections.ConfigDict(dict(name="swin", **fields)))
 
 
+def swin_cfg(**fields):
+  """A tiny Swin (16 px, an 8 x 8 grid of shifted 4 x 4 windows, then one window) for the
+  cross-family tests (tests/nets/test_remat_precision.py)."""
+  return _cfg(**{**dict(image_size=16, channels=1, num_classes=5, patch_size=2, window_size=4,
+                        embed_dim=16, depths=(2, 2), num_heads=(2, 4)), **fields})
+
+
 # The paper's Table 1 / the reference implementation's counts at 224 with 1000 classes.
 PAPER = {"T": 28_288_354, "S": 49_606_258, "B": 87_768_224}
 
