@@ -99,7 +99,7 @@ VARIANTS = {"T": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24
             "L": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))}
 # sklearn digits upscaled to 32 x 32 grey: an 8 x 8 patch grid in 4 x 4 windows (shifted), then
 # one 4 x 4 window.
-VARIANTS["digits"] = dict(embed_dim=64, depths=(2, 2), num_heads=(2, 4), patch_size=4,
+VARIANTS["digits"] = dict(embed_dim=48, depths=(2, 2), num_heads=(2, 4), patch_size=4,
                           window_size=4, image_size=32, channels=1, num_classes=10)
 _ACT = ("act_batch", None, None, "act_embed")
 

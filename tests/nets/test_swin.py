@@ -135,7 +135,7 @@ def test_parameter_counts_match_the_paper(variant):
 
 def test_digits_variant_shapes_and_stages():
   cfg = _cfg(variant="digits")
-  assert [cfg.stage(i) for i in range(2)] == [(64, 8, 4, 2), (128, 4, 4, 0)]
+  assert [cfg.stage(i) for i in range(2)] == [(48, 8, 4, 2), (96, 4, 4, 0)]
   x = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
   params = swin.Model(cfg).init(jax.random.PRNGKey(0), x)
   logits = swin.Model(cfg).apply(params, x)
@@ -148,7 +148,7 @@ def test_digits_variant_shapes_and_stages():
     (dict(image_size=30), "not divisible by model.patch_size"),
     (dict(image_size=24, patch_size=4, depths=(2, 2, 2, 2), num_heads=(1, 1, 1, 1)),
      "cannot be halved 3 times"),
-    (dict(num_heads=(3, 4)), r"not divisible by model.num_heads\[0\]=3"),
+    (dict(num_heads=(5, 4)), r"not divisible by model.num_heads\[0\]=5"),
     (dict(window_size=3), "not divisible into model.window_size=3 windows"),
     (dict(depths=(2, 0)), "must be positive"),
 ])
