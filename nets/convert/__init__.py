@@ -101,16 +101,17 @@ class Tensors:
         counts[str(a.dtype)] = counts.get(str(a.dtype), 0) + a.size
     return max(counts, key=counts.get) if counts else "float32"
 
-  def take(self, name: str, shape: tuple | None = None) -> np.ndarray:
+  def take(self, name: str, shape: tuple | None = None, weight: bool = True) -> np.ndarray:
     """The tensor ``name`` (a numpy array), checked against ``shape`` and converted to the
-    requested dtype; a missing tensor or another shape raises one sentence naming it."""
+    requested dtype; a missing tensor or another shape raises one sentence naming it.
+    ``weight=False`` takes a stored buffer (e.g. an integer index) as it is stored."""
     if name not in self._tensors:
       raise MissingTensorError(f"{self.source} has no tensor {name!r}, which this model needs "
                      f"({len(self._tensors)} tensors present).")
     a = self._tensors[name]
     source = self._files.get(name, self.source)
     stored = self._stored.get(name) or _safetensors_name(np.asarray(a).dtype)
-    if stored not in FLOAT_WEIGHT_DTYPES:
+    if weight and stored not in FLOAT_WEIGHT_DTYPES:
       raise ValueError(f"{name} in {source} is stored as {stored}, but a weight must be a float "
                        f"type ({'/'.join(FLOAT_WEIGHT_DTYPES)}).")
     if shape is not None and tuple(a.shape) != tuple(shape):
@@ -118,7 +119,7 @@ class Tensors:
                        f"config needs {tuple(shape)}.")
     self._taken.add(name)
     a = np.asarray(a)
-    if self.dtype is not None and a.dtype != self.dtype and (
+    if weight and self.dtype is not None and a.dtype != self.dtype and (
         np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16):
       a = a.astype(self.dtype)
     return a

@@ -125,7 +125,7 @@ def from_hf(tensors: convert.Tensors, cfg: swin.Config) -> dict:
                   "fc2": linear_from_hf(tensors, pre + "output.dense", m, c)}}
       index = att + "self.relative_position_index"
       if index in tensors and not np.array_equal(
-          tensors.take(index, (M * M, M * M)), swin.relative_position_index(M)):
+          tensors.take(index, (M * M, M * M), weight=False), swin.relative_position_index(M)):
         raise ValueError(f"{tensors.source}: {index} is not the relative position index of a "
                          f"{M} x {M} window, which odyssey computes; the checkpoint does not "
                          "match its config.json window_size.")

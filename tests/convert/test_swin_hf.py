@@ -97,3 +97,19 @@ def test_unrepresentable_configs_are_refused(fields, match):
               depths=[2], num_heads=[2], num_labels=3)
   with pytest.raises(ValueError, match=match):
     convert_swin.model_fields({**base, **fields})
+
+
+def test_a_stored_relative_position_index_is_checked(hf_dir):
+  """Checkpoints saved by older transformers also hold each block's relative_position_index: the
+  right one is accepted (and not imported), a wrong one refused with a sentence naming it."""
+  path, _, _ = hf_dir
+  cfg, tensors = _import(path)
+  name = "swin.encoder.layers.0.blocks.1.attention.self.relative_position_index"
+  index = swin.relative_position_index(4).astype(np.int64)
+  stored = {n: tensors._tensors[n] for n in tensors.names()}
+  ok = convert.Tensors({**stored, name: index}, tensors.source)
+  jax.tree.map(np.testing.assert_array_equal, convert_swin.from_hf(ok, cfg),
+               convert_swin.from_hf(_import(path)[1], cfg))
+  bad = convert.Tensors({**stored, name: index[::-1]}, tensors.source)
+  with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*window_size"):
+    convert_swin.from_hf(bad, cfg)
