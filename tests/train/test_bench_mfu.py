@@ -39,7 +39,7 @@ def test_quick_mfu_bench_writes_sane_figures(tmp_path):
     assert ceiling[key] > 0 and math.isfinite(ceiling[key]), key
   assert ceiling["ceiling_mfu_causal_skip"] > ceiling["ceiling_mfu"]
   # Gated DeltaNet and Mamba-2: round-robin with their variants, profiled, against the targets.
-  gdn, mamba2 = result["rows"][4:]
+  gdn, mamba2 = result["rows"][5:]
   assert [v["chunk"] for v in gdn["variants"]] == [32] != [gdn["chunk"]]
   assert all(v["step_s"] > 0 and 0 < v["mfu"] <= 1 for v in gdn["variants"])
   # Another chunk length counts other FLOPs (the in-chunk work grows with the chunk).
