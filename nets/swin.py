@@ -70,26 +70,44 @@ def shift_region_ids(H: int, W: int, M: int, shift: int) -> np.ndarray:
   return ids
 
 
-def shifted_window_attention(q, k, v, bias_table, M: int, shift: int,
-                             attention_fn: Callable[..., Any] = attention.dot_product_attention):
-  """Swin's (shifted-)window attention on [B, H, W, heads, D] maps: roll by −shift, partition,
-  attend with the relative position bias (``bias_table`` [(2M−1)², heads]) and the region mask,
-  reverse and roll back."""
-  B, H, W, Hh, D = q.shape
-  roll = lambda x, s: jnp.roll(x, (s, s), axis=(1, 2)) if shift else x
-  part = lambda x: nn.with_logical_constraint(
-      window_partition(roll(x, -shift).reshape(B, H, W, Hh * D), M).reshape(-1, M * M, Hh, D),
-      ("act_batch", "act_seq", "act_heads", "head_dim"))
+def to_windows(x_BxHxWxC, M: int, shift: int):
+  """A map rolled by −shift and cut into windows: [B, H, W, C] -> [B·nW, N, C]."""
+  if shift:
+    x_BxHxWxC = jnp.roll(x_BxHxWxC, (-shift, -shift), axis=(1, 2))
+  return window_partition(x_BxHxWxC, M)
+
+
+def from_windows(w_BnWxNxC, M: int, shift: int, H: int, W: int):
+  """The inverse of ``to_windows``: [B·nW, N, C] -> [B, H, W, C]."""
+  x_BxHxWxC = window_reverse(w_BnWxNxC, M, H, W)
+  return jnp.roll(x_BxHxWxC, (shift, shift), axis=(1, 2)) if shift else x_BxHxWxC
+
+
+def window_attention(q, k, v, bias_table, M: int, shift: int, H: int, W: int,
+                     attention_fn: Callable[..., Any] = attention.dot_product_attention):
+  """Attention within the windows of ``to_windows``: q, k, v [B·nW, N, heads, D] -> the same
+  shape, with the relative position bias (``bias_table`` [(2M−1)², heads]) and, for shift > 0,
+  the region mask of the H x W map."""
   bias_HxNxN = bias_table[relative_position_index(M)].transpose(2, 0, 1)
   segments = None
   if shift:
     regions_nWxN = window_partition(
         jnp.asarray(shift_region_ids(H, W, M, shift))[None, ..., None], M)[..., 0]
-    segments = jnp.tile(regions_nWxN, (B, 1))  # windows are image-major: [B·nW, N]
-  o = attention_fn(part(q), part(k), part(v), causal=False, positions_BxS=None,
-                   segment_ids_BxS=segments, bias_HxSxT=bias_HxNxN)
-  o = window_reverse(o.reshape(-1, M * M, Hh * D), M, H, W).reshape(B, H, W, Hh, D)
-  return roll(o, shift)
+    segments = jnp.tile(regions_nWxN, (q.shape[0] // regions_nWxN.shape[0], 1))  # image-major
+  return attention_fn(q, k, v, causal=False, positions_BxS=None, segment_ids_BxS=segments,
+                      bias_HxSxT=bias_HxNxN)
+
+
+def shifted_window_attention(q, k, v, bias_table, M: int, shift: int,
+                             attention_fn: Callable[..., Any] = attention.dot_product_attention):
+  """Swin's (shifted-)window attention on [B, H, W, heads, D] maps: roll by −shift, partition,
+  attend with the relative position bias and the region mask, reverse and roll back. (The block
+  windows its normalised input once instead, before the qkv projection: the same function,
+  since the projection acts per token.)"""
+  B, H, W, Hh, D = q.shape
+  part = lambda x: to_windows(x.reshape(B, H, W, Hh * D), M, shift).reshape(-1, M * M, Hh, D)
+  o = window_attention(part(q), part(k), part(v), bias_table, M, shift, H, W, attention_fn)
+  return from_windows(o.reshape(-1, M * M, Hh * D), M, shift, H, W).reshape(B, H, W, Hh, D)
 
 
 # embed_dim, depths, heads per stage: the paper's Table 7 (window 7, patch 4, at 224).
@@ -223,16 +241,23 @@ class SwinBlock(nn.Module):
     C = x_BxHxWxC.shape[-1]
     D = C // self.heads
     x_BxHxWxC = nn.with_logical_constraint(x_BxHxWxC, _ACT)
+    B, H, W, _ = x_BxHxWxC.shape
+    # LayerNorm, the projections and the residual act per token: window the normalised map once
+    # ([B·nW, N, C], the windows as batch rows) and un-window the attention's projected output.
     h = LayerNorm(cfg, eps=cfg.norm_eps, name="norm1")(x_BxHxWxC)
-    qkv = Dense(cfg, (3, self.heads, D), ("embed", None, "heads", "head_dim"), name="qkv")(h)
+    h_BnWxNxC = nn.with_logical_constraint(to_windows(h, M, self.shift),
+                                           ("act_batch", "act_seq", "act_embed"))
+    qkv = Dense(cfg, (3, self.heads, D), ("embed", None, "heads", "head_dim"), name="qkv")(
+        h_BnWxNxC)
+    qkv = nn.with_logical_constraint(qkv, ("act_batch", "act_seq", None, "act_heads", "head_dim"))
     table = self.param("relative_position_bias_table", nn.with_logical_partitioning(
         nn.initializers.truncated_normal(0.02), (None, "heads")), ((2 * M - 1) ** 2, self.heads),
         jnp.dtype(cfg.param_dtype))
-    o = shifted_window_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :],
-                                 table, M, self.shift, self.attention_fn)
-    o = nn.with_logical_constraint(o, ("act_batch", None, None, "act_heads", "head_dim"))
-    x_BxHxWxC = x_BxHxWxC + Dense(cfg, (C,), ("heads", "head_dim", "embed"), n_in=2,
-                                  name="proj")(o)
+    o = window_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], table, M, self.shift, H, W,
+                         self.attention_fn)
+    o = nn.with_logical_constraint(o, ("act_batch", "act_seq", "act_heads", "head_dim"))
+    o_BnWxNxC = Dense(cfg, (C,), ("heads", "head_dim", "embed"), n_in=2, name="proj")(o)
+    x_BxHxWxC = x_BxHxWxC + from_windows(o_BnWxNxC, M, self.shift, H, W)
     h = LayerNorm(cfg, eps=cfg.norm_eps, name="norm2")(x_BxHxWxC)
     x_BxHxWxC = x_BxHxWxC + Mlp(cfg, cfg.mlp_ratio * C, cfg.gelu_approximate, name="mlp")(h)
     return nn.with_logical_constraint(x_BxHxWxC, _ACT)
