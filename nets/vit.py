@@ -248,6 +248,7 @@ class Model(nn.Module):
 FAMILY = Family(
     name="vit", Config=Config, Model=Model, task="classification",
     num_params=lambda cfg, active=False: num_params(cfg), flops=flops,
-    attention_length=lambda cfg, seq_len: cfg.max_len, converter="vit",
+    # seq_len: the tokens of a packed row (train/image_packing.py), else 0
+    attention_length=lambda cfg, seq_len: seq_len or cfg.max_len, converter="vit",
     test_config=dict(variant="digits", width=256, mlp_dim=512, depth=2, num_heads=4,
                      image_size=16, patch_size=2, channels=3))

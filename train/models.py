@@ -15,8 +15,11 @@ def model_config(config):
 
 
 def _seq_len(config) -> int:
-  """LM tokens per sequence; image configs have no train.seq_len."""
-  return config.train.seq_len if config.task == "lm" else 0
+  """LM tokens per sequence, or the tokens of a packed image row (data.native_size); 0 for
+  fixed-size images, whose length the model config gives."""
+  if config.task == "lm":
+    return config.train.seq_len
+  return config.data.seq_len if config.data.get("native_size", False) else 0
 
 
 def attention_length(config, model_cfg) -> int:
