@@ -1,10 +1,14 @@
 """A train step on packed native-size ViT rows (data.native_size=True) sharded over
-data=2 x fsdp=2 x tensor=2 equals the single-device step: loss, gradients and the AdamW update.
-Packed rows shard over the data axes like images; a row's tokens stay on one device."""
+data=2 x fsdp=2 x tensor=2, and over data=2 x seq=4 with Ulysses and ring attention, equals the
+single-device step: loss, gradients and the AdamW update. Packed rows shard over the data axes
+like images."""
 
+
+import functools
 
 import jax
 import numpy as np
+import pytest
 
 from configs import vit
 from parallel import mesh as parallel_mesh
@@ -17,7 +21,7 @@ from train.validate import validate
 B = 8  # packed rows per batch
 
 
-def config(root, sizes):
+def config(root, sizes, **parallel):
   c = vit.get_config("variant=digits")
   c.model.update(image_size=32, channels=3, patch_size=4, posemb="factorized", num_classes=3)
   c.data.update(name="folder", path=root, native_size=True, max_size=32, seq_len=128,
@@ -25,11 +29,12 @@ def config(root, sizes):
   c.train.update(batch_size=B, steps=10)
   c.eval.update(batch_size=B)
   c.mesh.update(**sizes)
+  c.parallel.update(**parallel)
   return c
 
 
-def one_step(root, sizes, devices):
-  c = config(root, sizes)
+def one_step(root, sizes, devices, **parallel):
+  c = config(root, sizes, **parallel)
   mesh = parallel_mesh.make_mesh(c.mesh, devices)
   program = program_lib.build(c, validate(c, num_devices=mesh.devices.size), mesh=mesh)
   src = image_data.packed_source(c.data, "train", program.plan.model_cfg, seed=0)
@@ -55,10 +60,27 @@ def one_step(root, sizes, devices):
               init_params=init_params, new_state=new_state)
 
 
-def test_packed_step_sharded_equals_single_device(tmp_path):
-  root = make_folder(tmp_path / "images")
-  ref = one_step(root, axes(), jax.devices()[:1])
-  got = one_step(root, axes(data=2, fsdp=2, tensor=2), None)
-  print(f"loss {ref['loss']:.6f} vs {got['loss']:.6f}")
+MESHES = {"data2_fsdp2_tensor2": (axes(data=2, fsdp=2, tensor=2), {}),
+          "data2_seq4_ulysses": (axes(data=2, seq=4), dict(seq_strategy="ulysses")),
+          "data2_seq4_ring": (axes(data=2, seq=4), dict(seq_strategy="ring"))}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return make_folder(tmp_path_factory.mktemp("images"))
+
+
+@functools.lru_cache(maxsize=None)
+def reference(root):
+  return one_step(root, axes(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_packed_step_sharded_equals_single_device(folder, name):
+  """The packed rows' segment ids travel with their tokens through Ulysses' all-to-all and
+  the ring's key/value blocks, so attention stays within each image on every mesh."""
+  sizes, parallel = MESHES[name]
+  ref, got = reference(folder), one_step(folder, sizes, None, **parallel)
+  print(f"{name}: loss {ref['loss']:.6f} vs {got['loss']:.6f}")
   assert np.isfinite(ref["loss"]) and ref["loss"] > 0
   assert_matches_reference(got, ref)
