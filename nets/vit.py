@@ -131,8 +131,12 @@ def flops(cfg: Config, step: counting.Step) -> float:
   + 2·E·K.
 
   S_p patches; S = S_p (+1 with a class token) tokens; non-causal attention over S keys, width E.
+  A packed row (``step.seq_len`` tokens) counts as one image of S_p = S = seq_len tokens with
+  attention over the whole row (what the masked kernels run; its images see fewer keys).
   """
   E, S_p, S = cfg.width, cfg.num_patches, cfg.max_len
+  if step.seq_len:
+    S_p = S = step.seq_len
   layer = S * (2 * 4 * E * E + 2 * 2 * E * cfg.mlp_dim
                + counting.attention(S, E, False, step.executed))
   return (2 * cfg.patch_size ** 2 * cfg.channels * E * S_p + cfg.depth * layer

@@ -14,7 +14,7 @@ def model_config(config):
   return family.Config.from_config(config.model, remat=config.train.remat)
 
 
-def _seq_len(config) -> int:
+def seq_len(config) -> int:
   """LM tokens per sequence, or the tokens of a packed image row (data.native_size); 0 for
   fixed-size images, whose length the model config gives."""
   if config.task == "lm":
@@ -25,7 +25,7 @@ def _seq_len(config) -> int:
 def attention_length(config, model_cfg) -> int:
   """The (shortest) sequence attention sees: what mesh.seq must split evenly."""
   family = registry.get(config.model.name)
-  return family.attention_length(model_cfg, _seq_len(config))
+  return family.attention_length(model_cfg, seq_len(config))
 
 
 def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
@@ -39,7 +39,7 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
     local = sharding.unsplit(mesh_sizes, sharding.rules_from_config(config.parallel), "act_seq",
                              "act_heads")
     return attention.make_plan(config.parallel, local, num_heads=1, num_kv_heads=1,
-                               seq_len=_seq_len(config))
+                               seq_len=seq_len(config))
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=model_cfg.num_kv_heads,
                              seq_len=attention_length(config, model_cfg),
@@ -51,7 +51,7 @@ def recurrence_plan(config, mesh_sizes: dict, model_cfg) -> state_passing.Plan |
   if not registry.get(config.model.name).state_passing:
     return None
   return state_passing.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.linear_heads,
-                                 seq_len=_seq_len(config))
+                                 seq_len=seq_len(config))
 
 
 def build(config, mesh, *, seq_parallel: bool = True):

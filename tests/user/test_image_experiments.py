@@ -124,3 +124,6 @@ def test_native_folder_experiment_trains_and_evaluates(tmp_path):
   val = check_run(tmp_path / "run", out, 20, "experiments/vit_native_folder.py")
   assert val[-1]["loss"] < val[0]["loss"], val
   assert val[-1]["images"] > 8, val  # several images per packed row were evaluated
+  from tests.user import metrics
+  assert all("rows_per_s" in m for m in metrics(tmp_path / "run", "train"))
+  assert "per row);" in out  # the FLOPs line counts packed rows

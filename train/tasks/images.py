@@ -79,5 +79,5 @@ class ImageTask:
             "labels": np.zeros((batch_size,), np.int32)}
 
   def throughput_unit(self) -> tuple[str, int]:
-    # Packed: each row counts as one image of model.image_size (its FLOPs too: train/flops.py).
-    return "images", self.config.train.batch_size
+    """Packed (data.native_size): rows of data.seq_len tokens, as train/flops.py counts them."""
+    return ("rows" if self.packed else "images"), self.config.train.batch_size
