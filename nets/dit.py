@@ -146,6 +146,7 @@ def flops(cfg: Config, step: counting.Step) -> float:
   blocks (``conditioning.block_flops``; MLP 2·2·E·M, M = mlp_ratio·E, or every ``moe.every``-th
   a MoE layer) + final layer 2·E·2E (modulation) + 2·E·p²·C_out·S."""
   E, p, S, M = cfg.hidden_size, cfg.patch_size, cfg.max_len, cfg.mlp_width
+  S = step.seq_len or S  # a packed row of seq_len tokens counts as one image of that length
   n_moe = cfg.depth // cfg.moe.every if cfg.moe.enabled else 0
   dense_mlp = 2 * 2 * E * M
   moe_mlp = counting.moe_layer(cfg.moe, E, M, S, step) if n_moe else 0.0
@@ -198,6 +199,7 @@ class Model(nn.Module):
 
 FAMILY = Family(
     name="dit", Config=Config, Model=Model, task="diffusion", num_params=num_params, flops=flops,
-    attention_length=lambda cfg, seq_len: cfg.max_len, moe=lambda cfg: cfg.moe, converter="dit",
+    attention_length=lambda cfg, seq_len: seq_len or cfg.max_len, moe=lambda cfg: cfg.moe,
+    converter="dit",
     test_config=dict(variant="digits", hidden_size=256, depth=2, num_heads=4, input_size=8,
                      patch_size=2, in_channels=4))
