@@ -13,12 +13,13 @@ class_dropout_prob > 0; train=True drops labels to it with that probability ("dr
 ``force_drop_ids_B`` (1 = drop) or passing y = num_classes directly gives the unconditional model.
 The embedders, blocks and final layer are nets/conditioning.py's (U-DiT uses them too).
 
-Packed latents at native sizes (NaViT-style, model side only): called with ``segment_ids_BxS``
+Packed images at native sizes (NaViT-style): called with ``segment_ids_BxS``
 and ``positions_BxSx2``, x is patches [B, S, p·p·C] of several latents per row
 (train/image_packing.py's layout), t and y are per image slot [B, K], and the output is per
 token [B, S, p·p·C_out]: attention stays within each image, positions are each token's own (row,
 col) on the input_size grid's sin-cos table, and each image's adaLN modulation comes from its own
-t and y. The diffusion task does not feed packed batches yet.
+t and y. The diffusion task trains it on packed folder rows (data.native_size=True); sampling
+uses the square path, with the same parameters.
 """
 
 import dataclasses

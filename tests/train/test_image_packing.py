@@ -100,3 +100,25 @@ def test_a_split_that_cannot_fill_a_batch_of_rows(tmp_path):
   d = data_cfg(make_folder(tmp_path / "imgs", per_class=4))
   with pytest.raises(ValueError, match="fewer than one batch of train.batch_size=64 rows"):
     image_data.check_native(d, model_cfg(), {"train": (64, "train.batch_size")})
+
+
+@pytest.mark.parametrize("kind, change, match", [
+    ("vit", dict(pool="token"), "set model.pool='gap'"),
+    ("udit", {}, "data.native_size=True trains model 'dit'"),
+])
+def test_models_that_cannot_read_packed_rows_are_refused_by_validate(tmp_path, kind, change,
+                                                                    match):
+  from configs import diffusion, vit as vit_config
+  from train.validate import validate
+  if kind == "vit":
+    c = vit_config.get_config("variant=digits")
+    c.model.update(image_size=32, channels=3, patch_size=4, num_classes=3, **change)
+  else:
+    c = diffusion.get_config("model=udit,variant=digits")
+    c.model.update(input_size=32, in_channels=3, num_classes=3)
+  c.data.update(name="folder", path=make_folder(tmp_path / "imgs", per_class=8),
+                native_size=True, max_size=32, seq_len=128, max_images=8)
+  c.train.batch_size = c.eval.batch_size = 1
+  c.mesh.update(data=1)
+  with pytest.raises(ValueError, match=match):
+    validate(c, num_devices=1)

@@ -41,9 +41,9 @@ class ImageTask:
     return {}  # everything is in the eval step's sums
 
   def check_packed(self, model_cfg):
-    """data.native_size=True: only the classification task reads packed rows."""
-    raise ValueError(f"data.native_size=True is for config.task='classification' (packed ViT), "
-                     f"not {self.config.task!r}; set data.native_size=False.")
+    """data.native_size=True: the tasks that read packed rows override this."""
+    raise ValueError(f"data.native_size=True does not work with config.task="
+                     f"{self.config.task!r}; set data.native_size=False.")
 
   def datasets(self):
     c = self.config
