@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import counting, moe
-from nets.layers import Attention, Dense, LayerNorm, Mlp
+from nets.layers import Attention, Dense, LayerNorm, Mlp, slot_onehot
 
 FREQUENCY_EMBEDDING_SIZE = 256
 _ACT = ("act_batch", "act_seq", "act_embed")
@@ -48,11 +48,6 @@ def modulate(x_BxSxE, shift_BxE, scale_BxE):
 
 def _per_token(v):
   return v[:, None] if v.ndim == 2 else v
-
-
-def slot_onehot(segment_ids_BxS, num_slots: int):
-  """[B, S, K] float32: token s belongs to image slot k (segment id k + 1)."""
-  return (segment_ids_BxS[:, :, None] == jnp.arange(1, num_slots + 1)).astype(jnp.float32)
 
 
 def _modulation(cfg, n: int, c, segment_ids_BxS, name: str):

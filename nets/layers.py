@@ -337,6 +337,11 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
   return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
+def slot_onehot(segment_ids_BxS, num_slots: int):
+  """[B, S, K] float32: token s belongs to packed image slot k (segment id k + 1; 0 = padding)."""
+  return (segment_ids_BxS[:, :, None] == jnp.arange(1, num_slots + 1)).astype(jnp.float32)
+
+
 def sincos_at(rows, cols, dim: int):
   """``sincos_2d``'s embedding at (possibly fractional) positions: rows, cols [...] -> [..., dim]
   float32 (packed images at native size: each token's own row and column)."""

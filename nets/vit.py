@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from nets import attention, counting
 from nets.layers import (Attention, Dense, LayerNorm, Mlp, build_config, check_basics,
-                         check_positive_floats, patchify, scanned, sincos_2d, sincos_at)
+                         check_positive_floats, patchify, scanned, sincos_2d, sincos_at,
+                         slot_onehot)
 from nets.registry import Family
 
 # width, depth, mlp_dim, heads: ViT paper Table 1 (B, L, H); Ti and S from DeiT.
@@ -179,11 +180,6 @@ def _position_embedding(module, cfg: Config, rows, cols, heights, widths):
   return sincos_at(rows * (G / heights), cols * (G / widths), E)
 
 
-def _image_onehot(segment_ids_BxS, num_images: int):
-  """[B, S, K] float32: token s belongs to image slot k (segment id k + 1)."""
-  return (segment_ids_BxS[:, :, None] == jnp.arange(1, num_images + 1)).astype(jnp.float32)
-
-
 class Model(nn.Module):
   """ViT classifier: images [B, H, W, C] -> logits [B, num_classes] float32; or packed patches
   [B, S, p·p·C] with ``segment_ids_BxS``, ``positions_BxSx2`` (row, col) and ``num_images`` K
@@ -202,7 +198,7 @@ class Model(nn.Module):
       patches_BxSxP = images_BxHxWxC
       B = patches_BxSxP.shape[0]
       rows_BxS, cols_BxS = positions_BxSx2[..., 0], positions_BxSx2[..., 1]
-      onehot_BxSxK = _image_onehot(segment_ids_BxS, num_images)
+      onehot_BxSxK = slot_onehot(segment_ids_BxS, num_images)
       heights_BxS = widths_BxS = None
       if cfg.posemb == "fractional":  # each image's extent: 1 + its largest row / column
         extent = lambda pos_BxS: onehot_BxSxK @ jnp.max(

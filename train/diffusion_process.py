@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nets import layers
+
 # Flow time t in [0, 1] is multiplied by this before reaching the model (DiT's embedder scale).
 FLOW_TIME_SCALE = 1000.0
 
@@ -300,8 +302,7 @@ def _packed_noising(x0_BxSxP, segment_ids_BxS, num_slots: int, rng, draw_t, t_Bx
 def _per_image_mean(per_token_BxS, segment_ids_BxS, image_mask_BxK):
   """Each image's mean of its tokens' values, then the mean over the slots holding an image:
   every pixel of an image weighs alike, and every image alike (as the unpacked losses)."""
-  K = image_mask_BxK.shape[1]
-  onehot_BxSxK = (segment_ids_BxS[:, :, None] == jnp.arange(1, K + 1)).astype(jnp.float32)
+  onehot_BxSxK = layers.slot_onehot(segment_ids_BxS, image_mask_BxK.shape[1])
   sums_BxK = jnp.einsum("bs,bsk->bk", per_token_BxS, onehot_BxSxK)
   per_image_BxK = sums_BxK / jnp.maximum(jnp.sum(onehot_BxSxK, axis=1), 1.0)
   mask = image_mask_BxK.astype(jnp.float32)
