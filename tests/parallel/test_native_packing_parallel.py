@@ -44,7 +44,9 @@ def one_step(root, sizes, devices, kind="vit", **parallel):
   src = image_data.packed_source(c.data, "train", program.plan.model_cfg, seed=0)
   rows = [src[i] for i in range(B)]
   batch = program.eval_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
-  state = program.init()
+  # One launch at a time: queued sharded launches can deadlock XLA:CPU (train/decoding.py), so
+  # every launch here is waited for before the next.
+  state = jax.block_until_ready(program.init())
   # The zero-initialised head would leave every body gradient zero: perturb every parameter
   # alike in both runs (same numbers, kept in the state's shardings).
   rng = np.random.default_rng(0)
@@ -53,7 +55,6 @@ def one_step(root, sizes, devices, kind="vit", **parallel):
   with program.context():
     params = jax.jit(lambda p, n: jax.tree.map(lambda a, b: a + b, p, n),
                      out_shardings=program.state_shardings.params)(state.params, noise)
-  # One launch at a time: queued sharded launches can deadlock XLA:CPU (train/loop.py).
   state = jax.block_until_ready(state.replace(params=params))
   init_params = jax.device_get(state.params)
   with program.context():
