@@ -13,7 +13,7 @@ batch) is the same one train/data.py uses for text.
     by the raw array, and ``metadata.json`` = {"shape": [H, W, C], "dtype": "float16",
     "num_classes": N}. ``write_arrayrecord`` writes that layout.
 
-Native sizes (``data.native_size=True``, "folder" only, the classification task): images keep
+Native sizes (``data.native_size=True``, "folder" only; ViT classification and DiT): images keep
 their size and aspect ratio (downscaled to ``data.max_size`` on the longer side when larger, sides
 rounded to multiples of the patch size) and are packed, several per row, into rows of
 ``data.seq_len`` patch tokens with at most ``data.max_images`` images each
@@ -180,16 +180,18 @@ def max_size(data_cfg, model_cfg) -> int:
   return data_cfg.max_size or model_cfg.image_size
 
 
-def check_native(data_cfg, model_cfg, batch_sizes: dict[str, tuple[int, str]]) -> None:
+def check_native(data_cfg, model_cfg, batch_sizes: dict[str, tuple[int, str]],
+                 seed: int) -> None:
   """One sentence for native-size settings that cannot work, before anything compiles;
-  ``batch_sizes`` as ``check_splits``'s (a batch is that many packed rows)."""
+  ``batch_sizes`` as ``check_splits``'s (a batch is that many packed rows), ``seed`` the run's
+  (the rows it packs are the ones counted)."""
   if data_cfg.name != "folder":
     raise ValueError(f"data.native_size=True packs images of a folder; use data.name='folder' "
                      f"(got {data_cfg.name!r}).")
   p, side = model_cfg.patch_size, max_size(data_cfg, model_cfg)
-  if side % p or side > model_cfg.image_size:
-    raise ValueError(f"data.max_size={side} must be a multiple of model.patch_size={p} and at "
-                     f"most model.image_size={model_cfg.image_size} (the position grid).")
+  if side <= 0 or side % p or side > model_cfg.image_size:
+    raise ValueError(f"data.max_size={side} must be a positive multiple of model.patch_size={p} "
+                     f"and at most model.image_size={model_cfg.image_size} (the position grid).")
   for name in ("seq_len", "max_images"):
     value = data_cfg[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -203,7 +205,7 @@ def check_native(data_cfg, model_cfg, batch_sizes: dict[str, tuple[int, str]]) -
     raise ValueError(f"model.channels={model_cfg.channels} but folder images are read as RGB "
                      "(3 channels).")
   for split, (batch, field) in batch_sizes.items():
-    rows = len(packed_source(data_cfg, split, model_cfg, seed=0))
+    rows = len(packed_source(data_cfg, split, model_cfg, seed))
     if rows < batch:
       raise ValueError(f"the {split!r} split of {_where(data_cfg)} packs into {rows} rows of "
                        f"data.seq_len={data_cfg.seq_len} tokens, fewer than one batch of "

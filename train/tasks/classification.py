@@ -35,7 +35,7 @@ class ClassificationTask(images.ImageTask):
   def check_packed(self, model_cfg):
     image_data.check_native(self.config.data, model_cfg, {
         "train": (self.config.train.batch_size, "train.batch_size"),
-        "val": (self.config.eval.batch_size, "eval.batch_size")})
+        "val": (self.config.eval.batch_size, "eval.batch_size")}, self.config.seed)
     if model_cfg.pool != "gap":
       raise ValueError(f"data.native_size=True pools each packed image by its token mean; set "
                        f"model.pool='gap' (got {model_cfg.pool!r}).")

@@ -49,7 +49,7 @@ class DiffusionTask(images.ImageTask):
                        f"{self.config.model.name!r}; set data.native_size=False.")
     image_data.check_native(self.config.data, model_cfg, {
         "train": (self.config.train.batch_size, "train.batch_size"),
-        "val": (self.config.eval.batch_size, "eval.batch_size")})
+        "val": (self.config.eval.batch_size, "eval.batch_size")}, self.config.seed)
 
   def init_args(self, batch):
     if self.packed:
