@@ -16,12 +16,13 @@ from tests.parallel.step_parity import assert_matches_reference, axes
 from tests.train.test_image_packing import make_folder
 from train import image_data
 from train import program as program_lib
+from train import models
 from train.validate import validate
 
 B = 8  # packed rows per batch
 
 
-def config(root, sizes, kind="vit", **parallel):
+def config(root, sizes, kind="vit", grad_accum=1, **parallel):
   if kind == "vit":
     c = vit.get_config("variant=digits")
     c.model.update(image_size=32, channels=3, patch_size=4, posemb="factorized", num_classes=3)
@@ -30,15 +31,15 @@ def config(root, sizes, kind="vit", **parallel):
     c.model.update(input_size=32, in_channels=3, patch_size=4, num_classes=3)
   c.data.update(name="folder", path=root, native_size=True, max_size=32, seq_len=128,
                 max_images=8, val_fraction=0.2)
-  c.train.update(batch_size=B, steps=10)
+  c.train.update(batch_size=B, steps=10, grad_accum=grad_accum)
   c.eval.update(batch_size=B)
   c.mesh.update(**sizes)
   c.parallel.update(**parallel)
   return c
 
 
-def one_step(root, sizes, devices, kind="vit", **parallel):
-  c = config(root, sizes, kind, **parallel)
+def one_step(root, sizes, devices, kind="vit", grad_accum=1, **parallel):
+  c = config(root, sizes, kind, grad_accum, **parallel)
   mesh = parallel_mesh.make_mesh(c.mesh, devices)
   program = program_lib.build(c, validate(c, num_devices=mesh.devices.size), mesh=mesh)
   src = image_data.packed_source(c.data, "train", program.plan.model_cfg, seed=0)
@@ -98,4 +99,16 @@ def test_packed_step_sharded_equals_single_device(folder, name):
   ref, got = reference(folder), one_step(folder, sizes, None, **parallel)
   print(f"{name}: loss {ref['loss']:.6f} vs {got['loss']:.6f}")
   assert np.isfinite(ref["loss"]) and ref["loss"] > 0
+  assert_matches_reference(got, ref)
+
+
+def test_packed_grad_accum_weighs_micro_batches_by_their_images(folder):
+  """Two micro-batches of packed rows hold different numbers of images; weighted by those
+  counts, their averaged gradients equal the whole batch's (the loss is a mean over images)."""
+  c = config(folder, axes())
+  src = image_data.packed_source(c.data, "train", models.model_config(c), seed=c.seed)
+  counts = [sum(len(src.rows[r]) for r in range(a, B, 2)) for a in (0, 1)]  # rows a, a+2, ...
+  assert counts[0] != counts[1], counts  # else equal weights would pass too
+  ref = reference(folder)
+  got = one_step(folder, axes(), jax.devices()[:1], grad_accum=2)
   assert_matches_reference(got, ref)

@@ -52,8 +52,10 @@ class ClassificationTask(images.ImageTask):
       correct = jnp.argmax(logits, -1) == labels
       if weight is None:
         return jnp.mean(losses), {"accuracy": jnp.mean(correct)}
-      n = jnp.maximum(jnp.sum(weight), 1.0)  # the images in the batch
-      return jnp.sum(losses * weight) / n, {"accuracy": jnp.sum(correct * weight) / n}
+      images = jnp.sum(weight)  # a count metric: it weighs micro-batches (train/steps.py)
+      n = jnp.maximum(images, 1.0)
+      return jnp.sum(losses * weight) / n, {"accuracy": jnp.sum(correct * weight) / n,
+                                            "images": images}
     return loss_fn
 
   def eval_fn(self, model, permutation=None):
