@@ -72,8 +72,9 @@ class DiffusionTask(images.ImageTask):
       aux.append((aux_loss, aux_metrics))
       return out
 
-    if self.packed:
+    if self.packed:  # the images count weighs grad_accum micro-batches (train/steps.py)
       loss, metrics = self._packed_loss(model, model_fn, batch, noise_rng)
+      metrics = {**metrics, "images": jnp.sum(batch["image_mask"].astype(jnp.float32))}
     elif self.config.diffusion.objective == "ddpm":
       loss, metrics = diffusion_process.ddpm_loss(model_fn, self.schedule, batch["images"],
                                           batch["labels"], noise_rng,
