@@ -18,7 +18,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args["model"] == "dit":  # DiT-MoE: set model.moe.num_experts
     c.model.moe = moe_group(activation="gelu")
   c.data = ml_collections.ConfigDict(dict(
-      name="digits", path="", val_fraction=0.1, image_size=8, num_threads=0, prefetch=2))
+      name="digits", path="", val_fraction=0.1, image_size=8, num_threads=0, prefetch=2,
+      # native_size (DiT on data.name="folder"): packed rows of images at their own sizes, as
+      # configs/vit.py; samples stay square at model.input_size (docs/data.md).
+      native_size=False, max_size=0, seq_len=256, max_images=16))
   c.diffusion = ml_collections.ConfigDict(dict(
       objective="ddpm",  # ddpm (epsilon prediction, + learned variance) | flow (rectified flow)
       schedule="cosine", num_steps=1000,  # DDPM noise schedule: linear | cosine

@@ -18,7 +18,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # split over mesh.seq (a class token would make it 1 + patches).
       pool="gap", posemb="sincos2d", dtype="float32", param_dtype="float32"))
   c.data = ml_collections.ConfigDict(dict(
-      name="digits", path="", val_fraction=0.1, image_size=8, num_threads=0, prefetch=2))
+      name="digits", path="", val_fraction=0.1, image_size=8, num_threads=0, prefetch=2,
+      # native_size (data.name="folder"): keep each image's size and aspect ratio (the longer side
+      # at most max_size pixels, 0 = model.image_size) and pack several per row of seq_len patch
+      # tokens, at most max_images per row; train.batch_size then counts rows (docs/data.md).
+      native_size=False, max_size=0, seq_len=256, max_images=16))
   c.train.label_smoothing = 0.0
   c.opt.update(weight_decay=0.05)
   c.ckpt.update(every=200, keep=2)

@@ -5,6 +5,11 @@ facebookresearch/DiT), shared by nets/dit.py and nets/udit.py; nets/uvit.py uses
 c = timestep embedding (sinusoidal features -> MLP) + label embedding (a table with a "null" row
 for classifier-free guidance); each block and the final layer regress shift/scale/gate vectors
 from c (adaLN), with zero-initialised modulation so every block starts as the identity.
+
+Packed rows of several images (NaViT-style; nets/dit.py): c is per image slot [B, K, E], and
+``segment_ids_BxS`` (slot k's tokens carry k + 1, padding 0) selects each token's slot, so the
+modulation is regressed once per image and applied to that image's tokens only, and attention
+stays within each image.
 """
 
 import math
@@ -15,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from nets import counting, moe
-from nets.layers import Attention, Dense, LayerNorm, Mlp
+from nets.layers import Attention, Dense, LayerNorm, Mlp, slot_onehot
 
 FREQUENCY_EMBEDDING_SIZE = 256
 _ACT = ("act_batch", "act_seq", "act_embed")
@@ -38,7 +43,28 @@ def timestep_embedding(t_B, dim: int = FREQUENCY_EMBEDDING_SIZE, max_period: flo
 
 
 def modulate(x_BxSxE, shift_BxE, scale_BxE):
-  return x_BxSxE * (1 + scale_BxE[:, None]) + shift_BxE[:, None]
+  """x·(1 + scale) + shift with one vector per row [B, E] or per token [B, S, E]."""
+  return x_BxSxE * (1 + _per_token(scale_BxE)) + _per_token(shift_BxE)
+
+
+def _per_token(v):
+  return v[:, None] if v.ndim == 2 else v
+
+
+def _modulation(cfg, n: int, c, segment_ids_BxS, name: str):
+  """AdaLN's n vectors per row [B, n, E], or per token [B, S, n, E] when packed (c [B, K, E]):
+  regressed once per image slot, then given to the slot's tokens."""
+  mod = AdaLN(cfg, n, name=name)(c)
+  if segment_ids_BxS is None:
+    return mod
+  onehot_BxSxK = slot_onehot(segment_ids_BxS, c.shape[1])
+  return jnp.einsum("bsk,bkne->bsne", onehot_BxSxK.astype(mod.dtype), mod)
+
+
+def embed_packed_timesteps(embedder, t_BxK):
+  """A TimestepEmbedder over per-slot timesteps [B, K] -> [B, K, E]."""
+  B, K = t_BxK.shape
+  return embedder(t_BxK.reshape(B * K)).reshape(B, K, -1)
 
 
 def drop_labels(module: nn.Module, cfg, y_B, train: bool, force_drop_ids_B=None):
@@ -103,7 +129,9 @@ class AdaLN(nn.Module):
     E = c_BxE.shape[-1]
     mod_BxNxE = Dense(self.cfg, (self.n, E), ("embed", None, "mlp"),
                       kernel_init=nn.initializers.zeros, name="linear")(nn.silu(c_BxE))
-    return nn.with_logical_constraint(mod_BxNxE, ("act_batch", None, "act_embed"))
+    # c [B, K, E] (packed image slots) gives [B, K, n, E].
+    return nn.with_logical_constraint(
+        mod_BxNxE, ("act_batch",) + (None,) * (mod_BxNxE.ndim - 2) + ("act_embed",))
 
 
 class Block(nn.Module):
@@ -118,16 +146,18 @@ class Block(nn.Module):
   use_moe: bool = False  # DiT-MoE: the MLP is a mixture of experts
 
   @nn.compact
-  def __call__(self, x_BxSxE, c_BxE):
+  def __call__(self, x_BxSxE, c_BxE, segment_ids_BxS=None):
+    """``segment_ids_BxS`` given: packed images, c per image slot [B, K, E]."""
     cfg = self.cfg
     E = x_BxSxE.shape[-1]
     x_BxSxE = nn.with_logical_constraint(x_BxSxE, _ACT)
-    mod_Bx6xE = AdaLN(cfg, 6, name="adaLN")(c_BxE)
+    mod = _modulation(cfg, 6, c_BxE, segment_ids_BxS, "adaLN")  # [B, 6, E] or [B, S, 6, E]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        mod_Bx6xE[:, i] for i in range(6))
+        mod[..., i, :] for i in range(6))
     h_BxSxE = modulate(LayerNorm(cfg, affine=False)(x_BxSxE), shift_msa, scale_msa)
-    h_BxSxE = Attention(cfg, self.attention_fn, cfg.num_heads, name="attn")(h_BxSxE)
-    x_BxSxE = x_BxSxE + gate_msa[:, None] * h_BxSxE
+    h_BxSxE = Attention(cfg, self.attention_fn, cfg.num_heads, name="attn")(h_BxSxE,
+                                                                             segment_ids_BxS)
+    x_BxSxE = x_BxSxE + _per_token(gate_msa) * h_BxSxE
     h_BxSxE = modulate(LayerNorm(cfg, affine=False, eps=cfg.mlp_norm_eps)(x_BxSxE), shift_mlp,
                        scale_mlp)
     if self.use_moe:
@@ -137,7 +167,7 @@ class Block(nn.Module):
                         name="moe")(h_BxSxE)
     else:
       h_BxSxE = Mlp(cfg, int(E * cfg.mlp_ratio), name="mlp")(h_BxSxE)
-    x_BxSxE = x_BxSxE + gate_mlp[:, None] * h_BxSxE
+    x_BxSxE = x_BxSxE + _per_token(gate_mlp) * h_BxSxE
     return nn.with_logical_constraint(x_BxSxE, _ACT), None
 
 
@@ -147,10 +177,10 @@ class FinalLayer(nn.Module):
   out_dim: int
 
   @nn.compact
-  def __call__(self, x_BxSxE, c_BxE):
-    mod_Bx2xE = AdaLN(self.cfg, 2, name="adaLN")(c_BxE)
-    h_BxSxE = modulate(LayerNorm(self.cfg, affine=False)(x_BxSxE), mod_Bx2xE[:, 0],
-                       mod_Bx2xE[:, 1])
+  def __call__(self, x_BxSxE, c_BxE, segment_ids_BxS=None):
+    mod = _modulation(self.cfg, 2, c_BxE, segment_ids_BxS, "adaLN")
+    h_BxSxE = modulate(LayerNorm(self.cfg, affine=False)(x_BxSxE), mod[..., 0, :],
+                       mod[..., 1, :])
     return Dense(self.cfg, (self.out_dim,), ("embed", "patch"), kernel_init=nn.initializers.zeros,
                  out_dtype=jnp.float32, name="linear")(h_BxSxE)
 

@@ -16,7 +16,7 @@ from nets import moe
 class Step:
   """What a family's count needs besides its Config."""
   batch: int  # sequences or images
-  seq_len: int  # LM tokens per sequence (0 for images)
+  seq_len: int  # LM tokens per sequence, or patch tokens per packed image row (0 for images)
   executed: bool  # count what the kernels run, not the model convention
   # The MoE dispatch layout (batch and sequence groups) of a MoE config on the run's mesh
   # (capacity mode); None: one device, ``model.moe.groups`` batch groups or one.

@@ -12,6 +12,14 @@ Classifier-free guidance: the label table has one extra "null" row (index num_cl
 class_dropout_prob > 0; train=True drops labels to it with that probability ("dropout" rng);
 ``force_drop_ids_B`` (1 = drop) or passing y = num_classes directly gives the unconditional model.
 The embedders, blocks and final layer are nets/conditioning.py's (U-DiT uses them too).
+
+Packed images at native sizes (NaViT-style): called with ``segment_ids_BxS``
+and ``positions_BxSx2``, x is patches [B, S, p·p·C] of several latents per row
+(train/image_packing.py's layout), t and y are per image slot [B, K], and the output is per
+token [B, S, p·p·C_out]: attention stays within each image, positions are each token's own (row,
+col) on the input_size grid's sin-cos table, and each image's adaLN modulation comes from its own
+t and y. The diffusion task trains it on packed folder rows (data.native_size=True); sampling
+uses the square path, with the same parameters.
 """
 
 import dataclasses
@@ -23,7 +31,7 @@ import jax.numpy as jnp
 from nets import attention, counting, moe
 from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, Block, FinalLayer, LabelEmbedder,
                                TimestepEmbedder, block_flops, check_input, drop_labels,
-                               embedder_flops, embedder_params)
+                               embed_packed_timesteps, embedder_flops, embedder_params)
 from nets.layers import Dense, build_config, check_basics, patchify, scanned, sincos_2d, unpatchify
 from nets.moe import Config as MoEConfig
 from nets.registry import Family
@@ -139,6 +147,7 @@ def flops(cfg: Config, step: counting.Step) -> float:
   blocks (``conditioning.block_flops``; MLP 2·2·E·M, M = mlp_ratio·E, or every ``moe.every``-th
   a MoE layer) + final layer 2·E·2E (modulation) + 2·E·p²·C_out·S."""
   E, p, S, M = cfg.hidden_size, cfg.patch_size, cfg.max_len, cfg.mlp_width
+  S = step.seq_len or S  # a packed row of seq_len tokens counts as one image of that length
   n_moe = cfg.depth // cfg.moe.every if cfg.moe.enabled else 0
   dense_mlp = 2 * 2 * E * M
   moe_mlp = counting.moe_layer(cfg.moe, E, M, S, step) if n_moe else 0.0
@@ -155,28 +164,43 @@ class Model(nn.Module):
   moe_layout: moe.Layout = moe.Layout()  # MoE dispatch groups and expert parallelism
 
   @nn.compact
-  def __call__(self, x_BxHxWxC, t_B, y_B, train: bool = False, force_drop_ids_B=None):
+  def __call__(self, x_BxHxWxC, t_B, y_B, train: bool = False, force_drop_ids_B=None,
+               segment_ids_BxS=None, positions_BxSx2=None):
     cfg = self.cfg
-    check_input(cfg, x_BxHxWxC)
     E, p = cfg.hidden_size, cfg.patch_size
     g = cfg.input_size // p
-    x_BxSxE = Dense(cfg, (E,), ("patch", "embed"), name="x_embedder")(patchify(x_BxHxWxC, p))
-    x_BxSxE = x_BxSxE + sincos_2d(g, g, E).astype(cfg.dtype)
+    packed = segment_ids_BxS is not None
+    if packed:  # x: patches [B, S, p·p·C]; t, y: per image slot [B, K]
+      if positions_BxSx2 is None or t_B.ndim != 2 or y_B.shape != t_B.shape:
+        raise ValueError("packed latents need positions [B, S, 2] and t, y per slot [B, K].")
+      x_BxSxP = x_BxHxWxC
+      index_BxS = positions_BxSx2[..., 0] * g + positions_BxSx2[..., 1]
+      pos_BxSxE = jnp.take(jnp.asarray(sincos_2d(g, g, E)), index_BxS, axis=0)
+    else:
+      check_input(cfg, x_BxHxWxC)
+      x_BxSxP, pos_BxSxE = patchify(x_BxHxWxC, p), sincos_2d(g, g, E)
+    x_BxSxE = Dense(cfg, (E,), ("patch", "embed"), name="x_embedder")(x_BxSxP)
+    x_BxSxE = x_BxSxE + pos_BxSxE.astype(cfg.dtype)
     y_B = drop_labels(self, cfg, y_B, train, force_drop_ids_B)
-    c_BxE = (TimestepEmbedder(cfg, E, cfg.timestep_freq_shift, name="t_embedder")(t_B)
-             + LabelEmbedder(cfg, E, name="y_embedder")(y_B))
-    c_BxE = nn.with_logical_constraint(c_BxE, ("act_batch", "act_embed"))
+    t_embedder = TimestepEmbedder(cfg, E, cfg.timestep_freq_shift, name="t_embedder")
+    t_emb = embed_packed_timesteps(t_embedder, t_B) if packed else t_embedder(t_B)
+    c_BxE = t_emb + LabelEmbedder(cfg, E, name="y_embedder")(y_B)  # [B, K, E] when packed
+    c_BxE = nn.with_logical_constraint(c_BxE, ("act_batch",) + (None,) * packed + ("act_embed",))
 
     blocks = moe.stack(Block, cfg.moe, (cfg, self.attention_fn, self.moe_layout), cfg.depth,
                        lambda unit, length: scanned(unit, cfg.remat, length))
-    x_BxSxE, _ = blocks(x_BxSxE, c_BxE)
-    out_BxSxP = FinalLayer(cfg, p * p * cfg.out_channels, name="final_layer")(x_BxSxE, c_BxE)
+    rest = (c_BxE, segment_ids_BxS) if packed else (c_BxE,)
+    x_BxSxE, _ = blocks(x_BxSxE, *rest)
+    out_BxSxP = FinalLayer(cfg, p * p * cfg.out_channels, name="final_layer")(x_BxSxE, *rest)
     out_BxSxP = nn.with_logical_constraint(out_BxSxP, ("act_batch", "act_seq", None))
+    if packed:
+      return out_BxSxP.astype(jnp.float32)
     return unpatchify(out_BxSxP, g, g, p).astype(jnp.float32)
 
 
 FAMILY = Family(
     name="dit", Config=Config, Model=Model, task="diffusion", num_params=num_params, flops=flops,
-    attention_length=lambda cfg, seq_len: cfg.max_len, moe=lambda cfg: cfg.moe, converter="dit",
+    attention_length=lambda cfg, seq_len: seq_len or cfg.max_len, moe=lambda cfg: cfg.moe,
+    converter="dit",
     test_config=dict(variant="digits", hidden_size=256, depth=2, num_heads=4, input_size=8,
                      patch_size=2, in_channels=4))

@@ -283,7 +283,8 @@ class Attention(nn.Module):
   num_heads: int
 
   @nn.compact
-  def __call__(self, x_BxSxE):
+  def __call__(self, x_BxSxE, segment_ids_BxS=None):
+    """``segment_ids_BxS`` (packed images): tokens attend only within their segment."""
     E, H = x_BxSxE.shape[-1], self.num_heads
     D = E // H
     qkv_BxSx3xHxD = Dense(self.cfg, (3, H, D), ("embed", None, "heads", "head_dim"),
@@ -295,7 +296,7 @@ class Attention(nn.Module):
     v_BxSxHxD = nn.with_logical_constraint(qkv_BxSx3xHxD[:, :, 2],
                                            ("act_batch", "act_seq", "act_kv_heads", "head_dim"))
     o_BxSxHxD = self.attention_fn(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, causal=False,
-                                  positions_BxS=None, segment_ids_BxS=None)
+                                  positions_BxS=None, segment_ids_BxS=segment_ids_BxS)
     o_BxSxHxD = nn.with_logical_constraint(o_BxSxHxD,
                                            ("act_batch", "act_seq", "act_heads", "head_dim"))
     return Dense(self.cfg, (E,), ("heads", "head_dim", "embed"), n_in=2, name="out")(o_BxSxHxD)
@@ -334,6 +335,21 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
     out = pos.reshape(-1)[:, None] * omega[None]
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
   return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
+
+
+def slot_onehot(segment_ids_BxS, num_slots: int):
+  """[B, S, K] float32: token s belongs to packed image slot k (segment id k + 1; 0 = padding)."""
+  return (segment_ids_BxS[:, :, None] == jnp.arange(1, num_slots + 1)).astype(jnp.float32)
+
+
+def sincos_at(rows, cols, dim: int):
+  """``sincos_2d``'s embedding at (possibly fractional) positions: rows, cols [...] -> [..., dim]
+  float32 (packed images at native size: each token's own row and column)."""
+  omega = 1.0 / 10000 ** (jnp.arange(dim // 4, dtype=jnp.float32) / (dim / 4))
+  def one_axis(pos):
+    out = pos.astype(jnp.float32)[..., None] * omega
+    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
+  return jnp.concatenate([one_axis(cols), one_axis(rows)], axis=-1)
 
 
 def unpatchify(x_BxSxP, h: int, w: int, p: int):

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nets import layers
+
 # Flow time t in [0, 1] is multiplied by this before reaching the model (DiT's embedder scale).
 FLOW_TIME_SCALE = 1000.0
 
@@ -280,6 +282,73 @@ def flow_loss(model_fn: Callable, x0, y, rng, *, time_dist: str = "uniform", t=N
   x_t = (1.0 - t_b) * x0 + t_b * noise
   v, _ = _split_output(model_fn(x_t, t * FLOW_TIME_SCALE, y, model_rng), x_t, learn_sigma=False)
   mse = jnp.mean((v - (noise - x0)) ** 2).astype(jnp.float32)
+  return mse, {"mse": mse}
+
+
+def _packed_noising(x0_BxSxP, segment_ids_BxS, num_slots: int, rng, draw_t, t_BxK, noise):
+  """Shared by the packed losses: (t per slot [B, K], t per token [B, S], noise, model rng);
+  t and noise are drawn unless given."""
+  t_rng, noise_rng, model_rng = jax.random.split(rng, 3)
+  B = x0_BxSxP.shape[0]
+  if t_BxK is None:
+    t_BxK = draw_t(t_rng, (B, num_slots))
+  if noise is None:
+    noise = jax.random.normal(noise_rng, x0_BxSxP.shape, jnp.float32)
+  slot_BxS = jnp.clip(segment_ids_BxS - 1, 0, num_slots - 1)
+  t_BxS = jnp.take_along_axis(t_BxK, slot_BxS, axis=1)
+  return t_BxK, t_BxS, noise, model_rng
+
+
+def _per_image_mean(per_token_BxS, segment_ids_BxS, image_mask_BxK):
+  """Each image's mean of its tokens' values, then the mean over the slots holding an image:
+  every pixel of an image weighs alike, and every image alike (as the unpacked losses)."""
+  onehot_BxSxK = layers.slot_onehot(segment_ids_BxS, image_mask_BxK.shape[1])
+  sums_BxK = jnp.einsum("bs,bsk->bk", per_token_BxS, onehot_BxSxK)
+  per_image_BxK = sums_BxK / jnp.maximum(jnp.sum(onehot_BxSxK, axis=1), 1.0)
+  mask = image_mask_BxK.astype(jnp.float32)
+  return jnp.sum(per_image_BxK * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def packed_ddpm_loss(model_fn: Callable, schedule: Schedule, x0_BxSxP, segment_ids_BxS,
+                     image_mask_BxK, y_BxK, rng, *, channels: int, learn_sigma: bool,
+                     t=None, noise=None):
+  """``ddpm_loss`` on packed rows of images (train/image_packing.py's layout): a timestep per
+  image slot, noise per token, the mse (+ vb) per pixel averaged per image, then over images.
+  ``model_fn(x_t [B, S, P], t [B, K], y [B, K], rng)`` -> [B, S, P·(2 with learn_sigma)];
+  ``t`` [B, K] and ``noise`` [B, S, P] are drawn from ``rng`` unless given."""
+  x0 = x0_BxSxP.astype(jnp.float32)
+  B, S, P = x0.shape
+  K = image_mask_BxK.shape[1]
+  draw = lambda key, shape: jax.random.randint(key, shape, 0, schedule.num_steps, jnp.int32)
+  t_BxK, t_BxS, noise, model_rng = _packed_noising(x0, segment_ids_BxS, K, rng, draw, t, noise)
+  x_t = q_sample(schedule, x0, t_BxS, noise)
+  out = model_fn(x_t, t_BxK, y_BxK, model_rng)
+  # Tokens as examples of [p·p, C] pixels: the per-example helpers then give per-token values.
+  pixels = lambda a: a.reshape(B * S, P // channels, -1)
+  eps, var_values = _split_output(pixels(out), pixels(x_t), learn_sigma)
+  per_token = _mean_flat((pixels(noise) - eps) ** 2)
+  mean = lambda v: _per_image_mean(v.reshape(B, S), segment_ids_BxS, image_mask_BxK)
+  metrics = {"mse": mean(per_token)}
+  if learn_sigma:
+    vb = _vb_bits_per_dim(schedule, jax.lax.stop_gradient(eps), var_values, pixels(x0),
+                          pixels(x_t), t_BxS.reshape(B * S))
+    metrics["vb"] = mean(vb)
+    per_token = per_token + vb
+  return mean(per_token).astype(jnp.float32), metrics
+
+
+def packed_flow_loss(model_fn: Callable, x0_BxSxP, segment_ids_BxS, image_mask_BxK, y_BxK, rng,
+                     *, t=None, noise=None):
+  """``flow_loss`` (uniform t) on packed rows: t per image slot, the velocity mse per pixel
+  averaged per image, then over images."""
+  x0 = x0_BxSxP.astype(jnp.float32)
+  K = image_mask_BxK.shape[1]
+  draw = lambda key, shape: jax.random.uniform(key, shape, jnp.float32)
+  t_BxK, t_BxS, noise, model_rng = _packed_noising(x0, segment_ids_BxS, K, rng, draw, t, noise)
+  x_t = (1.0 - t_BxS[..., None]) * x0 + t_BxS[..., None] * noise
+  v = model_fn(x_t, t_BxK * FLOW_TIME_SCALE, y_BxK, model_rng).astype(jnp.float32)
+  per_token = jnp.mean((v - (noise - x0)) ** 2, axis=-1)
+  mse = _per_image_mean(per_token, segment_ids_BxS, image_mask_BxK).astype(jnp.float32)
   return mse, {"mse": mse}
 
 

@@ -39,8 +39,8 @@ class StepFlops:
   """FLOPs of one training step (forward + backward) on the global batch."""
   model: float  # the MFU numerator: causal attention counted as half of its S² matmuls
   executed: float  # what the dense kernels run: causal attention as full S², MoE capacity slots
-  units: int  # tokens (LM) or images per step
-  unit: str  # "tokens" or "images"
+  units: int  # tokens (LM), images or packed image rows per step
+  unit: str  # "tokens", "images" or "rows"
 
   @property
   def model_per_unit(self) -> float:
@@ -60,15 +60,17 @@ def model_flops_per_step(config, mesh_sizes: dict | None = None) -> StepFlops:
   lm = config.task == "lm"
   batch = config.train.batch_size
   units = batch * config.train.seq_len if lm else batch
+  # Packed image rows (data.native_size): a unit is a row of data.seq_len patch tokens.
+  seq_len = models.seq_len(config)
   rules = sharding.rules_from_config(config.parallel)
   layout = None
   if mesh_sizes is not None:
     layout = lambda moe_cfg: parallel_moe.layout(moe_cfg, mesh_sizes, None, rules)
-  counts = [3 * units * family.flops(cfg, counting.Step(batch, config.train.seq_len if lm else 0,
-                                                        executed, moe_layout=layout))
+  counts = [3 * units * family.flops(cfg, counting.Step(batch, seq_len, executed,
+                                                        moe_layout=layout))
             for executed in (False, True)]
   return StepFlops(model=counts[0], executed=counts[1], units=units,
-                   unit="tokens" if lm else "images")
+                   unit="tokens" if lm else ("rows" if seq_len else "images"))
 
 
 # --- Peak FLOP/s -----------------------------------------------------------------------------

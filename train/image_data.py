@@ -13,6 +13,14 @@ batch) is the same one train/data.py uses for text.
     by the raw array, and ``metadata.json`` = {"shape": [H, W, C], "dtype": "float16",
     "num_classes": N}. ``write_arrayrecord`` writes that layout.
 
+Native sizes (``data.native_size=True``, "folder" only; ViT classification and DiT): images keep
+their size and aspect ratio (downscaled to ``data.max_size`` on the longer side when larger, sides
+rounded to multiples of the patch size) and are packed, several per row, into rows of
+``data.seq_len`` patch tokens with at most ``data.max_images`` images each
+(train/image_packing.py). The rows are formed once per split (first-fit-decreasing over the
+seeded shuffle, sizes read from the file headers); the grain pipeline then shuffles and batches
+rows exactly as it does images, so a batch is ``train.batch_size`` rows.
+
 ``check_splits`` (called by the image tasks' check, before the workdir is touched) refuses a split
 that cannot fill one batch, a folder image whose header or PNG data is damaged
 (``PIL.Image.verify``: it reads each file but decodes no pixels), and shards that are not
@@ -29,7 +37,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from train import data
+from train import data, image_packing
 
 KNOWN = ("digits", "folder", "arrayrecord")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -160,6 +168,127 @@ class FolderSource:
       # PIL names no file ("image file is truncated"); the user needs to know which one.
       raise data.DataError(f"image {path} could not be decoded ({e}); replace or remove it.") from None
     return {"images": image, "labels": np.int32(label)}
+
+
+def native(data_cfg) -> bool:
+  """``data.native_size`` (False for a config.json written before the field existed)."""
+  return bool(data_cfg.get("native_size", False))
+
+
+def max_size(data_cfg, model_cfg) -> int:
+  """``data.max_size``, 0 meaning model.image_size."""
+  return data_cfg.max_size or model_cfg.image_size
+
+
+def check_native(data_cfg, model_cfg, batch_sizes: dict[str, tuple[int, str]],
+                 seed: int) -> None:
+  """One sentence for native-size settings that cannot work, before anything compiles;
+  ``batch_sizes`` as ``check_splits``'s (a batch is that many packed rows), ``seed`` the run's
+  (the rows it packs are the ones counted)."""
+  if data_cfg.name != "folder":
+    raise ValueError(f"data.native_size=True packs images of a folder; use data.name='folder' "
+                     f"(got {data_cfg.name!r}).")
+  p, side = model_cfg.patch_size, max_size(data_cfg, model_cfg)
+  if side <= 0 or side % p or side > model_cfg.image_size:
+    raise ValueError(f"data.max_size={side} must be a positive multiple of model.patch_size={p} "
+                     f"and at most model.image_size={model_cfg.image_size} (the position grid).")
+  for name in ("seq_len", "max_images"):
+    value = data_cfg[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"data.{name}={value!r} must be a positive integer with "
+                       "data.native_size=True.")
+  if (side // p) ** 2 > data_cfg.seq_len:
+    raise ValueError(f"data.seq_len={data_cfg.seq_len} tokens cannot hold one image of "
+                     f"data.max_size={side} pixels ({(side // p) ** 2} patches of "
+                     f"{p}x{p}); raise data.seq_len or lower data.max_size.")
+  if model_cfg.channels != 3:
+    raise ValueError(f"model.channels={model_cfg.channels} but folder images are read as RGB "
+                     "(3 channels).")
+  for split, (batch, field) in batch_sizes.items():
+    rows = len(packed_source(data_cfg, split, model_cfg, seed))
+    if rows < batch:
+      raise ValueError(f"the {split!r} split of {_where(data_cfg)} packs into {rows} rows of "
+                       f"data.seq_len={data_cfg.seq_len} tokens, fewer than one batch of "
+                       f"{field}={batch} rows; add images, or lower {field}.")
+
+
+@functools.lru_cache(maxsize=8)
+def _image_sizes(root: str, files: tuple) -> tuple[tuple[int, int], ...]:
+  """(height, width) of every file, from its header (no pixels decoded)."""
+  sizes = []
+  for rel, _ in files:
+    path = os.path.join(root, rel)
+    try:
+      with Image.open(path) as im:
+        sizes.append((im.size[1], im.size[0]))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      raise ValueError(f"image {path} is damaged or not an image ({e}); replace or remove it."
+                       ) from None
+  return tuple(sizes)
+
+
+class PackedFolderSource:
+  """Random-access packed rows (train/image_packing.py's layout) of a folder's images at their
+  native sizes, decoded on demand."""
+
+  def __init__(self, root: str, files, sizes, rows, *, seq_len: int, max_images: int,
+               patch: int):
+    self.root, self.files, self.sizes, self.rows = root, files, sizes, rows
+    self.seq_len, self.max_images, self.patch = seq_len, max_images, patch
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    images, labels = [], []
+    for j in self.rows[i.__index__()]:
+      rel, label = self.files[j]
+      path = os.path.join(self.root, rel)
+      h, w = self.sizes[j]
+      try:
+        with Image.open(path) as im:
+          im = im.convert("RGB")
+          if im.size != (w, h):
+            im = im.resize((w, h), Image.BILINEAR)
+          images.append(np.asarray(im, np.float32) / 127.5 - 1.0)
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise data.DataError(f"image {path} could not be decoded ({e}); replace or remove it."
+                             ) from None
+      labels.append(label)
+    return image_packing.assemble(images, labels, self.seq_len, self.max_images, self.patch, 3)
+
+
+@functools.lru_cache(maxsize=8)
+def _packed_rows(root: str, files: tuple, patch: int, side: int, seq_len: int, max_images: int,
+                 seed: int):
+  fitted = [image_packing.fit_size(h, w, patch, side) for h, w in _image_sizes(root, files)]
+  order = np.random.default_rng(seed).permutation(len(files))  # random ties, random groups
+  lengths = [image_packing.num_tokens(fitted[j], patch) for j in order]
+  rows = [[int(order[k]) for k in row]
+          for row in image_packing.pack_rows(lengths, seq_len, max_images)]
+  return tuple(fitted), rows
+
+
+def packed_source(data_cfg, split: str, model_cfg, seed: int) -> PackedFolderSource:
+  """The packed rows of ``split`` of a folder at native sizes (``data.native_size=True``)."""
+  folder = source(data_cfg, split)
+  fitted, rows = _packed_rows(folder.root, tuple(folder.files), model_cfg.patch_size,
+                              max_size(data_cfg, model_cfg), data_cfg.seq_len,
+                              data_cfg.max_images, seed)
+  return PackedFolderSource(folder.root, folder.files, fitted, rows, seq_len=data_cfg.seq_len,
+                            max_images=data_cfg.max_images, patch=model_cfg.patch_size)
+
+
+def make_packed_dataset(data_cfg, model_cfg, *, split: str, global_batch_size: int, seed: int,
+                        shuffle: bool, num_epochs: int | None) -> grain.IterDataset:
+  """This process's batches of packed rows of ``split`` (train/image_packing.py's layout, a
+  leading batch axis added)."""
+  src = packed_source(data_cfg, split, model_cfg, seed)
+  if len(src) < global_batch_size:
+    raise ValueError(f"the {split!r} split of {data_cfg.name!r} packs into {len(src)} rows, "
+                     f"fewer than one batch of {global_batch_size}.")
+  return data.batched(src, data_cfg, global_batch_size=global_batch_size, seed=seed,
+                      shuffle=shuffle, num_epochs=num_epochs)
 
 
 def source(data_cfg, split: str):

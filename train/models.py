@@ -14,15 +14,18 @@ def model_config(config):
   return family.Config.from_config(config.model, remat=config.train.remat)
 
 
-def _seq_len(config) -> int:
-  """LM tokens per sequence; image configs have no train.seq_len."""
-  return config.train.seq_len if config.task == "lm" else 0
+def seq_len(config) -> int:
+  """LM tokens per sequence, or the tokens of a packed image row (data.native_size); 0 for
+  fixed-size images, whose length the model config gives."""
+  if config.task == "lm":
+    return config.train.seq_len
+  return config.data.seq_len if config.data.get("native_size", False) else 0
 
 
 def attention_length(config, model_cfg) -> int:
   """The (shortest) sequence attention sees: what mesh.seq must split evenly."""
   family = registry.get(config.model.name)
-  return family.attention_length(model_cfg, _seq_len(config))
+  return family.attention_length(model_cfg, seq_len(config))
 
 
 def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
@@ -37,7 +40,7 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
                              "act_heads")
     # Image families attend over what the family says (Swin: a window's tokens).
     return attention.make_plan(config.parallel, local, num_heads=1, num_kv_heads=1,
-                               seq_len=_seq_len(config) or attention_length(config, model_cfg))
+                               seq_len=seq_len(config) or attention_length(config, model_cfg))
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=model_cfg.num_kv_heads,
                              seq_len=attention_length(config, model_cfg),
@@ -49,7 +52,7 @@ def recurrence_plan(config, mesh_sizes: dict, model_cfg) -> state_passing.Plan |
   if not registry.get(config.model.name).state_passing:
     return None
   return state_passing.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.linear_heads,
-                                 seq_len=_seq_len(config))
+                                 seq_len=seq_len(config))
 
 
 def build(config, mesh, *, seq_parallel: bool = True):

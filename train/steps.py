@@ -19,8 +19,10 @@ from train.state import TrainState
 
 PMAP_AXIS = "batch"  # the pmap loop's device axis
 
-# Metrics that are counts: summed over micro-batches and devices, not averaged.
-COUNT_METRICS = ("tokens",)
+# Metrics that are counts: summed over micro-batches and devices, not averaged. The first one a
+# task reports weighs its micro-batches (tokens: the LM's token-mean loss; images: packed image
+# rows, whose loss is a mean over the images they hold).
+COUNT_METRICS = ("tokens", "images")
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
@@ -31,7 +33,8 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   ``grad_accum`` > 1 splits the batch into that many micro-batches inside the step (a
   ``lax.scan``), so activations are held for one micro-batch at a time while the update equals
   the one of the whole batch: micro-batch gradients are averaged with weights equal to their
-  ``tokens`` count when the task reports one (token-mean losses), else equally. Micro-batch ``a``
+  ``tokens`` (or ``images``) count when the task reports one (token- or image-mean losses of
+  uneven micro-batches), else equally. Micro-batch ``a``
   takes rows ``a, a+A, a+2A, ...`` so every data-parallel device contributes to every micro-batch
   and no resharding is needed; ``batch_axes`` (the task's logical batch axes) pins that layout.
 
@@ -86,7 +89,8 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
 
 def _accumulated(single, params, batch, rng, *, grad_accum: int, batch_axes: dict | None):
   """``single(params, batch, rng)`` over ``grad_accum`` micro-batches (a ``lax.scan``), the
-  gradients and metrics averaged with the micro-batches' ``tokens`` as weights (else equally)."""
+  gradients and metrics averaged with the micro-batches' ``tokens`` or ``images`` as weights
+  (else equally)."""
   micro = jax.tree.map(lambda x: _split_micro(x, grad_accum), batch)
   if batch_axes is not None:
     micro = {k: nn.with_logical_constraint(v, (None,) + tuple(batch_axes[k]))
@@ -95,7 +99,8 @@ def _accumulated(single, params, batch, rng, *, grad_accum: int, batch_axes: dic
   def body(carry, xs):
     micro_batch, micro_rng = xs
     loss, metrics, grads = single(params, micro_batch, micro_rng)
-    w = metrics.get("tokens", jnp.ones((), jnp.float32)).astype(jnp.float32)
+    counts = [metrics[k] for k in COUNT_METRICS if k in metrics]
+    w = (counts[0] if counts else jnp.ones((), jnp.float32)).astype(jnp.float32)
     weighted = jax.tree.map(lambda g: g.astype(jnp.float32) * w, grads)
     summed = {k: (v if k in COUNT_METRICS else v * w) for k, v in metrics.items()}
     new = (carry[0] + w, jax.tree.map(jnp.add, carry[1], weighted), carry[2] + loss * w,

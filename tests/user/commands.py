@@ -38,6 +38,7 @@ LAUNCH = U + "test_launch.py::test_launch_two_processes_trains_and_samples"
 ULYSSES = U + "test_launch.py::test_ulysses_sequence_parallel_command"
 LM_EXPERIMENT = U + "test_lm_experiments.py::test_lm_experiment_trains_evaluates_and_samples"
 IMAGE_EXPERIMENT = U + "test_image_experiments.py::test_image_experiment_trains_evaluates_and_samples"
+NATIVE = U + "test_image_experiments.py::test_native_folder_experiment_trains_and_evaluates"
 SAMPLE = U + "test_image_experiments.py::test_train_sample_on_the_dit_digits_workdir"
 AGREEMENT = U + "test_image_experiments.py::test_digits_agreement_bench_on_the_trained_workdirs"
 ARRAYRECORD = U + "test_arrayrecord.py::test_make_arrayrecord_writes_shards"
@@ -127,6 +128,9 @@ DOCUMENTED = {
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/swin_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
+    "python -m train --config=experiments/vit_native_folder.py --workdir=DIR --cpu_d"
+    "evices=8 --config.data.path=IMAGES --config.model.num_classes=3": Runs(
+        NATIVE, "IMAGES = a folder of 3 classes of random-size PNGs made by the test"),
     "python -m train --config=experiments/dit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/udit_digits.py --workdir=DIR --cpu_devices=8":

@@ -111,3 +111,22 @@ def test_digits_agreement_bench_on_the_trained_workdirs(trained, tmp_path):
   assert "| **all** |" in out, out[-2000:]
   for name in ("dit_digits_agreement.json", "dit_digits_agreement.md", "dit_digits_samples.png"):
     assert (tmp_path / name).exists(), name
+
+
+def test_native_folder_experiment_trains_and_evaluates(tmp_path):
+  """docs/data.md's native-size command on a folder of 3 classes of PNGs of random sizes and
+  aspect ratios (6 to 47 pixels a side), with the experiment's own mesh (data=8), packing and
+  evaluation. Override: ``--config.train.steps=20`` (of 300), a step count; the classes differ
+  in brightness, so the validation loss falls within those steps."""
+  from tests.train.test_image_packing import make_folder
+  images = make_folder(tmp_path / "images")
+  command = doc("python -m train --config=experiments/vit_native_folder.py --workdir=DIR "
+                "--cpu_devices=8 --config.data.path=IMAGES --config.model.num_classes=3")
+  out = run(substitute(command, DIR=tmp_path / "run", IMAGES=images) + " --config.train.steps=20",
+            tmp_path / "run.log", timeout=600).stdout
+  val = check_run(tmp_path / "run", out, 20, "experiments/vit_native_folder.py")
+  assert val[-1]["loss"] < val[0]["loss"], val
+  assert val[-1]["images"] > 8, val  # several images per packed row were evaluated
+  from tests.user import metrics
+  assert all("rows_per_s" in m for m in metrics(tmp_path / "run", "train"))
+  assert "per row);" in out  # the FLOPs line counts packed rows

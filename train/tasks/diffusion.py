@@ -1,4 +1,9 @@
-"""Class-conditional diffusion (DiT, U-DiT): DDPM or flow-matching loss, sample grids per eval."""
+"""Class-conditional diffusion (DiT, U-DiT): DDPM or flow-matching loss, sample grids per eval.
+
+DiT also trains on a folder at native sizes (data.native_size=True): packed rows of images
+(train/image_packing.py), a timestep and label per image slot, the loss averaged per image over
+the slots that hold one. Samples stay square at model.input_size (the same parameters).
+"""
 
 import functools
 import os
@@ -9,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe
-from train import diffusion_process
+from train import diffusion_process, image_data
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
@@ -38,20 +43,39 @@ class DiffusionTask(images.ImageTask):
       raise ValueError("model.learn_sigma=True needs diffusion.objective='ddpm' (flow matching "
                        "predicts a velocity, not a variance).")
 
+  def check_packed(self, model_cfg):
+    if self.config.model.name != "dit":
+      raise ValueError(f"data.native_size=True trains model 'dit' (packed rows), not "
+                       f"{self.config.model.name!r}; set data.native_size=False.")
+    image_data.check_native(self.config.data, model_cfg, {
+        "train": (self.config.train.batch_size, "train.batch_size"),
+        "val": (self.config.eval.batch_size, "eval.batch_size")}, self.config.seed)
+
   def init_args(self, batch):
+    if self.packed:
+      t = jnp.zeros(batch["labels"].shape, jnp.float32)
+      return (batch["patches"], t, batch["labels"], False, None, batch["segment_ids"],
+              batch["positions"])
     return (batch["images"], jnp.zeros(batch["labels"].shape, jnp.float32), batch["labels"])
 
   def _loss(self, model, params, batch, rng, train: bool):
     drop_rng, noise_rng = jax.random.split(rng)
     aux = []  # the MoE auxiliary loss and metrics of the one model call
 
+    packed = ({"segment_ids_BxS": batch["segment_ids"], "positions_BxSx2": batch["positions"]}
+              if self.packed else {})
+
     def model_fn(x, t, y, _rng=None):
       out, aux_loss, aux_metrics = moe.apply_with_aux(model, {"params": params}, x, t, y,
-                                                      train=train, rngs={"dropout": drop_rng})
+                                                      train=train, rngs={"dropout": drop_rng},
+                                                      **packed)
       aux.append((aux_loss, aux_metrics))
       return out
 
-    if self.config.diffusion.objective == "ddpm":
+    if self.packed:  # the images count weighs grad_accum micro-batches (train/steps.py)
+      loss, metrics = self._packed_loss(model, model_fn, batch, noise_rng)
+      metrics = {**metrics, "images": jnp.sum(batch["image_mask"].astype(jnp.float32))}
+    elif self.config.diffusion.objective == "ddpm":
       loss, metrics = diffusion_process.ddpm_loss(model_fn, self.schedule, batch["images"],
                                           batch["labels"], noise_rng,
                                           learn_sigma=model.cfg.learn_sigma)
@@ -61,6 +85,14 @@ class DiffusionTask(images.ImageTask):
     if aux_metrics:
       metrics = {**metrics, "denoise_loss": loss, **aux_metrics}
     return loss + aux_loss, metrics
+
+  def _packed_loss(self, model, model_fn, batch, rng):
+    args = (batch["patches"], batch["segment_ids"], batch["image_mask"], batch["labels"], rng)
+    if self.config.diffusion.objective == "ddpm":
+      return diffusion_process.packed_ddpm_loss(model_fn, self.schedule, *args,
+                                                channels=model.cfg.in_channels,
+                                                learn_sigma=model.cfg.learn_sigma)
+    return diffusion_process.packed_flow_loss(model_fn, *args)
 
   def loss_fn(self, model, permutation=None):
     del permutation  # bidirectional attention: no causal balancing needed
@@ -74,7 +106,8 @@ class DiffusionTask(images.ImageTask):
       loss, metrics = self._loss(model, params, batch, jax.random.PRNGKey(self.config.seed),
                                  False)
       loss = metrics.get("denoise_loss", loss)  # without the MoE auxiliary terms
-      n = jnp.float32(batch["labels"].shape[0])
+      n = (jnp.sum(batch["image_mask"].astype(jnp.float32)) if self.packed
+           else jnp.float32(batch["labels"].shape[0]))
       return {"loss_sum": loss * n, "count": n}
     return eval_fn
 
@@ -118,7 +151,12 @@ class DiffusionTask(images.ImageTask):
     padded = -(-n // data_parallel) * data_parallel
     labels = np.concatenate([np.repeat(np.arange(classes), per_class),
                              np.zeros(padded - n, np.int64)]).astype(np.int32)
-    labels = jax.device_put(labels, sharding["labels"])
+    labels_sharding = sharding["labels"]
+    if self.packed:  # packed batches hold labels per slot [B, K]; samples are one per row
+      labels_sharding = jax.sharding.NamedSharding(labels_sharding.mesh,
+                                                   jax.sharding.PartitionSpec(
+                                                       labels_sharding.spec[0]))
+    labels = jax.device_put(labels, labels_sharding)
     images = np.asarray(multihost_utils.process_allgather(
         self.sample_images(model, params, labels, self.config.seed), tiled=True))
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
