@@ -215,7 +215,7 @@ class Model(nn.Module):
       rows_BxS, cols_BxS = grid_r.reshape(1, -1), grid_c.reshape(1, -1)
       heights_BxS = widths_BxS = jnp.full(rows_BxS.shape, float(cfg.grid))
     x_BxSxE = Dense(cfg, (cfg.width,), ("patch", "embed"), name="embed")(patches_BxSxP)
-    S, E = x_BxSxE.shape[1], cfg.width
+    E = cfg.width
     pos_BxSxE = _position_embedding(self, cfg, rows_BxS, cols_BxS, heights_BxS, widths_BxS)
     x_BxSxE = x_BxSxE + pos_BxSxE.astype(cfg.dtype)
     if cfg.pool == "token":
