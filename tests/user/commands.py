@@ -38,6 +38,8 @@ LAUNCH = U + "test_launch.py::test_launch_two_processes_trains_and_samples"
 ULYSSES = U + "test_launch.py::test_ulysses_sequence_parallel_command"
 LM_EXPERIMENT = U + "test_lm_experiments.py::test_lm_experiment_trains_evaluates_and_samples"
 IMAGE_EXPERIMENT = U + "test_image_experiments.py::test_image_experiment_trains_evaluates_and_samples"
+VISION_EXPERIMENT = U + ("test_vision_experiments.py::"
+                         "test_vision_experiment_trains_evaluates_and_samples")
 NATIVE = U + "test_image_experiments.py::test_native_folder_experiment_trains_and_evaluates"
 SAMPLE = U + "test_image_experiments.py::test_train_sample_on_the_dit_digits_workdir"
 AGREEMENT = U + "test_image_experiments.py::test_digits_agreement_bench_on_the_trained_workdirs"
@@ -127,7 +129,7 @@ DOCUMENTED = {
     "python -m train --config=experiments/vit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/swin_digits.py --workdir=DIR --cpu_devices=8":
-        Runs(IMAGE_EXPERIMENT),
+        Runs(VISION_EXPERIMENT),
     "python -m train --config=experiments/vit_native_folder.py --workdir=DIR --cpu_d"
     "evices=8 --config.data.path=IMAGES --config.model.num_classes=3": Runs(
         NATIVE, "IMAGES = a folder of 3 classes of random-size PNGs made by the test"),
@@ -136,7 +138,7 @@ DOCUMENTED = {
     "python -m train --config=experiments/udit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/uvit_digits.py --workdir=DIR --cpu_devices=8":
-        Runs(IMAGE_EXPERIMENT),
+        Runs(VISION_EXPERIMENT),
     "python -m train --config=experiments/gdn_stdlib.py --workdir=DIR --cpu_devices=8":
         Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/mamba2_stdlib.py --workdir=DIR --cpu_devices=8":

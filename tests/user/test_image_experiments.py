@@ -32,10 +32,13 @@ DIFFUSION = (" --config.train.batch_size=16 --config.opt.warmup_steps=2"
              " --config.diffusion.sample_steps=10 --config.diffusion.samples_per_class=2")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """One run per experiment, on first use; the DiT and ViT workdirs also feed train.sample and
-  the agreement bench."""
+# Run by tests/user/test_vision_experiments.py: whole files go to one pytest worker, so these
+# runs go to a module of their own and the two workers share the image experiments.
+OWN_MODULE = ("swin_digits", "uvit_digits")
+
+
+def experiment_runs(tmp_path_factory):
+  """``get(name)``: the experiment's run (workdir, stdout), made on first use."""
   runs = {}
 
   def get(name):
@@ -51,8 +54,20 @@ def trained(tmp_path_factory):
   return get
 
 
-@pytest.mark.parametrize("name", list(STEPS))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One run per experiment, on first use; the DiT and ViT workdirs also feed train.sample and
+  the agreement bench."""
+  return experiment_runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", [n for n in STEPS if n not in OWN_MODULE])
 def test_image_experiment_trains_evaluates_and_samples(name, trained):
+  check_image_experiment(name, trained)
+
+
+def check_image_experiment(name, trained):
+  """Trains, evaluates at step 0 and at the end; classifiers learn, diffusion models draw grids."""
   workdir, out = trained(name)
   val = check_run(workdir, out, STEPS[name], f"experiments/{name}.py")
   if name in CLASSIFIERS:
