@@ -10,7 +10,7 @@ import pytest
 
 from nets import convert, swin
 from nets.convert import swin as convert_swin
-from tests.convert import parity_import
+from tests.convert import classifier_logits, parity_import
 
 torch = parity_import("torch")
 transformers = parity_import("transformers")
@@ -35,13 +35,7 @@ def hf_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("swin_hf")
   model.save_pretrained(path, safe_serialization=True)
   images = np.random.default_rng(0).standard_normal((3, 32, 32, 3)).astype(np.float32)
-  return path, images, _hf_logits(model, images)
-
-
-def _hf_logits(model, images_BxHxWxC):
-  with torch.no_grad():
-    return model(pixel_values=torch.from_numpy(images_BxHxWxC.transpose(0, 3, 1, 2))
-                 ).logits.numpy()
+  return path, images, classifier_logits(model, images)
 
 
 def _import(path):
@@ -70,7 +64,7 @@ def test_import_export_logits_match_transformers(hf_dir, tmp_path):
   convert.write_hf(str(out), convert_swin.hf_config(cfg), convert_swin.to_hf(params, cfg),
                    convert_swin.WEIGHTS)
   reloaded = transformers.SwinForImageClassification.from_pretrained(out).eval()
-  diff = np.max(np.abs(_hf_logits(reloaded, images) - logits))
+  diff = np.max(np.abs(classifier_logits(reloaded, images) - logits))
   print(f"Swin export: max |transformers(exported) - odyssey| = {diff:.2e}")
   assert diff < TOL * max(1.0, np.abs(hf_logits).max())
   back = convert_swin.from_hf(_import(out)[1], cfg)  # export then import: the identity
