@@ -19,7 +19,6 @@ logits, as transformers does; padded queries are computed and are meaningless.
 
 import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax

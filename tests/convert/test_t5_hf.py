@@ -196,7 +196,6 @@ def numpy_encoder(params, cfg, ids, mask):
       bucket[i, j] = b + (half if j > i else 0)
   bias_HxLxL = p["rel_bias"][bucket].transpose(2, 0, 1)
   x = p["embed"]["embedding"][ids]
-  H, D = cfg.num_heads, cfg.d_kv
   for layer in range(cfg.num_layers):
     w = jax.tree.map(lambda a: a[layer], p["layers"])
     h = rms(x, w["attn_norm"]["scale"], cfg.layer_norm_epsilon)
