@@ -142,7 +142,7 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Token ids [B, L] int32 and mask [B, L] bool (True = a real token) -> hidden [B, L, E] float32."""
+  """Token ids [B, L] int32, mask [B, L] bool (True: a real token) -> hidden [B, L, E] float32."""
   cfg: Config
 
   @nn.compact

@@ -86,7 +86,9 @@ def make(opt_cfg, total_steps: int, frozen=None):
 
   ``frozen``: None, or a function params -> bool tree (e.g. train.text_encoders.frozen_mask)
   marking parameters the optimizer must never change: they get zero updates, no Adam moments and
-  no weight decay, and the gradient clip sees only the others. The outer ``optax.apply_if_finite`` rejects (zero update, optimizer state kept) every step
+  no weight decay, and the gradient clip sees only the others.
+
+  The outer ``optax.apply_if_finite`` rejects (zero update, optimizer state kept) every step
   whose gradients are not finite and counts them in its state (``notfinite_count`` consecutive,
   ``total_notfinite`` in all), which is checkpointed with the rest; its own give-up threshold
   is never reached, because the loop stops the run at ``train.max_bad_steps`` instead.

@@ -125,6 +125,41 @@ def test_import_matches_transformers(saved):
   assert diff < TOL
 
 
+def test_gradients_match_transformers(saved):
+  """d(loss)/d(params) of a weighted sum of the real tokens' outputs: ours (mapped to transformers'
+  names by the exporter) against torch autograd's, for every tensor."""
+  _, model, directory = saved
+  cfg, params = convert.load_pretrained(directory)
+  ids, mask = batch()
+  w = np.random.default_rng(2).standard_normal((B, L, cfg.d_model)).astype(np.float32)
+  w *= mask[..., None]
+  loss = lambda p: jnp.sum(t5.Encoder(cfg).apply({"params": p}, ids, mask) * w)
+  ours = convert.hf_from_params(jax.device_get(jax.jit(jax.grad(loss))(params)), cfg)
+  model.zero_grad()
+  out = model(input_ids=torch.from_numpy(ids).long(),
+              attention_mask=torch.from_numpy(mask).long()).last_hidden_state
+  (out * torch.from_numpy(w)).sum().backward()
+  theirs = dict(model.named_parameters())
+  assert set(ours) == set(theirs)
+  for name, g in ours.items():
+    want = theirs[name].grad.numpy()
+    # within 1e-4 of the tensor's largest gradient (fp32 sums in another order on each side)
+    np.testing.assert_allclose(g, want, atol=1e-4 * np.abs(want).max(), rtol=0, err_msg=name)
+    assert np.abs(want).max() > 0, name
+
+
+def test_bfloat16_import_computes_in_bfloat16(saved):
+  _, model, directory = saved
+  cfg, params = convert.load_pretrained(directory, "bfloat16")
+  assert cfg.dtype == cfg.param_dtype == "bfloat16"
+  assert {str(a.dtype) for a in jax.tree.leaves(params)} == {"bfloat16"}
+  ids, mask = batch()
+  got, want = encode(cfg, params, ids, mask), hf_hidden(model, ids, mask)
+  assert got.dtype == np.float32
+  err = np.abs(real(got - want, mask)).max() / np.abs(real(want, mask)).max()
+  assert 1e-4 < err < 5e-2, err  # bf16 rounding, not a different function
+
+
 def test_padding_does_not_change_real_tokens(saved):
   """What padded positions hold is irrelevant, and a row encoded alone (no padding at all) gives
   the same real-token outputs as inside the padded batch."""
@@ -235,26 +270,38 @@ def test_one_layer_matches_float64_numpy(proj):
 
 # --- sharded ------------------------------------------------------------------------------------
 
-def test_sharded_forward_equals_single_device(saved):
+def test_sharded_forward_and_gradients_equal_single_device(saved):
   """data2 x fsdp2 x tensor2: parameters sharded by their logical names (heads and mlp over
-  tensor, embed over fsdp), the batch over data x fsdp; the output is the single-device one."""
+  tensor, embed over fsdp), the batch over data x fsdp; the output and the gradients of a
+  weighted sum of it are the single-device ones."""
   _, _, directory = saved
   cfg, params = convert.load_pretrained(directory)
   ids, mask = batch()
+  w = np.random.default_rng(3).standard_normal((B, L, cfg.d_model)).astype(np.float32)
   mesh = parallel_mesh.make_mesh(ml_collections.ConfigDict(
       dict(data=2, fsdp=2, tensor=2, seq=1, expert=1)))
   rules = sharding.RULES
   init = lambda: t5.Encoder(cfg).init(jax.random.PRNGKey(0), ids, mask)["params"]
-  structs, _ = sharding.abstract_and_shardings(init, mesh, rules)
+  structs, shardings = sharding.abstract_and_shardings(init, mesh, rules)
   q_spec = structs["layers"]["q"]["kernel"].sharding.spec
   assert q_spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None), q_spec
   placed = jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), params, structs)
   data = jax.device_put((ids, mask), sharding.batch_sharding(mesh, rules))
+
+  def out_and_grads(p, i, m):
+    apply = lambda p: t5.Encoder(cfg).apply({"params": p}, i, m)
+    return apply(p), jax.grad(lambda p: jnp.sum(apply(p) * w * m[..., None]))(p)
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    out = jax.jit(lambda p, i, m: t5.Encoder(cfg).apply({"params": p}, i, m))(placed, *data)
+    out, grads = jax.jit(out_and_grads, out_shardings=(None, shardings))(placed, *data)
   assert out.sharding.spec[0] == ("data", "fsdp")
-  np.testing.assert_allclose(real(np.asarray(out), mask), real(encode(cfg, params, ids, mask), mask),
-                             atol=TOL, rtol=0)  # sums split over fsdp/tensor: another order
+  single, single_grads = jax.jit(out_and_grads)(params, ids, mask)
+  # sums split over fsdp / tensor: another order
+  np.testing.assert_allclose(real(np.asarray(out), mask), real(np.asarray(single), mask),
+                             atol=TOL, rtol=0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), atol=1e-4 * np.abs(np.asarray(b)).max(), rtol=0),
+      grads, single_grads)
 
 
 # --- faults -------------------------------------------------------------------------------------
