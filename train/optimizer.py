@@ -81,8 +81,12 @@ def decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(decays, params, is_leaf=is_box)
 
 
-def make(opt_cfg, total_steps: int):
+def make(opt_cfg, total_steps: int, frozen=None):
   """Returns (tx, lr_schedule).
+
+  ``frozen``: None, or a function params -> bool tree (e.g. train.text_encoders.frozen_mask)
+  marking parameters the optimizer must never change: they get zero updates, no Adam moments and
+  no weight decay, and the gradient clip sees only the others.
 
   The outer ``optax.apply_if_finite`` rejects (zero update, optimizer state kept) every step
   whose gradients are not finite and counts them in its state (``notfinite_count`` consecutive,
@@ -96,6 +100,9 @@ def make(opt_cfg, total_steps: int):
       optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                   weight_decay=opt_cfg.weight_decay,
                   mask=lambda p: decay_mask(p, opt_cfg.decay_embeddings)))
+  if frozen is not None:
+    labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "trained", frozen(p))
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   return optax.apply_if_finite(tx, max_consecutive_errors=NEVER_ACCEPT), lr
 
 

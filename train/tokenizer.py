@@ -61,6 +61,29 @@ def byte_decode(ids) -> str:
   return kept.tobytes().decode("utf-8", errors="replace")
 
 
+# ByT5's vocabulary (Xue et al. 2022), which a text encoder of captions reads: PAD 0, EOS 1, UNK 2,
+# then byte b as b + 3. No files: it is the same for every ByT5 checkpoint.
+BYT5_PAD, BYT5_EOS, BYT5_OFFSET = 0, 1, 3
+BYT5_VOCAB = 256 + BYT5_OFFSET
+
+
+def byt5_ids(texts, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [N, length] int32, mask [N, length] bool) of ``texts`` (str as utf-8, or bytes) in
+  ByT5's vocabulary, as transformers' ByT5Tokenizer with truncation and max_length padding: the
+  bytes, then EOS, then PAD. A text of ``length`` bytes or more keeps its first ``length - 1``
+  bytes (possibly cutting a multi-byte character) and still ends in EOS."""
+  if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+    raise ValueError(f"byt5_ids length={length!r} must be an integer >= 1 (room for EOS).")
+  if isinstance(texts, (str, bytes)):
+    raise ValueError("byt5_ids takes a list of texts, not one string.")
+  ids = np.full((len(texts), length), BYT5_PAD, np.int32)
+  for row, text in enumerate(texts):
+    kept = byte_encode(text)[:length - 1] + BYT5_OFFSET
+    ids[row, :len(kept)] = kept
+    ids[row, len(kept)] = BYT5_EOS
+  return ids, ids != BYT5_PAD
+
+
 class Tokenizer:
   """Text <-> int32 ids. ``encode`` adds no special tokens; ``decode`` drops them.
 

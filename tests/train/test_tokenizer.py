@@ -292,3 +292,40 @@ def test_a_bpe_spec_with_a_mixture_is_one_sentence():
   c.data.tokenizer = "bpe:8192"
   with pytest.raises(ValueError, match="data.sources mixes several"):
     validate.validate(c)
+
+
+BYT5_TEXTS = ["héllo", "a", "", "✓ four", b"raw\xff"]
+
+
+def test_byt5_ids_pad_end_in_eos_and_truncate_keeping_eos():
+  ids, mask = tokenizer.byt5_ids(BYT5_TEXTS, 5)
+  assert ids.dtype == np.int32 and mask.dtype == np.bool_ and ids.shape == (5, 5)
+  assert ids.tolist() == [
+      [ord("h") + 3, 0xC3 + 3, 0xA9 + 3, ord("l") + 3, 1],  # 6 bytes: the first 4, then EOS
+      [ord("a") + 3, 1, 0, 0, 0],
+      [1, 0, 0, 0, 0],  # an empty caption is EOS alone
+      [0xE2 + 3, 0x9C + 3, 0x93 + 3, ord(" ") + 3, 1],  # the check mark, cut after 1 byte more
+      [ord("r") + 3, ord("a") + 3, ord("w") + 3, 0xFF + 3, 1]]
+  assert mask.sum(1).tolist() == [5, 2, 1, 5, 5] and (ids[mask] > 0).all()
+  assert ids.max() < tokenizer.BYT5_VOCAB
+
+
+def test_byt5_ids_match_transformers_byt5_tokenizer():
+  transformers = pytest.importorskip("transformers")
+  texts = [t if isinstance(t, str) else t.decode("latin-1") for t in BYT5_TEXTS[:4]]
+  for length in (1, 3, 12):
+    want = transformers.ByT5Tokenizer()(texts, max_length=length, truncation=True,
+                                         padding="max_length")
+    ids, mask = tokenizer.byt5_ids(texts, length)
+    assert ids.tolist() == want["input_ids"] and mask.astype(int).tolist() == \
+        want["attention_mask"], length
+
+
+@pytest.mark.parametrize("texts, length, message", [
+    (["a"], 0, "byt5_ids length=0 must be an integer >= 1"),
+    (["a"], 2.0, "byt5_ids length=2.0 must be an integer >= 1"),
+    ("a caption", 4, "takes a list of texts, not one string"),
+])
+def test_byt5_ids_refuses_bad_arguments(texts, length, message):
+  with pytest.raises(ValueError, match=message):
+    tokenizer.byt5_ids(texts, length)
