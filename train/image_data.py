@@ -8,6 +8,8 @@ batch) is the same one train/data.py uses for text.
     (360 images), the rest train (1,437). Optionally resized to 16x16 (``data.image_size``).
   * "folder": ``data.path/<class name>/*.png|jpg|jpeg``; classes are the sorted subfolder names,
     ``data.val_fraction`` of each class's files (by a hash of the file name) form the val split.
+  * "digit_captions", "digit_cells": canvases of digits with captions, and the cells a reader
+    classifies (train/caption_data.py; "digit_captions" also has a "heldout" split).
   * "arrayrecord": pre-encoded arrays, e.g. VAE latents for DiT on ImageNet:
     ``data.path/{train,val}-*.array_record`` whose records are a little-endian int32 label followed
     by the raw array, and ``metadata.json`` = {"shape": [H, W, C], "dtype": "float16",
@@ -37,9 +39,9 @@ import grain
 import numpy as np
 from PIL import Image
 
-from train import data, image_packing
+from train import caption_data, data, image_packing
 
-KNOWN = ("digits", "folder", "arrayrecord")
+KNOWN = ("digits", "folder", "arrayrecord") + caption_data.KNOWN
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARRAYRECORD_HOW = ("an 'arrayrecord' image dataset is a folder written by "
                    "train.image_data.write_arrayrecord")
@@ -49,6 +51,7 @@ def check_image_config(data_cfg) -> None:
   """One sentence for a data config that cannot produce images, before anything compiles."""
   if data_cfg.name not in KNOWN:
     raise ValueError(f"data.name={data_cfg.name!r} is not an image dataset; use one of {KNOWN}.")
+  caption_data.check_config(data_cfg)
   if data_cfg.name == "folder":
     if not data_cfg.path or not os.path.isdir(data_cfg.path):
       raise ValueError(f"data.path={data_cfg.path!r} does not exist or is not a folder of class "
@@ -294,6 +297,8 @@ def make_packed_dataset(data_cfg, model_cfg, *, split: str, global_batch_size: i
 def source(data_cfg, split: str):
   """The random-access source of ``split`` ("train" or "val")."""
   check_image_config(data_cfg)
+  if data_cfg.name in caption_data.KNOWN:
+    return caption_data.source(data_cfg, split)
   if data_cfg.name == "digits":
     images, labels = _digits(data_cfg.image_size)
     test = np.arange(len(labels)) % 5 == 0
@@ -418,6 +423,8 @@ def image_shape(data_cfg) -> tuple[int, int, int]:
 def num_classes(data_cfg) -> int:
   if data_cfg.name == "digits":
     return 10
+  if data_cfg.name in caption_data.KNOWN:
+    return caption_data.num_classes(data_cfg)
   if data_cfg.name == "arrayrecord":
     return int(_metadata(data_cfg)["num_classes"])
   return len(_folder_index(os.path.realpath(data_cfg.path))[0])

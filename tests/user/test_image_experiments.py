@@ -5,7 +5,8 @@ models, the PNG grid of guided samples (DDIM 50 steps, every class) at each eval
 `python -m train.sample` on the DiT workdir and `python -m bench.digits_agreement` on the ViT
 and DiT workdirs.
 
-Overrides, only of step counts and sizes. ViT and Swin: ``--config.train.steps=40`` (of 600),
+Overrides, only of step counts and sizes. ViT, Swin and the digit reader (experiments/
+digit_reader.py, of 1,500 steps): ``--config.train.steps=40`` (of 600),
 nothing else: the ViT's loss sits at ln 10 for ~20 steps, then falls (2.16 and 32% accuracy at
 step 40); Swin's falls from the start (1.54 at step 40).
 Diffusion: ``--config.train.steps=10`` (of 1,500-3,000), ``--config.train.batch_size=16`` (of 128
@@ -26,8 +27,8 @@ from tests.user import check_run, run, substitute
 from tests.user.commands import doc
 
 STEPS = {"vit_digits": 40, "swin_digits": 40, "dit_digits": 10, "udit_digits": 10,
-         "uvit_digits": 10, "dit_moe_digits": 10}
-CLASSIFIERS = ("vit_digits", "swin_digits")
+         "uvit_digits": 10, "dit_moe_digits": 10, "digit_reader": 40}
+CLASSIFIERS = ("vit_digits", "swin_digits", "digit_reader")
 DIFFUSION = (" --config.train.batch_size=16 --config.opt.warmup_steps=2"
              " --config.diffusion.sample_steps=10 --config.diffusion.samples_per_class=2")
 

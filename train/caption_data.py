@@ -1,0 +1,253 @@
+"""Compositional captions made from the embedded digits, and the cells a reader classifies.
+
+A canvas is 48x48x1 in [-1, 1] (background -1): a 3x3 grid of 16x16 cells (``PLACES``, reading
+order) holding one or two digits in distinct cells. Each digit is "small" (its 8x8 original,
+centred in the cell) or "large" (resized to 16x16, filling the cell). Its caption names the digits
+in reading order: "a small 3 at the top left and a large 7 at the bottom right". The layout is the
+ground truth; nothing parses captions.
+
+  * ``data.name="digit_captions"``: records {"images": f32 [48, 48, 1], "labels": i32 (the first
+    digit, for class-conditional code), "text_ids": i32 [data.text_len] (ByT5 byte ids: utf-8
+    byte + 3, EOS 1, then PAD 0), "text_mask": bool [data.text_len], "layout": i32 [9] (per cell
+    the digit, EMPTY = 10 if none), "sizes": i32 [9] (0 empty, 1 small, 2 large)}. Record i of a
+    split is a pure function of (split, i, seed=DATA_SEED), made when read; "train" has
+    SPLIT_SIZES["train"] records (a fresh set of canvases for as long as a run lasts), "val" and
+    "heldout" a few thousand.
+  * ``data.name="digit_cells"``: 16x16x1 cells with 11 classes (the digit, small or large, or
+    EMPTY), the inputs of the reader that train/quality.py scores canvases with.
+
+Digit images never cross splits: "train" canvases and cells take the digits' train split,
+"val"/"heldout" canvases and "val" cells its test split (train/image_data.py: index % 5 == 0).
+
+Held-out rule. A two-digit canvas's *pair* is the unordered pair of its (digit, cell) elements,
+sizes aside. A pair is held out when crc32 of its text (``pair_key``) % 100 < HELDOUT_PERCENT:
+10% of the 3,600 pairs, a fixed set on every machine. "train" and "val" never draw a held-out pair;
+"heldout" draws only held-out pairs. Every single (digit, cell, size) element is still seen in
+training (one-digit canvases hold each of the 180 with equal chance, and two-digit canvases hold
+every (digit, cell) in other company), so "heldout" asks for a new *combination* of known parts.
+
+Sampling: one digit with probability ONE_DIGIT (layouts uniform over the 90 (digit, cell)), else
+two: uniform over the allowed pairs; sizes uniform and independent.
+"""
+
+import functools
+import zlib
+
+import numpy as np
+
+KNOWN = ("digit_captions", "digit_cells")
+PLACES = ("at the top left", "at the top", "at the top right", "on the left", "in the center",
+          "on the right", "at the bottom left", "at the bottom", "at the bottom right")
+SIZE_NAMES = ("", "small", "large")  # sizes[c]: 0 empty, 1 small, 2 large
+EMPTY = 10  # layout[c] of an empty cell, and the reader's 11th class
+CELL, GRID = 16, 3
+CANVAS = CELL * GRID
+SPLITS = ("train", "val", "heldout")
+SPLIT_SIZES = {"train": 100_000, "val": 2_000, "heldout": 2_000}
+DATA_SEED = 0
+ONE_DIGIT = 0.25
+HELDOUT_PERCENT = 10
+PAD, EOS, BYTE_OFFSET = 0, 1, 3  # ByT5: 0 pad, 1 eos, 2 unk, then the 256 bytes
+
+
+def byt5_ids(text: str, length: int) -> np.ndarray:
+  """ByT5 ids of ``text``: utf-8 bytes + 3, EOS, PAD to ``length`` (int32 [length])."""
+  raw = text.encode("utf-8")
+  if len(raw) + 1 > length:
+    raise ValueError(f"the text {text!r} takes {len(raw) + 1} ByT5 ids with its EOS, more than "
+                     f"{length}.")
+  ids = np.full((length,), PAD, np.int32)
+  ids[:len(raw)] = np.frombuffer(raw, np.uint8).astype(np.int32) + BYTE_OFFSET
+  ids[len(raw)] = EOS
+  return ids
+
+
+def byt5_text(ids) -> str:
+  """The text of ByT5 ids (up to the first EOS or PAD)."""
+  out = bytearray()
+  for i in np.asarray(ids).tolist():
+    if i in (PAD, EOS):
+      break
+    out.append(i - BYTE_OFFSET)
+  return out.decode("utf-8")
+
+
+def caption_for(layout, sizes) -> str:
+  """The caption of a layout: its digits in reading order with their sizes and places."""
+  parts = [f"a {SIZE_NAMES[int(sizes[c])]} {int(layout[c])} {PLACES[c]}"
+           for c in range(GRID * GRID) if layout[c] != EMPTY]
+  if not parts or any(not sizes[c] for c in range(GRID * GRID) if layout[c] != EMPTY):
+    raise ValueError(f"layout {list(layout)} with sizes {list(sizes)} is not a canvas of one or "
+                     "more sized digits.")
+  return " and ".join(parts)
+
+
+def _all_pairs():
+  """Every unordered pair ((d1, c1), (d2, c2)) with c1 < c2."""
+  return [((d1, c1), (d2, c2)) for c1 in range(9) for c2 in range(c1 + 1, 9)
+          for d1 in range(10) for d2 in range(10)]
+
+
+def pair_key(pair) -> str:
+  """The text whose crc32 decides whether a pair is held out (cells in ascending order)."""
+  (d1, c1), (d2, c2) = sorted(pair, key=lambda e: e[1])
+  return f"{d1}@{c1}+{d2}@{c2}"
+
+
+def is_heldout(pair) -> bool:
+  return zlib.crc32(pair_key(pair).encode()) % 100 < HELDOUT_PERCENT
+
+
+@functools.lru_cache(maxsize=1)
+def pairs() -> dict[bool, tuple]:
+  """{held out: its pairs}, each ((d1, c1), (d2, c2)) with c1 < c2."""
+  out = {True: [], False: []}
+  for p in _all_pairs():
+    out[is_heldout(p)].append(p)
+  return {k: tuple(v) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def max_text_ids() -> int:
+  """The most ByT5 ids (EOS included) any caption takes: the lower bound of data.text_len."""
+  longest = max((len(p) for p in PLACES))
+  second = sorted((len(p) for p in PLACES))[-2]
+  body = len("a large 0 ")
+  return body + longest + len(" and ") + body + second + 1
+
+
+def layout_of(split: str, index: int, seed: int = DATA_SEED):
+  """(layout i32 [9], sizes i32 [9], rng) of record ``index`` of ``split``; the rng then picks
+  the digit images."""
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r} is not one of {SPLITS}.")
+  rng = np.random.default_rng([seed, SPLITS.index(split), index])
+  layout = np.full((9,), EMPTY, np.int32)
+  sizes = np.zeros((9,), np.int32)
+  if split != "heldout" and rng.random() < ONE_DIGIT:
+    elements = [(int(rng.integers(10)), int(rng.integers(9)))]
+  else:
+    allowed = pairs()[split == "heldout"]
+    elements = list(allowed[int(rng.integers(len(allowed)))])
+  for d, c in elements:
+    layout[c], sizes[c] = d, 1 + int(rng.integers(2))
+  return layout, sizes, rng
+
+
+@functools.lru_cache(maxsize=2)
+def _digit_split(split: str):
+  """(8x8 images, 16x16 images, labels, indices of each class) of the digits' ``split``."""
+  import ml_collections
+
+  from train import image_data  # imports this module: here, not at the top
+  cfg = lambda size: ml_collections.ConfigDict(dict(name="digits", image_size=size, path=""))
+  small, large = image_data.source(cfg(8), split), image_data.source(cfg(16), split)
+  by_class = tuple(np.flatnonzero(small.labels == d) for d in range(10))
+  return small.images[..., 0], large.images[..., 0], small.labels, by_class
+
+
+def _digits_of(split: str) -> str:
+  return "train" if split == "train" else "val"
+
+
+def paint(cell_16x16: np.ndarray, small_8x8: np.ndarray | None, large_16x16: np.ndarray | None,
+          shift=(0, 0)):
+  """Draws a small digit (centred, moved by ``shift`` pixels) or a large one into a cell."""
+  if large_16x16 is not None:
+    cell_16x16[:] = large_16x16
+  else:
+    r, c = 4 + shift[0], 4 + shift[1]
+    cell_16x16[r:r + 8, c:c + 8] = small_8x8
+
+
+def canvas(split: str, index: int, seed: int = DATA_SEED):
+  """(image f32 [48, 48, 1], layout, sizes) of record ``index`` of ``split``."""
+  layout, sizes, rng = layout_of(split, index, seed)
+  small, large, _, by_class = _digit_split(_digits_of(split))
+  image = np.full((CANVAS, CANVAS), -1.0, np.float32)
+  for c in range(9):
+    if layout[c] == EMPTY:
+      continue
+    j = int(rng.choice(by_class[layout[c]]))
+    r, col = divmod(c, GRID)
+    view = image[r * CELL:(r + 1) * CELL, col * CELL:(col + 1) * CELL]
+    paint(view, small[j], large[j] if sizes[c] == 2 else None)
+  return image[..., None], layout, sizes
+
+
+def cells(canvases_Nx48x48x1: np.ndarray) -> np.ndarray:
+  """The 9 cells of each canvas in reading order: [N, 9, 16, 16, C]."""
+  x = np.asarray(canvases_Nx48x48x1)
+  n, h, w, ch = x.shape
+  if (h, w) != (CANVAS, CANVAS):
+    raise ValueError(f"canvases are {h}x{w}, not {CANVAS}x{CANVAS}.")
+  x = x.reshape(n, GRID, CELL, GRID, CELL, ch).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, GRID * GRID, CELL, CELL, ch)
+
+
+class CaptionSource:
+  """Random-access canvases with their captions, made when read."""
+
+  def __init__(self, split: str, text_len: int, seed: int = DATA_SEED):
+    if split not in SPLITS:
+      raise ValueError(f"split {split!r} of 'digit_captions' is not one of {SPLITS}.")
+    self.split, self.text_len, self.seed = split, text_len, seed
+
+  def __len__(self) -> int:
+    return SPLIT_SIZES[self.split]
+
+  def __getitem__(self, i):
+    image, layout, sizes = canvas(self.split, i.__index__(), self.seed)
+    ids = byt5_ids(caption_for(layout, sizes), self.text_len)
+    return {"images": image, "labels": np.int32(layout[layout != EMPTY][0]), "text_ids": ids,
+            "text_mask": ids != PAD, "layout": layout, "sizes": sizes}
+
+
+class CellSource:
+  """Random-access 16x16 cells: each digit image small and large, and one empty cell (faint
+  noise, so a sample's not quite flat background still reads as empty) per five digit images."""
+
+  def __init__(self, split: str, seed: int = DATA_SEED):
+    if split not in ("train", "val"):
+      raise ValueError(f"split {split!r} of 'digit_cells' is not 'train' or 'val'.")
+    self.split, self.seed = split, seed
+    self.small, self.large, self.labels, _ = _digit_split(split)
+    self.n = len(self.labels)
+
+  def __len__(self) -> int:
+    return 2 * self.n + self.n // 5
+
+  def __getitem__(self, i):
+    i = i.__index__()
+    rng = np.random.default_rng([self.seed, 7 + (self.split == "val"), i])
+    cell = np.full((CELL, CELL), -1.0, np.float32)
+    if i >= 2 * self.n:
+      cell += rng.uniform(0.0, 0.2) * np.abs(rng.standard_normal((CELL, CELL))).astype(np.float32)
+      return {"images": np.minimum(cell, 1.0)[..., None], "labels": np.int32(EMPTY)}
+    j, size = divmod(i, 2)
+    paint(cell, self.small[j], self.large[j] if size else None)
+    return {"images": cell[..., None], "labels": np.int32(self.labels[j])}
+
+
+def check_config(data_cfg) -> None:
+  """One sentence for a caption or cell data config that cannot work, before anything compiles."""
+  if data_cfg.name == "digit_captions":
+    if "text_len" not in data_cfg:
+      raise ValueError("data.name='digit_captions' needs data.text_len (the caption length in "
+                       f"ByT5 ids, at least {max_text_ids()}).")
+    if data_cfg.text_len < max_text_ids():
+      raise ValueError(f"data.text_len={data_cfg.text_len} is shorter than the longest caption "
+                       f"of 'digit_captions' ({max_text_ids()} ByT5 ids with its EOS).")
+
+
+def source(data_cfg, split: str):
+  """The random-access source of ``split`` of "digit_captions" or "digit_cells"."""
+  check_config(data_cfg)
+  if data_cfg.name == "digit_captions":
+    return CaptionSource(split, data_cfg.text_len)
+  return CellSource(split)
+
+
+def num_classes(data_cfg) -> int:
+  """Labels: the first digit of a caption (10), or a cell's class (11, EMPTY included)."""
+  return 10 if data_cfg.name == "digit_captions" else 11
