@@ -35,6 +35,8 @@ import zlib
 
 import numpy as np
 
+from train import tokenizer
+
 KNOWN = ("digit_captions", "digit_cells")
 PLACES = ("at the top left", "at the top", "at the top right", "on the left", "in the center",
           "on the right", "at the bottom left", "at the bottom", "at the bottom right")
@@ -47,29 +49,16 @@ SPLIT_SIZES = {"train": 100_000, "val": 2_000, "heldout": 2_000}
 DATA_SEED = 0
 ONE_DIGIT = 0.25
 HELDOUT_PERCENT = 10
-PAD, EOS, BYTE_OFFSET = 0, 1, 3  # ByT5: 0 pad, 1 eos, 2 unk, then the 256 bytes
 
 
-def byt5_ids(text: str, length: int) -> np.ndarray:
-  """ByT5 ids of ``text``: utf-8 bytes + 3, EOS, PAD to ``length`` (int32 [length])."""
-  raw = text.encode("utf-8")
-  if len(raw) + 1 > length:
-    raise ValueError(f"the text {text!r} takes {len(raw) + 1} ByT5 ids with its EOS, more than "
+def caption_ids(text: str, length: int) -> np.ndarray:
+  """ByT5 ids of one caption or prompt (int32 [length]); one sentence when it does not fit whole
+  (train/tokenizer.py's byt5_ids would cut it)."""
+  need = len(text.encode("utf-8")) + 1
+  if need > length:
+    raise ValueError(f"the text {text!r} takes {need} ByT5 ids with its EOS, more than "
                      f"{length}.")
-  ids = np.full((length,), PAD, np.int32)
-  ids[:len(raw)] = np.frombuffer(raw, np.uint8).astype(np.int32) + BYTE_OFFSET
-  ids[len(raw)] = EOS
-  return ids
-
-
-def byt5_text(ids) -> str:
-  """The text of ByT5 ids (up to the first EOS or PAD)."""
-  out = bytearray()
-  for i in np.asarray(ids).tolist():
-    if i in (PAD, EOS):
-      break
-    out.append(i - BYTE_OFFSET)
-  return out.decode("utf-8")
+  return tokenizer.byt5_ids([text], length)[0][0]
 
 
 def caption_for(layout, sizes) -> str:
@@ -198,9 +187,9 @@ class CaptionSource:
 
   def __getitem__(self, i):
     image, layout, sizes = canvas(self.split, i.__index__(), self.seed)
-    ids = byt5_ids(caption_for(layout, sizes), self.text_len)
+    ids = caption_ids(caption_for(layout, sizes), self.text_len)
     return {"images": image, "labels": np.int32(layout[layout != EMPTY][0]), "text_ids": ids,
-            "text_mask": ids != PAD, "layout": layout, "sizes": sizes}
+            "text_mask": ids != tokenizer.BYT5_PAD, "layout": layout, "sizes": sizes}
 
 
 class CellSource:

@@ -84,6 +84,16 @@ def byt5_ids(texts, length: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, ids != BYT5_PAD
 
 
+def byt5_text(ids) -> str:
+  """The text of ByT5 ids, up to the first EOS or PAD."""
+  out = bytearray()
+  for i in np.asarray(ids).tolist():
+    if i in (BYT5_PAD, BYT5_EOS):
+      break
+    out.append(i - BYT5_OFFSET)
+  return out.decode("utf-8")
+
+
 class Tokenizer:
   """Text <-> int32 ids. ``encode`` adds no special tokens; ``decode`` drops them.
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from train import caption_data as cd
+from train import tokenizer
 from train import image_data
 
 
@@ -34,9 +35,9 @@ def test_records_match_their_layout_pixels_and_caption():
     r = src[i]
     layout, sizes = r["layout"], r["sizes"]
     assert r["images"].shape == (48, 48, 1) and r["images"].dtype == np.float32
-    assert cd.byt5_text(r["text_ids"]) == cd.caption_for(layout, sizes)
+    assert tokenizer.byt5_text(r["text_ids"]) == cd.caption_for(layout, sizes)
     np.testing.assert_array_equal(r["text_mask"], r["text_ids"] != 0)
-    assert r["text_ids"][r["text_mask"].sum() - 1] == cd.EOS
+    assert r["text_ids"][r["text_mask"].sum() - 1] == tokenizer.BYT5_EOS
     assert int(r["labels"]) == layout[layout != cd.EMPTY][0]
     assert ((layout == cd.EMPTY) == (sizes == 0)).all() and 1 <= (sizes > 0).sum() <= 2
     cells = cd.cells(r["images"][None])[0, ..., 0]
@@ -115,10 +116,10 @@ def test_text_len_bounds_every_caption():
   with pytest.raises(ValueError, match=r"needs data.text_len"):
     image_data.source(cfg(), "train")
   with pytest.raises(ValueError, match="more than 4"):
-    cd.byt5_ids("héllo", 4)
-  ids = cd.byt5_ids("héllo", 10)
+    cd.caption_ids("héllo", 4)
+  ids = cd.caption_ids("héllo", 10)
   assert ids.tolist() == [107, 198, 172, 111, 111, 114, 1, 0, 0, 0]  # utf-8 + 3, EOS, PAD
-  assert cd.byt5_text(ids) == "héllo"
+  assert tokenizer.byt5_text(ids) == "héllo"
 
 
 def test_cells_dataset_classes_and_batches():
