@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nets import attention, counting
-from nets.layers import Attention, Dense, LayerNorm, Mlp, scanned
+from nets.layers import Attention, LayerNorm, Mlp, scanned
 
 TEXT_ENCODERS = ("trained", "t5")
 PAD, EOS, BYTE_OFFSET = 0, 1, 3  # ByT5 ids: pad, end of sequence, utf-8 byte + 3
