@@ -1,11 +1,15 @@
 """Base config for class-conditional diffusion with DiT, U-DiT or U-ViT on the embedded digits.
 
-Config argument: ``model=dit|udit|uvit,variant=NAME`` (a key of the family's VARIANTS).
+Config argument: ``model=dit|udit|uvit|pixart|mmdit,variant=NAME`` (a key of the family's
+VARIANTS). pixart and mmdit are text-to-image: 48×48 captioned digit canvases (data.name
+"digit_captions"), caption dropout for guidance, MMDiT on rectified flow as SD3.
 """
 
 import ml_collections
 
 from configs import base, moe_group, parse_arg
+
+TEXT_MODELS = ("pixart", "mmdit")  # caption-conditioned (nets/text_encoder.py)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,12 +26,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # native_size (DiT on data.name="folder"): packed rows of images at their own sizes, as
       # configs/vit.py; samples stay square at model.input_size (docs/data.md).
       native_size=False, max_size=0, seq_len=256, max_images=16))
+  if args["model"] in TEXT_MODELS:  # captions (byte tokens) instead of labels
+    c.model = ml_collections.ConfigDict(dict(
+        name=args["model"], variant=args["variant"], text_encoder="trained",
+        caption_dropout_prob=0.1, learn_sigma=args["model"] == "pixart", dtype="float32",
+        param_dtype="float32"))
+    c.data = ml_collections.ConfigDict(dict(
+        name="digit_captions", path="", val_fraction=0.1, image_size=48, num_threads=0,
+        prefetch=2, native_size=False))
   c.diffusion = ml_collections.ConfigDict(dict(
       objective="ddpm",  # ddpm (epsilon prediction, + learned variance) | flow (rectified flow)
       schedule="cosine", num_steps=1000,  # DDPM noise schedule: linear | cosine
       sampler="ddim",  # ddpm | ddim (objective ddpm), flow (objective flow)
       sample_steps=50, ddim_eta=0.0, cfg_scale=2.0, samples_per_class=8,
-      sample_classes=0))  # grid rows: the first N classes (0 = all)
+      sample_classes=0,  # grid rows: the first N classes (0 = all)
+      prompts=()))  # text families: grid rows, one caption each
+  if args["model"] in TEXT_MODELS:
+    c.diffusion.update(objective="flow" if args["model"] == "mmdit" else "ddpm",
+                       sampler="flow" if args["model"] == "mmdit" else "ddim",
+                       prompts=tuple(f"the digit {i}" for i in range(10)))
   c.opt.update(weight_decay=0.0, b2=0.999)
   c.ckpt.update(every=500, keep=2)
   c.eval.update(every=500, steps=2, batch_size=128)

@@ -193,6 +193,19 @@ def check_input(cfg, x_BxHxWxC):
                      f"{cfg.input_size} (square) and model.in_channels={cfg.in_channels}.")
 
 
+def check_image_fields(cfg) -> None:
+  """Patch, head and sin-cos divisibility of a square-latent family (PixArt, MMDiT)."""
+  if cfg.input_size % cfg.patch_size:
+    raise ValueError(f"model.input_size={cfg.input_size} is not divisible by "
+                     f"model.patch_size={cfg.patch_size}.")
+  if cfg.hidden_size % cfg.num_heads:
+    raise ValueError(f"model.hidden_size={cfg.hidden_size} is not divisible by "
+                     f"model.num_heads={cfg.num_heads}.")
+  if cfg.hidden_size % 4:
+    raise ValueError(f"model.hidden_size={cfg.hidden_size} must be a multiple of 4 for the "
+                     "2-D sin-cos positions.")
+
+
 def block_flops(width: int, tokens: int, keys: int, mlp: float, step: counting.Step) -> float:
   """One adaLN-Zero block, per image: 2·W·6W (modulation from c) + S·(2·4·W² (qkv, out)
   + non-causal attention over ``keys`` + ``mlp`` per token)."""

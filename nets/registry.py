@@ -43,6 +43,9 @@ class Family:
   length_multiple: Callable[[Any], int] = lambda cfg: 1  # LM input lengths must be multiples
   converter: str | None = None  # the nets.convert module for Hugging Face weights, if any
   test_config: dict = dataclasses.field(default_factory=dict)  # tiny config.model for tests
+  # diffusion: what the model is conditioned on: "class" (labels y [B]) or "text" (caption ids
+  # and mask [B, L]; nets/text_encoder.py)
+  conditioning: str = "class"
 
   def __post_init__(self):
     if self.task not in TASKS:

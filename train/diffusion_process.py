@@ -455,14 +455,34 @@ def cfg_model_fn(model_fn: Callable, scale: float, null_label: int) -> Callable:
   channels for reproducibility, this guides all C (the standard formulation its comment names).
   """
   def guided(x, t, y):
-    B, C = x.shape[0], x.shape[-1]
     out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                    jnp.concatenate([y, jnp.full_like(y, null_label)]))
-    cond, uncond = out[:B], out[B:]
-    guided_eps = uncond[..., :C] + scale * (cond[..., :C] - uncond[..., :C])
-    return jnp.concatenate([guided_eps, cond[..., C:]], axis=-1)
+    return _guide(out, x, scale)
 
   return guided
+
+
+def cfg_drop_model_fn(model_fn: Callable, scale: float) -> Callable:
+  """Classifier-free guidance for a model that drops its condition itself (the text families):
+  ``model_fn(x, t, cond, force_drop_ids_B)``, ``cond`` any pytree of [B, ...] arrays (caption
+  ids and mask). One call on the doubled batch, the second half with force_drop_ids_B = 1 (the
+  unconditional model); combined as ``cfg_model_fn``. Returns ``guided(x, t, cond)``."""
+  def guided(x, t, cond):
+    B = x.shape[0]
+    doubled = jax.tree.map(lambda a: jnp.concatenate([a, a]), cond)
+    drop_2B = jnp.concatenate([jnp.zeros((B,), jnp.int32), jnp.ones((B,), jnp.int32)])
+    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), doubled, drop_2B)
+    return _guide(out, x, scale)
+
+  return guided
+
+
+def _guide(out, x, scale: float):
+  """uncond + scale·(cond − uncond) on the first C channels of [cond; uncond] outputs."""
+  B, C = x.shape[0], x.shape[-1]
+  cond, uncond = out[:B], out[B:]
+  guided_eps = uncond[..., :C] + scale * (cond[..., :C] - uncond[..., :C])
+  return jnp.concatenate([guided_eps, cond[..., C:]], axis=-1)
 
 
 # --------------------------------------------------------------------------------------------

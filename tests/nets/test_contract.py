@@ -47,7 +47,12 @@ def _inputs(family, cfg):
   if family.task == "classification":
     return (images,), (B, cfg.num_classes)
   t, y = jnp.asarray([3.0, 500.0]), jnp.asarray([1, 0], jnp.int32)
-  return (images, t, y), (B, cfg.image_size, cfg.image_size, cfg.out_channels)
+  shape = (B, cfg.image_size, cfg.image_size, cfg.out_channels)
+  if family.conditioning == "text":  # byte-token captions, the second one padded
+    ids = jnp.asarray(rng.integers(3, 259, (B, cfg.text_len)), jnp.int32)
+    mask = jnp.arange(cfg.text_len)[None] < jnp.asarray([[cfg.text_len], [cfg.text_len // 2]])
+    return (images, t, jnp.where(mask, ids, 0), mask), shape
+  return (images, t, y), shape
 
 
 def _init(model, inputs):

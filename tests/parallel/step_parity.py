@@ -9,6 +9,7 @@ import numpy as np
 from configs import diffusion, lm, swin, vit
 from parallel import mesh as parallel_mesh
 from train import image_data
+from train.tasks import diffusion as diffusion_task
 from train import program as program_lib
 from train.validate import validate
 
@@ -61,6 +62,9 @@ def make_config(kind: str):
     config = swin.get_config("variant=digits")
   else:
     config = diffusion.get_config(f"model={base_kind},variant=digits")
+    if base_kind in diffusion.TEXT_MODELS:  # 16 px canvases (16 patches), 16-byte captions
+      config.model.update(depth=2, text_layers=1, input_size=16, text_len=16)
+      config.data.image_size = 16
   if kind in MOE:
     config.model.moe.update(MOE[kind])
   config.train.batch_size = B
@@ -87,10 +91,21 @@ def batch(kind: str = "lm"):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 259, (B, S + 1)).astype(np.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  source = image_data.source(make_config(kind).data, "train")
+  config = make_config(kind)
+  if config.model.name in diffusion.TEXT_MODELS:
+    return caption_batch(B, config.data.image_size, config.model.text_len)
+  source = image_data.source(config.data, "train")
   items = [source[i] for i in range(B)]
   return {"images": np.stack([x["images"] for x in items]),
           "labels": np.array([x["labels"] for x in items], np.int32)}
+
+
+def caption_batch(batch: int, side: int, text_len: int, seed: int = 0) -> dict:
+  """Random grey canvases in [-1, 1] with byte-token captions of different lengths (padded)."""
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(-1, 1, (batch, side, side, 1)).astype(np.float32)
+  captions = [f"digit {rng.integers(10)}" + "!" * int(rng.integers(0, 4)) for _ in range(batch)]
+  return diffusion_task.text_batch(images, captions, text_len)
 
 
 @functools.lru_cache(maxsize=None)

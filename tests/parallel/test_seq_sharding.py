@@ -7,7 +7,9 @@ import math
 import jax
 import pytest
 
-from tests.parallel.step_parity import assert_matches_reference, axes, reference, run_one_step
+from tests.parallel.step_parity import (assert_matches_reference, axes, make_config, reference,
+                                        run_one_step)
+from train.validate import validate
 
 # name -> (mesh sizes, config.parallel overrides); test model: 4 heads, 2 KV heads, seq_len 16.
 MESHES = {
@@ -61,3 +63,20 @@ def test_state_passing_step_equals_single_device(name):
     assert got["plan"].strategy == parallel["seq_strategy"]
     assert got["plan"].permutation(16) is None  # the recurrences need the sequence in order
   assert "all-gather" in got["hlo"]  # the boundary states
+
+
+def test_ulysses_mmdit_joint_sequence_step_equals_single_device():
+  """MMDiT's joint [caption; image] sequence (16 + 16 tokens, padded captions masked by segment
+  ids) split over seq=4 by Ulysses: the step equals the single-device one."""
+  got = run_one_step(axes(data=2, seq=4), kind="mmdit", seq_strategy="ulysses")
+  assert got["plan"].strategy == "ulysses"
+  assert "all-to-all" in got["hlo"]
+  assert_matches_reference(got, reference("mmdit"))
+
+
+def test_mmdit_joint_length_must_split_over_seq():
+  config = make_config("mmdit")
+  config.model.text_len = 14  # 14 + 16 image tokens = 30, not a multiple of 4
+  config.mesh.update(axes(data=2, seq=4))
+  with pytest.raises(ValueError, match="=30 is not divisible by mesh.seq=4"):
+    validate(config, num_devices=8)

@@ -3,6 +3,13 @@
 DiT also trains on a folder at native sizes (data.native_size=True): packed rows of images
 (train/image_packing.py), a timestep and label per image slot, the loss averaged per image over
 the slots that hold one. Samples stay square at model.input_size (the same parameters).
+
+Text-conditioned families (Family.conditioning == "text": pixart, mmdit) take caption batches
+{"images": [B, H, W, C], "text_ids": [B, L] int32, "text_mask": [B, L] bool} (byte tokens,
+nets/text_encoder.py) instead of labels; the losses pass the caption (ids, mask) where labels go,
+and guidance runs the model's own caption dropout (force_drop_ids_B) for the unconditional half.
+Entry points: ``sample_text_images(model, params, text_ids, text_mask, seed)`` and
+``text_batch(images, captions, text_len)``.
 """
 
 import functools
@@ -13,12 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from nets import moe
-from train import diffusion_process, image_data
+from nets import moe, registry
+from nets import text_encoder
+from train import diffusion_process, image_data, models
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("flow",)}
+TEXT_AXES = {"images": images.IMAGE_AXES, "text_ids": ("act_batch", None),
+             "text_mask": ("act_batch", None)}
+
+
+def text_batch(images_BxHxWxC, captions: list[str], text_len: int) -> dict:
+  """A caption batch from images and strings (byte tokens, eos, padding), as the data yields."""
+  ids, mask = zip(*(text_encoder.encode_bytes(c, text_len) for c in captions))
+  return {"images": np.asarray(images_BxHxWxC, np.float32), "text_ids": np.stack(ids),
+          "text_mask": np.stack(mask)}
 
 
 class DiffusionTask(images.ImageTask):
@@ -30,10 +47,16 @@ class DiffusionTask(images.ImageTask):
     self.schedule = (diffusion_process.make_schedule(d.schedule, d.num_steps)
                      if d.objective == "ddpm" else None)
     self._sample_fns = {}
+    self.text = registry.get(config.model.name).conditioning == "text"
+    if self.text:
+      self.batch_axes = TEXT_AXES
 
   def check(self, model_cfg):
     d = self.config.diffusion
-    super().check(model_cfg)
+    if self.text:
+      self._check_text(model_cfg)
+    else:
+      super().check(model_cfg)
     if d.objective not in OBJECTIVES:
       raise ValueError(f"diffusion.objective={d.objective!r} is not one of {OBJECTIVES}.")
     if d.sampler not in SAMPLERS[d.objective]:
@@ -43,6 +66,17 @@ class DiffusionTask(images.ImageTask):
       raise ValueError("model.learn_sigma=True needs diffusion.objective='ddpm' (flow matching "
                        "predicts a velocity, not a variance).")
 
+  def _check_text(self, model_cfg):
+    """Caption batches: the data's canvas matches the model (train/caption_data.py checks the
+    captions themselves when it is wired in)."""
+    data = self.config.data
+    if self.packed:
+      raise ValueError(f"data.native_size=True packs class-labelled images; model "
+                       f"'{self.config.model.name}' takes captions, so set data.native_size=False.")
+    if data.image_size != model_cfg.image_size:
+      raise ValueError(f"data.image_size={data.image_size} but model.input_size="
+                       f"{model_cfg.image_size}; the model denoises the data's canvases.")
+
   def check_packed(self, model_cfg):
     if self.config.model.name != "dit":
       raise ValueError(f"data.native_size=True trains model 'dit' (packed rows), not "
@@ -51,7 +85,33 @@ class DiffusionTask(images.ImageTask):
         "train": (self.config.train.batch_size, "train.batch_size"),
         "val": (self.config.eval.batch_size, "eval.batch_size")}, self.config.seed)
 
+  def datasets(self):
+    if self.text:  # the lead wires train/caption_data.py here
+      raise ValueError(f"data.name={self.config.data.name!r}: caption datasets for model "
+                       f"'{self.config.model.name}' are not wired into the diffusion task yet.")
+    return super().datasets()
+
+  def example_batch(self, batch_size: int) -> dict:
+    if self.text:
+      return self.model_example_batch(batch_size, models.model_config(self.config))
+    return super().example_batch(batch_size)
+
+  def model_example_batch(self, batch_size: int, model_cfg) -> dict:
+    if not self.text:
+      return super().model_example_batch(batch_size, model_cfg)
+    side, ch, L = model_cfg.image_size, model_cfg.channels, model_cfg.text_len
+    return {"images": np.zeros((batch_size, side, side, ch), np.float32),
+            "text_ids": np.zeros((batch_size, L), np.int32),
+            "text_mask": np.ones((batch_size, L), bool)}
+
+  def condition(self, batch):
+    """What the losses and samplers pass where labels go: labels, or (caption ids, mask)."""
+    return (batch["text_ids"], batch["text_mask"]) if self.text else batch["labels"]
+
   def init_args(self, batch):
+    if self.text:
+      return (batch["images"], jnp.zeros(batch["images"].shape[:1], jnp.float32),
+              batch["text_ids"], batch["text_mask"])
     if self.packed:
       t = jnp.zeros(batch["labels"].shape, jnp.float32)
       return (batch["patches"], t, batch["labels"], False, None, batch["segment_ids"],
@@ -66,7 +126,8 @@ class DiffusionTask(images.ImageTask):
               if self.packed else {})
 
     def model_fn(x, t, y, _rng=None):
-      out, aux_loss, aux_metrics = moe.apply_with_aux(model, {"params": params}, x, t, y,
+      cond = y if self.text else (y,)  # captions: (ids, mask)
+      out, aux_loss, aux_metrics = moe.apply_with_aux(model, {"params": params}, x, t, *cond,
                                                       train=train, rngs={"dropout": drop_rng},
                                                       **packed)
       aux.append((aux_loss, aux_metrics))
@@ -77,10 +138,11 @@ class DiffusionTask(images.ImageTask):
       metrics = {**metrics, "images": jnp.sum(batch["image_mask"].astype(jnp.float32))}
     elif self.config.diffusion.objective == "ddpm":
       loss, metrics = diffusion_process.ddpm_loss(model_fn, self.schedule, batch["images"],
-                                          batch["labels"], noise_rng,
+                                          self.condition(batch), noise_rng,
                                           learn_sigma=model.cfg.learn_sigma)
     else:
-      loss, metrics = diffusion_process.flow_loss(model_fn, batch["images"], batch["labels"], noise_rng)
+      loss, metrics = diffusion_process.flow_loss(model_fn, batch["images"],
+                                                  self.condition(batch), noise_rng)
     (aux_loss, aux_metrics), = aux
     if aux_metrics:
       metrics = {**metrics, "denoise_loss": loss, **aux_metrics}
@@ -107,7 +169,7 @@ class DiffusionTask(images.ImageTask):
                                  False)
       loss = metrics.get("denoise_loss", loss)  # without the MoE auxiliary terms
       n = (jnp.sum(batch["image_mask"].astype(jnp.float32)) if self.packed
-           else jnp.float32(batch["labels"].shape[0]))
+           else jnp.float32(batch["images"].shape[0]))
       return {"loss_sum": loss * n, "count": n}
     return eval_fn
 
@@ -124,12 +186,29 @@ class DiffusionTask(images.ImageTask):
       self._sample_fns[key] = jax.jit(functools.partial(self._sample, model))
     return self._sample_fns[key](params, jnp.asarray(labels), jax.random.PRNGKey(seed))
 
+  def sample_text_images(self, model, params, text_ids, text_mask, seed: int):
+    """Caption-conditioned samples [B, H, W, C] in [-1, 1] from byte-token ids and mask [B, L]
+    (``text_encoder.encode_bytes`` per prompt), with guidance at diffusion.cfg_scale."""
+    key = (id(model), tuple(np.asarray(text_ids).shape))
+    if key not in self._sample_fns:
+      self._sample_fns[key] = jax.jit(functools.partial(self._sample, model))
+    return self._sample_fns[key](params, (jnp.asarray(text_ids), jnp.asarray(text_mask, bool)),
+                                 jax.random.PRNGKey(seed))
+
   def _sample(self, model, params, labels, rng):
+    """``labels``: class labels [B], or (caption ids, mask) for a text family."""
     d = self.config.diffusion
     side = model.cfg.image_size  # the model's input, which check() matched to the data
-    shape = (labels.shape[0], side, side, model.cfg.channels)
-    model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-    if d.cfg_scale != 1.0:
+    B = jax.tree.leaves(labels)[0].shape[0]
+    shape = (B, side, side, model.cfg.channels)
+    if self.text:
+      apply = lambda x, t, y, drop=None: model.apply({"params": params}, x, t, *y,
+                                                     force_drop_ids_B=drop)
+      model_fn = (apply if d.cfg_scale == 1.0
+                  else diffusion_process.cfg_drop_model_fn(apply, d.cfg_scale))
+    else:
+      model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+    if not self.text and d.cfg_scale != 1.0:
       model_fn = diffusion_process.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)
     if d.sampler == "ddpm":
       return diffusion_process.ddpm_sample(model_fn, self.schedule, shape, labels, rng,
@@ -142,9 +221,13 @@ class DiffusionTask(images.ImageTask):
 
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
               sharding) -> str | None:
-    """A PNG grid, one row per class, written to workdir/samples/step_NNNNNN.png at every eval."""
+    """A PNG grid, one row per class (per diffusion.prompts caption for a text family), written
+    to workdir/samples/step_NNNNNN.png at every eval."""
     del final
     d = self.config.diffusion
+    if self.text:
+      return self._text_samples(model, params, step=step, workdir=workdir,
+                                data_parallel=data_parallel, sharding=sharding)
     classes = min(model.cfg.num_classes, d.sample_classes or model.cfg.num_classes)
     per_class = d.samples_per_class
     n = classes * per_class
@@ -163,4 +246,22 @@ class DiffusionTask(images.ImageTask):
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       diffusion_process.save_grid(images[:n], path, rows=classes)
+    return path
+
+  def _text_samples(self, model, params, *, step, workdir, data_parallel, sharding) -> str:
+    d = self.config.diffusion
+    prompts = list(d.prompts)
+    n = len(prompts) * d.samples_per_class
+    padded = -(-n // data_parallel) * data_parallel
+    captions = [c for c in prompts for _ in range(d.samples_per_class)]
+    batch = text_batch(np.zeros((padded, 1, 1, 1)), captions + [""] * (padded - n),
+                       model.cfg.text_len)
+    ids = jax.device_put(batch["text_ids"], sharding["text_ids"])
+    mask = jax.device_put(batch["text_mask"], sharding["text_mask"])
+    images = np.asarray(multihost_utils.process_allgather(
+        self.sample_text_images(model, params, ids, mask, self.config.seed), tiled=True))
+    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      diffusion_process.save_grid(images[:n], path, rows=len(prompts))
     return path

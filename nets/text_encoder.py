@@ -1,0 +1,176 @@
+"""Text conditioning shared by the text-to-image families (nets/pixart.py, nets/mmdit.py).
+
+Captions arrive as byte tokens (the ByT5 convention: id = utf-8 byte + 3, pad 0, eos 1) with a
+mask [B, L] (True = a real token). ``TextEncoder`` is the small bidirectional Transformer trained
+with the diffusion model: token table + learned positions -> ``text_layers`` pre-LN blocks whose
+attention masks the padding (real tokens segment 1, padding segment 0) -> final LayerNorm ->
+features [B, L, text_width].
+
+``Captions`` wraps the encoder with caption dropout for classifier-free guidance, as PixArt-α's
+CaptionEmbedder: a dropped row's features are replaced by a learned null embedding [L, text_width]
+(PixArt's y_embedding) and its mask by all-ones, so the unconditional model sees no caption and
+no row is ever left without keys. ``train=True`` drops with model.caption_dropout_prob ("dropout"
+rng); ``force_drop_ids_B`` (1 = drop) decides alone when given, which is how guidance asks for the
+unconditional half.
+
+The encoder is chosen by ``model.text_encoder``: "trained" (here) or "t5", a frozen T5 encoder
+(nets/t5.py, ``Encoder(cfg)(ids, mask)`` with the same signature) that ``make_encoder`` will
+return once it is wired; until then validation refuses it with a sentence.
+
+The encoder runs with whole captions on every sequence shard: it calls the dense reference
+attention, not the model's sequence-parallel attention function, so the caption length need not
+divide mesh.seq (captions are short; the image or joint sequence is what Ulysses splits).
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nets import attention, counting
+from nets.layers import Attention, LayerNorm, Mlp, scanned
+
+TEXT_ENCODERS = ("trained", "t5")
+PAD, EOS, BYTE_OFFSET = 0, 1, 3  # ByT5 ids: pad, end of sequence, utf-8 byte + 3
+_TEXT_ACT = ("act_batch", None, "act_embed")  # whole captions on every seq shard
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """The text fields of a text-conditioned family's Config (its base class)."""
+  text_encoder: str = "trained"  # one of TEXT_ENCODERS
+  text_len: int = 64  # caption tokens L (padded or cut by the data)
+  text_vocab: int = 384  # 259 byte ids, rounded up to a multiple of 128
+  text_width: int = 0
+  text_layers: int = 2
+  text_heads: int = 4
+  text_mlp_ratio: float = 4.0
+  caption_dropout_prob: float = 0.1
+
+
+def check_text(cfg, family: str) -> None:
+  """Raises one sentence for unusable text fields."""
+  if cfg.text_encoder not in TEXT_ENCODERS:
+    raise ValueError(f"model.text_encoder={cfg.text_encoder!r} is not one of {TEXT_ENCODERS}.")
+  if cfg.text_encoder == "t5":
+    raise ValueError(f"model.text_encoder='t5' is not wired into model '{family}' yet; use "
+                     "'trained' (the small encoder trained with the model).")
+  for name in ("text_len", "text_vocab", "text_width", "text_layers", "text_heads"):
+    if getattr(cfg, name) <= 0:
+      raise ValueError(f"model.{name}={getattr(cfg, name)} must be positive; set model.variant "
+                       f"(see nets/{family}.py VARIANTS) or model.{name}.")
+  if cfg.text_vocab < 256 + BYTE_OFFSET:
+    raise ValueError(f"model.text_vocab={cfg.text_vocab} is too small for byte tokens; use at "
+                     f"least {256 + BYTE_OFFSET} (384 is the usual rounding).")
+  if cfg.text_width % cfg.text_heads:
+    raise ValueError(f"model.text_width={cfg.text_width} is not divisible by "
+                     f"model.text_heads={cfg.text_heads}.")
+  if not 0.0 <= cfg.caption_dropout_prob <= 1.0:
+    raise ValueError(f"model.caption_dropout_prob={cfg.caption_dropout_prob} must be in [0, 1].")
+
+
+def _text_mlp(cfg) -> int:
+  return int(cfg.text_width * cfg.text_mlp_ratio)
+
+
+class _Block(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)) over the caption's real tokens, then x + Mlp(LN(x))."""
+  cfg: Any
+  attention_fn: Callable[..., Any]
+
+  @nn.compact
+  def __call__(self, x_BxLxT, segment_ids_BxL):
+    cfg = self.cfg
+    h = Attention(cfg, self.attention_fn, cfg.text_heads, name="attn")(
+        LayerNorm(cfg, name="norm1")(x_BxLxT), segment_ids_BxL)
+    x_BxLxT = nn.with_logical_constraint(x_BxLxT + h, _TEXT_ACT)
+    h = Mlp(cfg, _text_mlp(cfg), name="mlp")(LayerNorm(cfg, name="norm2")(x_BxLxT))
+    return nn.with_logical_constraint(x_BxLxT + h, _TEXT_ACT), None
+
+
+class TextEncoder(nn.Module):
+  """Byte-token captions ids [B, L], mask [B, L] -> features [B, L, text_width]."""
+  cfg: Any  # a Config with TextConfig's fields (and dtype, param_dtype, remat)
+  attention_fn: Callable[..., Any] = attention.dot_product_attention
+
+  @nn.compact
+  def __call__(self, ids_BxL, mask_BxL):
+    cfg = self.cfg
+    L, W = ids_BxL.shape[1], cfg.text_width
+    if L != cfg.text_len:
+      raise ValueError(f"captions have {L} tokens but model.text_len={cfg.text_len}.")
+    init = nn.initializers.normal(0.02)
+    table = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                       (cfg.text_vocab, W), jnp.dtype(cfg.param_dtype))
+    pos = self.param("pos_embedding", nn.with_logical_partitioning(init, (None, "embed")),
+                     (L, W), jnp.dtype(cfg.param_dtype))
+    table = nn.with_logical_constraint(table, (None, None))  # gather from a replicated table
+    x_BxLxT = (jnp.take(table, ids_BxL, axis=0) + pos[None]).astype(cfg.dtype)
+    x_BxLxT = nn.with_logical_constraint(x_BxLxT, _TEXT_ACT)
+    segment_ids_BxL = mask_BxL.astype(jnp.int32)  # real tokens 1, padding 0: never mixed
+    blocks = scanned(_Block, cfg.remat, cfg.text_layers)(cfg, self.attention_fn, name="blocks")
+    x_BxLxT, _ = blocks(x_BxLxT, segment_ids_BxL)
+    return LayerNorm(cfg, name="norm")(x_BxLxT)
+
+
+def make_encoder(cfg, name: str = "encoder") -> nn.Module:
+  """The caption encoder model.text_encoder names (the seam where "t5" plugs in)."""
+  if cfg.text_encoder == "trained":
+    return TextEncoder(cfg, attention.dot_product_attention, name=name)
+  raise ValueError(f"model.text_encoder={cfg.text_encoder!r} is not wired.")
+
+
+def drop_mask(module: nn.Module, cfg, batch: int, train: bool, force_drop_ids_B=None):
+  """bool [B]: rows whose caption is dropped (force_drop_ids_B decides alone when given)."""
+  if force_drop_ids_B is not None:
+    return force_drop_ids_B == 1
+  if train and cfg.caption_dropout_prob > 0:
+    return jax.random.uniform(module.make_rng("dropout"), (batch,)) < cfg.caption_dropout_prob
+  return jnp.zeros((batch,), bool)
+
+
+class Captions(nn.Module):
+  """Encoded captions with caption dropout: (features [B, L, text_width], mask [B, L] bool)."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, ids_BxL, mask_BxL, train: bool = False, force_drop_ids_B=None):
+    cfg = self.cfg
+    B, L = ids_BxL.shape
+    mask_BxL = mask_BxL.astype(bool)
+    feats_BxLxT = make_encoder(cfg)(ids_BxL, mask_BxL)
+    null_LxT = self.param("null_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.text_width ** -0.5), (None, "embed")), (L, cfg.text_width),
+        jnp.dtype(cfg.param_dtype))
+    drop_B = drop_mask(self, cfg, B, train, force_drop_ids_B)
+    feats_BxLxT = jnp.where(drop_B[:, None, None], null_LxT.astype(feats_BxLxT.dtype)[None],
+                            feats_BxLxT)
+    mask_BxL = mask_BxL | drop_B[:, None]
+    return nn.with_logical_constraint(feats_BxLxT, _TEXT_ACT), mask_BxL
+
+
+def captions_params(cfg) -> int:
+  """Parameters of ``Captions``: token table, positions, blocks, final LN, null embedding."""
+  W, M, L = cfg.text_width, _text_mlp(cfg), cfg.text_len
+  block = 4 * W + (3 * W * W + 3 * W) + (W * W + W) + (W * M + M) + (M * W + W)
+  return cfg.text_vocab * W + L * W + cfg.text_layers * block + 2 * W + L * W
+
+
+def captions_flops(cfg, step: counting.Step) -> float:
+  """Encoder forward FLOPs per caption: per token 2·4·W² (qkv, out) + attention over the L
+  keys + 2·2·W·M (MLP), ``text_layers`` times (the embedding is a gather)."""
+  W, L = cfg.text_width, cfg.text_len
+  per_token = 2 * 4 * W * W + counting.attention(L, W, False, step.executed) + 4 * W * _text_mlp(cfg)
+  return cfg.text_layers * L * per_token
+
+
+def encode_bytes(text: str, length: int):
+  """A caption as ids [length] int32 and mask [length] bool: utf-8 bytes + 3, eos, pad 0; cut
+  to ``length`` with eos last."""
+  ids = [b + BYTE_OFFSET for b in text.encode("utf-8")][:length - 1] + [EOS]
+  out = np.full((length,), PAD, np.int32)
+  out[:len(ids)] = ids
+  return out, out != PAD
