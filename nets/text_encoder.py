@@ -28,7 +28,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nets import attention, counting
 from nets.layers import Attention, LayerNorm, Mlp, scanned
@@ -165,12 +164,3 @@ def captions_flops(cfg, step: counting.Step) -> float:
   W, L = cfg.text_width, cfg.text_len
   per_token = 2 * 4 * W * W + counting.attention(L, W, False, step.executed) + 4 * W * _text_mlp(cfg)
   return cfg.text_layers * L * per_token
-
-
-def encode_bytes(text: str, length: int):
-  """A caption as ids [length] int32 and mask [length] bool: utf-8 bytes + 3, eos, pad 0; cut
-  to ``length`` with eos last."""
-  ids = [b + BYTE_OFFSET for b in text.encode("utf-8")][:length - 1] + [EOS]
-  out = np.full((length,), PAD, np.int32)
-  out[:len(ids)] = ids
-  return out, out != PAD

@@ -11,7 +11,6 @@ import pytest
 
 from configs import diffusion
 from nets import mmdit, pixart, registry
-from nets.text_encoder import encode_bytes
 from tests.parallel.step_parity import caption_batch
 from train import diffusion_process
 from train.tasks import diffusion as diffusion_task
@@ -240,14 +239,6 @@ def test_validation_sentences():
     _cfg("pixart", text_vocab=200)
   with pytest.raises(ValueError, match="caption_dropout_prob"):
     _cfg("pixart", caption_dropout_prob=1.5)
-
-
-def test_encode_bytes_is_byt5():
-  ids, mask = encode_bytes("hé", 6)
-  assert ids.tolist() == [ord("h") + 3, 0xC3 + 3, 0xA9 + 3, 1, 0, 0]
-  assert mask.tolist() == [True, True, True, True, False, False]
-  ids, mask = encode_bytes("abcdef", 4)
-  assert ids[-1] == 1 and mask.all()
 
 
 def test_task_samples_from_prompts():

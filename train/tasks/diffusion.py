@@ -21,8 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe, registry
-from nets import text_encoder
-from train import diffusion_process, image_data, models
+from train import diffusion_process, image_data, models, tokenizer
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
@@ -33,9 +32,8 @@ TEXT_AXES = {"images": images.IMAGE_AXES, "text_ids": ("act_batch", None),
 
 def text_batch(images_BxHxWxC, captions: list[str], text_len: int) -> dict:
   """A caption batch from images and strings (byte tokens, eos, padding), as the data yields."""
-  ids, mask = zip(*(text_encoder.encode_bytes(c, text_len) for c in captions))
-  return {"images": np.asarray(images_BxHxWxC, np.float32), "text_ids": np.stack(ids),
-          "text_mask": np.stack(mask)}
+  ids, mask = tokenizer.byt5_ids(list(captions), text_len)
+  return {"images": np.asarray(images_BxHxWxC, np.float32), "text_ids": ids, "text_mask": mask}
 
 
 class DiffusionTask(images.ImageTask):
@@ -188,7 +186,7 @@ class DiffusionTask(images.ImageTask):
 
   def sample_text_images(self, model, params, text_ids, text_mask, seed: int):
     """Caption-conditioned samples [B, H, W, C] in [-1, 1] from byte-token ids and mask [B, L]
-    (``text_encoder.encode_bytes`` per prompt), with guidance at diffusion.cfg_scale."""
+    (``tokenizer.byt5_ids``), with guidance at diffusion.cfg_scale."""
     key = (id(model), tuple(np.asarray(text_ids).shape))
     if key not in self._sample_fns:
       self._sample_fns[key] = jax.jit(functools.partial(self._sample, model))
