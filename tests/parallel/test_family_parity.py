@@ -8,7 +8,8 @@ from nets import registry
 
 # Each family's tiny config in tests/parallel/step_parity.py (make_config's kind).
 KINDS = {"llama": "lm", "mamba": "mamba", "megabyte": "megabyte", "vit": "vit", "swin": "swin",
-         "dit": "dit", "udit": "udit", "uvit": "uvit", "linear_rnn": "gdn"}
+         "dit": "dit", "udit": "udit", "uvit": "uvit", "linear_rnn": "gdn",
+         "autoencoder": "autoencoder"}
 MESH = axes(data=2, fsdp=2, tensor=2)
 
 
