@@ -27,7 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       schedule="cosine", num_steps=1000,  # DDPM noise schedule: linear | cosine
       sampler="ddim",  # ddpm | ddim (objective ddpm), flow (objective flow)
       sample_steps=50, ddim_eta=0.0, cfg_scale=2.0, samples_per_class=8,
-      sample_classes=0))  # grid rows: the first N classes (0 = all)
+      sample_classes=0,  # grid rows: the first N classes (0 = all)
+      # latents' decoder: an autoencoder workdir; "" = the one the data's metadata.json names
+      # (train.encode), if any (train/latents.py)
+      autoencoder=""))
   c.opt.update(weight_decay=0.0, b2=0.999)
   c.ckpt.update(every=500, keep=2)
   c.eval.update(every=500, steps=2, batch_size=128)

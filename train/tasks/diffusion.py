@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe
-from train import diffusion_process, image_data
+from train import diffusion_process, image_data, latents
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
@@ -30,6 +30,7 @@ class DiffusionTask(images.ImageTask):
     self.schedule = (diffusion_process.make_schedule(d.schedule, d.num_steps)
                      if d.objective == "ddpm" else None)
     self._sample_fns = {}
+    self._decoder = None  # latents -> images, loaded at the first samples() (train/latents.py)
 
   def check(self, model_cfg):
     d = self.config.diffusion
@@ -142,7 +143,8 @@ class DiffusionTask(images.ImageTask):
 
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
               sharding) -> str | None:
-    """A PNG grid, one row per class, written to workdir/samples/step_NNNNNN.png at every eval."""
+    """A PNG grid, one row per class, written to workdir/samples/step_NNNNNN.png at every eval;
+    latents are decoded by their autoencoder first, or saved as .npy when they have none."""
     del final
     d = self.config.diffusion
     classes = min(model.cfg.num_classes, d.sample_classes or model.cfg.num_classes)
@@ -159,8 +161,17 @@ class DiffusionTask(images.ImageTask):
     labels = jax.device_put(labels, labels_sharding)
     images = np.asarray(multihost_utils.process_allgather(
         self.sample_images(model, params, labels, self.config.seed), tiled=True))
+    if images.shape[-1] not in (1, 3):
+      if self._decoder is None:
+        self._decoder = latents.load_decoder(self.config) or False
+      images = self._decoder(images) if self._decoder else images
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    if images.shape[-1] not in (1, 3):
+      path = path[:-len(".png")] + ".npy"
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      diffusion_process.save_grid(images[:n], path, rows=classes)
+      if path.endswith(".npy"):
+        np.save(path, images[:n])
+      else:
+        diffusion_process.save_grid(images[:n], path, rows=classes)
     return path
