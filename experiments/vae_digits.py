@@ -6,7 +6,10 @@ Launch (8 simulated CPU devices, data=8):
 Writes workdir/samples/step_NNNNNN.png (val digits on top, reconstructions below) at every eval.
 Then encode the digits into latent shards for a latent DiT (docs/data.md):
   python -m train.encode --workdir=/tmp/odyssey/vae_digits --out=/tmp/odyssey/digit_latents
-Expect: RESULTS_PLACEHOLDER
+Expect: val PSNR ~8 dB at step 0, rising within a few steps (the user-path test checks it rises
+by step 6). Measured once so far, on a wider digits variant (channels 32/64/64, batch 64) on 2
+loaded cores: 7.9 -> 17.1 -> 22.0 dB at steps 0/20/40 (~5 min). This variant's 1,000-step figure
+is not yet measured.
 """
 
 from configs import autoencoder

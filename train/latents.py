@@ -40,7 +40,6 @@ def load_decoder(config) -> Callable[[np.ndarray], np.ndarray] | None:
   newest); the scaling factor is the metadata's, else the autoencoder config's.
   """
   import jax
-
   from train import checkpoint
 
   meta = recorded(config.data) or {}
@@ -56,6 +55,14 @@ def load_decoder(config) -> Callable[[np.ndarray], np.ndarray] | None:
     raise ValueError(f"no scaling factor for the latents of {workdir}: neither the data's "
                      "metadata.json nor the autoencoder's model.scaling_factor gives one.")
   step = meta.get("autoencoder_step") if meta.get("autoencoder") == workdir else None
-  _, model, _, params = checkpoint.load_trained(workdir, step=step)
+  # Loaded and run on one device outside any mesh, as train.sample does, also when called inside
+  # a training run's mesh context (the diffusion task's samples at every eval).
+  no_mesh = jax.sharding.Mesh(np.empty((), dtype=object), ())
+  with jax.set_mesh(no_mesh):
+    _, model, _, params = checkpoint.load_trained(workdir, step=step)
   decode = jax.jit(lambda p, z: model.apply({"params": p}, z / scale, method=model.decode))
-  return lambda latents: np.asarray(decode(params, np.asarray(latents, np.float32)))
+
+  def decoded(latents):
+    with jax.set_mesh(no_mesh):
+      return np.asarray(decode(params, np.asarray(latents, np.float32)))
+  return decoded

@@ -10,7 +10,6 @@ warmup steps the learning rate has not moved the loss); the latent DiT 2 steps (
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
