@@ -50,7 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       time_dist="uniform",  # flow timesteps: uniform | logit_normal (SD3)
       sample_steps=50, ddim_eta=0.0, cfg_scale=2.0, samples_per_class=8,
       sample_classes=0,  # grid rows: the first N classes (0 = all)
-      prompts=()))  # text families: grid rows, one caption each
+      prompts=(),  # text families: grid rows, one caption each
+      # latents' decoder: an autoencoder workdir; "" = the one the data's metadata.json names
+      # (train.encode), if any (train/latents.py)
+      autoencoder=""))
   if args["model"] in TEXT_MODELS:
     c.diffusion.update(objective="flow" if args["model"] == "mmdit" else "ddpm",
                        sampler="flow" if args["model"] == "mmdit" else "ddim",

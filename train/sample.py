@@ -8,9 +8,10 @@ imported) or text-conditioned (PixArt, MMDiT).
 One row per class (or per --prompt, repeatable) in a PNG grid (default
 DIR/samples/sample_<classes>_cfg<cfg>_<steps>steps.png, or prompt_<hash>_... for prompts).
 The sampler, noise schedule and objective are the workdir's ``config.diffusion``; --cfg and --steps
-override the guidance scale and the number of sampling steps. Models of latents (4 channels, e.g.
-a diffusers DiT-XL/2 import) have no decoder here: their samples are written as ``.npy`` latents
-instead of a PNG.
+override the guidance scale and the number of sampling steps. Models of latents decode them with
+the autoencoder their data's metadata.json names (``train.encode``; or ``diffusion.autoencoder``)
+into a PNG (train/latents.py); latents with no decoder (e.g. a diffusers DiT-XL/2 import) are
+written as ``.npy``.
 """
 
 import hashlib
@@ -94,7 +95,7 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   per class, or per prompt for a text-conditioned model, ``per_class`` samples each."""
   import numpy as np
 
-  from train import checkpoint, diffusion_process, models, tasks
+  from train import checkpoint, diffusion_process, latents as latents_lib, models, tasks
 
   config = checkpoint.load_config(workdir)
   check_task(workdir, config)
@@ -125,6 +126,9 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
     rows = len(classes)
     tag = f"sample_{'-'.join(map(str, classes))}_cfg{d.cfg_scale:g}_{d.sample_steps}steps"
   latents = images.shape[-1] not in (1, 3)
+  decode = latents_lib.load_decoder(config) if latents else None
+  if decode is not None:
+    images, latents = decode(images), False
   path = out or os.path.join(workdir, "samples", tag + (".npy" if latents else ".png"))
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)

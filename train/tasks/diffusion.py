@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe, registry
-from train import caption_data, diffusion_process, image_data, models, tokenizer
+from train import caption_data, diffusion_process, image_data, latents, models, tokenizer
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
@@ -50,6 +50,7 @@ class DiffusionTask(images.ImageTask):
     self.text = registry.get(config.model.name).conditioning == "text"
     if self.text:
       self.batch_axes = TEXT_AXES
+    self._decoder = None  # latents -> images, loaded at the first samples() (train/latents.py)
 
   def check(self, model_cfg):
     d = self.config.diffusion
@@ -255,7 +256,8 @@ class DiffusionTask(images.ImageTask):
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
               sharding) -> str | None:
     """A PNG grid, one row per class (per diffusion.prompts caption for a text family), written
-    to workdir/samples/step_NNNNNN.png at every eval."""
+    to workdir/samples/step_NNNNNN.png at every eval; latents are decoded by their autoencoder
+    first, or saved as .npy when they have none."""
     del final
     d = self.config.diffusion
     if self.text:
@@ -275,10 +277,19 @@ class DiffusionTask(images.ImageTask):
     labels = jax.device_put(labels, labels_sharding)
     images = np.asarray(multihost_utils.process_allgather(
         self.sample_images(model, params, labels, self.config.seed), tiled=True))
+    if images.shape[-1] not in (1, 3):
+      if self._decoder is None:
+        self._decoder = latents.load_decoder(self.config) or False
+      images = self._decoder(images) if self._decoder else images
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    if images.shape[-1] not in (1, 3):
+      path = path[:-len(".png")] + ".npy"
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      diffusion_process.save_grid(images[:n], path, rows=classes)
+      if path.endswith(".npy"):
+        np.save(path, images[:n])
+      else:
+        diffusion_process.save_grid(images[:n], path, rows=classes)
     return path
 
   def _text_samples(self, model, params, *, step, workdir, data_parallel, sharding) -> str:
