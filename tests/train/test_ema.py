@@ -58,22 +58,15 @@ def closed_form(trajectory: list, d: np.ndarray):
 # ------------------------------------------------------------------ closed form, sharding
 
 
-@pytest.mark.parametrize("case", ["none/mesh", "ratio/pmap+grad_accum"])
-def test_ema_after_n_steps_equals_its_closed_form(case):
-  warmup, variant = case.split("/")
-  c = lm_config(decay=0.8, warmup=warmup)
-  if variant != "mesh":
-    c.mesh.update(data=8, fsdp=1, tensor=1)
-    c.parallel.loop = "pmap"
-    c.train.update(grad_accum=2, batch_size=16)
-  program = program_lib.build(c)
+def test_ema_after_n_steps_equals_its_closed_form_and_is_sharded_like_the_params():
+  program = program_lib.build(lm_config(decay=0.8, warmup="none"))  # data2 x fsdp2 x tensor2
   state = program.init()
-  if variant == "mesh":  # the EMA is laid out exactly like the parameters, from the same names
-    same = jax.tree.map(lambda p, e: p.sharding == e.sharding, state.params, state.ema_params)
-    assert all(jax.tree.leaves(same))
-    assert program.state_shardings.ema_params == program.state_shardings.params
-    specs = [p.sharding.spec for p in jax.tree.leaves(state.ema_params)]
-    assert any(any(axis is not None for axis in spec) for spec in specs)  # really sharded
+  # The EMA is laid out exactly like the parameters, from the same logical names.
+  assert program.state_shardings.ema_params == program.state_shardings.params
+  same = jax.tree.map(lambda p, e: p.sharding == e.sharding, state.params, state.ema_params)
+  assert all(jax.tree.leaves(same))
+  specs = [p.sharding.spec for p in jax.tree.leaves(state.ema_params)]
+  assert any(any(axis is not None for axis in spec) for spec in specs)  # really sharded
   jax.tree.map(np.testing.assert_array_equal, host64(state.params), host64(state.ema_params))
   rng = np.random.default_rng(0)
   trajectory = [host64(state.params)]
@@ -82,9 +75,11 @@ def test_ema_after_n_steps_equals_its_closed_form(case):
              for k, v in program.example_batch.items()}
     state, _ = program.train_step(state, program.train_batch(batch))
     trajectory.append(host64(state.params))
-  want = closed_form(trajectory, decays(warmup, 0.8, 2 / 3, N))
+  want = closed_form(trajectory, decays("none", 0.8, 2 / 3, N))
   got = host64(state.ema_params)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+  same = jax.tree.map(lambda p, e: p.sharding == e.sharding, state.params, state.ema_params)
+  assert all(jax.tree.leaves(same))
   # Not trivially the newest or the first parameters.
   assert not np.allclose(got["lm_head"]["kernel"], trajectory[-1]["lm_head"]["kernel"])
   assert not np.allclose(got["lm_head"]["kernel"], trajectory[0]["lm_head"]["kernel"])
@@ -101,38 +96,48 @@ def test_power_warmup_schedule_and_no_ema_when_decay_is_zero():
   assert steps.ema_schedule(cfg) is None
 
 
-def _toy_step(decay: float):
-  """A train step of f(w) = sum((w * x)^2) with train.ema (warmup ratio) on."""
+def _toy_step(decay: float, *, pmap: bool = False, grad_accum: int = 1):
+  """A train step of f(w) = mean over rows of sum((w * x)^2) with train.ema (warmup ratio) on;
+  with ``pmap`` mapped over the 8 devices as the pmap loop maps it."""
   def loss_fn(params, batch, rng):
     del rng
-    return jnp.sum((params["w"] * batch["x"]) ** 2), {}
+    return jnp.mean(jnp.sum((params["w"] * batch["x"]) ** 2, axis=-1)), {}
   tx = optax.apply_if_finite(optax.sgd(0.1), optimizer.NEVER_ACCEPT)  # as optimizer.make wraps
   lr = optax.constant_schedule(0.1)
   schedule = steps.ema_schedule(ml_collections.ConfigDict(dict(decay=decay, warmup="ratio",
                                                                power=1.0)))
-  step = jax.jit(steps.make_train_step(loss_fn, tx, lr, ema_decay=schedule))
+  body = steps.make_train_step(loss_fn, tx, lr, ema_decay=schedule, grad_accum=grad_accum,
+                               axis_name=steps.PMAP_AXIS if pmap else None)
   params = {"w": jnp.arange(1.0, 5.0)}
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.PRNGKey(0), ema_params=jax.tree.map(jnp.copy, params))
-  return step, state
+  if not pmap:
+    return jax.jit(body), state
+  stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * jax.device_count()), tree)
+  return jax.pmap(body, axis_name=steps.PMAP_AXIS), stack(state)
 
 
-def test_rejected_steps_neither_move_nor_count_in_the_ema():
-  step, state = _toy_step(0.9)
-  x = jnp.ones(4)
-  trajectory = [host64(state.params)]
+@pytest.mark.parametrize("pmap", [False, True], ids=["jit", "pmap+grad_accum"])
+def test_rejected_steps_neither_move_nor_count_in_the_ema(pmap):
+  step, state = _toy_step(0.9, pmap=pmap, grad_accum=2 if pmap else 1)
+  first = (lambda tree: jax.tree.map(lambda x: x[0], tree)) if pmap else (lambda tree: tree)
+  rows = np.random.default_rng(0).normal(size=(jax.device_count(), 4, 4)).astype(np.float32)
+  x = jnp.asarray(rows) if pmap else jnp.asarray(rows[0])
+  trajectory = [host64(first(state.params))]
   for bad in (False, True, True, False, False):
-    before = state
+    before = first(state)
     state, metrics = step(state, {"x": x * (jnp.nan if bad else 1.0)})
     if bad:
-      assert int(metrics["bad_steps"]) > 0
-      np.testing.assert_array_equal(state.ema_params["w"], before.ema_params["w"])
-      np.testing.assert_array_equal(state.params["w"], before.params["w"])
+      assert int(first(metrics)["bad_steps"]) > 0
+      np.testing.assert_array_equal(first(state).ema_params["w"], before.ema_params["w"])
+      np.testing.assert_array_equal(first(state).params["w"], before.params["w"])
     else:
-      trajectory.append(host64(state.params))
+      trajectory.append(host64(first(state.params)))
   # The three accepted updates weigh in as updates 1, 2 and 3 of the warm-up.
   want = closed_form(trajectory, decays("ratio", 0.9, 1.0, 3))
-  np.testing.assert_allclose(np.asarray(state.ema_params["w"], np.float64), want["w"], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(first(state).ema_params["w"], np.float64), want["w"],
+                             rtol=1e-6)
+  assert not np.allclose(want["w"], trajectory[-1]["w"])
 
 
 def test_ema_math_is_float32_and_keeps_the_parameter_dtype():
@@ -204,6 +209,8 @@ def test_a_run_without_ema_keeps_the_old_checkpoint_layout_and_cannot_grow_one(t
 
 def dit_config():
   c = diffusion.get_config("model=dit,variant=digits")
+  c.model.update(depth=1, hidden_size=32, num_heads=2)
+  c.model.timestep_freq_shift = 1.0  # as diffusers' DiT, so the run exports
   c.mesh.update(data=2, fsdp=2, tensor=2)
   c.train.update(steps=N, batch_size=16)
   c.train.ema.update(decay=0.99, warmup="none")  # the EMA stays near the initial parameters
