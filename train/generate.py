@@ -1,5 +1,6 @@
 """``python -m train.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=N
---temperature=T --top_k=K --top_p=P --seed=S --num_samples=N --step=STEP --end_id=ID]``.
+--temperature=T --top_k=K --top_p=P --seed=S --num_samples=N --step=STEP --end_id=ID
+--weights=auto|raw|ema]``.
 
 Continues each prompt with the language model of a trained (``python -m train``) or converted
 (``python -m train.convert``) workdir and prints prompt + continuation. Prompts are encoded the way

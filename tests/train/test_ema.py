@@ -308,18 +308,17 @@ def _lm_workdir(path, *, ema: bool):
   manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   manager.wait_until_finished()
   manager.close()
-  return str(path), config, params
+  return str(path), params
 
 
 def test_generate_loads_the_chosen_weights(tmp_path):
-  workdir, config, params = _lm_workdir(tmp_path / "ema", ema=True)
-  config = generate.lm_workdir_config(workdir)
+  workdir, params = _lm_workdir(tmp_path / "ema", ema=True)
   for weights, scale in (("auto", 1.0), ("raw", 1.0), ("ema", 0.5)):  # auto: raw for an LM
     loaded = generate.load(workdir, generate.lm_workdir_config(workdir), mesh="data=8",
                            weights=weights)
     jax.tree.map(lambda got, p: np.testing.assert_array_equal(np.asarray(got), p * scale),
                  jax.device_get(loaded.params), params)
-  plain, _, _ = _lm_workdir(tmp_path / "plain", ema=False)
+  plain, _ = _lm_workdir(tmp_path / "plain", ema=False)
   with pytest.raises(ValueError, match=rf"^{plain} \(checkpoint step 3\) holds no EMA of the "
                                        r"parameters \(it was trained with train.ema.decay=0\); "
                                        r"use --weights=raw\.$"):
