@@ -17,6 +17,7 @@ from configs import diffusion, lm
 from train import checkpoint, convert, generate, loop, optimizer, sample, steps
 from train import program as program_lib
 from train import workdir as workdir_lib
+from train import state as state_lib
 from train.state import TrainState
 from train.validate import validate
 
@@ -60,7 +61,13 @@ def closed_form(trajectory: list, d: np.ndarray):
 
 def test_ema_after_n_steps_equals_its_closed_form_and_is_sharded_like_the_params():
   program = program_lib.build(lm_config(decay=0.8, warmup="none"))  # data2 x fsdp2 x tensor2
-  state = program.init()
+  fresh = program.init()
+  # As a fine-tune (init.from) starts: the EMA a copy of the given parameters, in its own buffers
+  # (the step donates both), in the same shardings.
+  state = state_lib.with_ema_of(fresh, fresh.params)
+  buffers = lambda tree: {x.addressable_shards[0].data.unsafe_buffer_pointer()
+                          for x in jax.tree.leaves(tree)}
+  assert not buffers(state.params) & buffers(state.ema_params)
   # The EMA is laid out exactly like the parameters, from the same logical names.
   assert program.state_shardings.ema_params == program.state_shardings.params
   same = jax.tree.map(lambda p, e: p.sharding == e.sharding, state.params, state.ema_params)
