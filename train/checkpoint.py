@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state and the grain iterator position, saved together."""
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -18,6 +19,7 @@ from nets import registry
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from train import data, models, tasks
+from train import state as state_lib
 from train import workdir as workdir_lib
 
 
@@ -104,10 +106,12 @@ class Checkpointer:
     ``abstract_state`` may have any mesh (a different device count, other fsdp/tensor sizes):
     Orbax reads each array straight into its new sharding (elastic restore).
     """
-    fields = self.manager.restore(step, args=ocp.args.Composite(
+    state = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_saved_fields(abstract_state)))).state
     self._restore_position(step, data_iter)
-    return type(abstract_state)(**fields)
+    if isinstance(abstract_state, state_lib.TrainState):
+      state = state_lib.TrainState(**state)
+    return state
 
   def _restore_position(self, step: int, data_iter):
     """Sets ``data_iter`` to the position saved with ``step``, also from another process count.
@@ -198,13 +202,14 @@ class Checkpointer:
         self.manager.close()
 
 
-def _saved_fields(state) -> dict:
+def _saved_fields(state):
   """The train state as Orbax saves it: its fields by name, without ``ema_params`` when there is
   no EMA, so a run without one writes (and resumes) exactly the checkpoints of the odyssey
-  before EMA existed."""
-  import dataclasses
+  before EMA existed. Any other pytree is saved as it is."""
+  if not isinstance(state, state_lib.TrainState):
+    return state
   fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-  if fields.get("ema_params", 0) is None:
+  if fields["ema_params"] is None:
     del fields["ema_params"]
   return fields
 
@@ -412,7 +417,6 @@ def model_field_changes(theirs_config, config) -> list[tuple[str, str]]:
   """(field, "theirs -> ours") for each model hyperparameter, as the family's Config resolves
   them (defaults filled in; MoE fields as ``moe.x``), that differs between two configs of one
   family. Raises ValueError when a config's model group is not one the family reads."""
-  import dataclasses
   theirs = flat_dict(dataclasses.asdict(models.model_config(theirs_config)))
   ours = flat_dict(dataclasses.asdict(models.model_config(config)))
   return [(k, f"{theirs.get(k)!r} -> {ours.get(k)!r}") for k in sorted(set(theirs) | set(ours))
