@@ -29,6 +29,10 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
       # the first one, which compiles) ends the run with a sentence (train/watchdog.py).
       hang_timeout_s=600.0,
   ))
+  # An exponential moving average of the parameters, kept in the train state and checkpointed
+  # (docs/training.md): decay 0 = none (nothing held); warmup none (constant decay) | ratio
+  # (min(decay, (1+t)/(10+t))) | power (min(decay, 1-(1+t)^-power)), t = updates applied so far.
+  c.train.ema = ml_collections.ConfigDict(dict(decay=0.0, warmup="none", power=2 / 3))
   c.opt = ml_collections.ConfigDict(dict(
       name="adamw", lr=lr, warmup_steps=warmup_steps, final_lr_frac=0.1, b1=0.9, b2=0.95,
       eps=1e-8, weight_decay=0.1, clip_norm=1.0, decay_embeddings=False))
@@ -40,5 +44,8 @@ def shared(*, steps: int, batch_size: int, lr: float, warmup_steps: int) -> ml_c
   c.ckpt = ml_collections.ConfigDict(dict(every=200, keep=3, async_save=True))
   # profile_steps "a:b": a jax.profiler trace of steps a..b (inclusive) into workdir/profile.
   c.log = ml_collections.ConfigDict(dict(every=10, progress=True, profile_steps=""))
-  c.eval = ml_collections.ConfigDict(dict(every=200, steps=8, batch_size=batch_size))
+  # weights: which parameters evaluation and samples use: auto (the EMA for diffusion when
+  # train.ema is on, else the raw parameters) | raw | ema.
+  c.eval = ml_collections.ConfigDict(dict(every=200, steps=8, batch_size=batch_size,
+                                          weights="auto"))
   return c

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state and the grain iterator position, saved together."""
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -18,6 +19,7 @@ from nets import registry
 from parallel import mesh as parallel_mesh
 from parallel import sharding
 from train import data, models, tasks
+from train import state as state_lib
 from train import workdir as workdir_lib
 
 
@@ -60,7 +62,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
     """Saves the state and the iterator position reached after ``step`` steps."""
     self.check_saved(wait=True)  # Orbax waits for the previous save here anyway
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+    args = ocp.args.Composite(state=ocp.args.StandardSave(_saved_fields(state)),
                               data=data.checkpoint_args_save(data_iter))
     try:
       saved = self.manager.save(step, args=args, force=force)
@@ -105,8 +107,10 @@ class Checkpointer:
     Orbax reads each array straight into its new sharding (elastic restore).
     """
     state = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state))).state
+        state=ocp.args.StandardRestore(_saved_fields(abstract_state)))).state
     self._restore_position(step, data_iter)
+    if isinstance(abstract_state, state_lib.TrainState):
+      state = state_lib.TrainState(**state)
     return state
 
   def _restore_position(self, step: int, data_iter):
@@ -198,6 +202,18 @@ class Checkpointer:
         self.manager.close()
 
 
+def _saved_fields(state):
+  """The train state as Orbax saves it: its fields by name, without ``ema_params`` when there is
+  no EMA, so a run without one writes (and resumes) exactly the checkpoints of the odyssey
+  before EMA existed. Any other pytree is saved as it is."""
+  if not isinstance(state, state_lib.TrainState):
+    return state
+  fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  if fields["ema_params"] is None:
+    del fields["ema_params"]
+  return fields
+
+
 def remove_interrupted_saves(workdir: str) -> list[str]:
   """Deletes the temporary folders (``<step>.orbax-checkpoint-tmp*``) of saves that never
   finished (a failed save, a kill or a second Ctrl-C during one) and returns their names. They
@@ -274,8 +290,12 @@ def steps_in(workdir: str) -> list[int]:
   return sorted(steps)
 
 
-def _params_manager(workdir: str, step: int | None):
-  """(manager, step, saved params metadata) for ``step`` (None: the newest) of ``workdir``."""
+WEIGHTS = ("auto", "raw", "ema")  # --weights of train.sample, train.generate, train.convert
+
+
+def _params_manager(workdir: str, step: int | None, key: str = "params"):
+  """(manager, step, saved metadata of the state's ``key`` subtree: "params", or "ema_params"
+  for the EMA) for ``step`` (None: the newest) of ``workdir``."""
   steps = steps_in(workdir)
   if not steps:
     raise ValueError(f"{workdir} has no checkpoint to load parameters from.")
@@ -294,7 +314,33 @@ def _params_manager(workdir: str, step: int | None):
   if not isinstance(saved, dict) or "params" not in saved:
     manager.close()
     raise ValueError(f"checkpoint step {step} of {workdir} holds no parameters.")
-  return manager, step, saved["params"]
+  if key not in saved:
+    manager.close()
+    raise ValueError(f"checkpoint step {step} of {workdir} holds no EMA of the parameters (its "
+                     "run had train.ema.decay=0); use --weights=raw.")
+  return manager, step, saved[key]
+
+
+def resolve_weights(workdir: str, weights: str, *, step: int | None = None) -> str:
+  """"raw" or "ema" for ``weights`` ("auto": the EMA when ``workdir`` is a diffusion run whose
+  checkpoint holds one, else the raw parameters); one sentence for an unknown name or for "ema"
+  from a checkpoint without an EMA."""
+  if weights not in WEIGHTS:
+    raise ValueError(f"--weights={weights} is not one of {', '.join(WEIGHTS)}.")
+  if weights == "raw":
+    return "raw"
+  manager, step, _ = _params_manager(workdir, step)
+  try:
+    saved = manager.item_metadata(step).state
+  finally:
+    manager.close()
+  held = "ema_params" in getattr(saved, "tree", saved)
+  if weights == "auto":
+    return "ema" if held and load_config(workdir).get("task") == "diffusion" else "raw"
+  if not held:
+    raise ValueError(f"{workdir} (checkpoint step {step}) holds no EMA of the parameters (it was "
+                     "trained with train.ema.decay=0); use --weights=raw.")
+  return "ema"
 
 
 def check_params_fit(workdir: str, abstract_params, *, step: int | None = None) -> int:
@@ -306,24 +352,27 @@ def check_params_fit(workdir: str, abstract_params, *, step: int | None = None) 
   return step
 
 
-def restore_params(workdir: str, abstract_params, *, step: int | None = None):
+def restore_params(workdir: str, abstract_params, *, step: int | None = None,
+                   weights: str = "raw"):
   """(step, params) restored from ``workdir``'s checkpoint into ``abstract_params``' shardings.
 
-  Only the ``params`` subtree of the saved state is read (Orbax partial restore), so this works
-  for training checkpoints (a whole TrainState) and for converted ones (parameters only), and the
+  Only the ``params`` subtree of the saved state is read (Orbax partial restore), or with
+  ``weights`` "ema" (or "auto", ``resolve_weights``) the ``ema_params`` one, so this works for
+  training checkpoints (a whole TrainState) and for converted ones (parameters only), and the
   optimizer state is never loaded. A parameter whose shape differs from ``abstract_params`` is
   named in one sentence before anything is read.
   """
-  manager, step, saved = _params_manager(workdir, step)
+  key = "ema_params" if resolve_weights(workdir, weights, step=step) == "ema" else "params"
+  manager, step, saved = _params_manager(workdir, step, key)
   try:
     check_same_shapes(saved, abstract_params, f"{workdir} (step {step})")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args},
+        item={key: abstract_params}, restore_args={key: restore_args},
         partial_restore=True))).state
   finally:
     manager.close()
-  return step, restored["params"]
+  return step, restored[key]
 
 
 def model_param_shapes(config):
@@ -368,7 +417,6 @@ def model_field_changes(theirs_config, config) -> list[tuple[str, str]]:
   """(field, "theirs -> ours") for each model hyperparameter, as the family's Config resolves
   them (defaults filled in; MoE fields as ``moe.x``), that differs between two configs of one
   family. Raises ValueError when a config's model group is not one the family reads."""
-  import dataclasses
   theirs = flat_dict(dataclasses.asdict(models.model_config(theirs_config)))
   ours = flat_dict(dataclasses.asdict(models.model_config(config)))
   return [(k, f"{theirs.get(k)!r} -> {ours.get(k)!r}") for k in sorted(set(theirs) | set(ours))
@@ -395,12 +443,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_trained(workdir: str, *, step: int | None = None, devices=None):
+def load_trained(workdir: str, *, step: int | None = None, devices=None, weights: str = "raw"):
   """(config, model, mesh, params) of a trained workdir, for inference on ``devices`` (default: one).
 
   The config is the run's own ``config.json``; the mesh is replaced by plain data parallelism
-  over ``devices``, and the model uses the local attention kernel. Only parameters are read, so
-  converted workdirs (``python -m train.convert``) load the same way.
+  over ``devices``, and the model uses the local attention kernel. Only parameters are read (the
+  raw ones or their EMA: ``weights``, as ``restore_params``), so converted workdirs
+  (``python -m train.convert``) load the same way.
   """
   config = load_config(workdir)
   devices = jax.devices()[:1] if devices is None else devices
@@ -408,7 +457,8 @@ def load_trained(workdir: str, *, step: int | None = None, devices=None):
   mesh = parallel_mesh.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.parallel)
   model, _, _ = models.build(config, mesh, seq_parallel=False)
-  _, params = restore_params(workdir, abstract_params(config, model, mesh, rules), step=step)
+  _, params = restore_params(workdir, abstract_params(config, model, mesh, rules), step=step,
+                             weights=weights)
   return config, model, mesh, params
 
 

@@ -13,6 +13,7 @@ tokenizer files next to the weights are copied along. Fine-tune with
 Export (an odyssey workdir, trained or imported -> a Hugging Face folder)::
 
   python -m train.convert --from=odyssey --family=llama --src=WORKDIR --dst=HF_DIR [--step=N]
+      [--weights=auto|raw|ema]
 
 writes config.json and model.safetensors (diffusion_pytorch_model.safetensors for DiT), sharded
 with an index past --max_shard_gb. Families: llama (LlamaForCausalLM), vit
@@ -144,8 +145,10 @@ def import_hf(family: str, src: str, dst: str, dtype_name: str | None = None) ->
 
 
 def export_hf(family: str, src: str, dst: str, dtype_name: str | None = None,
-              step: int | None = None, max_shard_bytes: int | None = None) -> dict:
-  """odyssey workdir ``src`` -> Hugging Face folder ``dst``; returns what was written."""
+              step: int | None = None, max_shard_bytes: int | None = None,
+              weights: str = "auto") -> dict:
+  """odyssey workdir ``src`` -> Hugging Face folder ``dst``; returns what was written.
+  ``weights``: raw | ema | auto (the EMA of a diffusion run that kept one), as train.sample."""
   import jax
   import numpy as np
 
@@ -159,7 +162,7 @@ def export_hf(family: str, src: str, dst: str, dtype_name: str | None = None,
   _check_empty(dst)
   cfg = models.model_config(config)
   hf_config = module.hf_config(cfg)  # a sentence for configs with no Hugging Face layout
-  _, _, _, params = checkpoint.load_trained(src, step=step)
+  _, _, _, params = checkpoint.load_trained(src, step=step, weights=weights)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   tensors = module.to_hf(params, cfg)
   if config.get("task") == "lm":
@@ -186,7 +189,7 @@ def _copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 def define_flags():
   """The CLI's flags, defined only when run as a program (other modules import this one)."""
-  global _FROM, _FAMILY, _SRC, _DST, _DTYPE, _STEP, _MAX_SHARD_GB
+  global _FROM, _FAMILY, _SRC, _DST, _DTYPE, _STEP, _MAX_SHARD_GB, _WEIGHTS
   _FROM = flags.DEFINE_enum("from", None, ["hf", "odyssey"],
                             "hf: import a Hugging Face folder; odyssey: export a workdir.")
   _FAMILY = flags.DEFINE_string("family", None,
@@ -197,6 +200,9 @@ def define_flags():
   _DTYPE = flags.DEFINE_string("dtype", "auto", "auto (keep the stored dtype) | float32 | "
                                "bfloat16 | float16: converts every floating tensor explicitly.")
   _STEP = flags.DEFINE_integer("step", None, "Export: the checkpoint step (default: the newest).")
+  _WEIGHTS = flags.DEFINE_string("weights", "auto", "Export: raw (the trained parameters) | ema "
+                                 "(their EMA, train.ema) | auto (the EMA of a diffusion run that "
+                                 "kept one, else raw).")
   _MAX_SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "Export: safetensors shards stay under "
                                      "this many GiB (an index file names them).")
   flags.mark_flags_as_required(["from", "family", "src", "dst"])
@@ -215,7 +221,7 @@ def main(argv):
             f"{_DST.value}; fine-tune with --config.init.from={_DST.value}", flush=True)
     else:
       info = export_hf(_FAMILY.value, _SRC.value, _DST.value, dtype_name, _STEP.value,
-                       int(_MAX_SHARD_GB.value * 1024 ** 3))
+                       int(_MAX_SHARD_GB.value * 1024 ** 3), _WEIGHTS.value)
       print(f"odyssey: exported {info['tensors']} tensors to {_DST.value}: "
             f"{', '.join(info['files'])}", flush=True)
   except (ValueError, FileNotFoundError, KeyError) as e:

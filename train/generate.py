@@ -1,5 +1,6 @@
 """``python -m train.generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [--max_new_tokens=N
---temperature=T --top_k=K --top_p=P --seed=S --num_samples=N --step=STEP --end_id=ID]``.
+--temperature=T --top_k=K --top_p=P --seed=S --num_samples=N --step=STEP --end_id=ID
+--weights=auto|raw|ema]``.
 
 Continues each prompt with the language model of a trained (``python -m train``) or converted
 (``python -m train.convert``) workdir and prints prompt + continuation. Prompts are encoded the way
@@ -163,10 +164,12 @@ class Loaded:
     return sharding.data_parallel_size(self.sizes, self.rules)
 
 
-def load(workdir: str, config, *, mesh: str | None = None, step: int | None = None) -> Loaded:
+def load(workdir: str, config, *, mesh: str | None = None, step: int | None = None,
+         weights: str = "auto") -> Loaded:
   """The model of ``workdir`` (``config``: its checked config, ``lm_workdir_config``) with the
   parameters of checkpoint ``step`` (default the newest) sharded over ``mesh`` ("data=2,fsdp=4";
-  default the workdir's own mesh); a mesh that misfits the devices is one sentence first."""
+  default the workdir's own mesh); a mesh that misfits the devices is one sentence first.
+  ``weights``: raw | ema (the EMA of the parameters, train.ema) | auto (raw for an LM)."""
   import jax
   import ml_collections
   from parallel import mesh as parallel_mesh
@@ -182,7 +185,8 @@ def load(workdir: str, config, *, mesh: str | None = None, step: int | None = No
   device_mesh = parallel_mesh.make_mesh(config.mesh)
   model, _, _ = models.build(config, device_mesh, seq_parallel=False)
   step, params = checkpoint.restore_params(
-      workdir, checkpoint.abstract_params(config, model, device_mesh, rules), step=step)
+      workdir, checkpoint.abstract_params(config, model, device_mesh, rules), step=step,
+      weights=weights)
   return Loaded(config=config, model=model, params=params, step=step, mesh=device_mesh,
                 rules=rules, sizes=resolved)
 
@@ -190,7 +194,7 @@ def load(workdir: str, config, *, mesh: str | None = None, step: int | None = No
 def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tokens: int,
         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
         num_samples: int = 1, step: int | None = None, end_id: int | None = None,
-        mesh: str | None = None):
+        mesh: str | None = None, weights: str = "auto"):
   """[(prompt index, prompt + continuation as text)], ``num_samples`` rows per prompt, decoded
   with the parameters sharded over ``mesh`` ("data=2,fsdp=4"; default the workdir's mesh)."""
   import jax
@@ -199,7 +203,7 @@ def run(workdir: str, texts: list[str], id_lists: list[str] = (), *, max_new_tok
   config, codec, prompts = prepare(workdir, list(texts), list(id_lists),
                                    max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, num_samples=num_samples)
-  loaded = load(workdir, config, mesh=mesh, step=step)
+  loaded = load(workdir, config, mesh=mesh, step=step, weights=weights)
   rows = [p for p in prompts for _ in range(num_samples)]
   padded = rows + [rows[-1]] * (-len(rows) % loaded.data_parallel)  # rows split over batch axes
   print(f"odyssey: decoding on mesh {parallel_mesh._fmt(loaded.sizes)} of {jax.device_count()} "
@@ -233,7 +237,7 @@ def start_devices(workdir: str, mesh: str | None, cpu_devices: int | None,
 def define_flags():
   """The CLI's flags, defined only when run as a program (tests and other modules import this one
   without claiming flag names such as --workdir)."""
-  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES, _MESH, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID
+  global _WORKDIR, _PROMPT, _PROMPT_IDS, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _SEED, _NUM_SAMPLES, _STEP, _END_ID, _CPU_DEVICES, _MESH, _WEIGHTS, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID
   _WORKDIR = flags.DEFINE_string("workdir", None, "A trained or converted LM workdir.")
   _PROMPT = flags.DEFINE_multi_string(
       "prompt", [], "Text to continue; repeat for a batch (default: the workdir's sample.prompt).")
@@ -248,6 +252,9 @@ def define_flags():
   _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same samples.")
   _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+  _WEIGHTS = flags.DEFINE_string(
+      "weights", "auto", "raw (the trained parameters) | ema (their EMA, train.ema) | auto "
+      "(raw for a language model).")
   _END_ID = flags.DEFINE_integer("end_id", None, "Stop a sample when it produces this token id.")
   _CPU_DEVICES = flags.DEFINE_integer(
       "cpu_devices", None, "Simulate this many CPU devices (default on a CPU-only machine: as "
@@ -273,7 +280,7 @@ def main(argv):
                   max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                   num_samples=_NUM_SAMPLES.value, step=_STEP.value, end_id=_END_ID.value,
-                  mesh=_MESH.value)
+                  mesh=_MESH.value, weights=_WEIGHTS.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   import jax

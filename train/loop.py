@@ -15,8 +15,9 @@ import numpy as np
 from parallel import sharding
 from train import checkpoint, flops, metrics, models, watchdog
 from train import program as program_lib
+from train import state as state_lib
 from train import workdir as workdir_lib
-from train.validate import init_from, validate, validate_workdir
+from train.validate import init_from, use_ema, validate, validate_workdir
 
 
 def run(config, workdir: str, *, plan=None,
@@ -103,8 +104,8 @@ def _restore_or_init(program, ckpt, train_iter):
     if changed:  # e.g. norm_eps or rope_theta: same shapes, different function
       init_note += f" (model fields that differ from its config: {', '.join(changed)})"
   state = program.init()
-  if init_params is not None:
-    state = state.replace(params=init_params)
+  if init_params is not None:  # raw parameters; an EMA this run keeps starts from them too
+    state = state_lib.with_ema_of(state, init_params)
   return None, state, init_note
 
 
@@ -128,6 +129,11 @@ class _Loop:
     # spinning), the way queued eval and decode launches did. On CPU the host and the devices
     # share the cores, so waiting costs nothing worth keeping; accelerators keep one step queued.
     self.one_launch = jax.default_backend() == "cpu" and jax.device_count() > 1
+    self.weights = "ema" if use_ema(self.config) else "raw"  # eval.weights, resolved
+
+  def eval_params(self, state):
+    """The parameters evaluation and samples use: the EMA or the raw ones (eval.weights)."""
+    return state.ema_params if self.weights == "ema" else state.params
 
   def evaluate(self, step, params, final=False):
     """Validation metrics over eval.steps batches, then the task's samples.
@@ -148,8 +154,8 @@ class _Loop:
                                          sharding=program.batch_shardings))
     for key, metrics_of_source in by_source.items():
       self.writer.write(step, metrics_of_source, split=f"val/{key}")
-    self.writer.write(step, result, split="val")
-    headline = task.headline(result)
+    self.writer.write(step, {**result, "weights": self.weights}, split="val")
+    headline = task.headline(result) + (" (EMA weights)" if self.weights == "ema" else "")
     if by_source:
       headline += f" ({task.source_headline(by_source)})"
       summary["last_val_sources"] = by_source
@@ -202,7 +208,7 @@ class _Loop:
     t, every, ckpt, summary = self.config.train, self.config.log.every, self.ckpt, self.summary
     start_step = summary["start_step"]
     if start_step == 0:
-      self.evaluate(0, state.params)
+      self.evaluate(0, self.eval_params(state))
     self.clock = {"time": time.perf_counter(), "step": start_step}
     profile = _Profile(self.config.log.profile_steps, self.workdir, self.writer)
     # Metrics are fetched one step late so the host never waits on the step it just dispatched;
@@ -240,11 +246,11 @@ class _Loop:
         summary["stopped_by"] = stopped_by
         break
       if step % self.config.eval.every == 0 or step == t.steps:
-        self.evaluate(step, state.params, final=step == t.steps)
+        self.evaluate(step, self.eval_params(state), final=step == t.steps)
     if pending is not None:
       self.flush(*pending)
     if start_step >= t.steps:
-      self.evaluate(start_step, state.params, final=True)
+      self.evaluate(start_step, self.eval_params(state), final=True)
     return state, step
 
 

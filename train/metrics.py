@@ -38,7 +38,8 @@ class Writer:
     self._jsonl.write(json.dumps({"step": int(step), "split": split, **values}) + "\n")
     self._jsonl.flush()
     for name, value in values.items():
-      self._tb.add_scalar(f"{split}/{name}", value, int(step))
+      if not isinstance(value, str):  # labels such as eval's "weights" go to metrics.jsonl only
+        self._tb.add_scalar(f"{split}/{name}", value, int(step))
 
   def progress(self, step: int, metrics: dict, unit: str = "tokens"):
     """Moves the bar to ``step`` and shows loss, lr and throughput (ETA comes from tqdm)."""

@@ -89,7 +89,9 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
   sample_model, _, _ = models.build(config, mesh, seq_parallel=False)
   tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
   example = task.example_batch(config.train.batch_size)
-  create_state = lambda: state_lib.create(model, tx, task.init_args(example), config.seed)
+  ema_decay = steps.ema_schedule(config.train.ema)
+  create_state = lambda: state_lib.create(model, tx, task.init_args(example), config.seed,
+                                          ema=ema_decay is not None)
   abstract, shardings = sharding.abstract_and_shardings(create_state, mesh, rules)
   batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
                      for k, axes in task.batch_axes.items()}
@@ -98,7 +100,7 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
   make_step = functools.partial(
       steps.make_train_step, task.loss_fn(model, permutation), tx, lr_schedule,
       grad_accum=config.train.grad_accum, batch_axes=None if pmap else task.batch_axes,
-      axis_name=steps.PMAP_AXIS if pmap else None)
+      axis_name=steps.PMAP_AXIS if pmap else None, ema_decay=ema_decay)
   step_fn, step_with_grads = make_step(), make_step(with_grads=True)
   context = functools.partial(_mesh_context, mesh, rules)
   if pmap:  # called outside the mesh context: inside pmap every array is one device's

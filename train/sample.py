@@ -2,7 +2,7 @@
 imported) or text-conditioned (PixArt, MMDiT).
 
   python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4.0 --steps=50 [--per_class=4]
-      [--sampler=ddim|ddpm|flow] [--seed=0] [--step=N] [--out=FILE.png]
+      [--sampler=ddim|ddpm|flow] [--seed=0] [--step=N] [--out=FILE.png] [--weights=auto|raw|ema]
   python -m train.sample --workdir=DIR --prompt="a large 3 in the center" [--prompt=...] ...
 
 One row per class (or per --prompt, repeatable) in a PNG grid (default
@@ -90,7 +90,7 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
 def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
            steps: int | None = None, sampler: str | None = None, per_class: int = 4,
            seed: int = 0, step: int | None = None, out: str | None = None,
-           prompts: list[str] | None = None) -> tuple[str, object]:
+           prompts: list[str] | None = None, weights: str = "auto") -> tuple[str, object]:
   """Writes the grid (or latents) and returns (path, samples [N, H, W, C] in [-1, 1]): one row
   per class, or per prompt for a text-conditioned model, ``per_class`` samples each."""
   import numpy as np
@@ -109,7 +109,7 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   if d.sampler not in SAMPLERS[d.objective]:
     raise ValueError(f"--sampler={d.sampler} does not fit this model's objective {d.objective!r}; "
                      f"use one of {SAMPLERS[d.objective]}.")
-  config, model, _, params = checkpoint.load_trained(workdir, step=step)
+  config, model, _, params = checkpoint.load_trained(workdir, step=step, weights=weights)
   config.diffusion.update(cfg_scale=d.cfg_scale, sample_steps=d.sample_steps, sampler=d.sampler)
   task = tasks.get(config)
   if prompts:
@@ -142,6 +142,7 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
 def define_flags():
   """The CLI's flags, defined only when run as a program (other modules import this one)."""
   global _WORKDIR, _CLASSES, _PROMPTS, _CFG, _STEPS, _SAMPLER, _PER_CLASS, _SEED, _STEP, _OUT
+  global _WEIGHTS
   _WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion workdir (python -m train or "
                                  "train.convert).")
   _CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each "
@@ -158,6 +159,8 @@ def define_flags():
   _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the starting noise and the sampler.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   _OUT = flags.DEFINE_string("out", None, "Output PNG (or .npy for latents) path.")
+  _WEIGHTS = flags.DEFINE_string("weights", "auto", "raw (the trained parameters) | ema (their "
+                                 "EMA, train.ema) | auto (the EMA when the run kept one).")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -180,7 +183,8 @@ def main(argv):
   try:
     path, images = sample(_WORKDIR.value, classes, cfg_scale=_CFG.value, steps=_STEPS.value,
                           sampler=_SAMPLER.value, per_class=_PER_CLASS.value, seed=_SEED.value,
-                          step=_STEP.value, out=_OUT.value, prompts=_PROMPTS.value)
+                          step=_STEP.value, out=_OUT.value, prompts=_PROMPTS.value,
+                          weights=_WEIGHTS.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   kind = "latents" if images.shape[-1] not in (1, 3) else "images"

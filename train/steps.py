@@ -8,6 +8,7 @@ every task reports. The mesh loop jits that one body with shardings; the pmap lo
 """
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,8 @@ COUNT_METRICS = ("tokens", "images")
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
                     grad_accum: int = 1, batch_axes: dict | None = None,
-                    axis_name: str | None = None, with_grads: bool = False):
+                    axis_name: str | None = None, with_grads: bool = False,
+                    ema_decay: Callable | None = None):
   """Builds the pure train step; the caller jits (or pmaps) it once and donates the state.
 
   ``grad_accum`` > 1 splits the batch into that many micro-batches inside the step (a
@@ -50,6 +52,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   are not (an overflowing update) is rejected and counted the same way, so no non-finite value
   ever reaches the state the loop checkpoints. The loop stops the run after
   ``train.max_bad_steps`` consecutive bad steps.
+
+  ``ema_decay`` (``ema_schedule``'s result; None: no EMA) maps the number of updates applied so
+  far to the decay of this one; after the optimizer update the step moves ``state.ema_params``
+  towards the new parameters, ``ema = d * ema + (1 - d) * params``, in float32 and cast back to
+  the parameter dtype. A rejected step leaves the EMA as it was (d = 1) and does not count.
 
   ``with_grads`` makes the step return ``(state, metrics, grads)``, the gradients it applied
   (averaged over micro-batches and devices), for checks that compare them without a second
@@ -82,9 +89,47 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(applied),
                "lr": lr_schedule(state.step), **bad_step_counts(opt_state)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    if ema_decay is not None:
+      # Updates applied before this one; a rejected step (last_finite False) keeps the EMA.
+      updates_done = state.step - state.opt_state.total_notfinite
+      decay = jnp.where(opt_state.last_finite, ema_decay(updates_done), 1.0)
+      new_state = new_state.replace(ema_params=ema_update(state.ema_params, params, decay))
     return (new_state, metrics, grads) if with_grads else (new_state, metrics)
 
   return train_step
+
+
+def ema_schedule(ema_cfg) -> Callable | None:
+  """``t -> decay`` of ``train.ema`` (t: updates applied before this one), or None when
+  ``ema_cfg.decay`` is 0 (no EMA). warmup "none": the constant decay; "ratio": min(decay,
+  (1+t)/(10+t)) (TensorFlow's ExponentialMovingAverage with num_updates); "power": min(decay,
+  1 - (1+t)^-power) (Karras et al.'s warm-up). Both warm-ups let the early EMA follow the
+  fast-moving parameters instead of staying near the random initialisation."""
+  decay, warmup, power = float(ema_cfg.decay), ema_cfg.warmup, float(ema_cfg.power)
+  if decay == 0.0:
+    return None
+
+  def schedule(t):
+    t = jnp.asarray(t, jnp.float32)
+    if warmup == "ratio":
+      return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+    if warmup == "power":
+      return jnp.minimum(decay, 1.0 - (1.0 + t) ** -power)
+    return jnp.full_like(t, decay)
+
+  return schedule
+
+
+def ema_update(ema, params, decay):
+  """``decay * ema + (1 - decay) * params`` per leaf, in float32, in ``params``' dtypes."""
+  d = jnp.asarray(decay, jnp.float32)
+
+  def leaf(e, p):
+    if not jnp.issubdtype(p.dtype, jnp.inexact):
+      return p
+    return (d * e.astype(jnp.float32) + (1.0 - d) * p.astype(jnp.float32)).astype(p.dtype)
+
+  return jax.tree.map(leaf, ema, params)
 
 
 def _accumulated(single, params, batch, rng, *, grad_accum: int, batch_axes: dict | None):

@@ -56,6 +56,7 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
     raise ValueError(f"config.train.hang_timeout_s={hang!r} must be a positive number of seconds "
                      "(how long a train step, eval or sample may make no progress).")
   _check_profile_steps(config.log.profile_steps)
+  check_ema(t.ema, config.eval.weights)
   parallel_devices.check_remat_supported(t.remat, jax.devices())
   for name in ("log.every", "ckpt.every", "ckpt.keep", "eval.every", "eval.steps"):
     group, field = name.split(".")
@@ -90,6 +91,40 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
   attention = models.attention_plan(config, sizes, model_cfg)
   models.recurrence_plan(config, sizes, model_cfg)  # raises what state passing cannot split
   return Plan(mesh=sizes, task=task, model_cfg=model_cfg, attention=attention)
+
+
+EMA_WARMUPS = ("none", "ratio", "power")
+WEIGHTS = ("auto", "raw", "ema")
+
+
+def check_ema(ema, weights):
+  """train.ema (decay, warmup, power) and eval.weights, one sentence each."""
+  decay = ema.decay
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+    raise ValueError(f"config.train.ema.decay={decay!r} must be a number in [0, 1) (0: no EMA of "
+                     "the parameters; e.g. 0.999 averages over about the last 1000 updates).")
+  if ema.warmup not in EMA_WARMUPS:
+    raise ValueError(f"config.train.ema.warmup={ema.warmup!r} is not one of {EMA_WARMUPS}.")
+  power = ema.power
+  if (isinstance(power, bool) or not isinstance(power, (int, float))
+      or not 0 < power < float("inf")):
+    raise ValueError(f"config.train.ema.power={power!r} must be a positive number (the exponent "
+                     "of the 'power' warm-up, e.g. 2/3 or 3/4).")
+  if weights not in WEIGHTS:
+    raise ValueError(f"config.eval.weights={weights!r} is not one of {WEIGHTS}.")
+  if weights == "ema" and decay == 0:
+    raise ValueError("config.eval.weights='ema' needs an EMA of the parameters, but "
+                     "train.ema.decay is 0; set train.ema.decay (e.g. 0.999) or use "
+                     "eval.weights='auto' or 'raw'.")
+
+
+def use_ema(config) -> bool:
+  """Whether evaluation and samples use the EMA (eval.weights, with "auto": diffusion with an
+  EMA); the config is validated."""
+  weights = config.eval.weights
+  if weights == "auto":
+    return config.task == "diffusion" and config.train.ema.decay > 0
+  return weights == "ema"
 
 
 LOOPS = ("mesh", "pmap")

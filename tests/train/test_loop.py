@@ -92,6 +92,7 @@ def test_loss_falls_and_metrics_lines_follow_the_contract(runs):
     np.testing.assert_allclose(m["bits_per_byte"], m["loss"] * m["tokens"] / m["bytes"] / np.log(2))
     assert m["tokens"] - 10 <= m["bytes"] <= m["tokens"] == 2 * 8 * 32
     assert m["mc/hand/acc"] in (0.0, 0.5, 1.0) and m["mc/hand/acc_norm"] in (0.0, 0.5, 1.0)
+    assert m["weights"] == "raw"  # eval.weights="auto": an LM evaluates its raw parameters
   assert train[0]["lr"] == 0.0 and train[2]["lr"] > 0.0  # warmup from zero
 
 
