@@ -20,9 +20,8 @@ from tests.user.commands import doc
 
 TRAIN = "python -m train --config=experiments/vae_digits.py --workdir=DIR --cpu_devices=8"
 ENCODE = "python -m train.encode --workdir=DIR --out=LATENTS"
-DIT = doc("python -m train --config=experiments/dit_digits.py --workdir=DIT --cpu_devices=8 "
-       "--config.data.name=arrayrecord --config.data.path=LATENTS --config.model.input_size=8 "
-       "--config.model.in_channels=4")
+DIT = doc("python -m train --config=experiments/latent_dit_digits.py --workdir=DIT --cpu_devices=8 "
+          "--config.data.path=LATENTS")
 SAMPLE = doc("python -m train.sample --workdir=DIT --classes=0,3,7 --cfg=4.0 --steps=50")
 
 

@@ -51,6 +51,7 @@ MIXTURE = U + "test_arrayrecord.py::test_train_on_a_mixture_as_written"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
 SFT_PATH = U + "test_sft.py::test_import_sft_generate_export_and_transformers_agree"
 VAE = "tests/train/test_autoencoder_task.py::"
+T2I = U + "test_t2i.py::"
 
 DOCUMENTED = {
     # Quick start, Results, Experiments.
@@ -194,14 +195,21 @@ DOCUMENTED = {
     "python -m train --config=experiments/lm_mixture.py --workdir=DIR --cpu_devices=8 "
     "--config.data.sources.prose.path=/data/my_corpus": Runs(
         MIXTURE, "/data/my_corpus = the make_arrayrecord command's output above"),
+    # Text-to-image (docs/models.md).
+    "python -m train --config=experiments/t2i_digits.py --workdir=DIR --cpu_devices=8": Runs(
+        T2I + "test_t2i_digits_trains_evaluates_both_caption_splits_and_draws_prompts"),
+    'python -m train.sample --workdir=DIR --prompt="a large 1 at the top left and a large 7 at '
+    'the top right" --prompt="a large 3 in the center"': Runs(
+        T2I + "test_train_sample_draws_prompts_and_refuses_classes"),
+    "python -m bench.diffusion_quality --reader=READER --runs=t2i=DIR": Runs(
+        T2I + "test_quality_bench_scores_raw_and_ema_at_each_guidance_scale"),
     # Latents of an autoencoder (docs/data.md).
     "python -m train --config=experiments/vae_digits.py --workdir=DIR --cpu_devices=8": Runs(
         VAE + "test_vae_digits_trains_evaluates_and_writes_reconstructions"),
     "python -m train.encode --workdir=DIR --out=LATENTS": Runs(
         VAE + "test_encode_writes_unit_variance_latents_the_arrayrecord_source_reads"),
-    "python -m train --config=experiments/dit_digits.py --workdir=DIT --cpu_devices=8 "
-    "--config.data.name=arrayrecord --config.data.path=LATENTS --config.model.input_size=8 "
-    "--config.model.in_channels=4": Runs(VAE + "test_latent_dit_samples_decode_to_pngs"),
+    "python -m train --config=experiments/latent_dit_digits.py --workdir=DIT --cpu_devices=8 "
+    "--config.data.path=LATENTS": Runs(VAE + "test_latent_dit_samples_decode_to_pngs"),
     "python -m train.sample --workdir=DIT --classes=0,3,7 --cfg=4.0 --steps=50": Runs(
         VAE + "test_latent_dit_samples_decode_to_pngs"),
     # Supervised fine-tuning of an imported model (docs/convert.md, docs/data.md).
