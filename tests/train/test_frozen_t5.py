@@ -196,6 +196,12 @@ def test_validation_names_the_key_before_anything_compiles(hf, tmp_path):
   with pytest.raises(ValueError, match=r"^model.text_width=64 differs from the T5 encoder's "
                      r"d_model=32 \(model.text_encoder_path="):
     validate(config)
+  config = make_config("mmdit", folder)  # its weights shard like the model's: 4 heads, tensor 8
+  config.model.num_heads = 8
+  config.mesh.update(data=1, fsdp=1, tensor=8)
+  with pytest.raises(ValueError, match="^the T5 encoder's num_heads=4 is not divisible by "
+                     "mesh.tensor=8"):
+    validate(config)
   config = make_config("mmdit", folder)
   config.model.text_encoder = "trained"
   with pytest.raises(ValueError, match="is set but model.text_encoder='trained' ignores it"):
