@@ -10,6 +10,15 @@ import ml_collections
 from configs import base, moe_group, parse_arg
 
 TEXT_MODELS = ("pixart", "mmdit")  # caption-conditioned (nets/text_encoder.py)
+# The sample grid's rows: captions of the training distribution, then captions whose pair of
+# digits and places train/caption_data.py holds out of training (tests/train/test_t2i.py checks).
+SEEN_PROMPTS = ("a large 3 in the center", "a small 7 at the top left",
+                "a large 1 on the left and a large 9 on the right",
+                "a small 2 at the top and a large 5 at the bottom")
+HELDOUT_PROMPTS = ("a large 1 at the top left and a large 7 at the top right",
+                   "a large 3 at the top left and a large 0 at the top right",
+                   "a large 6 at the top left and a large 9 at the top right",
+                   "a large 0 at the top left and a large 3 in the center")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,19 +43,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         caption_dropout_prob=0.1, learn_sigma=args["model"] == "pixart", dtype="float32",
         param_dtype="float32"))
     c.data = ml_collections.ConfigDict(dict(
-        name="digit_captions", path="", val_fraction=0.1, image_size=48, num_threads=0,
-        prefetch=2, native_size=False))
+        name="digit_captions", path="", val_fraction=0.1, image_size=48, text_len=64,
+        num_threads=0, prefetch=2, native_size=False))
   c.diffusion = ml_collections.ConfigDict(dict(
       objective="ddpm",  # ddpm (epsilon prediction, + learned variance) | flow (rectified flow)
       schedule="cosine", num_steps=1000,  # DDPM noise schedule: linear | cosine
       sampler="ddim",  # ddpm | ddim (objective ddpm), flow (objective flow)
+      time_dist="uniform",  # flow timesteps: uniform | logit_normal (SD3)
       sample_steps=50, ddim_eta=0.0, cfg_scale=2.0, samples_per_class=8,
       sample_classes=0,  # grid rows: the first N classes (0 = all)
-      prompts=()))  # text families: grid rows, one caption each
+      prompts=(),  # text families: grid rows, one caption each
+      # latents' decoder: an autoencoder workdir; "" = the one the data's metadata.json names
+      # (train.encode), if any (train/latents.py)
+      autoencoder=""))
   if args["model"] in TEXT_MODELS:
     c.diffusion.update(objective="flow" if args["model"] == "mmdit" else "ddpm",
                        sampler="flow" if args["model"] == "mmdit" else "ddim",
-                       prompts=tuple(f"the digit {i}" for i in range(10)))
+                       prompts=SEEN_PROMPTS + HELDOUT_PROMPTS)
   c.opt.update(weight_decay=0.0, b2=0.999)
   c.ckpt.update(every=500, keep=2)
   c.eval.update(every=500, steps=2, batch_size=128)

@@ -71,6 +71,31 @@ def caption_for(layout, sizes) -> str:
   return " and ".join(parts)
 
 
+def layout_of_caption(text: str) -> tuple[np.ndarray, np.ndarray]:
+  """(layout [9], sizes [9]) of a caption in the dataset's words (caption_for's inverse), so a
+  prompt's samples can be read back and scored; one sentence for any other text."""
+  layout, sizes = np.full((GRID * GRID,), EMPTY, np.int32), np.zeros((GRID * GRID,), np.int32)
+  parts = text.split(" and ")
+  for part in parts:
+    words = part.split(" ", 3)
+    ok = (len(words) == 4 and words[0] == "a" and words[1] in SIZE_NAMES[1:]
+          and words[2] in tuple("0123456789") and words[3] in PLACES)
+    if not ok or layout[PLACES.index(words[3])] != EMPTY or len(parts) > 2:
+      raise ValueError(f"the caption {text!r} is not in the words of 'digit_captions' (one or "
+                       "two parts 'a small|large D <place>' joined by ' and ', distinct places, "
+                       "e.g. 'a large 3 at the top left and a small 7 in the center').")
+    cell = PLACES.index(words[3])
+    layout[cell], sizes[cell] = int(words[2]), SIZE_NAMES.index(words[1])
+  return layout, sizes
+
+
+def heldout_caption(text: str) -> bool:
+  """Whether a caption's two digits form a held-out pair (never drawn for training)."""
+  layout, _ = layout_of_caption(text)
+  cells = [c for c in range(GRID * GRID) if layout[c] != EMPTY]
+  return len(cells) == 2 and is_heldout(tuple((int(layout[c]), c) for c in cells))
+
+
 def _all_pairs():
   """Every unordered pair ((d1, c1), (d2, c2)) with c1 < c2."""
   return [((d1, c1), (d2, c2)) for c1 in range(9) for c2 in range(c1 + 1, 9)

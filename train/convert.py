@@ -37,6 +37,7 @@ from absl import app, flags, logging
 BASE_CONFIGS = {"llama": ("configs.lm", "size=tiny"), "mamba": ("experiments.mamba_stdlib", None),
                 "vit": ("configs.vit", None), "swin": ("configs.swin", None),
                 "dit": ("configs.diffusion", "model=dit"),
+                "autoencoder": ("configs.autoencoder", None),
                 "linear_rnn/mamba2": ("experiments.mamba2_stdlib", None),
                 "linear_rnn/qwen3_next": ("experiments.hybrid_stdlib", None)}
 # Files of a Hugging Face folder that travel with imported weights (generation uses tokenizer.json).

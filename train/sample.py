@@ -1,15 +1,20 @@
-"""Class-conditional image samples from a diffusion workdir (DiT, U-DiT; trained or imported).
+"""Image samples from a diffusion workdir: class-conditional (DiT, U-DiT, U-ViT; trained or
+imported) or text-conditioned (PixArt, MMDiT).
 
   python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4.0 --steps=50 [--per_class=4]
       [--sampler=ddim|ddpm|flow] [--seed=0] [--step=N] [--out=FILE.png]
+  python -m train.sample --workdir=DIR --prompt="a large 3 in the center" [--prompt=...] ...
 
-One row per class in a PNG grid (default DIR/samples/sample_<classes>_cfg<cfg>_<steps>steps.png).
+One row per class (or per --prompt, repeatable) in a PNG grid (default
+DIR/samples/sample_<classes>_cfg<cfg>_<steps>steps.png, or prompt_<hash>_... for prompts).
 The sampler, noise schedule and objective are the workdir's ``config.diffusion``; --cfg and --steps
-override the guidance scale and the number of sampling steps. Models of latents (4 channels, e.g.
-a diffusers DiT-XL/2 import) have no decoder here: their samples are written as ``.npy`` latents
-instead of a PNG.
+override the guidance scale and the number of sampling steps. Models of latents decode them with
+the autoencoder their data's metadata.json names (``train.encode``; or ``diffusion.autoencoder``)
+into a PNG (train/latents.py); latents with no decoder (e.g. a diffusers DiT-XL/2 import) are
+written as ``.npy``.
 """
 
+import hashlib
 import math
 import os
 import sys
@@ -31,20 +36,43 @@ def check_task(workdir: str, config) -> None:
 
 
 def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: int,
-                per_class: int, seed: int = 0, step: int | None = None) -> None:
+                per_class: int, seed: int = 0, step: int | None = None,
+                prompts: list[str] | None = None) -> None:
   """One sentence for the first flag this workdir cannot sample with (before compiling)."""
-  if not classes:
-    raise ValueError("--classes is empty; give at least one class id.")
-  bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
-  if bad:
-    raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} classes "
-                     f"(0..{model_cfg.num_classes - 1}).")
+  from nets import registry
+  from train import caption_data
+  text = registry.get(config.model.name).conditioning == "text"
+  if text:
+    if classes:
+      raise ValueError(f"model '{config.model.name}' is conditioned on captions; give "
+                       "--prompt=TEXT (repeatable) instead of --classes.")
+    if not prompts:
+      raise ValueError(f"model '{config.model.name}' is conditioned on captions; give at least "
+                       "one --prompt=TEXT.")
+    for prompt in prompts:
+      try:
+        caption_data.caption_ids(prompt, model_cfg.text_len)
+      except ValueError as e:
+        raise ValueError(f"--prompt: {str(e).rstrip('.')} (the model's model.text_len)."
+                         ) from None
+  else:
+    if prompts:
+      raise ValueError(f"model '{config.model.name}' is class-conditional; give --classes, not "
+                       "--prompt.")
+    if not classes:
+      raise ValueError("--classes is empty; give at least one class id.")
+    bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
+    if bad:
+      raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} "
+                       f"classes (0..{model_cfg.num_classes - 1}).")
   if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
     raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
                      "guidance scale: 1 = no guidance, 0 = unconditional).")
-  if cfg_scale != 1.0 and model_cfg.class_dropout_prob <= 0:
-    raise ValueError(f"--cfg={cfg_scale} needs a model trained with label dropout (it has no "
-                     "null class); use --cfg=1.")
+  dropout = model_cfg.caption_dropout_prob if text else model_cfg.class_dropout_prob
+  if cfg_scale != 1.0 and dropout <= 0:
+    what = "caption" if text else "label"
+    raise ValueError(f"--cfg={cfg_scale} needs a model trained with {what} dropout (it has no "
+                     "unconditional mode); use --cfg=1.")
   d = config.diffusion
   limit = d.num_steps if d.objective == "ddpm" else None  # DDPM/DDIM respace the schedule
   if steps < 1 or (limit is not None and steps > limit):
@@ -61,11 +89,13 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
 
 def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
            steps: int | None = None, sampler: str | None = None, per_class: int = 4,
-           seed: int = 0, step: int | None = None, out: str | None = None) -> tuple[str, object]:
-  """Writes the grid (or latents) and returns (path, samples [N, H, W, C] in [-1, 1])."""
+           seed: int = 0, step: int | None = None, out: str | None = None,
+           prompts: list[str] | None = None) -> tuple[str, object]:
+  """Writes the grid (or latents) and returns (path, samples [N, H, W, C] in [-1, 1]): one row
+  per class, or per prompt for a text-conditioned model, ``per_class`` samples each."""
   import numpy as np
 
-  from train import checkpoint, diffusion_process, models, tasks
+  from train import checkpoint, diffusion_process, latents as latents_lib, models, tasks
 
   config = checkpoint.load_config(workdir)
   check_task(workdir, config)
@@ -74,7 +104,7 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   d.sample_steps = d.sample_steps if steps is None else steps
   d.sampler = d.sampler if sampler is None else sampler
   check_flags(config, models.model_config(config), classes, d.cfg_scale, d.sample_steps,
-              per_class, seed, step)
+              per_class, seed, step, prompts)
   from train.tasks.diffusion import SAMPLERS
   if d.sampler not in SAMPLERS[d.objective]:
     raise ValueError(f"--sampler={d.sampler} does not fit this model's objective {d.objective!r}; "
@@ -82,36 +112,53 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   config, model, _, params = checkpoint.load_trained(workdir, step=step)
   config.diffusion.update(cfg_scale=d.cfg_scale, sample_steps=d.sample_steps, sampler=d.sampler)
   task = tasks.get(config)
-  labels = np.repeat(np.asarray(classes, np.int32), per_class)
-  images = np.asarray(task.sample_images(model, params, labels, seed))
-  tag = f"sample_{'-'.join(map(str, classes))}_cfg{d.cfg_scale:g}_{d.sample_steps}steps"
+  if prompts:
+    from train import tokenizer
+    ids, mask = tokenizer.byt5_ids([p for p in prompts for _ in range(per_class)],
+                                   model.cfg.text_len)
+    images = np.asarray(task.sample_text_images(model, params, ids, mask, seed))
+    rows = len(prompts)
+    digest = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:8]
+    tag = f"prompt_{digest}_cfg{d.cfg_scale:g}_{d.sample_steps}steps"
+  else:
+    labels = np.repeat(np.asarray(classes, np.int32), per_class)
+    images = np.asarray(task.sample_images(model, params, labels, seed))
+    rows = len(classes)
+    tag = f"sample_{'-'.join(map(str, classes))}_cfg{d.cfg_scale:g}_{d.sample_steps}steps"
   latents = images.shape[-1] not in (1, 3)
+  decode = latents_lib.load_decoder(config) if latents else None
+  if decode is not None:
+    images, latents = decode(images), False
   path = out or os.path.join(workdir, "samples", tag + (".npy" if latents else ".png"))
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
   if latents:
     np.save(path, images)
   else:
-    diffusion_process.save_grid(images, path, rows=len(classes))
+    diffusion_process.save_grid(images, path, rows=rows)
   return path, images
 
 
 def define_flags():
   """The CLI's flags, defined only when run as a program (other modules import this one)."""
-  global _WORKDIR, _CLASSES, _CFG, _STEPS, _SAMPLER, _PER_CLASS, _SEED, _STEP, _OUT
+  global _WORKDIR, _CLASSES, _PROMPTS, _CFG, _STEPS, _SAMPLER, _PER_CLASS, _SEED, _STEP, _OUT
   _WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion workdir (python -m train or "
                                  "train.convert).")
-  _CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each.")
+  _CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each "
+                               "(class-conditional models).")
+  _PROMPTS = flags.DEFINE_multi_string("prompt", None, "A caption to sample, one grid row each; "
+                                       "repeat the flag for more rows (text-conditioned models).")
   _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (1 = no guidance); "
                             "default: the workdir's diffusion.cfg_scale.")
   _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps; default: diffusion.sample_steps.")
   _SAMPLER = flags.DEFINE_string("sampler", None, "ddpm | ddim (objective ddpm) or flow; default: "
                                  "diffusion.sampler.")
-  _PER_CLASS = flags.DEFINE_integer("per_class", 4, "Samples per class (grid columns).")
+  _PER_CLASS = flags.DEFINE_integer("per_class", 4, "Samples per class or prompt (grid "
+                                    "columns).")
   _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the starting noise and the sampler.")
   _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
   _OUT = flags.DEFINE_string("out", None, "Output PNG (or .npy for latents) path.")
-  flags.mark_flags_as_required(["workdir", "classes"])
+  flags.mark_flags_as_required(["workdir"])
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -127,18 +174,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
   try:
-    classes = [int(c) for c in _CLASSES.value]
+    classes = [int(c) for c in _CLASSES.value or []]
   except ValueError:
     sys.exit(f"odyssey: --classes={','.join(_CLASSES.value)} must be integers.")
   try:
     path, images = sample(_WORKDIR.value, classes, cfg_scale=_CFG.value, steps=_STEPS.value,
                           sampler=_SAMPLER.value, per_class=_PER_CLASS.value, seed=_SEED.value,
-                          step=_STEP.value, out=_OUT.value)
+                          step=_STEP.value, out=_OUT.value, prompts=_PROMPTS.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   kind = "latents" if images.shape[-1] not in (1, 3) else "images"
+  rows = f"{len(_PROMPTS.value)} prompts" if _PROMPTS.value else f"{len(classes)} classes"
   print(f"odyssey: wrote {images.shape[0]} {kind} of shape {images.shape[1:]} "
-        f"({len(classes)} classes x {_PER_CLASS.value}) to {path}", flush=True)
+        f"({rows} x {_PER_CLASS.value}) to {path}", flush=True)
 
 
 if __name__ == "__main__":

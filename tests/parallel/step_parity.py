@@ -6,7 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import diffusion, lm, swin, vit
+from configs import autoencoder, diffusion, lm, swin, vit
 from parallel import mesh as parallel_mesh
 from train import image_data
 from train.tasks import diffusion as diffusion_task
@@ -49,7 +49,7 @@ BYTE_MODELS = {
 
 def make_config(kind: str):
   """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, Swin, DiT,
-  U-DiT and U-ViT (+ MoE)."""
+  U-DiT and U-ViT (+ MoE), and the KL autoencoder."""
   base_kind = kind.split("_")[0]
   if base_kind in ("lm", *BYTE_MODELS):
     config = lm.get_config("size=test")
@@ -60,6 +60,10 @@ def make_config(kind: str):
     config = vit.get_config("variant=digits")
   elif base_kind == "swin":  # 32 px: shifted 4 x 4 windows, one merging
     config = swin.get_config("variant=digits")
+  elif base_kind == "autoencoder":  # 16 px, one downsampling: 8 x 8 x 4 latents
+    config = autoencoder.get_config("variant=digits")
+    config.data.image_size = 16
+    config.model.update(image_size=16, block_out_channels=(16, 32))
   else:
     config = diffusion.get_config(f"model={base_kind},variant=digits")
     if base_kind in diffusion.TEXT_MODELS:  # 16 px canvases (16 patches), 16-byte captions

@@ -9,7 +9,7 @@ from nets import registry
 # Each family's tiny config in tests/parallel/step_parity.py (make_config's kind).
 KINDS = {"llama": "lm", "mamba": "mamba", "megabyte": "megabyte", "vit": "vit", "swin": "swin",
          "dit": "dit", "udit": "udit", "uvit": "uvit", "linear_rnn": "gdn",
-         "pixart": "pixart", "mmdit": "mmdit"}
+         "pixart": "pixart", "mmdit": "mmdit", "autoencoder": "autoencoder"}
 MESH = axes(data=2, fsdp=2, tensor=2)
 
 

@@ -50,6 +50,7 @@ EVALUATE = U + "test_make_run.py::test_evaluate_on_the_make_run_workdir"
 MIXTURE = U + "test_arrayrecord.py::test_train_on_a_mixture_as_written"
 POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memory"
 SFT_PATH = U + "test_sft.py::test_import_sft_generate_export_and_transformers_agree"
+VAE = "tests/train/test_autoencoder_task.py::"
 
 DOCUMENTED = {
     # Quick start, Results, Experiments.
@@ -193,6 +194,16 @@ DOCUMENTED = {
     "python -m train --config=experiments/lm_mixture.py --workdir=DIR --cpu_devices=8 "
     "--config.data.sources.prose.path=/data/my_corpus": Runs(
         MIXTURE, "/data/my_corpus = the make_arrayrecord command's output above"),
+    # Latents of an autoencoder (docs/data.md).
+    "python -m train --config=experiments/vae_digits.py --workdir=DIR --cpu_devices=8": Runs(
+        VAE + "test_vae_digits_trains_evaluates_and_writes_reconstructions"),
+    "python -m train.encode --workdir=DIR --out=LATENTS": Runs(
+        VAE + "test_encode_writes_unit_variance_latents_the_arrayrecord_source_reads"),
+    "python -m train --config=experiments/dit_digits.py --workdir=DIT --cpu_devices=8 "
+    "--config.data.name=arrayrecord --config.data.path=LATENTS --config.model.input_size=8 "
+    "--config.model.in_channels=4": Runs(VAE + "test_latent_dit_samples_decode_to_pngs"),
+    "python -m train.sample --workdir=DIT --classes=0,3,7 --cfg=4.0 --steps=50": Runs(
+        VAE + "test_latent_dit_samples_decode_to_pngs"),
     # Supervised fine-tuning of an imported model (docs/convert.md, docs/data.md).
     "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=IMPORTED": Runs(
         SFT_PATH, "HF_DIR = a tiny random Llama with a locally trained tokenizer.json"),

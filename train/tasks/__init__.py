@@ -16,10 +16,10 @@ A task object (built from the config) provides:
   samples(model, params, step, final, out) -> writes samples (text, PNG grid) and returns them
 """
 
-from train.tasks import classification, diffusion, lm
+from train.tasks import autoencoder, classification, diffusion, lm
 
 TASKS = {"lm": lm.LMTask, "classification": classification.ClassificationTask,
-         "diffusion": diffusion.DiffusionTask}
+         "diffusion": diffusion.DiffusionTask, "autoencoder": autoencoder.AutoencoderTask}
 
 
 def get(config):

@@ -21,13 +21,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from nets import moe, registry
-from train import diffusion_process, image_data, models, tokenizer
+from train import caption_data, diffusion_process, image_data, latents, models, tokenizer
 from train.tasks import images
 
 OBJECTIVES = ("ddpm", "flow")
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("flow",)}
+TIME_DISTS = ("uniform", "logit_normal")  # flow timesteps: U(0, 1) or sigmoid(N(0, 1)) (SD3)
 TEXT_AXES = {"images": images.IMAGE_AXES, "text_ids": ("act_batch", None),
              "text_mask": ("act_batch", None)}
+TEXT_EVAL = ("val", "heldout")  # train/caption_data.py's evaluation splits
 
 
 def text_batch(images_BxHxWxC, captions: list[str], text_len: int) -> dict:
@@ -48,6 +50,7 @@ class DiffusionTask(images.ImageTask):
     self.text = registry.get(config.model.name).conditioning == "text"
     if self.text:
       self.batch_axes = TEXT_AXES
+    self._decoder = None  # latents -> images, loaded at the first samples() (train/latents.py)
 
   def check(self, model_cfg):
     d = self.config.diffusion
@@ -60,20 +63,41 @@ class DiffusionTask(images.ImageTask):
     if d.sampler not in SAMPLERS[d.objective]:
       raise ValueError(f"diffusion.sampler={d.sampler!r} does not fit objective {d.objective!r}; "
                        f"use one of {SAMPLERS[d.objective]}.")
+    if d.time_dist not in TIME_DISTS:
+      raise ValueError(f"diffusion.time_dist={d.time_dist!r} is not one of {TIME_DISTS}.")
+    if d.time_dist != "uniform" and (d.objective != "flow" or self.packed):
+      raise ValueError(f"diffusion.time_dist={d.time_dist!r} shapes the flow objective's "
+                       "timesteps on square images; use 'uniform' with objective 'ddpm' or "
+                       "packed rows.")
     if d.objective == "flow" and model_cfg.learn_sigma:
       raise ValueError("model.learn_sigma=True needs diffusion.objective='ddpm' (flow matching "
                        "predicts a velocity, not a variance).")
 
   def _check_text(self, model_cfg):
-    """Caption batches: the data's canvas matches the model (train/caption_data.py checks the
-    captions themselves when it is wired in)."""
+    """Caption batches: a caption dataset whose canvases and caption length match the model, and
+    whose splits fill a batch (before the workdir is touched)."""
     data = self.config.data
     if self.packed:
       raise ValueError(f"data.native_size=True packs class-labelled images; model "
                        f"'{self.config.model.name}' takes captions, so set data.native_size=False.")
+    if data.name != "digit_captions":
+      raise ValueError(f"model '{self.config.model.name}' is trained on captions; data.name="
+                       f"{data.name!r} has none (use 'digit_captions').")
+    image_data.check_image_config(data)
     if data.image_size != model_cfg.image_size:
       raise ValueError(f"data.image_size={data.image_size} but model.input_size="
                        f"{model_cfg.image_size}; the model denoises the data's canvases.")
+    if data.text_len != model_cfg.text_len:
+      raise ValueError(f"data.text_len={data.text_len} but model.text_len={model_cfg.text_len}; "
+                       "the model reads captions of the data's length.")
+    for prompt in self.config.diffusion.prompts:
+      try:
+        caption_data.caption_ids(prompt, model_cfg.text_len)
+      except ValueError as e:
+        raise ValueError(f"diffusion.prompts: {e}") from None
+    image_data.check_splits(data, {
+        "train": (self.config.train.batch_size, "train.batch_size"),
+        **{split: (self.config.eval.batch_size, "eval.batch_size") for split in TEXT_EVAL}})
 
   def check_packed(self, model_cfg):
     if self.config.model.name != "dit":
@@ -84,10 +108,21 @@ class DiffusionTask(images.ImageTask):
         "val": (self.config.eval.batch_size, "eval.batch_size")}, self.config.seed)
 
   def datasets(self):
-    if self.text:  # the lead wires train/caption_data.py here
-      raise ValueError(f"data.name={self.config.data.name!r}: caption datasets for model "
-                       f"'{self.config.model.name}' are not wired into the diffusion task yet.")
-    return super().datasets()
+    """Text families: canvases with captions; validation on both the "val" captions (the
+    training distribution) and the "heldout" ones (combinations never trained on)."""
+    if not self.text:
+      return super().datasets()
+    c = self.config
+    keep = lambda batch: {k: batch[k] for k in TEXT_AXES}  # layout/sizes are for the metrics
+    make = lambda split, batch, shuffle, epochs: image_data.make_dataset(
+        c.data, split=split, global_batch_size=batch, seed=c.seed, shuffle=shuffle,
+        num_epochs=epochs).map(keep)
+    return (make("train", c.train.batch_size, True, None),
+            {split: make(split, c.eval.batch_size, False, 1) for split in TEXT_EVAL})
+
+  def source_headline(self, by_source: dict[str, dict]) -> str:
+    """Each caption split's validation loss, for the line after ``headline``."""
+    return ", ".join(f"{key} {m['loss']:.4f}" for key, m in by_source.items())
 
   def example_batch(self, batch_size: int) -> dict:
     if self.text:
@@ -140,7 +175,8 @@ class DiffusionTask(images.ImageTask):
                                           learn_sigma=model.cfg.learn_sigma)
     else:
       loss, metrics = diffusion_process.flow_loss(model_fn, batch["images"],
-                                                  self.condition(batch), noise_rng)
+                                                  self.condition(batch), noise_rng,
+                                                  time_dist=self.config.diffusion.time_dist)
     (aux_loss, aux_metrics), = aux
     if aux_metrics:
       metrics = {**metrics, "denoise_loss": loss, **aux_metrics}
@@ -220,7 +256,8 @@ class DiffusionTask(images.ImageTask):
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
               sharding) -> str | None:
     """A PNG grid, one row per class (per diffusion.prompts caption for a text family), written
-    to workdir/samples/step_NNNNNN.png at every eval."""
+    to workdir/samples/step_NNNNNN.png at every eval; latents are decoded by their autoencoder
+    first, or saved as .npy when they have none."""
     del final
     d = self.config.diffusion
     if self.text:
@@ -240,10 +277,19 @@ class DiffusionTask(images.ImageTask):
     labels = jax.device_put(labels, labels_sharding)
     images = np.asarray(multihost_utils.process_allgather(
         self.sample_images(model, params, labels, self.config.seed), tiled=True))
+    if images.shape[-1] not in (1, 3):
+      if self._decoder is None:
+        self._decoder = latents.load_decoder(self.config) or False
+      images = self._decoder(images) if self._decoder else images
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    if images.shape[-1] not in (1, 3):
+      path = path[:-len(".png")] + ".npy"
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      diffusion_process.save_grid(images[:n], path, rows=classes)
+      if path.endswith(".npy"):
+        np.save(path, images[:n])
+      else:
+        diffusion_process.save_grid(images[:n], path, rows=classes)
     return path
 
   def _text_samples(self, model, params, *, step, workdir, data_parallel, sharding) -> str:
