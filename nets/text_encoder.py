@@ -209,5 +209,6 @@ def captions_flops(cfg, step: counting.Step) -> float:
   W, L = cfg.text_width, cfg.text_len
   if cfg.text_encoder == "t5":
     return t5.flops(cfg.t5, L, step.executed)
-  per_token = 2 * 4 * W * W + counting.attention(L, W, False, step.executed) + 4 * W * _text_mlp(cfg)
+  per_token = (2 * 4 * W * W + counting.attention(L, W, False, step.executed)
+               + 4 * W * _text_mlp(cfg))
   return cfg.text_layers * L * per_token

@@ -28,7 +28,7 @@ from train.validate import validate
 torch = parity_import("torch")
 transformers = parity_import("transformers")
 
-B, L, SIDE = 8, 16, 8
+B, L, SIDE = 8, 64, 8  # L: digit_captions validates its longest caption (63 ids) fits
 # The caption projection: the first layer that reads the encoder's features.
 PROJECTION = {"mmdit": "context_embedder", "pixart": "y_fc1"}
 
@@ -64,7 +64,7 @@ def make_config(name: str, folder: str):
   c = diffusion.get_config(f"model={name}")
   c.model.update(hidden_size=64, depth=1, num_heads=4, input_size=SIDE, patch_size=4,
                  in_channels=1, text_len=L, text_encoder="t5", text_encoder_path=folder)
-  c.data.image_size = SIDE
+  c.data.update(image_size=SIDE, text_len=L)
   c.mesh.update(data=2, fsdp=2, tensor=2, seq=1, expert=1)
   c.train.update(steps=4, batch_size=B)
   # Weight decay on: a frozen kernel the optimizer saw would shrink even with a zero gradient.
