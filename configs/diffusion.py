@@ -37,7 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       native_size=False, max_size=0, seq_len=256, max_images=16))
   if args["model"] in TEXT_MODELS:  # captions (byte tokens) instead of labels
     c.model = ml_collections.ConfigDict(dict(
-        name=args["model"], variant=args["variant"], text_encoder="trained",
+        # text_encoder="t5": a frozen imported ByT5 encoder, text_encoder_path its Hugging Face
+        # folder (config.json + model.safetensors; docs/convert.md)
+        name=args["model"], variant=args["variant"], text_encoder="trained", text_encoder_path="",
         caption_dropout_prob=0.1, learn_sigma=args["model"] == "pixart", dtype="float32",
         param_dtype="float32"))
     c.data = ml_collections.ConfigDict(dict(

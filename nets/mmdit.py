@@ -33,7 +33,8 @@ from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, AdaLN, FinalLayer, Time
 from nets.layers import (Dense, LayerNorm, Mlp, RMSNorm, build_config, check_basics, patchify,
                          scanned, sincos_2d, unpatchify)
 from nets.registry import Family
-from nets.text_encoder import (Captions, TextConfig, captions_flops, captions_params, check_text)
+from nets.text_encoder import (Captions, TextConfig, captions_flops, captions_params, check_text,
+                               encode)
 
 _ACT = ("act_batch", "act_seq", "act_embed")
 _TEXT_ACT = ("act_batch", None, "act_embed")
@@ -167,8 +168,8 @@ class Model(nn.Module):
     check_input(cfg, x_BxHxWxC)
     x_BxSxE = Dense(cfg, (E,), ("patch", "embed"), name="x_embedder")(patchify(x_BxHxWxC, p))
     x_BxSxE = x_BxSxE + sincos_2d(g, g, E).astype(cfg.dtype)
-    feats_BxLxT, mask_BxL = Captions(cfg, name="captions")(text_ids_BxL, text_mask_BxL, train,
-                                                          force_drop_ids_B)
+    feats_BxLxT, mask_BxL = Captions(cfg, name="captions")(
+        encode(cfg, text_ids_BxL, text_mask_BxL), text_mask_BxL, train, force_drop_ids_B)
     ctx_BxLxE = Dense(cfg, (E,), (None, "embed"), name="context_embedder")(feats_BxLxT)
     # SD3's pooled text vector: here the masked mean of the caption features, through an MLP.
     w_BxL = mask_BxL.astype(jnp.float32)

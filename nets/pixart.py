@@ -32,7 +32,8 @@ from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, TimestepEmbedder, check
 from nets.layers import (Attention, Dense, LayerNorm, Mlp, build_config, check_basics, patchify,
                          scanned, sincos_2d, unpatchify)
 from nets.registry import Family
-from nets.text_encoder import (Captions, TextConfig, captions_flops, captions_params, check_text)
+from nets.text_encoder import (Captions, TextConfig, captions_flops, captions_params, check_text,
+                               encode)
 
 _ACT = ("act_batch", "act_seq", "act_embed")
 _TEXT = dict(text_len=120, text_layers=6, text_heads=16)
@@ -165,8 +166,8 @@ class Model(nn.Module):
     t6_Bx6xE = Dense(cfg, (6, E), ("embed", None, "mlp"), kernel_init=nn.initializers.normal(0.02),
                      name="t_block")(nn.silu(t_BxE))
     t6_Bx6xE = nn.with_logical_constraint(t6_Bx6xE, ("act_batch", None, "act_embed"))
-    feats_BxLxT, mask_BxL = Captions(cfg, name="captions")(text_ids_BxL, text_mask_BxL, train,
-                                                          force_drop_ids_B)
+    feats_BxLxT, mask_BxL = Captions(cfg, name="captions")(
+        encode(cfg, text_ids_BxL, text_mask_BxL), text_mask_BxL, train, force_drop_ids_B)
     init = nn.initializers.normal(0.02)
     y_BxLxE = Dense(cfg, (E,), ("embed", "mlp"), kernel_init=init, name="y_fc1")(feats_BxLxT)
     y_BxLxE = Dense(cfg, (E,), ("mlp", "embed"), kernel_init=init, name="y_fc2")(

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nets import counting
 from nets.layers import Embed, Proj, RMSNorm, build_config, check_positive_floats, \
     check_remat_and_dtypes, scanned
 
@@ -171,3 +172,13 @@ def param_count(cfg: Config) -> int:
   layer = 4 * E * HD + ff + 2 * E
   return (cfg.vocab_size * E + cfg.relative_attention_num_buckets * cfg.num_heads
           + cfg.num_layers * layer + E)
+
+
+def flops(cfg: Config, length: int, executed: bool) -> float:
+  """Forward FLOPs of one sequence of ``length`` tokens: per token and layer q, k, v, o
+  (2·4·E·H·D), attention over every key (bidirectional) and the FF matrices (2 or 3 of
+  2·E·d_ff)."""
+  E, HD, M = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
+  ff = (3 if cfg.feed_forward_proj == "gated-gelu" else 2) * 2 * E * M
+  per_token = 2 * 4 * E * HD + counting.attention(length, HD, False, executed) + ff
+  return cfg.num_layers * length * per_token

@@ -6,12 +6,21 @@ from nets import registry
 from parallel import attention
 from parallel import moe as parallel_moe
 from parallel import sharding, state_passing
+from train import text_encoders
 
 
 def model_config(config):
-  """The family's frozen hyperparameter dataclass, built from config.model (+ train.remat)."""
+  """The family's frozen hyperparameter dataclass, built from config.model (+ train.remat, and a
+  text family's frozen T5 encoder Config read from model.text_encoder_path)."""
   family = registry.get(config.model.name)
-  return family.Config.from_config(config.model, remat=config.train.remat)
+  text = text_encoders.model_fields(config.model) if family.conditioning == "text" else {}
+  return family.Config.from_config(config.model, remat=config.train.remat, **text)
+
+
+def frozen_text_encoder(config, model_cfg) -> str:
+  """The Hugging Face folder of the model's frozen imported text encoder, or "" (none)."""
+  text = registry.get(config.model.name).conditioning == "text"
+  return model_cfg.text_encoder_path if text and model_cfg.text_encoder == "t5" else ""
 
 
 def seq_len(config) -> int:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from parallel import mesh as parallel_mesh
 from parallel import sharding
-from train import models, optimizer, steps
+from train import models, optimizer, steps, text_encoders
 from train import state as state_lib
 from train.validate import Plan, validate
 
@@ -43,6 +43,7 @@ class Program:
   step_with_grads: Callable  # step_fn that also returns the gradients it applied (for checks)
   train_step: Callable  # (state, batch) -> (state, metrics), jitted once, state donated
   eval_step: Callable  # (params, batch) -> sums
+  text_encoder_path: str = ""  # the imported frozen text encoder's folder; "" for none
 
   @property
   def pmap(self) -> bool:
@@ -53,8 +54,15 @@ class Program:
     return _mesh_context(self.mesh, self.rules)
 
   def init(self) -> state_lib.TrainState:
-    """A fresh state from ``config.seed``, created directly in its shardings."""
-    return sharding.init_sharded(self.create_state, self.state_shardings, self.mesh, self.rules)
+    """A fresh state from ``config.seed``, created directly in its shardings; a frozen imported
+    text encoder's weights replace its fresh ones (a resumed run restores them instead)."""
+    loaded = None
+    if self.text_encoder_path:  # read first: a missing weights file is a sentence, not a compile
+      _, loaded = text_encoders.load(self.text_encoder_path)
+    state = sharding.init_sharded(self.create_state, self.state_shardings, self.mesh, self.rules)
+    if loaded is not None:
+      state = state.replace(params=text_encoders.place(state.params, loaded))
+    return state
 
   def train_batch(self, local: dict) -> dict:
     """This process's rows of a batch, laid out for ``train_step``."""
@@ -85,9 +93,11 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
     plan = validate(config, num_devices=mesh.devices.size)
   rules = sharding.rules_from_config(config.parallel)
   task = plan.task
-  model, _, attention = models.build(config, mesh)
+  model, model_cfg, attention = models.build(config, mesh)
   sample_model, _, _ = models.build(config, mesh, seq_parallel=False)
-  tx, lr_schedule = optimizer.make(config.opt, config.train.steps)
+  text_encoder_path = models.frozen_text_encoder(config, model_cfg)
+  tx, lr_schedule = optimizer.make(config.opt, config.train.steps, frozen=(
+      text_encoders.frozen_mask if text_encoder_path else None))
   example = task.example_batch(config.train.batch_size)
   ema_decay = steps.ema_schedule(config.train.ema)
   create_state = lambda: state_lib.create(model, tx, task.init_args(example), config.seed,
@@ -117,7 +127,7 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
                  example_batch=example, create_state=create_state, abstract_state=abstract,
                  state_shardings=shardings, batch_shardings=batch_shardings, step_fn=step_fn,
                  step_with_grads=step_with_grads,
-                 train_step=train_step, eval_step=eval_step)
+                 train_step=train_step, eval_step=eval_step, text_encoder_path=text_encoder_path)
 
 
 @contextlib.contextmanager

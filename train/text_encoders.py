@@ -1,17 +1,18 @@
 """A frozen text encoder imported from Hugging Face (a T5 / ByT5 folder) inside a trained model.
 
-A text-conditioned family builds ``nets.t5.Encoder(cfg)`` as its text encoder submodule (params
-under ``prefix``, default "text_encoder") with the Config ``check`` or ``load`` returns; then
+With ``model.text_encoder="t5"`` and ``model.text_encoder_path=<folder>`` a text-conditioned
+family builds ``nets.t5.Encoder`` as its ``text_encoder`` submodule (params under ``prefix``,
+default "text_encoder") and stops the gradient at its output; here
 
-  validate:   cfg = text_encoders.check(path)                  reads config.json only
-  init state: cfg, loaded = text_encoders.load(path, dtype="bfloat16")
+  config:     model_fields(config.model)                       the folder's Config, read by
+              (train/models.py model_config)                   check from config.json only
+  init state: cfg, loaded = text_encoders.load(path)           (train/program.py, fresh runs)
               params = text_encoders.place(params, loaded)     the fresh init replaced, sharded
   optimizer:  tx, lr = optimizer.make(config.opt, steps, frozen=text_encoders.frozen_mask)
 
 so the imported weights are what the model computes with and the optimizer never changes them
 (zero updates, no Adam moments, no weight decay, and the gradient-norm clip sees only the trained
-parameters). The family should also ``jax.lax.stop_gradient`` the encoder's output, so the
-backward pass does not run through it.
+parameters). A resumed run restores the encoder from its own checkpoint, like every parameter.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ import jax
 import numpy as np
 
 PREFIX = ("text_encoder",)
-KEY = "model.text_encoder.path"
+KEY = "model.text_encoder_path"
 
 
 def _folder(path, key: str) -> str:
@@ -52,6 +53,21 @@ def check(path, key: str = KEY):
   if not isinstance(hf, dict):
     raise ValueError(f"{config_path} is not a JSON object of model settings.")
   return convert_t5.config_from_hf(hf, config_path)
+
+
+def model_fields(model_cfg) -> dict:
+  """The fields ``model.text_encoder="t5"`` adds to a text family's Config: the folder's nets.t5
+  Config (``t5``) and ``text_width`` = its d_model; {} for any other encoder. A sentence for a
+  missing or malformed folder, or a model.text_width that contradicts the folder."""
+  if model_cfg.get("text_encoder") != "t5":
+    return {}
+  t5_cfg = check(model_cfg.get("text_encoder_path"))
+  width = model_cfg.get("text_width")
+  if width is not None and width != t5_cfg.d_model:
+    raise ValueError(f"model.text_width={width} differs from the T5 encoder's d_model="
+                     f"{t5_cfg.d_model} ({KEY}={model_cfg.text_encoder_path}); leave "
+                     "model.text_width unset, it follows the encoder.")
+  return {"t5": t5_cfg, "text_width": t5_cfg.d_model}
 
 
 def load(path, key: str = KEY, dtype: str | None = None, param_dtype: str | None = None):

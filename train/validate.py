@@ -81,6 +81,9 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
     raise ValueError(f"model '{config.model.name}' has no sequence-parallel implementation; use "
                      f"mesh.seq=1 (got {sizes['seq']}) and put those devices on mesh.data.")
   _divisible_by_axis(model_cfg, sizes, rules)
+  if family.conditioning == "text" and model_cfg.text_encoder == "t5":  # its weights shard too
+    _divisible_by_axis(model_cfg.t5, sizes, rules, "the T5 encoder's ",
+                       (("d_ff", "mlp"),))
   moe_cfg = family.moe_config(model_cfg)
   _check_loop(config.parallel.loop, sizes, moe_cfg)
   if moe_cfg is not None or sizes["expert"] > 1:
@@ -177,9 +180,10 @@ DIVISIBLE_FIELDS = (("num_heads", "heads"), ("num_kv_heads", "kv_heads"), ("mlp_
                     ("linear_k_heads", "heads"))
 
 
-def _divisible_by_axis(model_cfg, sizes, rules):
-  """Model widths that the rule table splits over mesh axes must divide evenly."""
-  for field, logical in DIVISIBLE_FIELDS:
+def _divisible_by_axis(model_cfg, sizes, rules, what: str = "model.", extra: tuple = ()):
+  """Model widths that the rule table splits over mesh axes must divide evenly (``what`` names
+  the config in the sentence; ``extra`` adds (field, logical axis) pairs of its own)."""
+  for field, logical in DIVISIBLE_FIELDS + extra:
     axes = sharding.mesh_axes(logical, rules)
     n, name = sharding.axes_size(axes, sizes), sharding.axes_name(axes)
     value = getattr(model_cfg, field, None)
@@ -188,7 +192,7 @@ def _divisible_by_axis(model_cfg, sizes, rules):
     if value is not None and value % n:
       hint = (f" (grouped-query KV heads are sharded over {'*'.join(axes)} like the query heads)"
               if field == "num_kv_heads" else "")
-      raise ValueError(f"model.{field}={value} is not divisible by {name}={n}{hint}; use a "
+      raise ValueError(f"{what}{field}={value} is not divisible by {name}={n}{hint}; use a "
                        f"{name} that divides {value} or change the model.")
 
 

@@ -233,8 +233,12 @@ def test_mmdit_joint_attention_layer_matches_float64_numpy():
 
 
 def test_validation_sentences():
-  with pytest.raises(ValueError, match="text_encoder='t5' is not wired"):
+  # The T5 Config is data train/models.py reads from the folder (tests/train/test_frozen_t5.py).
+  with pytest.raises(ValueError, match="text_encoder='t5' needs the encoder's architecture"):
     _cfg("mmdit", text_encoder="t5")
+  with pytest.raises(ValueError, match="text_encoder_path='/x' is set but "
+                     "model.text_encoder='trained' ignores it"):
+    _cfg("pixart", text_encoder_path="/x")
   with pytest.raises(ValueError, match="text_vocab=200 is too small"):
     _cfg("pixart", text_vocab=200)
   with pytest.raises(ValueError, match="caption_dropout_prob"):

@@ -55,7 +55,7 @@ def test_check_and_load_read_the_folder(folder):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda d, tmp: "", "model.text_encoder.path='' must name a Hugging Face T5 folder"),
+    (lambda d, tmp: "", "model.text_encoder_path='' must name a Hugging Face T5 folder"),
     (lambda d, tmp: str(tmp / "nowhere"), "is not a directory; it must be a Hugging Face T5"),
     (lambda d, tmp: str(tmp), "has no config.json."),
 ])
@@ -64,7 +64,7 @@ def test_bad_path_is_one_sentence_naming_the_key(folder, tmp_path, make, message
   for call in (text_encoders.check, text_encoders.load):
     with pytest.raises(ValueError, match=message) as info:
       call(path)
-    assert str(info.value).startswith("model.text_encoder.path=")
+    assert str(info.value).startswith("model.text_encoder_path=")
 
 
 def test_missing_weights_and_bad_config_name_the_file(folder, tmp_path):
