@@ -249,6 +249,9 @@ def check_config(data_cfg) -> None:
     if "text_len" not in data_cfg:
       raise ValueError("data.name='digit_captions' needs data.text_len (the caption length in "
                        f"ByT5 ids, at least {max_text_ids()}).")
+    if data_cfg.image_size not in (0, CANVAS):  # 0: the canvas size
+      raise ValueError(f"data.image_size={data_cfg.image_size} but 'digit_captions' canvases are "
+                       f"{CANVAS}x{CANVAS}; set data.image_size={CANVAS}.")
     if data_cfg.text_len < max_text_ids():
       raise ValueError(f"data.text_len={data_cfg.text_len} is shorter than the longest caption "
                        f"of 'digit_captions' ({max_text_ids()} ByT5 ids with its EOS).")

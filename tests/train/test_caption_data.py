@@ -9,8 +9,8 @@ from train import tokenizer
 from train import image_data
 
 
-def cfg(name="digit_captions", **kw):
-  return ml_collections.ConfigDict(dict(name=name, path="", image_size=0, val_fraction=0.1,
+def cfg(name="digit_captions", image_size=0, **kw):
+  return ml_collections.ConfigDict(dict(name=name, path="", image_size=image_size, val_fraction=0.1,
                                         num_threads=0, prefetch=2, **kw))
 
 
@@ -113,6 +113,8 @@ def test_text_len_bounds_every_caption():
   assert longest == cd.max_text_ids() == 63
   with pytest.raises(ValueError, match=r"data.text_len=32 is shorter than the longest caption"):
     image_data.check_image_config(cfg(text_len=32))
+  with pytest.raises(ValueError, match=r"data.image_size=8 but 'digit_captions' canvases are 48x48"):
+    image_data.check_image_config(cfg(text_len=64, image_size=8))
   with pytest.raises(ValueError, match=r"needs data.text_len"):
     image_data.source(cfg(), "train")
   with pytest.raises(ValueError, match="more than 4"):
