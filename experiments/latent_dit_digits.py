@@ -8,8 +8,7 @@ Launch (8 simulated CPU devices, data=8), after training the autoencoder:
 Reads the latents from data.path (default /tmp/odyssey/digit_latents; --config.data.path=DIR for
 another) and decodes its samples with the autoencoder that metadata.json names, so the PNG grids
 in workdir/samples/ are 32x32 digits. bench/diffusion_quality.py scores it against the same DiT
-on 32x32 pixels (experiments/dit_digits.py with --config.data.image_size=32
---config.model.input_size=32 --config.model.patch_size=4: 64 tokens of 4x4 pixels).
+on 32x32 pixels (experiments/dit_digits.py:size=32, 64 tokens of 4x4 pixels).
 """
 
 from configs import diffusion
