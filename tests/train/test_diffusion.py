@@ -358,3 +358,39 @@ def test_save_grid_rgb_keeps_large_images_and_fills_missing_tiles(tmp_path):
   assert a[32:, 64:].max() == 0
   with pytest.raises(ValueError, match="C = 1 or 3"):
     diffusion_process.save_grid(np.zeros((2, 4, 4, 4)), path, rows=1)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_clip_pixels_but_not_latents(sampler, monkeypatch):
+  """A point mass at latent-sized values (up to 3): clipping x0 to [-1, 1], right for pixels,
+  would return 1 instead of 3, so the diffusion task samples "arrayrecord" data (VAE latents)
+  unclipped and image sources clipped."""
+  from types import SimpleNamespace
+
+  from configs import diffusion
+  from train.tasks import diffusion as diffusion_task
+  s = diffusion_process.make_schedule("linear", 40)
+  c = np.linspace(-3.0, 3.0, int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)
+
+  def model(x, t, y):
+    a = jnp.asarray(s.sqrt_alphas_cumprod, jnp.float32)[t][:, None, None, None]
+    b = jnp.asarray(s.sqrt_one_minus_alphas_cumprod, jnp.float32)[t][:, None, None, None]
+    return (x - a * c) / b
+
+  fn = getattr(diffusion_process, f"{sampler}_sample")
+  for clip, want in ((False, c), (True, np.clip(c, -1, 1))):
+    out = fn(model, s, SHAPE, None, jax.random.PRNGKey(0), learn_sigma=False, clip=clip, steps=7)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-4)
+  seen = []
+  monkeypatch.setattr(diffusion_process, f"{sampler}_sample",
+                      lambda *a, clip, **k: seen.append(clip) or jnp.zeros(SHAPE))
+  for data, clip in (("digits", True), ("arrayrecord", False)):
+    config = diffusion.get_config("model=dit,variant=digits")
+    config.data.name = data
+    config.diffusion.update(sampler=sampler, cfg_scale=1.0)
+    task = diffusion_task.DiffusionTask(config)
+    fake = SimpleNamespace(cfg=SimpleNamespace(image_size=SHAPE[1], channels=SHAPE[-1],
+                                               learn_sigma=False),
+                           apply=lambda *a, **k: None)
+    task._sample(fake, None, jnp.zeros((SHAPE[0],), jnp.int32), jax.random.PRNGKey(0))
+    assert seen[-1] is clip, (data, seen)

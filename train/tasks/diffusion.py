@@ -244,13 +244,17 @@ class DiffusionTask(images.ImageTask):
       model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
     if not self.text and d.cfg_scale != 1.0:
       model_fn = diffusion_process.cfg_model_fn(model_fn, d.cfg_scale, null_label=model.cfg.num_classes)
+    # Pixels lie in [-1, 1], so DDPM/DDIM clip each x0 prediction there; arrays ("arrayrecord",
+    # e.g. VAE latents, which reach past 3) are left alone, as DiT samples its latents.
+    clip = self.config.data.name != "arrayrecord"
     if d.sampler == "ddpm":
       return diffusion_process.ddpm_sample(model_fn, self.schedule, shape, labels, rng,
-                                   learn_sigma=model.cfg.learn_sigma, steps=d.sample_steps)
+                                   learn_sigma=model.cfg.learn_sigma, steps=d.sample_steps,
+                                   clip=clip)
     if d.sampler == "ddim":
       return diffusion_process.ddim_sample(model_fn, self.schedule, shape, labels, rng,
                                    steps=d.sample_steps, eta=d.ddim_eta,
-                                   learn_sigma=model.cfg.learn_sigma)
+                                   learn_sigma=model.cfg.learn_sigma, clip=clip)
     return diffusion_process.flow_sample(model_fn, shape, labels, rng, steps=d.sample_steps)
 
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
