@@ -34,6 +34,7 @@ import functools
 import zlib
 
 import numpy as np
+from PIL import Image
 
 from train import tokenizer
 
@@ -200,18 +201,24 @@ def cells(canvases_Nx48x48x1: np.ndarray) -> np.ndarray:
 
 
 class CaptionSource:
-  """Random-access canvases with their captions, made when read."""
+  """Random-access canvases with their captions, made when read; ``size`` other than 48 (0)
+  resizes each canvas (bilinear), e.g. for tiny test models."""
 
-  def __init__(self, split: str, text_len: int, seed: int = DATA_SEED):
+  def __init__(self, split: str, text_len: int, seed: int = DATA_SEED, size: int = 0):
     if split not in SPLITS:
       raise ValueError(f"split {split!r} of 'digit_captions' is not one of {SPLITS}.")
     self.split, self.text_len, self.seed = split, text_len, seed
+    self.size = size or CANVAS
 
   def __len__(self) -> int:
     return SPLIT_SIZES[self.split]
 
   def __getitem__(self, i):
     image, layout, sizes = canvas(self.split, i.__index__(), self.seed)
+    if self.size != CANVAS:
+      pil = Image.fromarray(image[..., 0], mode="F").resize((self.size, self.size),
+                                                           Image.BILINEAR)
+      image = np.asarray(pil, np.float32)[..., None]
     ids = caption_ids(caption_for(layout, sizes), self.text_len)
     return {"images": image, "labels": np.int32(layout[layout != EMPTY][0]), "text_ids": ids,
             "text_mask": ids != tokenizer.BYT5_PAD, "layout": layout, "sizes": sizes}
@@ -249,9 +256,9 @@ def check_config(data_cfg) -> None:
     if "text_len" not in data_cfg:
       raise ValueError("data.name='digit_captions' needs data.text_len (the caption length in "
                        f"ByT5 ids, at least {max_text_ids()}).")
-    if data_cfg.image_size not in (0, CANVAS):  # 0: the canvas size
-      raise ValueError(f"data.image_size={data_cfg.image_size} but 'digit_captions' canvases are "
-                       f"{CANVAS}x{CANVAS}; set data.image_size={CANVAS}.")
+    if not 0 <= data_cfg.image_size <= CANVAS:
+      raise ValueError(f"data.image_size={data_cfg.image_size} must be in [1, {CANVAS}] (the "
+                       f"{CANVAS}x{CANVAS} canvas resized; 0 keeps {CANVAS}).")
     if data_cfg.text_len < max_text_ids():
       raise ValueError(f"data.text_len={data_cfg.text_len} is shorter than the longest caption "
                        f"of 'digit_captions' ({max_text_ids()} ByT5 ids with its EOS).")
@@ -261,7 +268,7 @@ def source(data_cfg, split: str):
   """The random-access source of ``split`` of "digit_captions" or "digit_cells"."""
   check_config(data_cfg)
   if data_cfg.name == "digit_captions":
-    return CaptionSource(split, data_cfg.text_len)
+    return CaptionSource(split, data_cfg.text_len, size=data_cfg.image_size)
   return CellSource(split)
 
 

@@ -113,8 +113,10 @@ def test_text_len_bounds_every_caption():
   assert longest == cd.max_text_ids() == 63
   with pytest.raises(ValueError, match=r"data.text_len=32 is shorter than the longest caption"):
     image_data.check_image_config(cfg(text_len=32))
-  with pytest.raises(ValueError, match=r"data.image_size=8 but 'digit_captions' canvases are 48x48"):
-    image_data.check_image_config(cfg(text_len=64, image_size=8))
+  with pytest.raises(ValueError, match=r"data.image_size=64 must be in \[1, 48\]"):
+    image_data.check_image_config(cfg(text_len=64, image_size=64))
+  small = image_data.source(cfg(text_len=64, image_size=16), "val")[0]["images"]
+  assert small.shape == (16, 16, 1) and small.min() >= -1.0 and small.max() > 0.0
   with pytest.raises(ValueError, match=r"needs data.text_len"):
     image_data.source(cfg(), "train")
   with pytest.raises(ValueError, match="more than 4"):

@@ -84,9 +84,11 @@ class DiffusionTask(images.ImageTask):
       raise ValueError(f"model '{self.config.model.name}' is trained on captions; data.name="
                        f"{data.name!r} has none (use 'digit_captions').")
     image_data.check_image_config(data)
-    if data.image_size != model_cfg.image_size:
-      raise ValueError(f"data.image_size={data.image_size} but model.input_size="
-                       f"{model_cfg.image_size}; the model denoises the data's canvases.")
+    side = image_data.image_shape(data)[0]
+    if side != model_cfg.image_size:
+      raise ValueError(f"data.image_size={data.image_size} gives {side}x{side} canvases but "
+                       f"model.input_size={model_cfg.image_size}; the model denoises the data's "
+                       "canvases.")
     if data.text_len != model_cfg.text_len:
       raise ValueError(f"data.text_len={data.text_len} but model.text_len={model_cfg.text_len}; "
                        "the model reads captions of the data's length.")
