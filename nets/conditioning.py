@@ -12,6 +12,7 @@ modulation is regressed once per image and applied to that image's tokens only, 
 stays within each image.
 """
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -191,6 +192,37 @@ def check_input(cfg, x_BxHxWxC):
   if (H, W, C) != (cfg.input_size, cfg.input_size, cfg.in_channels):
     raise ValueError(f"inputs are {H}x{W}x{C} but the model expects model.input_size="
                      f"{cfg.input_size} (square) and model.in_channels={cfg.in_channels}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+  """The square-latent transformer fields the text-conditioned families share (PixArt, MMDiT):
+  a base of their Config, whose ``learn_sigma`` each family sets."""
+  input_size: int = 32
+  in_channels: int = 4
+  patch_size: int = 0
+  hidden_size: int = 0
+  depth: int = 0
+  num_heads: int = 0
+  mlp_ratio: float = 4.0
+  learn_sigma: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * (2 if self.learn_sigma else 1)
+
+  @property
+  def image_tokens(self) -> int:
+    return (self.input_size // self.patch_size) ** 2
+
+  width = property(lambda self: self.hidden_size)
+  num_kv_heads = property(lambda self: self.num_heads)
+  mlp_width = property(lambda self: int(self.hidden_size * self.mlp_ratio))
+  image_size = property(lambda self: self.input_size)
+  channels = property(lambda self: self.in_channels)
 
 
 def check_image_fields(cfg) -> None:

@@ -28,8 +28,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from nets import attention, counting
-from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, AdaLN, FinalLayer, TimestepEmbedder,
-                               check_image_fields, check_input, modulate)
+from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, AdaLN, FinalLayer, ImageConfig,
+                               TimestepEmbedder, check_image_fields, check_input, modulate)
 from nets.layers import (Dense, LayerNorm, Mlp, RMSNorm, build_config, check_basics, patchify,
                          scanned, sincos_2d, unpatchify)
 from nets.registry import Family
@@ -51,21 +51,11 @@ VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TextConfig):
+class Config(TextConfig, ImageConfig):
   """Hyperparameters; built only by ``Config.from_config(config.model)``."""
   variant: str = ""  # a key of VARIANTS; presets every field config.model leaves unset
-  input_size: int = 32
-  in_channels: int = 4
-  patch_size: int = 0
-  hidden_size: int = 0
-  depth: int = 0
-  num_heads: int = 0
-  mlp_ratio: float = 4.0
   learn_sigma: bool = False  # SD3 trains rectified flow (diffusion.objective="flow")
   qk_norm_eps: float = 1e-6
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: str = "none"
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
@@ -80,24 +70,11 @@ class Config(TextConfig):
       raise ValueError(f"model.qk_norm_eps={self.qk_norm_eps} must be positive.")
 
   @property
-  def out_channels(self) -> int:
-    return self.in_channels * (2 if self.learn_sigma else 1)
-
-  @property
-  def image_tokens(self) -> int:
-    return (self.input_size // self.patch_size) ** 2
-
-  @property
   def max_len(self) -> int:
     """The joint sequence: caption tokens + image tokens."""
     return self.text_len + self.image_tokens
 
   norm_eps = property(lambda self: self.qk_norm_eps)  # what nets.layers.RMSNorm reads
-  width = property(lambda self: self.hidden_size)
-  num_kv_heads = property(lambda self: self.num_heads)
-  mlp_width = property(lambda self: int(self.hidden_size * self.mlp_ratio))
-  image_size = property(lambda self: self.input_size)
-  channels = property(lambda self: self.in_channels)
 
 
 def joint_segment_ids(mask_BxL, image_tokens: int):

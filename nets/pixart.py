@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from nets import attention, counting
-from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, TimestepEmbedder, check_image_fields,
-                               check_input, modulate)
+from nets.conditioning import (FREQUENCY_EMBEDDING_SIZE, ImageConfig, TimestepEmbedder,
+                               check_image_fields, check_input, modulate)
 from nets.layers import (Attention, Dense, LayerNorm, Mlp, build_config, check_basics, patchify,
                          scanned, sincos_2d, unpatchify)
 from nets.registry import Family
@@ -49,20 +49,10 @@ VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TextConfig):
+class Config(TextConfig, ImageConfig):
   """Hyperparameters; built only by ``Config.from_config(config.model)``."""
   variant: str = ""  # a key of VARIANTS; presets every field config.model leaves unset
-  input_size: int = 32
-  in_channels: int = 4
-  patch_size: int = 0
-  hidden_size: int = 0
-  depth: int = 0
-  num_heads: int = 0
-  mlp_ratio: float = 4.0
   learn_sigma: bool = True
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: str = "none"
 
   @classmethod
   def from_config(cls, model_cfg, **overrides) -> "Config":
@@ -75,19 +65,9 @@ class Config(TextConfig):
     check_image_fields(self)
 
   @property
-  def out_channels(self) -> int:
-    return self.in_channels * (2 if self.learn_sigma else 1)
-
-  @property
   def max_len(self) -> int:
     """Image tokens the self-attention sees."""
-    return (self.input_size // self.patch_size) ** 2
-
-  width = property(lambda self: self.hidden_size)
-  num_kv_heads = property(lambda self: self.num_heads)
-  mlp_width = property(lambda self: int(self.hidden_size * self.mlp_ratio))
-  image_size = property(lambda self: self.input_size)
-  channels = property(lambda self: self.in_channels)
+    return self.image_tokens
 
 
 class CrossAttention(nn.Module):
