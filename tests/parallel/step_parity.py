@@ -67,7 +67,7 @@ def make_config(kind: str):
   else:
     config = diffusion.get_config(f"model={base_kind},variant=digits")
     if base_kind in diffusion.TEXT_MODELS:  # 16 px canvases (16 patches), 16-byte captions
-      config.model.update(depth=2, text_layers=1, input_size=16, text_len=16)
+      config.model.update(depth=2, text_layers=1, input_size=16)  # the data's 64-byte captions
       config.data.image_size = 16
   if kind in MOE:
     config.model.moe.update(MOE[kind])
@@ -97,7 +97,7 @@ def batch(kind: str = "lm"):
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   config = make_config(kind)
   if config.model.name in diffusion.TEXT_MODELS:
-    return caption_batch(B, config.data.image_size, config.model.text_len)
+    return caption_batch(B, config.data.image_size, config.data.text_len)
   source = image_data.source(config.data, "train")
   items = [source[i] for i in range(B)]
   return {"images": np.stack([x["images"] for x in items]),

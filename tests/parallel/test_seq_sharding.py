@@ -76,7 +76,7 @@ def test_ulysses_mmdit_joint_sequence_step_equals_single_device():
 
 def test_mmdit_joint_length_must_split_over_seq():
   config = make_config("mmdit")
-  config.model.text_len = 14  # 14 + 16 image tokens = 30, not a multiple of 4
+  config.model.text_len = config.data.text_len = 66  # + 16 image tokens = 82, not a multiple of 4
   config.mesh.update(axes(data=2, seq=4))
-  with pytest.raises(ValueError, match="=30 is not divisible by mesh.seq=4"):
+  with pytest.raises(ValueError, match="=82 is not divisible by mesh.seq=4"):
     validate(config, num_devices=8)
