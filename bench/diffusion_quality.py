@@ -54,6 +54,9 @@ def run(args) -> dict:
   from nets import registry
   from train import checkpoint, latents, quality, tasks
 
+  if not args.reader or not args.runs:
+    raise SystemExit("odyssey: bench.diffusion_quality needs --reader=READER_WORKDIR and "
+                     "--runs=NAME=WORKDIR[,...] (or --render_only to redraw from the JSON).")
   reader = quality.load_reader(args.reader)
   cfg_scales = [float(x) for x in args.cfg_scales.split(",")]
   weights_list = args.weights.split(",")
@@ -145,8 +148,8 @@ def plot(doc: dict, plt):
 
 
 FLAGS = (
-    ("--reader", dict(required=True, help="workdir of a trained experiments/digit_reader.py")),
-    ("--runs", dict(required=True, help="NAME=WORKDIR[,NAME=WORKDIR...] diffusion runs")),
+    ("--reader", dict(default="", help="workdir of a trained experiments/digit_reader.py")),
+    ("--runs", dict(default="", help="NAME=WORKDIR[,NAME=WORKDIR...] diffusion runs")),
     ("--cfg_scales", dict(default="1,2,4", help="guidance scales, comma-separated")),
     ("--weights", dict(default="raw,ema", help="raw,ema or one of them")),
     ("--n", dict(type=int, default=250, help="samples per row")),

@@ -210,7 +210,7 @@ def _evaluate(workdir, val_ds):
   run = loop._Loop.__new__(loop._Loop)
   run.program, run.config, run.workdir, run.writer, run.val_ds = (
       program, ml_collections.ConfigDict({"eval": {"steps": 3}}), str(workdir), writer, val_ds)
-  run.summary = {"start_step": 0}
+  run.summary, run.weights = {"start_step": 0}, "raw"
   run.evaluate(7, params=None)
   writer.close()
   lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -38,7 +38,8 @@ def preload_module_flags(modules) -> None:
 
   procs = {m: start(m, "--helpfull") for m in todo}
   out = {m: (p.communicate(timeout=300)[0], ABSL_FLAG) for m, p in procs.items()}
-  for m in [m for m, (text, _) in out.items() if "unrecognized arguments: --helpfull" in text]:
+  for m in [m for m, (text, _) in out.items() if "unrecognized arguments: --helpfull" in text
+            or "the following arguments are required" in text]:
     out[m] = (start(m, "--help").communicate(timeout=300)[0], ARGPARSE_FLAG)
   for m, (text, pattern) in out.items():
     names = set()
