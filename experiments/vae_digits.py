@@ -8,8 +8,8 @@ Then encode the digits into latent shards for a latent DiT (docs/data.md):
   python -m train.encode --workdir=/tmp/odyssey/vae_digits --out=/tmp/odyssey/digit_latents
 Expect: val PSNR ~8 dB at step 0, rising within a few steps (the user-path test checks it rises
 by step 6). Measured once so far, on a wider digits variant (channels 32/64/64, batch 64) on 2
-loaded cores: 7.9 -> 17.1 -> 22.0 dB at steps 0/20/40 (~5 min). This variant's 1,000-step figure
-is not yet measured.
+loaded cores: 7.9 -> 17.1 -> 22.0 dB at steps 0/20/40 (~5 min). This variant: 7.8 -> 44.2 dB
+in 1,000 steps (bench/results/runs.md).
 """
 
 from configs import autoencoder
