@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       schedule="cosine", num_steps=1000,  # DDPM noise schedule: linear | cosine
       sampler="ddim",  # ddpm | ddim (objective ddpm), flow (objective flow)
       time_dist="uniform",  # flow timesteps: uniform | logit_normal (SD3)
+      time_shift=1.0,  # flow: SD3's shift s, t -> s t / (1 + (s - 1) t), in training and sampling
       sample_steps=50, ddim_eta=0.0, cfg_scale=2.0, samples_per_class=8,
       sample_classes=0,  # grid rows: the first N classes (0 = all)
       prompts=(),  # text families: grid rows, one caption each

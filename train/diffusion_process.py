@@ -259,11 +259,24 @@ def ddpm_loss(model_fn: Callable, schedule: Schedule, x0, y, rng, *, learn_sigma
   return loss, metrics
 
 
-def flow_loss(model_fn: Callable, x0, y, rng, *, time_dist: str = "uniform", t=None, noise=None):
+def shift_time(t, shift: float):
+  """SD3's resolution-dependent timestep shift: t -> s t / (1 + (s - 1) t) (s = 1: unchanged).
+
+  The same t spends more of [0, 1] at high noise for s > 1, where a larger or more redundant image
+  (here: upscaled digits on a mostly empty canvas) still shows its content; Esser et al. (2024)
+  shift both the training timesteps and the sampling grid."""
+  if shift == 1.0:
+    return t
+  return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flow_loss(model_fn: Callable, x0, y, rng, *, time_dist: str = "uniform", t=None, noise=None,
+              shift: float = 1.0):
   """Rectified-flow / flow-matching loss: MSE between predicted and true velocity eps - x0.
 
   x_t = (1 - t) x0 + t eps, t ~ U(0, 1) (``time_dist="uniform"``) or sigmoid(N(0, 1))
-  (``"logit_normal"``, SD3); the model receives t * FLOW_TIME_SCALE. Returns (loss, metrics).
+  (``"logit_normal"``, SD3), then shifted by ``shift`` (``shift_time``; a given t is not);
+  the model receives t * FLOW_TIME_SCALE. Returns (loss, metrics).
   """
   t_rng, noise_rng, model_rng = jax.random.split(rng, 3)
   x0 = x0.astype(jnp.float32)
@@ -276,6 +289,7 @@ def flow_loss(model_fn: Callable, x0, y, rng, *, time_dist: str = "uniform", t=N
     else:
       raise ValueError(f"Unknown flow time distribution {time_dist!r}; use 'uniform' or "
                        "'logit_normal'.")
+    t = shift_time(t, shift)
   if noise is None:
     noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
   t_b = t.reshape((B,) + (1,) * (x0.ndim - 1))
@@ -426,17 +440,19 @@ def ddim_sample(model_fn: Callable, schedule: Schedule, shape, y, rng, *, steps:
   return jax.lax.fori_loop(0, n, body, x)
 
 
-def flow_sample(model_fn: Callable, shape, y, rng, *, steps: int, noise=None):
+def flow_sample(model_fn: Callable, shape, y, rng, *, steps: int, noise=None,
+                shift: float = 1.0):
   """Euler ODE integration of dx/dt = v(x, t) from noise at t=1 to data at t=0 in ``steps``.
 
-  Uniform time grid; ``noise`` optionally gives the starting x_1 (then ``rng`` is unused).
+  A uniform time grid, shifted by ``shift`` (``shift_time``, as the model was trained); ``noise``
+  optionally gives the starting x_1 (then ``rng`` is unused).
   """
   if steps < 1:
     raise ValueError(f"steps={steps} must be at least 1.")
   shape = tuple(shape)
   x, _ = _start(shape, rng, noise)
   B = shape[0]
-  ts = jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32)
+  ts = shift_time(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), shift)
 
   def body(i, x):
     t = jnp.full((B,), ts[i], jnp.float32)

@@ -273,6 +273,45 @@ def test_gaussian_samplers_recover_a_point_mass_and_pass_original_timesteps(samp
   assert seen == list(want_t[::-1])
 
 
+def test_time_shift_is_sd3s_map_in_training_and_sampling():
+  t = jnp.linspace(0.0, 1.0, 11)
+  assert diffusion_process.shift_time(t, 1.0) is t
+  shifted = np.asarray(diffusion_process.shift_time(t, 3.0))
+  np.testing.assert_allclose(shifted, 3 * np.asarray(t) / (1 + 2 * np.asarray(t)), rtol=1e-6)
+  assert shifted[0] == 0.0 and shifted[-1] == 1.0 and np.all(np.diff(shifted) > 0)
+  assert np.all(shifted[1:-1] > np.asarray(t)[1:-1])  # more time at high noise
+
+  # Training: a model answering v = t (x0 = noise = 0, so the target is 0) has loss mean(t^2)
+  # over the drawn times, shifted; a given t is used as given.
+  zeros = jnp.zeros(SHAPE)
+  answer_t = lambda x_t, t_model, y, rng: jnp.broadcast_to(
+      (t_model / diffusion_process.FLOW_TIME_SCALE)[:, None, None, None], x_t.shape)
+  rng = jax.random.PRNGKey(5)
+  drawn = jax.random.uniform(jax.random.split(rng, 3)[0], (SHAPE[0],), jnp.float32)
+  loss = lambda **kw: float(diffusion_process.flow_loss(answer_t, zeros, None, rng, noise=zeros,
+                                                        **kw)[0])
+  np.testing.assert_allclose(loss(shift=3.0),
+                             np.mean(np.asarray(diffusion_process.shift_time(drawn, 3.0)) ** 2),
+                             rtol=1e-5)
+  given = jnp.array([0.1, 0.4, 0.7, 0.95])[:SHAPE[0]]
+  assert loss(shift=3.0, t=given) == loss(t=given)
+
+  # Sampling: the model sees the shifted grid, and Euler stays exact on a point mass.
+  c = np.linspace(-1.0, 1.0, int(np.prod(SHAPE)), dtype=np.float32).reshape(SHAPE)
+  seen = []
+
+  def velocity(x, t_model, y):
+    jax.debug.callback(lambda t: seen.append(float(np.asarray(t)[0])), t_model)
+    return (x - c) / (t_model / diffusion_process.FLOW_TIME_SCALE)[:, None, None, None]
+
+  out = jax.jit(lambda rng: diffusion_process.flow_sample(velocity, SHAPE, None, rng, steps=4,
+                                                          shift=3.0))(jax.random.PRNGKey(0))
+  jax.effects_barrier()
+  np.testing.assert_allclose(np.asarray(out), c, atol=1e-5)
+  grid = np.asarray(diffusion_process.shift_time(jnp.linspace(1.0, 0.0, 5), 3.0))[:-1]
+  np.testing.assert_allclose(np.array(seen) / diffusion_process.FLOW_TIME_SCALE, grid, rtol=1e-6)
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_flow_sample_is_exact_for_a_point_mass(steps):
   # The flow of a point mass is straight: v(x, t) = (x - c) / t, and Euler is exact on it.

@@ -86,6 +86,9 @@ def test_image_folder_source(tmp_path):
     ("diffusion.sampler", "flow", r"does not fit objective 'ddpm'"),
     ("model.num_classes", 7, r"model.num_classes=7 but data 'digits' has 10 classes"),
     ("data.name", "imagenet", r"data.name='imagenet' is not an image dataset"),
+    ("diffusion.time_shift", 3.0, r"time_shift=3.0 shifts the flow objective's timesteps"),
+    ("diffusion.time_shift", 0.0, r"time_shift=0.0 must be a finite number above 0"),
+    ("diffusion.time_shift", float("nan"), r"time_shift=nan must be a finite number above 0"),
 ])
 def test_vision_config_errors(field, value, message):
   c = experiment("dit_digits")

@@ -69,6 +69,14 @@ class DiffusionTask(images.ImageTask):
       raise ValueError(f"diffusion.time_dist={d.time_dist!r} shapes the flow objective's "
                        "timesteps on square images; use 'uniform' with objective 'ddpm' or "
                        "packed rows.")
+    shift = d.get("time_shift", 1.0)
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) \
+        or not (0 < shift < float("inf")):
+      raise ValueError(f"diffusion.time_shift={shift!r} must be a finite number above 0 "
+                       "(1: no shift).")
+    if shift != 1.0 and (d.objective != "flow" or self.packed):
+      raise ValueError(f"diffusion.time_shift={shift!r} shifts the flow objective's timesteps "
+                       "on square images; leave it at 1.0 with objective 'ddpm' or packed rows.")
     if d.objective == "flow" and model_cfg.learn_sigma:
       raise ValueError("model.learn_sigma=True needs diffusion.objective='ddpm' (flow matching "
                        "predicts a velocity, not a variance).")
@@ -178,7 +186,8 @@ class DiffusionTask(images.ImageTask):
     else:
       loss, metrics = diffusion_process.flow_loss(model_fn, batch["images"],
                                                   self.condition(batch), noise_rng,
-                                                  time_dist=self.config.diffusion.time_dist)
+                                                  time_dist=self.config.diffusion.time_dist,
+                                                  shift=self.config.diffusion.get("time_shift", 1.0))
     (aux_loss, aux_metrics), = aux
     if aux_metrics:
       metrics = {**metrics, "denoise_loss": loss, **aux_metrics}
@@ -257,7 +266,8 @@ class DiffusionTask(images.ImageTask):
       return diffusion_process.ddim_sample(model_fn, self.schedule, shape, labels, rng,
                                    steps=d.sample_steps, eta=d.ddim_eta,
                                    learn_sigma=model.cfg.learn_sigma, clip=clip)
-    return diffusion_process.flow_sample(model_fn, shape, labels, rng, steps=d.sample_steps)
+    return diffusion_process.flow_sample(model_fn, shape, labels, rng, steps=d.sample_steps,
+                                         shift=d.get("time_shift", 1.0))
 
   def samples(self, model, params, *, step: int, final: bool, workdir: str, data_parallel: int,
               sharding) -> str | None:
