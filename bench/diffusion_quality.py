@@ -41,10 +41,11 @@ def _real_digits() -> np.ndarray:
   return np.stack([src[i]["images"] for i in range(len(src))])
 
 
-def _caption_split(split: str, n: int):
-  """(canvases, layouts, ByT5 ids, masks) of the first n records of a digit_captions split."""
+def _caption_split(split: str, n: int, text_len: int):
+  """(canvases, layouts, ByT5 ids, masks) of the first n records of a digit_captions split, the
+  captions padded or cut to the run's data.text_len."""
   from train import caption_data
-  src = caption_data.CaptionSource(split, 64)
+  src = caption_data.CaptionSource(split, text_len)
   records = [src[i] for i in range(min(n, len(src)))]
   stack = lambda k: np.stack([r[k] for r in records])
   return stack("images"), stack("layout"), stack("text_ids"), stack("text_mask")
@@ -77,14 +78,16 @@ def run(args) -> dict:
         harness.log(f"{name}: {weights_used} weights, cfg {scale:g}")
         if text:
           for split in ("heldout", "val"):
-            if split not in splits:
-              real, layouts, ids, mask = splits[split] = _caption_split(split, args.n)
-            real, layouts, ids, mask = splits[split]
+            key = (split, int(config.data.text_len))
+            if key not in splits:
+              splits[key] = _caption_split(split, args.n, key[1])
+            real, layouts, ids, mask = splits[key]
             images = np.asarray(task.sample_text_images(model, params, ids, mask, args.seed))
             rows.append(dict(
                 run=name, model=config.model.name, conditioning="text", split=split,
                 weights=weights_used, cfg_scale=scale, samples=len(images),
                 faithfulness=quality.faithfulness(reader, images, layouts),
+                **quality.cell_scores(reader, images, layouts),
                 real_faithfulness=quality.faithfulness(reader, real, layouts),
                 frechet=quality.frechet_distance(quality.canvas_features(reader, images),
                                                  quality.canvas_features(reader, real))))
@@ -106,6 +109,10 @@ def run(args) -> dict:
               n=args.n, steps=args.steps, seed=args.seed, rows=rows)
 
 
+def _pct(x) -> str:
+  return "-" if x is None else harness.pct(x) + "%"
+
+
 def markdown(doc: dict) -> str:
   out = [f"# Diffusion sample quality ({doc['mode']})", "",
          harness.machine_line(doc), "",
@@ -113,16 +120,19 @@ def markdown(doc: dict) -> str:
          f"seed {doc['seed']}. Fréchet distance: the FID formula on the reader's features "
          "(lower is better; two halves of the real val canvases give about 13). Faithfulness: "
          "the share of canvases whose every cell the reader reads as the caption says (chance: "
-         "0.29% on heldout, 0.087% on val; the real canvases' own score is the ceiling). "
+         "0.29% on heldout, 0.087% on val; the real canvases' own score is the ceiling); places: "
+         "the share of cells read as filled or empty as the caption says; digits: of the filled "
+         "cells, the share read as the asked digit (10% is chance). "
          "Agreement: the share of class-conditional samples read as their class.", ""]
   text = [r for r in doc["rows"] if r["conditioning"] == "text"]
   if text:
     out += ["## Text-conditioned (captions)", "", harness.table(
         ["run", "model", "captions", "weights", "cfg", "faithfulness", "real canvases",
-         "Fréchet"],
+         "places", "digits", "Fréchet"],
         [[r["run"], r["model"], r["split"], r["weights"], f"{r['cfg_scale']:g}",
           harness.pct(r["faithfulness"]) + "%", harness.pct(r["real_faithfulness"]) + "%",
-          f"{r['frechet']:.1f}"] for r in text]), ""]
+          _pct(r.get("places")), _pct(r.get("digits")), f"{r['frechet']:.1f}"]
+         for r in text]), ""]
   cls = [r for r in doc["rows"] if r["conditioning"] == "class"]
   if cls:
     out += ["## Class-conditional (digits)", "", harness.table(

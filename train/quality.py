@@ -10,7 +10,8 @@ its linear head reads (pre-logits, ``model.width`` numbers).
     cells' features concatenated (``canvas_features``, 9 x width numbers); a single digit's is its
     own (``digit_features``).
   * ``faithfulness``: the share of canvases whose every cell the reader reads as the layout says
-    (the digit, or empty; sizes are not read).
+    (the digit, or empty; sizes are not read); ``cell_scores`` splits its failures into places
+    (occupied or empty) and digits (which one, in the filled cells).
   * ``agreement``: the share of single digits the reader reads as their label (class-conditional
     models on the digits, 8x8 or 16x16, upscaled to 16x16 as the reader's large cells are).
 
@@ -120,6 +121,21 @@ def faithfulness(reader: Reader, canvases_Nx48x48x1, layouts_Nx9) -> float:
     raise ValueError(f"layouts are {layouts.shape}, not one row of 9 cells per canvas "
                      f"({len(canvases_Nx48x48x1)}).")
   return float(np.mean(np.all(read_layout(reader, canvases_Nx48x48x1) == layouts, axis=1)))
+
+
+def cell_scores(reader: Reader, canvases_Nx48x48x1, layouts_Nx9) -> dict[str, float]:
+  """Where faithfulness fails, per cell: ``places`` (the share of cells read as occupied exactly
+  where the layout puts a digit, and empty elsewhere) and ``digits`` (of the cells the layout
+  fills, the share read as the asked digit). A model that draws the right places with random
+  digits scores places near 1 and digits near 1/10."""
+  layouts = np.asarray(layouts_Nx9)
+  if layouts.shape != (len(canvases_Nx48x48x1), 9):
+    raise ValueError(f"layouts are {layouts.shape}, not one row of 9 cells per canvas "
+                     f"({len(canvases_Nx48x48x1)}).")
+  got = read_layout(reader, canvases_Nx48x48x1)
+  filled = layouts != caption_data.EMPTY
+  return {"places": float(np.mean((got != caption_data.EMPTY) == filled)),
+          "digits": float(np.mean(got[filled] == layouts[filled])) if filled.any() else 0.0}
 
 
 def _as_cells(images_NxHxWx1) -> np.ndarray:

@@ -80,6 +80,15 @@ def test_faithfulness_with_an_oracle_reader_and_chance_level():
   assert quality.canvas_features(reader, x).shape == (200, 99)
   with pytest.raises(ValueError, match="one row of 9 cells per canvas"):
     quality.faithfulness(reader, x, layouts[:10])
+  assert quality.cell_scores(reader, x, layouts) == {"places": 1.0, "digits": 1.0}
+  # Right places, other digits: every filled cell's digit moved by one.
+  filled = layouts != cd.EMPTY
+  wrong = np.where(filled, (layouts + 1) % 10, layouts)
+  assert quality.cell_scores(reader, x, wrong) == {"places": 1.0, "digits": 0.0}
+  # Other places: the layouts of other canvases.
+  assert quality.cell_scores(reader, x, shuffled)["places"] < 0.95
+  with pytest.raises(ValueError, match="one row of 9 cells per canvas"):
+    quality.cell_scores(reader, x, layouts[:10])
   # The docstring's chance levels: sum over layouts of p(layout)^2.
   q, allowed, held = cd.ONE_DIGIT, len(cd.pairs()[False]), len(cd.pairs()[True])
   assert (allowed, held) == (3253, 347)
