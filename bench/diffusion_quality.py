@@ -41,11 +41,11 @@ def _real_digits() -> np.ndarray:
   return np.stack([src[i]["images"] for i in range(len(src))])
 
 
-def _caption_split(split: str, n: int, text_len: int):
-  """(canvases, layouts, ByT5 ids, masks) of the first n records of a digit_captions split, the
-  captions padded or cut to the run's data.text_len."""
+def _caption_split(split: str, n: int, text_len: int, tokens: str = "byt5"):
+  """(canvases, layouts, ids, masks) of the first n records of a digit_captions split, the
+  captions in the run's data.caption_tokens, padded to its data.text_len."""
   from train import caption_data
-  src = caption_data.CaptionSource(split, text_len)
+  src = caption_data.CaptionSource(split, text_len, tokens=tokens)
   records = [src[i] for i in range(min(n, len(src)))]
   stack = lambda k: np.stack([r[k] for r in records])
   return stack("images"), stack("layout"), stack("text_ids"), stack("text_mask")
@@ -53,7 +53,7 @@ def _caption_split(split: str, n: int, text_len: int):
 
 def run(args) -> dict:
   from nets import registry
-  from train import checkpoint, latents, quality, tasks
+  from train import caption_data, checkpoint, latents, quality, tasks
 
   if not args.reader or not args.runs:
     raise SystemExit("odyssey: bench.diffusion_quality needs --reader=READER_WORKDIR and "
@@ -78,9 +78,9 @@ def run(args) -> dict:
         harness.log(f"{name}: {weights_used} weights, cfg {scale:g}")
         if text:
           for split in ("heldout", "val"):
-            key = (split, int(config.data.text_len))
+            key = (split, int(config.data.text_len), caption_data.tokens_of(config.data))
             if key not in splits:
-              splits[key] = _caption_split(split, args.n, key[1])
+              splits[key] = _caption_split(split, args.n, *key[1:])
             real, layouts, ids, mask = splits[key]
             images = np.asarray(task.sample_text_images(model, params, ids, mask, args.seed))
             rows.append(dict(

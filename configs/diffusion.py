@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         param_dtype="float32"))
     c.data = ml_collections.ConfigDict(dict(
         name="digit_captions", path="", val_fraction=0.1, image_size=48, text_len=64,
-        num_threads=0, prefetch=2, native_size=False))
+        # caption ids: "byt5" (bytes, as a T5 encoder reads) or "words" (train/caption_data.py)
+        caption_tokens="byt5", num_threads=0, prefetch=2, native_size=False))
   c.diffusion = ml_collections.ConfigDict(dict(
       objective="ddpm",  # ddpm (epsilon prediction, + learned variance) | flow (rectified flow)
       schedule="cosine", num_steps=1000,  # DDPM noise schedule: linear | cosine

@@ -7,9 +7,12 @@ in reading order: "a small 3 at the top left and a large 7 at the bottom right".
 ground truth; nothing parses captions.
 
   * ``data.name="digit_captions"``: records {"images": f32 [48, 48, 1], "labels": i32 (the first
-    digit, for class-conditional code), "text_ids": i32 [data.text_len] (ByT5 byte ids: utf-8
-    byte + 3, EOS 1, then PAD 0), "text_mask": bool [data.text_len], "layout": i32 [9] (per cell
-    the digit, EMPTY = 10 if none), "sizes": i32 [9] (0 empty, 1 small, 2 large)}. Record i of a
+    digit, for class-conditional code), "text_ids": i32 [data.text_len], "text_mask": bool
+    [data.text_len], "layout": i32 [9] (per cell the digit, EMPTY = 10 if none), "sizes": i32 [9]
+    (0 empty, 1 small, 2 large)}. ``data.caption_tokens`` chooses the ids: "byt5" (utf-8 byte + 3,
+    EOS 1, then PAD 0; up to 63 ids) or "words" (the captions' 23 words through a `tokenizers`
+    WordLevel model, ``word_tokenizer``: PAD 0, EOS 1, UNK 2, then the words in sorted order; up
+    to 16 ids, so a text encoder and MMDiT's joint sequence see a quarter of the tokens). Record i of a
     split is a pure function of (split, i, seed=DATA_SEED), made when read; "train" has
     SPLIT_SIZES["train"] records (a fresh set of canvases for as long as a run lasts), "val" and
     "heldout" a few thousand.
@@ -50,16 +53,63 @@ SPLIT_SIZES = {"train": 100_000, "val": 2_000, "heldout": 2_000}
 DATA_SEED = 0
 ONE_DIGIT = 0.25
 HELDOUT_PERCENT = 10
+CAPTION_TOKENS = ("byt5", "words")  # data.caption_tokens
+# The "words" vocabulary: ByT5's special ids, then every word a caption can hold, sorted.
+WORD_SPECIALS = ("<pad>", "</s>", "<unk>")
+WORDS = tuple(sorted({w for place in PLACES for w in place.split()}
+                     | {"a", "and", *SIZE_NAMES[1:], *"0123456789"}))
+WORD_VOCAB = len(WORD_SPECIALS) + len(WORDS)
 
 
-def caption_ids(text: str, length: int) -> np.ndarray:
-  """ByT5 ids of one caption or prompt (int32 [length]); one sentence when it does not fit whole
-  (train/tokenizer.py's byt5_ids would cut it)."""
-  need = len(text.encode("utf-8")) + 1
-  if need > length:
-    raise ValueError(f"the text {text!r} takes {need} ByT5 ids with its EOS, more than "
-                     f"{length}.")
-  return tokenizer.byt5_ids([text], length)[0][0]
+def tokens_of(data_cfg) -> str:
+  """data.caption_tokens ("byt5" when a config predates the field)."""
+  return data_cfg.get("caption_tokens", "byt5")
+
+
+@functools.lru_cache(maxsize=1)
+def word_tokenizer():
+  """The "words" tokenizer: a `tokenizers` WordLevel model over WORD_SPECIALS + WORDS, split on
+  whitespace; a word outside the vocabulary becomes <unk> (caption_ids refuses it)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  vocab = {w: i for i, w in enumerate(WORD_SPECIALS + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return tok
+
+
+def caption_ids(text: str, length: int, tokens: str = "byt5") -> np.ndarray:
+  """The ids of one caption or prompt (int32 [length]: the tokens, EOS, then PAD 0), in ByT5's
+  byte vocabulary or the "words" one (``tokens``); one sentence when it does not fit whole
+  (train/tokenizer.py's byt5_ids would cut it) or, for "words", holds a word outside the
+  vocabulary."""
+  if tokens not in CAPTION_TOKENS:
+    raise ValueError(f"data.caption_tokens={tokens!r} is not one of {CAPTION_TOKENS}.")
+  if tokens == "byt5":
+    need = len(text.encode("utf-8")) + 1
+    if need > length:
+      raise ValueError(f"the text {text!r} takes {need} ByT5 ids with its EOS, more than "
+                       f"{length}.")
+    return tokenizer.byt5_ids([text], length)[0][0]
+  enc = word_tokenizer().encode(text)
+  unknown = [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids)
+             if i == WORD_SPECIALS.index("<unk>")]
+  if unknown:
+    raise ValueError(f"the text {text!r} has words outside the 'words' caption vocabulary "
+                     f"({', '.join(map(repr, unknown))}); it holds {', '.join(WORDS)}.")
+  if len(enc.ids) + 1 > length:
+    raise ValueError(f"the text {text!r} takes {len(enc.ids) + 1} word ids with its EOS, more "
+                     f"than {length}.")
+  ids = np.zeros((length,), np.int32)
+  ids[:len(enc.ids)] = enc.ids
+  ids[len(enc.ids)] = tokenizer.BYT5_EOS
+  return ids
+
+
+def caption_batch(texts, length: int, tokens: str = "byt5") -> tuple[np.ndarray, np.ndarray]:
+  """(ids [N, length] int32, mask [N, length] bool) of whole captions or prompts."""
+  ids = np.stack([caption_ids(t, length, tokens) for t in texts]) if len(texts) else (
+      np.zeros((0, length), np.int32))
+  return ids, ids != tokenizer.BYT5_PAD
 
 
 def caption_for(layout, sizes) -> str:
@@ -122,13 +172,15 @@ def pairs() -> dict[bool, tuple]:
   return {k: tuple(v) for k, v in out.items()}
 
 
-@functools.lru_cache(maxsize=1)
-def max_text_ids() -> int:
-  """The most ByT5 ids (EOS included) any caption takes: the lower bound of data.text_len."""
-  longest = max((len(p) for p in PLACES))
-  second = sorted((len(p) for p in PLACES))[-2]
-  body = len("a large 0 ")
-  return body + longest + len(" and ") + body + second + 1
+@functools.lru_cache(maxsize=2)
+def max_text_ids(tokens: str = "byt5") -> int:
+  """The most ids (EOS included) any caption takes: the lower bound of data.text_len."""
+  size = (lambda text: len(text.split())) if tokens == "words" else (lambda text: len(text))
+  longest = max(size(p) for p in PLACES)
+  second = sorted(size(p) for p in PLACES)[-2]
+  body = size("a large 0 ") if tokens == "byt5" else 3
+  join = size(" and ") if tokens == "byt5" else 1
+  return body + longest + join + body + second + 1
 
 
 def layout_of(split: str, index: int, seed: int = DATA_SEED):
@@ -204,10 +256,11 @@ class CaptionSource:
   """Random-access canvases with their captions, made when read; ``size`` other than 48 (0)
   resizes each canvas (bilinear), e.g. for tiny test models."""
 
-  def __init__(self, split: str, text_len: int, seed: int = DATA_SEED, size: int = 0):
+  def __init__(self, split: str, text_len: int, seed: int = DATA_SEED, size: int = 0,
+               tokens: str = "byt5"):
     if split not in SPLITS:
       raise ValueError(f"split {split!r} of 'digit_captions' is not one of {SPLITS}.")
-    self.split, self.text_len, self.seed = split, text_len, seed
+    self.split, self.text_len, self.seed, self.tokens = split, text_len, seed, tokens
     self.size = size or CANVAS
 
   def __len__(self) -> int:
@@ -219,7 +272,7 @@ class CaptionSource:
       pil = Image.fromarray(image[..., 0], mode="F").resize((self.size, self.size),
                                                            Image.BILINEAR)
       image = np.asarray(pil, np.float32)[..., None]
-    ids = caption_ids(caption_for(layout, sizes), self.text_len)
+    ids = caption_ids(caption_for(layout, sizes), self.text_len, self.tokens)
     return {"images": image, "labels": np.int32(layout[layout != EMPTY][0]), "text_ids": ids,
             "text_mask": ids != tokenizer.BYT5_PAD, "layout": layout, "sizes": sizes}
 
@@ -253,22 +306,27 @@ class CellSource:
 def check_config(data_cfg) -> None:
   """One sentence for a caption or cell data config that cannot work, before anything compiles."""
   if data_cfg.name == "digit_captions":
+    tokens = tokens_of(data_cfg)
+    if tokens not in CAPTION_TOKENS:
+      raise ValueError(f"data.caption_tokens={tokens!r} is not one of {CAPTION_TOKENS}.")
+    kind = "ByT5" if tokens == "byt5" else "word"
     if "text_len" not in data_cfg:
       raise ValueError("data.name='digit_captions' needs data.text_len (the caption length in "
-                       f"ByT5 ids, at least {max_text_ids()}).")
+                       f"{kind} ids, at least {max_text_ids(tokens)}).")
     if not 0 <= data_cfg.image_size <= CANVAS:
       raise ValueError(f"data.image_size={data_cfg.image_size} must be in [1, {CANVAS}] (the "
                        f"{CANVAS}x{CANVAS} canvas resized; 0 keeps {CANVAS}).")
-    if data_cfg.text_len < max_text_ids():
+    if data_cfg.text_len < max_text_ids(tokens):
       raise ValueError(f"data.text_len={data_cfg.text_len} is shorter than the longest caption "
-                       f"of 'digit_captions' ({max_text_ids()} ByT5 ids with its EOS).")
+                       f"of 'digit_captions' ({max_text_ids(tokens)} {kind} ids with its EOS).")
 
 
 def source(data_cfg, split: str):
   """The random-access source of ``split`` of "digit_captions" or "digit_cells"."""
   check_config(data_cfg)
   if data_cfg.name == "digit_captions":
-    return CaptionSource(split, data_cfg.text_len, size=data_cfg.image_size)
+    return CaptionSource(split, data_cfg.text_len, size=data_cfg.image_size,
+                         tokens=tokens_of(data_cfg))
   return CellSource(split)
 
 

@@ -51,10 +51,12 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
                        "one --prompt=TEXT.")
     for prompt in prompts:
       try:
-        caption_data.caption_ids(prompt, model_cfg.text_len)
+        caption_data.caption_ids(prompt, model_cfg.text_len,
+                                 caption_data.tokens_of(config.data))
       except ValueError as e:
-        raise ValueError(f"--prompt: {str(e).rstrip('.')} (the model's model.text_len)."
-                         ) from None
+        why = str(e).rstrip(".")
+        where = " (the model's model.text_len)" if "more than" in why else ""
+        raise ValueError(f"--prompt: {why}{where}.") from None
   else:
     if prompts:
       raise ValueError(f"model '{config.model.name}' is class-conditional; give --classes, not "
@@ -113,9 +115,9 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
   config.diffusion.update(cfg_scale=d.cfg_scale, sample_steps=d.sample_steps, sampler=d.sampler)
   task = tasks.get(config)
   if prompts:
-    from train import tokenizer
-    ids, mask = tokenizer.byt5_ids([p for p in prompts for _ in range(per_class)],
-                                   model.cfg.text_len)
+    from train import caption_data
+    ids, mask = caption_data.caption_batch([p for p in prompts for _ in range(per_class)],
+                                           model.cfg.text_len, caption_data.tokens_of(config.data))
     images = np.asarray(task.sample_text_images(model, params, ids, mask, seed))
     rows = len(prompts)
     digest = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:8]

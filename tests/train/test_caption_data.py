@@ -149,3 +149,42 @@ def test_caption_batches_through_the_image_pipeline():
   b = next(iter(it))
   assert b["images"].shape == (8, 48, 48, 1) and b["text_ids"].shape == (8, 64)
   assert b["layout"].shape == (8, 9) and b["text_mask"].dtype == bool
+
+
+def test_word_ids_are_the_tokenizers_wordlevel_vocabulary_and_bound_every_caption():
+  # PAD, EOS and UNK as ByT5's, then the 23 words a caption can hold, sorted.
+  assert cd.WORDS == tuple(sorted(set(cd.WORDS))) and len(cd.WORDS) == 23
+  assert cd.WORD_VOCAB == 26
+  text = "a large 3 at the top left and a small 7 in the center"
+  want = [3 + cd.WORDS.index(w) for w in text.split()] + [1, 0]
+  assert cd.caption_ids(text, 16, "words").tolist() == want
+  ids, mask = cd.caption_batch([text, "a small 0 on the left"], 16, "words")
+  assert ids.shape == (2, 16) and mask.sum(1).tolist() == [15, 7]
+  longest = 0
+  for (d1, c1), (d2, c2) in cd._all_pairs():
+    layout, sizes = np.full(9, cd.EMPTY), np.zeros(9, int)
+    layout[[c1, c2]], sizes[[c1, c2]] = [d1, d2], 2
+    longest = max(longest, len(cd.caption_ids(cd.caption_for(layout, sizes), 16, "words")
+                               .nonzero()[0]))
+  assert longest == cd.max_text_ids("words") == 16  # the EOS (1) counted, PAD (0) not
+  with pytest.raises(ValueError, match=r"words outside the 'words' caption vocabulary \('seven'"):
+    cd.caption_ids("a large seven in the center", 16, "words")
+  with pytest.raises(ValueError, match="takes 17 word ids with its EOS, more than 16"):
+    cd.caption_ids(" ".join(["a"] * 16), 16, "words")
+  with pytest.raises(ValueError, match=r"data.caption_tokens='bpe' is not one of"):
+    cd.caption_ids(text, 16, "bpe")
+
+
+def test_word_caption_records_and_config_errors():
+  c = cfg(text_len=16, caption_tokens="words")
+  byte = image_data.source(cfg(text_len=64), "val")[3]
+  word = image_data.source(c, "val")[3]
+  np.testing.assert_array_equal(word["images"], byte["images"])  # the same canvas
+  assert cd.caption_ids(cd.caption_for(word["layout"], word["sizes"]), 16, "words").tolist() \
+      == word["text_ids"].tolist()
+  assert word["text_mask"].tolist() == (word["text_ids"] != 0).tolist()
+  with pytest.raises(ValueError, match=r"data.text_len=15 is shorter than the longest caption "
+                     r"of 'digit_captions' \(16 word ids"):
+    image_data.check_image_config(cfg(text_len=15, caption_tokens="words"))
+  with pytest.raises(ValueError, match=r"data.caption_tokens='bpe' is not one of"):
+    image_data.check_image_config(cfg(text_len=64, caption_tokens="bpe"))

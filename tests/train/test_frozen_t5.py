@@ -206,6 +206,11 @@ def test_validation_names_the_key_before_anything_compiles(hf, tmp_path):
   config.model.text_encoder = "trained"
   with pytest.raises(ValueError, match="is set but model.text_encoder='trained' ignores it"):
     validate(config)
+  config = make_config("mmdit", folder)  # T5 reads bytes, not the captions' word ids
+  config.data.caption_tokens = "words"
+  with pytest.raises(ValueError, match=r"^model.text_encoder='t5' reads ByT5 byte ids but "
+                     r"data.caption_tokens='words'"):
+    validate(config)
 
 
 def test_param_count_and_flops_count_the_t5_encoder(hf):

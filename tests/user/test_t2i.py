@@ -3,7 +3,7 @@ digit caption canvases) through `python -m train` on its own mesh with its evalu
 "val" and "heldout" captions and the prompt grid; `python -m train.sample --prompt=...`; and
 `python -m bench.diffusion_quality` scoring it with a trained experiments/digit_reader.py.
 
-Overrides, only of step counts and sizes: MMDiT --config.train.steps=10 (of 3,000),
+Overrides, only of step counts and sizes: MMDiT --config.train.steps=10 (of 9,000),
 --config.train.batch_size=16 (of 64), --config.opt.warmup_steps=2 (a step count: at step 10 of a
 100-step warm-up the loss has not moved), --config.diffusion.sample_steps=4 (of 50) and
 --config.diffusion.samples_per_class=1 (of 8 columns); the reader 40 steps (of 1,500); the sample
@@ -68,8 +68,11 @@ def test_train_sample_draws_prompts_and_refuses_classes(t2i, tmp_path):
   with Image.open(written) as grid:
     assert grid.size[1] > grid.size[0] / 2  # 2 rows of 2
   cases = {"--classes=3": "conditioned on captions; give --prompt",
-           "--prompt=" + "x" * 80: "takes 81 ByT5 ids with its EOS, more than 64",
-           "--prompt=hi --weights=best": "--weights=best is not one of"}
+           # the experiment's captions are word ids (data.caption_tokens="words", text_len 16)
+           "--prompt=" + "x" * 80: "has words outside the 'words' caption vocabulary ('xxx",
+           '--prompt="a large 1 at the top left and a large 7 at the top right and"':
+               "takes 17 word ids with its EOS, more than 16",
+           '--prompt="a large 3 in the center" --weights=best': "--weights=best is not one of"}
   for flags, message in cases.items():
     bad = run(f"python -m train.sample --workdir={workdir} {flags}", tmp_path / "b.log",
               timeout=120, ok=False)

@@ -32,9 +32,14 @@ TEXT_AXES = {"images": images.IMAGE_AXES, "text_ids": ("act_batch", None),
 TEXT_EVAL = ("val", "heldout")  # train/caption_data.py's evaluation splits
 
 
-def text_batch(images_BxHxWxC, captions: list[str], text_len: int) -> dict:
-  """A caption batch from images and strings (byte tokens, eos, padding), as the data yields."""
-  ids, mask = tokenizer.byt5_ids(list(captions), text_len)
+def text_batch(images_BxHxWxC, captions: list[str], text_len: int, tokens: str = "byt5") -> dict:
+  """A caption batch from images and strings (ids, EOS, padding), as the data yields: ByT5 byte
+  ids (cut to fit, as byt5_ids), or whole captions in the "words" vocabulary
+  (train/caption_data.py's data.caption_tokens)."""
+  if tokens == "byt5":
+    ids, mask = tokenizer.byt5_ids(list(captions), text_len)
+  else:
+    ids, mask = caption_data.caption_batch(list(captions), text_len, tokens)
   return {"images": np.asarray(images_BxHxWxC, np.float32), "text_ids": ids, "text_mask": mask}
 
 
@@ -100,9 +105,13 @@ class DiffusionTask(images.ImageTask):
     if data.text_len != model_cfg.text_len:
       raise ValueError(f"data.text_len={data.text_len} but model.text_len={model_cfg.text_len}; "
                        "the model reads captions of the data's length.")
+    tokens = caption_data.tokens_of(data)
+    if tokens != "byt5" and model_cfg.text_encoder == "t5":
+      raise ValueError(f"model.text_encoder='t5' reads ByT5 byte ids but data.caption_tokens="
+                       f"{tokens!r}; set data.caption_tokens='byt5' with a T5 encoder.")
     for prompt in self.config.diffusion.prompts:
       try:
-        caption_data.caption_ids(prompt, model_cfg.text_len)
+        caption_data.caption_ids(prompt, model_cfg.text_len, tokens)
       except ValueError as e:
         raise ValueError(f"diffusion.prompts: {e}") from None
     image_data.check_splits(data, {
@@ -315,7 +324,7 @@ class DiffusionTask(images.ImageTask):
     padded = -(-n // data_parallel) * data_parallel
     captions = [c for c in prompts for _ in range(d.samples_per_class)]
     batch = text_batch(np.zeros((padded, 1, 1, 1)), captions + [""] * (padded - n),
-                       model.cfg.text_len)
+                       model.cfg.text_len, caption_data.tokens_of(self.config.data))
     ids = jax.device_put(batch["text_ids"], sharding["text_ids"])
     mask = jax.device_put(batch["text_mask"], sharding["text_mask"])
     images = np.asarray(multihost_utils.process_allgather(
