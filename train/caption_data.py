@@ -174,13 +174,11 @@ def pairs() -> dict[bool, tuple]:
 
 @functools.lru_cache(maxsize=2)
 def max_text_ids(tokens: str = "byt5") -> int:
-  """The most ids (EOS included) any caption takes: the lower bound of data.text_len."""
+  """The most ids (EOS included) any caption takes: the lower bound of data.text_len. The
+  longest caption names the two longest places."""
   size = (lambda text: len(text.split())) if tokens == "words" else (lambda text: len(text))
-  longest = max(size(p) for p in PLACES)
-  second = sorted(size(p) for p in PLACES)[-2]
-  body = size("a large 0 ") if tokens == "byt5" else 3
-  join = size(" and ") if tokens == "byt5" else 1
-  return body + longest + join + body + second + 1
+  second, longest = sorted(PLACES, key=size)[-2:]
+  return size(f"a large 0 {longest} and a large 0 {second}") + 1
 
 
 def layout_of(split: str, index: int, seed: int = DATA_SEED):

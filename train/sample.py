@@ -49,14 +49,13 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
     if not prompts:
       raise ValueError(f"model '{config.model.name}' is conditioned on captions; give at least "
                        "one --prompt=TEXT.")
+    tokens = caption_data.tokens_of(config.data)
     for prompt in prompts:
       try:
-        caption_data.caption_ids(prompt, model_cfg.text_len,
-                                 caption_data.tokens_of(config.data))
+        caption_data.caption_ids(prompt, model_cfg.text_len, tokens)
       except ValueError as e:
-        why = str(e).rstrip(".")
-        where = " (the model's model.text_len)" if "more than" in why else ""
-        raise ValueError(f"--prompt: {why}{where}.") from None
+        raise ValueError(f"--prompt: {str(e).rstrip('.')} (this model reads {tokens!r} ids, "
+                         f"model.text_len={model_cfg.text_len}).") from None
   else:
     if prompts:
       raise ValueError(f"model '{config.model.name}' is class-conditional; give --classes, not "
