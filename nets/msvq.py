@@ -161,7 +161,7 @@ class Quantizer(nn.Module):
       f_hat = f_hat + self.scale_features(k, ids_k, h)
       loss = loss + (cfg.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(f_hat) - f))
                      + jnp.mean(jnp.square(f_hat - f_sg)))
-      counts = counts + jnp.zeros_like(counts).at[ids_k.reshape(-1)].add(1.0)
+      counts = counts.at[ids_k.reshape(-1)].add(1.0)
       ids.append(ids_k)
     f_st = f + jax.lax.stop_gradient(f_hat - f)
     return f_st, tuple(ids), loss / len(cfg.scales), counts
