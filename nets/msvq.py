@@ -80,8 +80,10 @@ def area_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 def cubic_matrix(n_out: int, n_in: int) -> np.ndarray:
   """[n_out, n_in] float32: jax.image.resize's cubic interpolation along one axis (rows of the
-  resized identity); the identity when n_out == n_in, constant rows from one input."""
-  return np.asarray(jax.image.resize(jnp.eye(n_in, dtype=jnp.float32), (n_out, n_in), "cubic"))
+  resized identity); the identity when n_out == n_in, constant rows from one input. A constant
+  under jit too (the quantiser and VAR's sampling call it inside traced functions)."""
+  with jax.ensure_compile_time_eval():
+    return np.asarray(jax.image.resize(jnp.eye(n_in, dtype=jnp.float32), (n_out, n_in), "cubic"))
 
 
 def resize(x_BxHxWxC, m_IxH, m_JxW):

@@ -131,3 +131,13 @@ def test_config_errors(field, value, message):
   q, params, _ = init()
   with pytest.raises(ValueError, match=r"features are 4x4x3 but the quantiser expects 5x5x3"):
     q.apply({"params": params}, jnp.zeros((1, 4, 4, 3)))
+
+
+def test_runs_under_jit():
+  """The resize matrices are constants under jit too (a traced jnp.eye once broke this)."""
+  q, params, f = init()
+  eager = q.apply({"params": params}, f)
+  jitted = jax.jit(lambda p, f: q.apply({"params": p}, f))(params, f)
+  for a, b in zip(eager[1], jitted[1]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_allclose(np.asarray(jitted[0]), np.asarray(eager[0]), atol=1e-6)
