@@ -220,8 +220,10 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """images [B, H, W, C] -> moments [B, H/f, W/f, 2·latent_channels] (before quant_conv)."""
+  """images [B, H, W, C] -> moments [B, H/f, W/f, 2·latent_channels] (before quant_conv), or
+  ``out_features`` channels when given (the VQ tokenizer's features, nets/vqvae.py)."""
   cfg: Any
+  out_features: int | None = None
 
   @nn.compact
   def __call__(self, x_BxHxWxC):
@@ -236,7 +238,8 @@ class Encoder(nn.Module):
         x = Conv(cfg, c, stride=2, padding="VALID", name=f"down_blocks_{i}_downsample")(x)
     x = MidBlock(cfg, name="mid_block")(x)
     x = GroupNorm(cfg, silu=True, name="conv_norm_out")(x)
-    return Conv(cfg, 2 * cfg.latent_channels, wide=(True, False), name="conv_out")(x)
+    out = self.out_features or 2 * cfg.latent_channels
+    return Conv(cfg, out, wide=(True, False), name="conv_out")(x)
 
 
 class Decoder(nn.Module):

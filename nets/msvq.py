@@ -80,10 +80,17 @@ def area_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 def cubic_matrix(n_out: int, n_in: int) -> np.ndarray:
   """[n_out, n_in] float32: jax.image.resize's cubic interpolation along one axis (rows of the
-  resized identity); the identity when n_out == n_in, constant rows from one input. A constant
-  under jit too (the quantiser and VAR's sampling call it inside traced functions)."""
-  with jax.ensure_compile_time_eval():
-    return np.asarray(jax.image.resize(jnp.eye(n_in, dtype=jnp.float32), (n_out, n_in), "cubic"))
+  resized identity): Keys' cubic kernel (a = -0.5) at half-pixel centres, widened by the
+  factor when shrinking (antialiasing) and renormalised over the inputs that exist; the identity
+  when n_out == n_in, constant rows from one input. Computed in numpy, so it is a constant under
+  jit too (tests/nets/test_msvq.py holds it to jax.image.resize)."""
+  scale = n_out / n_in
+  width = max(1.0, 1.0 / scale)
+  x = np.abs(((np.arange(n_out) + 0.5) / scale - 0.5)[:, None] - np.arange(n_in)[None, :]) / width
+  a = -0.5
+  w = np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+               np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0))
+  return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def resize(x_BxHxWxC, m_IxH, m_JxW):
@@ -113,7 +120,7 @@ class Phi(nn.Module):
                    param_dtype=jnp.dtype(self.cfg.param_dtype), name="conv",
                    kernel_init=nn.with_logical_partitioning(
                        nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                       (None, None, "norm", "norm")),
+                       (None, None, None, "norm")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
     return (1.0 - a) * x_BxHxWxC + a * conv(x_BxHxWxC)
 
@@ -168,10 +175,29 @@ class Quantizer(nn.Module):
     f_st = f + jax.lax.stop_gradient(f_hat - f)
     return f_st, tuple(ids), loss / len(cfg.scales), counts
 
-  def decode_ids(self, ids):
-    """f̂ [B, h, h, C] from the ids of every scale (a sequence of [B, s_k, s_k])."""
+  def encode(self, f_BxHxWxC):
+    """(ids of every scale, residuals [B, tokens, C] float32): the token maps of f and the
+    residual vectors they quantised, scale by scale (no loss, no gradient)."""
     cfg = self.cfg
-    if len(ids) != len(cfg.scales):
+    h = self._check(f_BxHxWxC)
+    f = jax.lax.stop_gradient(f_BxHxWxC.astype(jnp.float32))
+    codebook = jax.lax.stop_gradient(self.codebook)
+    f_hat = jnp.zeros_like(f)
+    ids, residuals = [], []
+    for k, s in enumerate(cfg.scales):
+      down = jnp.asarray(area_matrix(s, h))
+      r = resize(f - f_hat, down, down)
+      ids_k = nearest_codes(r, codebook)
+      f_hat = f_hat + jax.lax.stop_gradient(self.scale_features(k, ids_k, h))
+      ids.append(ids_k)
+      residuals.append(r.reshape(r.shape[0], s * s, -1))
+    return tuple(ids), jnp.concatenate(residuals, axis=1)
+
+  def decode_ids(self, ids, partial: bool = False):
+    """f̂ [B, h, h, C] from the ids of every scale (a sequence of [B, s_k, s_k]); with
+    ``partial`` the ids of the first k scales give f̂_k, the coarser map after k of them."""
+    cfg = self.cfg
+    if len(ids) != len(cfg.scales) and not (partial and 0 < len(ids) < len(cfg.scales)):
       raise ValueError(f"got token maps of {len(ids)} scales; the quantiser has "
                        f"{len(cfg.scales)} (model.scales={cfg.scales}).")
     h = cfg.scales[-1]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import nets
 from nets import counting
 
-TASKS = ("lm", "classification", "diffusion", "autoencoder", "var")
+TASKS = ("lm", "classification", "diffusion", "autoencoder", "vqvae", "var")
 
 
 @dataclasses.dataclass(frozen=True)

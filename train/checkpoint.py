@@ -204,13 +204,15 @@ class Checkpointer:
 
 def _saved_fields(state):
   """The train state as Orbax saves it: its fields by name, without ``ema_params`` when there is
-  no EMA, so a run without one writes (and resumes) exactly the checkpoints of the odyssey
-  before EMA existed. Any other pytree is saved as it is."""
+  no EMA and without ``task_state`` when the task keeps none, so such a run writes (and resumes)
+  exactly the checkpoints of the odyssey before those fields existed. Any other pytree is saved
+  as it is."""
   if not isinstance(state, state_lib.TrainState):
     return state
   fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-  if fields["ema_params"] is None:
-    del fields["ema_params"]
+  for optional in ("ema_params", "task_state"):
+    if fields[optional] is None:
+      del fields[optional]
   return fields
 
 

@@ -100,8 +100,13 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
       text_encoders.frozen_mask if text_encoder_path else None))
   example = task.example_batch(config.train.batch_size)
   ema_decay = steps.ema_schedule(config.train.ema)
-  create_state = lambda: state_lib.create(model, tx, task.init_args(example), config.seed,
-                                          ema=ema_decay is not None)
+  # A task's non-gradient state and its update after each optimizer step (the VQ tokenizer's
+  # code usage and dead-code restart); most tasks keep none.
+  init_task_state = getattr(task, "init_task_state", None)
+  task_update = task.task_update(model) if hasattr(task, "task_update") else None
+  create_state = lambda: state_lib.create(
+      model, tx, task.init_args(example), config.seed, ema=ema_decay is not None,
+      task_state=init_task_state(model_cfg) if init_task_state else None)
   abstract, shardings = sharding.abstract_and_shardings(create_state, mesh, rules)
   batch_shardings = {k: sharding.logical_sharding(mesh, rules, axes)
                      for k, axes in task.batch_axes.items()}
@@ -110,7 +115,7 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
   make_step = functools.partial(
       steps.make_train_step, task.loss_fn(model, permutation), tx, lr_schedule,
       grad_accum=config.train.grad_accum, batch_axes=None if pmap else task.batch_axes,
-      axis_name=steps.PMAP_AXIS if pmap else None, ema_decay=ema_decay)
+      axis_name=steps.PMAP_AXIS if pmap else None, ema_decay=ema_decay, task_update=task_update)
   step_fn, step_with_grads = make_step(), make_step(with_grads=True)
   context = functools.partial(_mesh_context, mesh, rules)
   if pmap:  # called outside the mesh context: inside pmap every array is one device's

@@ -29,7 +29,7 @@ COUNT_METRICS = ("tokens", "images")
 def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
                     grad_accum: int = 1, batch_axes: dict | None = None,
                     axis_name: str | None = None, with_grads: bool = False,
-                    ema_decay: Callable | None = None):
+                    ema_decay: Callable | None = None, task_update: Callable | None = None):
   """Builds the pure train step; the caller jits (or pmaps) it once and donates the state.
 
   ``grad_accum`` > 1 splits the batch into that many micro-batches inside the step (a
@@ -58,6 +58,13 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   towards the new parameters, ``ema = d * ema + (1 - d) * params``, in float32 and cast back to
   the parameter dtype. A rejected step leaves the EMA as it was (d = 1) and does not count.
 
+  ``task_update`` (a task's non-gradient state, e.g. the VQ tokenizer's code usage; None: none)
+  runs after the optimizer update and before the EMA as ``task_update(params, state.task_state,
+  batch, rng, axis_name) -> (params, task_state, metrics)``: it may change parameters outside the
+  gradient (a dead-code restart) and adds its metrics to the step's. Under the pmap loop it gets
+  the device's rows and ``axis_name``, and must reduce over that axis so every device changes
+  the parameters alike; its rng is the step's before the device index is folded in.
+
   ``with_grads`` makes the step return ``(state, metrics, grads)``, the gradients it applied
   (averaged over micro-batches and devices), for checks that compare them without a second
   backward pass.
@@ -73,6 +80,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
 
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
+    update_rng = jax.random.fold_in(step_rng, 1)
     if axis_name is not None:
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     loss, metrics, grads = compute(state.params, batch, step_rng)
@@ -88,6 +96,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
     params, opt_state = _apply_if_state_finite(state.params, state.opt_state, updates, opt_state)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(applied),
                "lr": lr_schedule(state.step), **bad_step_counts(opt_state)}
+    if task_update is not None:
+      params, task_state, task_metrics = task_update(params, state.task_state, batch, update_rng,
+                                                     axis_name)
+      metrics = {**metrics, **task_metrics}
+      state = state.replace(task_state=task_state)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     if ema_decay is not None:
       # Updates applied before this one; a rejected step (last_finite False) keeps the EMA.

@@ -50,7 +50,7 @@ def _inputs(family, cfg):
                        jnp.float32)
   if family.task == "classification":
     return (images,), (B, cfg.num_classes)
-  if family.task == "autoencoder":  # (reconstruction, posterior mean, logvar): the first checked
+  if family.task in ("autoencoder", "vqvae"):  # (reconstruction, ...): the first is checked
     return (images,), (B, cfg.image_size, cfg.image_size, cfg.out_channels)
   t, y = jnp.asarray([3.0, 500.0]), jnp.asarray([1, 0], jnp.int32)
   shape = (B, cfg.image_size, cfg.image_size, cfg.out_channels)
@@ -90,7 +90,7 @@ def test_config_shares_the_concept_names(built):
 def test_forward_shape_and_dtype(built):
   family, _, model, inputs, shape, params = built
   out = model.apply({"params": params}, *inputs)
-  if family.task == "autoencoder":
+  if family.task in ("autoencoder", "vqvae"):
     out = out[0]
   assert out.shape == shape and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()

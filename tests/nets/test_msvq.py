@@ -86,6 +86,9 @@ def test_resampling_matrices():
   np.testing.assert_allclose(msvq.area_matrix(5, 5), np.eye(5))
   np.testing.assert_allclose(msvq.cubic_matrix(5, 5), np.eye(5), atol=1e-6)
   np.testing.assert_allclose(msvq.cubic_matrix(4, 1), np.ones((4, 1)), atol=1e-6)
+  for n_out, n_in in ((8, 2), (8, 3), (8, 6), (16, 13), (16, 10), (3, 8)):  # jax's own, in numpy
+    want = jax.image.resize(jnp.eye(n_in, dtype=jnp.float32), (n_out, n_in), "cubic")
+    np.testing.assert_allclose(msvq.cubic_matrix(n_out, n_in), want, atol=1e-6)
 
 
 def test_straight_through_gradient_and_the_codebook_loss():

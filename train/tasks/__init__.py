@@ -14,12 +14,17 @@ A task object (built from the config) provides:
   extra_metrics(model, params, sharding) -> validation metrics computed outside the eval step
                                   (the LM's multiple-choice eval.tasks), in the mesh context
   samples(model, params, step, final, out) -> writes samples (text, PNG grid) and returns them
+and optionally a non-gradient part of the train state (train/steps.py):
+  init_task_state(model_cfg)   -> its initial pytree (replicated, checkpointed)
+  task_update(model)           -> fn(params, task_state, batch, rng, axis_name)
+                                  -> (params, task_state, metrics), run after each update
 """
 
-from train.tasks import autoencoder, classification, diffusion, lm
+from train.tasks import autoencoder, classification, diffusion, lm, vqvae
 
 TASKS = {"lm": lm.LMTask, "classification": classification.ClassificationTask,
-         "diffusion": diffusion.DiffusionTask, "autoencoder": autoencoder.AutoencoderTask}
+         "diffusion": diffusion.DiffusionTask, "autoencoder": autoencoder.AutoencoderTask,
+         "vqvae": vqvae.VQVAETask}
 
 
 def get(config):
