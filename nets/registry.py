@@ -37,6 +37,9 @@ class Family:
   # Linear recurrences over the sequence: takes ``recurrence_fn`` (parallel/state_passing.py),
   # and its attention layers, if any, must see the sequence in order (no zigzag).
   state_passing: bool = False
+  # Its causal mask is in the positions it passes to attention (VAR: block-causal by scale), not
+  # in token order: the cuDNN and Splash kernels, which mask by index, are not used for it.
+  position_masks: bool = False
   moe: Callable[[Any], Any] | None = None  # cfg -> its nets.moe.Config; None: no MoE layers
   # (cfg, batch, max_len) -> the empty decode cache or recurrent state; None: no cached decoding
   init_cache: Callable[[Any, int, int], Any] | None = None

@@ -47,7 +47,7 @@ VARIANTS = {
     **{f"d{d}": dict(depth=d, hidden_size=64 * d, num_heads=d) for d in (16, 20, 24, 30)},
     # sklearn digits (8×8 grey, 10 classes) through a small multi-scale tokenizer, and tests.
     "digits": dict(depth=4, hidden_size=128, num_heads=4, num_classes=10, codebook_size=512,
-                   vae_dim=32, scales=(1, 2, 3, 4, 6, 8)),
+                   vae_dim=16, scales=(1, 2, 3, 4, 6, 8)),
 }
 
 
@@ -407,5 +407,6 @@ def _sample(model, params, quantizer, qparams, labels_B, rng, *, cfg_scale, top_
 FAMILY = Family(
     name="var", Config=Config, Model=Model, task="var", num_params=num_params, flops=flops,
     attention_length=lambda cfg, seq_len: cfg.max_len, init_cache=init_cache,
+    position_masks=True,
     test_config=dict(variant="digits", hidden_size=256, depth=2, num_heads=4, codebook_size=512,
                      vae_dim=16))

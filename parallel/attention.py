@@ -72,10 +72,13 @@ class Plan:
 
 
 def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: int,
-              seq_len: int, contiguous: bool = False) -> Plan:
+              seq_len: int, contiguous: bool = False, position_masks: bool = False) -> Plan:
   """Resolves "auto" and validates the combination; raises one sentence naming the fix.
 
   ``contiguous=True``: ring and USP keep the sequence in order (no zigzag permutation).
+  ``position_masks=True``: the model's causal mask is in its positions, not in token order
+  (VAR's block-causal mask by scale), which the cuDNN and Splash kernels do not read: "auto"
+  then picks blockwise, and naming either of them is refused.
   """
   strategy, kernel_name = parallel_cfg.seq_strategy, parallel_cfg.attention
   if strategy not in STRATEGIES:
@@ -83,6 +86,12 @@ def make_plan(parallel_cfg, mesh_sizes: dict, *, num_heads: int, num_kv_heads: i
   if kernel_name not in KERNEL_NAMES:
     raise ValueError(f"config.parallel.attention={kernel_name!r} is not one of {KERNEL_NAMES}.")
   kernel = kernels.pick_kernel(kernel_name)
+  if position_masks and kernel in ("cudnn", "splash"):
+    if kernel_name != "auto":
+      raise ValueError(f"parallel.attention={kernel_name!r} masks causally by token order, but "
+                       "this model's mask is in its positions (block-causal by scale); use "
+                       "'auto' or 'blockwise'.")
+    kernel = "blockwise"
   rules = sharding.rules_from_config(parallel_cfg)
   _, seq_axes, head_axes, _ = sharding.spec(QKV_NAMES, rules)
   P, tp = sharding.axes_size(seq_axes, mesh_sizes), sharding.axes_size(head_axes, mesh_sizes)

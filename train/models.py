@@ -53,7 +53,8 @@ def attention_plan(config, mesh_sizes: dict, model_cfg) -> attention.Plan:
   return attention.make_plan(config.parallel, mesh_sizes, num_heads=model_cfg.num_heads,
                              num_kv_heads=model_cfg.num_kv_heads,
                              seq_len=attention_length(config, model_cfg),
-                             contiguous=family.state_passing)
+                             contiguous=family.state_passing,
+                             position_masks=family.position_masks)
 
 
 def recurrence_plan(config, mesh_sizes: dict, model_cfg) -> state_passing.Plan | None:

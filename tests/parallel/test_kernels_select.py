@@ -262,3 +262,24 @@ def test_every_gpu_flag_exists_in_this_jaxlib():
   assert ok.returncode == 0 and ok.stdout.strip() == "4.0", ok.stderr[-2000:]
   bad = _jax_with_flags("--xla_gpu_no_such_flag=true")
   assert bad.returncode != 0 and "Unknown flag in XLA_FLAGS" in bad.stderr
+
+
+@pytest.mark.parametrize("fast", ["cudnn", "splash"])
+def test_position_masked_models_never_get_an_index_causal_kernel(fast, monkeypatch):
+  """VAR's block-causal mask lives in its positions: where "auto" would pick cuDNN or Splash
+  (which mask by token index) it gets blockwise, and naming either is one sentence."""
+  import ml_collections
+
+  from parallel import attention as attention_lib, kernels
+  monkeypatch.setattr(kernels, "pick_kernel", lambda name, platform_name=None: fast)
+  cfg = lambda name: ml_collections.ConfigDict(dict(
+      seq_strategy="auto", attention=name, block_size=512, rules=()))
+  sizes = dict(data=1, fsdp=1, tensor=1, seq=1, expert=1)
+  plan = attention_lib.make_plan(cfg("auto"), sizes, num_heads=4, num_kv_heads=4, seq_len=130,
+                                 position_masks=True)
+  assert plan.kernel == "blockwise"
+  assert attention_lib.make_plan(cfg("auto"), sizes, num_heads=4, num_kv_heads=4, seq_len=130
+                                 ).kernel == fast
+  with pytest.raises(ValueError, match="masks causally by token order"):
+    attention_lib.make_plan(cfg(fast), sizes, num_heads=4, num_kv_heads=4, seq_len=130,
+                            position_masks=True)

@@ -142,3 +142,37 @@ def test_the_step_restarts_dead_codes_onto_batch_residuals():
   for path, leaf in flat_old:
     if "codebook" not in jax.tree_util.keystr(path):
       np.testing.assert_array_equal(flat_new[path], leaf)
+
+
+# --- VAR on those tokens -------------------------------------------------------------------------
+
+VAR = ("python -m train --config=experiments/var_digits.py --workdir=VAR --cpu_devices=8 "
+       "--config.data.path=TOKENS")
+
+
+@pytest.fixture(scope="module")
+def var_run(tokenized):
+  root, _, tokens, _ = tokenized
+  workdir = root / "var"
+  out = run(substitute(doc(VAR), VAR=workdir, TOKENS=tokens) + " --config.train.steps=4"
+            " --config.eval.every=2 --config.var.samples_per_class=1", root / "var.log",
+            timeout=600).stdout
+  return workdir, out
+
+
+def test_var_digits_trains_evaluates_and_draws_a_grid_per_class(var_run):
+  workdir, out = var_run
+  val = metrics(workdir, "val")
+  assert [m["step"] for m in val] == [0, 2, 4], out
+  assert val[-1]["loss"] < val[0]["loss"], val
+  assert all(0.0 <= m["accuracy"] <= 1.0 for m in val), val
+  assert "token accuracy" in out, out
+  with Image.open(workdir / "samples" / "step_000004.png") as png:  # 10 rows of 32 px digits
+    assert png.size[1] == 10 * 32 + 11 * 2, out
+
+
+def test_var_refuses_data_that_are_not_token_maps(tmp_path):
+  res = run(substitute(doc(VAR), VAR=tmp_path / "v", TOKENS=tmp_path / "none"),
+            tmp_path / "refused.log", timeout=120, ok=False)
+  assert res.returncode != 0 and "VAR trains on token maps" in res.stdout, res.stdout
+  assert "Traceback" not in res.stdout and not (tmp_path / "v").exists(), res.stdout

@@ -52,6 +52,7 @@ POD_CHECK = "tests/train/test_experiments.py::test_pod_configs_fit_the_chip_memo
 SFT_PATH = U + "test_sft.py::test_import_sft_generate_export_and_transformers_agree"
 VAE = "tests/train/test_autoencoder_task.py::"
 T2I = U + "test_t2i.py::"
+VQ = "tests/train/test_vqvae_task.py::"
 
 DOCUMENTED = {
     # Quick start, Results, Experiments.
@@ -212,6 +213,14 @@ DOCUMENTED = {
     "--config.data.path=LATENTS": Runs(VAE + "test_latent_dit_samples_decode_to_pngs"),
     "python -m train.sample --workdir=DIT --classes=0,3,7 --cfg=4.0 --steps=50": Runs(
         VAE + "test_latent_dit_samples_decode_to_pngs"),
+    # VAR: the multi-scale VQ tokenizer, its token maps, next-scale prediction (docs/models.md).
+    "python -m train --config=experiments/vqvae_digits.py --workdir=DIR --cpu_devices=8": Runs(
+        VQ + "test_vqvae_digits_trains_evaluates_and_draws_reconstructions_per_scale"),
+    "python -m train.encode --workdir=VQ --out=TOKENS": Runs(
+        VQ + "test_encode_writes_token_maps_that_decode_as_the_model_reconstructs"),
+    "python -m train --config=experiments/var_digits.py --workdir=VAR --cpu_devices=8 "
+    "--config.data.path=TOKENS": Runs(
+        VQ + "test_var_digits_trains_evaluates_and_draws_a_grid_per_class"),
     # Supervised fine-tuning of an imported model (docs/convert.md, docs/data.md).
     "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=IMPORTED": Runs(
         SFT_PATH, "HF_DIR = a tiny random Llama with a locally trained tokenizer.json"),

@@ -20,11 +20,11 @@ and optionally a non-gradient part of the train state (train/steps.py):
                                   -> (params, task_state, metrics), run after each update
 """
 
-from train.tasks import autoencoder, classification, diffusion, lm, vqvae
+from train.tasks import autoencoder, classification, diffusion, lm, var, vqvae
 
 TASKS = {"lm": lm.LMTask, "classification": classification.ClassificationTask,
          "diffusion": diffusion.DiffusionTask, "autoencoder": autoencoder.AutoencoderTask,
-         "vqvae": vqvae.VQVAETask}
+         "vqvae": vqvae.VQVAETask, "var": var.VARTask}
 
 
 def get(config):
