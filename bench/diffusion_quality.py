@@ -1,4 +1,5 @@
-"""Sample quality of trained diffusion runs, read by odyssey's own digit reader (train/quality.py).
+"""Sample quality and sampling time of trained diffusion and VAR runs, read by odyssey's own digit
+reader (train/quality.py).
 
   python -m bench.diffusion_quality --reader=DIR --runs=NAME=DIR[,NAME=DIR...]
       [--cfg_scales=1,2,4] [--weights=raw,ema] [--n=250] [--steps=0] [--seed=1]
@@ -12,9 +13,15 @@ decodes latents through the run's autoencoder (train/latents.py), and scores the
   * text-conditioned runs (pixart, mmdit on digit_captions): the captions of the first n
     canvases of the "heldout" split (digit pairs never trained on) and of the "val" split; the
     share of samples whose every cell the reader reads as the caption says (faithfulness), and
-    the Fréchet distance to the n real canvases of those captions.
+    the Fréchet distance to the n real canvases of those captions;
+  * VAR runs (task "var", nets/var.py): as class-conditional runs, drawn scale by scale with the
+    KV cache at each guidance scale and decoded by their tokenizer (weights: raw only).
+Every row also times its sampling: the seconds per image of a second, already compiled draw of
+the same batch (latent decoding included), so runs in one bench share the machine's load.
 Writes diffusion_quality.{json,md,png} to --out.
 """
+
+import time
 
 import numpy as np
 
@@ -52,6 +59,8 @@ def _caption_split(split: str, n: int, text_len: int, tokens: str = "byt5"):
 
 
 def run(args) -> dict:
+  import jax
+
   from nets import registry
   from train import caption_data, checkpoint, latents, quality, tasks
 
@@ -65,15 +74,19 @@ def run(args) -> dict:
   real_digit_feats = quality.digit_features(reader, _real_digits())
   splits = {}
   for name, workdir in _runs(args.runs).items():
-    for weights in weights_list:
+    is_var = checkpoint.load_config(workdir).get("task") == "var"
+    for weights in (["raw"] if is_var else weights_list):
       config, model, _, params = checkpoint.load_trained(workdir, weights=weights)
       weights_used = checkpoint.resolve_weights(workdir, weights)
       text = registry.get(config.model.name).conditioning == "text"
-      decode = latents.load_decoder(config)
+      decode = None if is_var else latents.load_decoder(config)  # VAR's task decodes itself
       for scale in cfg_scales:
-        config.diffusion.cfg_scale = scale
-        if args.steps:
-          config.diffusion.sample_steps = args.steps
+        if is_var:
+          config.var.cfg_scale = scale
+        else:
+          config.diffusion.cfg_scale = scale
+          if args.steps:
+            config.diffusion.sample_steps = args.steps
         task = tasks.get(config)
         harness.log(f"{name}: {weights_used} weights, cfg {scale:g}")
         if text:
@@ -94,13 +107,21 @@ def run(args) -> dict:
             grids.setdefault(name, images[:16])
         else:
           labels = np.repeat(np.arange(10), max(1, args.n // 10)).astype(np.int32)
-          images = np.asarray(task.sample_images(model, params, labels, args.seed))
-          if decode is not None:
-            images = np.asarray(decode(images))
+
+          def draw():
+            images = np.asarray(task.sample_images(model, params, labels, args.seed))
+            return np.asarray(decode(images)) if decode is not None else images
+          draw()  # compiles
+          start = time.perf_counter()
+          images = draw()
+          seconds = (time.perf_counter() - start) / len(images)
           rows.append(dict(
               run=name, model=config.model.name, conditioning="class", split="val",
               weights=weights_used, cfg_scale=scale, samples=len(images),
-              latent=decode is not None,
+              latent=decode is not None, seconds_per_image=seconds,
+              params=int(sum(x.size for x in jax.tree.leaves(params))),
+              sampler=("var: scale by scale, KV cache" if is_var else
+                       f"{config.diffusion.sampler} {config.diffusion.sample_steps} steps"),
               agreement=quality.agreement(reader, images, labels),
               frechet=quality.frechet_distance(quality.digit_features(reader, images),
                                                real_digit_feats)))
@@ -135,17 +156,27 @@ def markdown(doc: dict) -> str:
          for r in text]), ""]
   cls = [r for r in doc["rows"] if r["conditioning"] == "class"]
   if cls:
-    out += ["## Class-conditional (digits)", "", harness.table(
-        ["run", "model", "space", "weights", "cfg", "agreement", "Fréchet"],
-        [[r["run"], r["model"], "latent" if r["latent"] else "pixel", r["weights"],
-          f"{r['cfg_scale']:g}", harness.pct(r["agreement"]) + "%", f"{r['frechet']:.1f}"]
+    fastest = min((r["seconds_per_image"] for r in cls if r.get("seconds_per_image")),
+                  default=None)
+    out += ["## Class-conditional (digits)", "",
+            "Sampling time: seconds per image of a compiled draw of the row's whole batch; "
+            "x fastest: its ratio to the fastest row of this bench (same machine, same load).",
+            "", harness.table(
+        ["run", "model", "params", "sampler", "space", "weights", "cfg", "agreement", "Fréchet",
+         "ms / image", "x fastest"],
+        [[r["run"], r["model"], f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-",
+          r.get("sampler", "-"), "latent" if r["latent"] else "pixel", r["weights"],
+          f"{r['cfg_scale']:g}", harness.pct(r["agreement"]) + "%", f"{r['frechet']:.1f}",
+          f"{1e3 * r['seconds_per_image']:.2f}" if r.get("seconds_per_image") else "-",
+          f"{r['seconds_per_image'] / fastest:.1f}" if r.get("seconds_per_image") else "-"]
          for r in cls]), ""]
   return "\n".join(out)
 
 
 def plot(doc: dict, plt):
   rows = doc["rows"]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  timed = any(r.get("seconds_per_image") for r in rows)
+  fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 4))
   labels = [f"{r['run']} {r['weights']} cfg{r['cfg_scale']:g}"
             + (f" {r['split']}" if r["conditioning"] == "text" else "") for r in rows]
   score = [100 * r.get("faithfulness", r.get("agreement", 0.0)) for r in rows]
@@ -154,6 +185,11 @@ def plot(doc: dict, plt):
   axes[1].barh(labels, [r["frechet"] for r in rows])
   axes[1].set_xlabel("Fréchet distance in the reader's features (lower is better)")
   axes[1].set_yticks([])
+  if timed:
+    axes[2].barh(labels, [1e3 * (r.get("seconds_per_image") or 0.0) for r in rows])
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("sampling time, ms per image (log)")
+    axes[2].set_yticks([])
   return fig
 
 

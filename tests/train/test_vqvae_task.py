@@ -176,3 +176,19 @@ def test_var_refuses_data_that_are_not_token_maps(tmp_path):
             tmp_path / "refused.log", timeout=120, ok=False)
   assert res.returncode != 0 and "VAR trains on token maps" in res.stdout, res.stdout
   assert "Traceback" not in res.stdout and not (tmp_path / "v").exists(), res.stdout
+
+
+def test_var_refuses_tokens_of_a_tokenizer_step_that_is_gone(tokenized, tmp_path):
+  """Tokens name the tokenizer checkpoint that wrote them; when that step was deleted (the
+  tokenizer trained on and kept newer ones), VAR says so instead of decoding with other codes."""
+  import shutil
+  _, _, tokens, _ = tokenized
+  stale = tmp_path / "stale_tokens"
+  shutil.copytree(tokens, stale)
+  meta = json.loads((stale / "metadata.json").read_text())
+  meta["tokenizer_step"] = 999
+  (stale / "metadata.json").write_text(json.dumps(meta))
+  res = run(substitute(doc(VAR), VAR=tmp_path / "v", TOKENS=stale), tmp_path / "stale.log",
+            timeout=120, ok=False)
+  assert res.returncode != 0 and "no longer holds that checkpoint" in res.stdout, res.stdout
+  assert "Traceback" not in res.stdout and not (tmp_path / "v").exists(), res.stdout

@@ -86,6 +86,11 @@ class VARTask:
     if tok.get("task") != "vqvae":
       raise ValueError(f"the tokens' tokenizer {workdir} holds a {tok.get('task')!r} model, not a "
                        "VQ tokenizer.")
+    step = meta.get("tokenizer_step")
+    if step is not None and step not in checkpoint.steps_in(workdir):
+      raise ValueError(f"the tokens were written by step {step} of the tokenizer {workdir}, which "
+                       f"no longer holds that checkpoint (it has steps "
+                       f"{checkpoint.steps_in(workdir)}); tokenize again with train.encode.")
     from train import models
     tok_cfg = models.model_config(tok)
     want = dict(scales=tuple(meta["scales"]), codebook_size=int(meta["codebook_size"]),
