@@ -1,5 +1,5 @@
 """Image samples from a diffusion workdir: class-conditional (DiT, U-DiT, U-ViT; trained or
-imported) or text-conditioned (PixArt, MMDiT).
+imported) or text-conditioned (PixArt, MMDiT); or from a VAR workdir (nets/var.py).
 
   python -m train.sample --workdir=DIR --classes=0,3,7 --cfg=4.0 --steps=50 [--per_class=4]
       [--sampler=ddim|ddpm|flow] [--seed=0] [--step=N] [--out=FILE.png] [--weights=auto|raw|ema]
@@ -12,6 +12,12 @@ override the guidance scale and the number of sampling steps. Models of latents 
 the autoencoder their data's metadata.json names (``train.encode``; or ``diffusion.autoencoder``)
 into a PNG (train/latents.py); latents with no decoder (e.g. a diffusers DiT-XL/2 import) are
 written as ``.npy``.
+
+  python -m train.sample --workdir=VAR --classes=0,3,7 --cfg=3 [--top_k=0] [--top_p=1.0] ...
+
+A VAR workdir draws scale by scale with its KV cache and decodes with the tokenizer its tokens
+name (default DIR/samples/sample_<classes>_cfg<cfg>_topk<k>_topp<p>.png); --cfg, --top_k and
+--top_p default to its ``config.var``; --steps, --sampler and --prompt do not apply.
 """
 
 import hashlib
@@ -29,10 +35,68 @@ SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps 32 bits
 def check_task(workdir: str, config) -> None:
   """One sentence when ``workdir`` holds no diffusion model (read from its config.json alone)."""
   task = config.get("task")
-  if task != "diffusion":
+  if task not in ("diffusion", "var"):
     hint = "; use python -m train.generate for language models" if task == "lm" else ""
     raise ValueError(f"{workdir} holds a {task!r} model; train.sample needs a diffusion model "
-                     f"(task 'diffusion'){hint}.")
+                     f"(task 'diffusion') or a VAR model (task 'var'){hint}.")
+
+
+def check_var_flags(config, model_cfg, classes, cfg_scale, top_k, top_p, per_class, seed, step,
+                    *, steps=None, sampler=None, prompts=None) -> None:
+  """One sentence for the first flag a VAR workdir cannot sample with (before compiling)."""
+  for name, value in (("--steps", steps), ("--sampler", sampler), ("--prompt", prompts)):
+    if value:
+      raise ValueError(f"{name} does not apply to a VAR model, which draws scale by scale; "
+                       "leave it out.")
+  if not classes:
+    raise ValueError("--classes is empty; give at least one class id.")
+  bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
+  if bad:
+    raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} "
+                     f"classes (0..{model_cfg.num_classes - 1}).")
+  if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+    raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
+                     "guidance scale: 1 = no guidance, 0 = unconditional).")
+  if cfg_scale != 1.0 and model_cfg.class_dropout_prob <= 0:
+    raise ValueError(f"--cfg={cfg_scale} needs a model trained with label dropout (it has no "
+                     "unconditional mode); use --cfg=1.")
+  if top_k < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"--top_k={top_k} must be >= 0 (0: all codes) and --top_p={top_p} in "
+                     "(0, 1].")
+  if per_class < 1:
+    raise ValueError(f"--per_class={per_class} must be at least 1.")
+  if not 0 <= seed < SEED_LIMIT:
+    raise ValueError(f"--seed={seed} must be in [0, 2**32 - 1].")
+  if step is not None and step < 0:
+    raise ValueError(f"--step={step} must be a checkpoint step >= 0 (leave it out for the "
+                     "newest).")
+
+
+def sample_var(workdir: str, config, classes: list[int], *, cfg_scale, top_k, top_p, per_class,
+               seed, step, out, steps=None, sampler=None, prompts=None,
+               weights: str = "auto") -> tuple[str, object]:
+  """``sample`` for a VAR workdir: one row per class, decoded by the tokens' tokenizer."""
+  import numpy as np
+
+  from train import checkpoint, diffusion_process, models, tasks
+  v = config.var
+  cfg_scale = v.cfg_scale if cfg_scale is None else cfg_scale
+  top_k = v.top_k if top_k is None else top_k
+  top_p = v.top_p if top_p is None else top_p
+  check_var_flags(config, models.model_config(config), classes, cfg_scale, top_k, top_p,
+                  per_class, seed, step, steps=steps, sampler=sampler, prompts=prompts)
+  config, model, _, params = checkpoint.load_trained(workdir, step=step, weights=weights)
+  config.var.update(cfg_scale=float(cfg_scale), top_k=int(top_k), top_p=float(top_p))
+  task = tasks.get(config)
+  task.check(model.cfg)  # the tokens and their tokenizer are still there, and still match
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  images = np.asarray(task.sample_images(model, params, labels, seed))
+  tag = f"sample_{'-'.join(map(str, classes))}_cfg{cfg_scale:g}_topk{top_k}_topp{top_p:g}"
+  path = out or os.path.join(workdir, "samples", tag + ".png")
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  diffusion_process.save_grid(images, path, rows=len(classes))
+  return path, images
 
 
 def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: int,
@@ -91,7 +155,8 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
 def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
            steps: int | None = None, sampler: str | None = None, per_class: int = 4,
            seed: int = 0, step: int | None = None, out: str | None = None,
-           prompts: list[str] | None = None, weights: str = "auto") -> tuple[str, object]:
+           prompts: list[str] | None = None, weights: str = "auto", top_k: int | None = None,
+           top_p: float | None = None) -> tuple[str, object]:
   """Writes the grid (or latents) and returns (path, samples [N, H, W, C] in [-1, 1]): one row
   per class, or per prompt for a text-conditioned model, ``per_class`` samples each."""
   import numpy as np
@@ -100,6 +165,12 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
 
   config = checkpoint.load_config(workdir)
   check_task(workdir, config)
+  if config.task == "var":
+    return sample_var(workdir, config, classes, cfg_scale=cfg_scale, top_k=top_k, top_p=top_p,
+                      per_class=per_class, seed=seed, step=step, out=out, steps=steps,
+                      sampler=sampler, prompts=prompts, weights=weights)
+  if top_k is not None or top_p is not None:
+    raise ValueError("--top_k and --top_p apply to VAR models; a diffusion model has none.")
   d = config.diffusion
   d.cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
   d.sample_steps = d.sample_steps if steps is None else steps
@@ -143,9 +214,9 @@ def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
 def define_flags():
   """The CLI's flags, defined only when run as a program (other modules import this one)."""
   global _WORKDIR, _CLASSES, _PROMPTS, _CFG, _STEPS, _SAMPLER, _PER_CLASS, _SEED, _STEP, _OUT
-  global _WEIGHTS
-  _WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion workdir (python -m train or "
-                                 "train.convert).")
+  global _WEIGHTS, _TOP_K, _TOP_P
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A diffusion or VAR workdir (python -m train "
+                                 "or train.convert).")
   _CLASSES = flags.DEFINE_list("classes", None, "Class ids to sample, one grid row each "
                                "(class-conditional models).")
   _PROMPTS = flags.DEFINE_multi_string("prompt", None, "A caption to sample, one grid row each; "
@@ -162,6 +233,10 @@ def define_flags():
   _OUT = flags.DEFINE_string("out", None, "Output PNG (or .npy for latents) path.")
   _WEIGHTS = flags.DEFINE_string("weights", "auto", "raw (the trained parameters) | ema (their "
                                  "EMA, train.ema) | auto (the EMA when the run kept one).")
+  _TOP_K = flags.DEFINE_integer("top_k", None, "VAR: sample among the k most likely codes (0: "
+                                "all); default: the workdir's var.top_k.")
+  _TOP_P = flags.DEFINE_float("top_p", None, "VAR: nucleus sampling mass in (0, 1]; default: "
+                              "var.top_p.")
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -185,7 +260,7 @@ def main(argv):
     path, images = sample(_WORKDIR.value, classes, cfg_scale=_CFG.value, steps=_STEPS.value,
                           sampler=_SAMPLER.value, per_class=_PER_CLASS.value, seed=_SEED.value,
                           step=_STEP.value, out=_OUT.value, prompts=_PROMPTS.value,
-                          weights=_WEIGHTS.value)
+                          weights=_WEIGHTS.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
   except ValueError as e:
     sys.exit(f"odyssey: {e}")
   kind = "latents" if images.shape[-1] not in (1, 3) else "images"

@@ -192,3 +192,24 @@ def test_var_refuses_tokens_of_a_tokenizer_step_that_is_gone(tokenized, tmp_path
             timeout=120, ok=False)
   assert res.returncode != 0 and "no longer holds that checkpoint" in res.stdout, res.stdout
   assert "Traceback" not in res.stdout and not (tmp_path / "v").exists(), res.stdout
+
+
+VAR_SAMPLE = "python -m train.sample --workdir=VAR --classes=0,3,7 --cfg=3"
+
+
+def test_train_sample_draws_a_var_grid_and_refuses_diffusion_flags(var_run, tmp_path):
+  workdir, _ = var_run
+  out = run(substitute(doc(VAR_SAMPLE), VAR=workdir) + " --per_class=2 --top_k=50",
+            tmp_path / "sample.log", timeout=300).stdout
+  assert "6 images of shape (32, 32, 1) (3 classes x 2)" in out, out
+  png = workdir / "samples" / "sample_0-3-7_cfg3_topk50_topp1.png"
+  with Image.open(png) as grid:  # 3 rows of 32 px digits
+    assert grid.size[1] == 3 * 32 + 4 * 2
+  for flags, message in {"--steps=10": "--steps does not apply to a VAR model",
+                         "--classes=10": "outside the model's 10 classes",
+                         "--top_p=0": "--top_p=0.0"}.items():
+    res = run(f"python -m train.sample --workdir={workdir} --classes=1 {flags}".replace(
+        "--classes=1 --classes=10", "--classes=10"), tmp_path / "refused.log", timeout=120,
+        ok=False)
+    assert res.returncode != 0 and message in res.stdout, res.stdout
+    assert "Traceback" not in res.stdout, res.stdout

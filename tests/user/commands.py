@@ -221,6 +221,8 @@ DOCUMENTED = {
     "python -m train --config=experiments/var_digits.py --workdir=VAR --cpu_devices=8 "
     "--config.data.path=TOKENS": Runs(
         VQ + "test_var_digits_trains_evaluates_and_draws_a_grid_per_class"),
+    "python -m train.sample --workdir=VAR --classes=0,3,7 --cfg=3": Runs(
+        VQ + "test_train_sample_draws_a_var_grid_and_refuses_diffusion_flags"),
     # Supervised fine-tuning of an imported model (docs/convert.md, docs/data.md).
     "python -m train.convert --from=hf --family=llama --src=HF_DIR --dst=IMPORTED": Runs(
         SFT_PATH, "HF_DIR = a tiny random Llama with a locally trained tokenizer.json"),
