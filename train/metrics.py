@@ -2,11 +2,29 @@
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
+
+
+def _tensorboardx():
+  """tensorboardX without torch. Where torch is installed (the parity extra), tensorboardX imports
+  it to accept torch tensors, which odyssey never logs: ~1.5 s of every `python -m train`'s
+  start-up. A torch that is already imported is left as it is."""
+  if "torch" in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows for
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
+tensorboardX = _tensorboardx()
 
 
 class Writer:

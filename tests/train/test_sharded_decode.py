@@ -125,8 +125,15 @@ def _generate(workdir, *flags, ok=True):
                     "--prompt=class Foo", "--max_new_tokens=20", *flags, ok=ok)
 
 
-def test_generate_uses_the_training_mesh_and_any_other(trained):
-  default = _generate(trained)  # no --cpu_devices: the 8 devices the training mesh needs
+@pytest.fixture(scope="module")
+def default_generation(trained):
+  """train.generate on the trained workdir with no mesh flags (no --cpu_devices either: the 8
+  devices the training mesh needs), run once for the two tests that compare with it."""
+  return _generate(trained)
+
+
+def test_generate_uses_the_training_mesh_and_any_other(trained, default_generation):
+  default = default_generation
   assert "mesh (data=2, fsdp=2, tensor=2, seq=1, expert=1)" in default.stderr
   other = _generate(trained, "--mesh=fsdp=4,tensor=2")
   assert "mesh (data=1, fsdp=4, tensor=2, seq=1, expert=1)" in other.stderr
@@ -135,8 +142,8 @@ def test_generate_uses_the_training_mesh_and_any_other(trained):
   assert default.stdout.count("=== prompt") == 2
 
 
-def test_generate_over_two_processes_prints_what_one_process_prints(trained):
-  one = _generate(trained)
+def test_generate_over_two_processes_prints_what_one_process_prints(trained, default_generation):
+  one = default_generation
   two = run_module("train.launch", "--module=train.generate", "--num_processes=2",
                    "--devices_per_process=4", "--grace_s=5", "--", f"--workdir={trained}",
                    "--prompt=def ", "--prompt=class Foo", "--max_new_tokens=20")
