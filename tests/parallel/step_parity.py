@@ -1,16 +1,22 @@
 """Shared harness: one train step on a mesh vs the single-device reference (not a test file)."""
 
+import atexit
 import functools
+import os
+import shutil
+import tempfile
+import zlib
 
 import jax
 import ml_collections
 import numpy as np
 
-from configs import autoencoder, diffusion, lm, swin, vit, vqvae
+from configs import autoencoder, diffusion, lm, swin, var, vit, vqvae
 from parallel import mesh as parallel_mesh
-from train import image_data
+from train import checkpoint, encode, image_data
 from train.tasks import diffusion as diffusion_task
 from train import program as program_lib
+from train import workdir as workdir_lib
 from train.validate import validate
 
 B, S = 8, 16
@@ -49,8 +55,9 @@ BYTE_MODELS = {
 
 def make_config(kind: str):
   """Tiny configs: the test Llama (seq_len 16), Mamba and MEGABYTE, the digits ViT, Swin, DiT,
-  U-DiT and U-ViT (+ MoE), the KL autoencoder and the VQ tokenizer (whose step also restarts
-  dead codes: the post-step codebook is compared too)."""
+  U-DiT and U-ViT (+ MoE), the KL autoencoder, the VQ tokenizer (whose step also restarts
+  dead codes: the post-step codebook is compared too) and VAR on that tokenizer's token maps
+  (``var_tokens``: 85 tokens at scales 1, 2, 4, 8 of 64 codes)."""
   base_kind = kind.split("_")[0]
   if base_kind in ("lm", *BYTE_MODELS):
     config = lm.get_config("size=test")
@@ -70,6 +77,11 @@ def make_config(kind: str):
     config.data.image_size = 16
     config.model.update(image_size=16, block_out_channels=(16, 32), scales=(1, 2, 4, 8),
                         codebook_size=64)
+  elif base_kind == "var":  # 4 heads: 2 per tensor shard
+    config = var.get_config("variant=digits")
+    config.data.path = var_tokens()
+    config.model.update(depth=2, hidden_size=64, num_heads=4, scales=(1, 2, 4, 8),
+                        codebook_size=64, vae_dim=16)
   else:
     config = diffusion.get_config(f"model={base_kind},variant=digits")
     if base_kind in diffusion.TEXT_MODELS:  # 16 px canvases (16 patches), 16-byte captions
@@ -106,8 +118,29 @@ def batch(kind: str = "lm"):
     return caption_batch(B, config.data.image_size, config.data.text_len)
   source = image_data.source(config.data, "train")
   items = [source[i] for i in range(B)]
+  if config.task == "var":  # token maps, stored as int16
+    return {"tokens": np.stack([x["images"] for x in items]).astype(np.int32),
+            "labels": np.array([x["labels"] for x in items], np.int32)}
   return {"images": np.stack([x["images"] for x in items]),
           "labels": np.array([x["labels"] for x in items], np.int32)}
+
+
+@functools.lru_cache(maxsize=None)
+def var_tokens() -> str:
+  """The token shards VAR trains on (once per process): the "vqvae" kind's tokenizer, untrained
+  (its step-0 initialisation saved as a run saves it: Checkpointer and config.json), and
+  ``train.encode`` of all 1,797 digits at 16 px into a temporary folder (about 11 s)."""
+  root = tempfile.mkdtemp(prefix="odyssey-var-parity-")
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  workdir, tokens = os.path.join(root, "vq"), os.path.join(root, "tokens")
+  program = setup(axes(), jax.devices()[:1], "vqvae")
+  train_ds, _ = program.task.datasets()
+  ckpt = checkpoint.Checkpointer(workdir, program.config.ckpt)
+  ckpt.save(0, program.init(), iter(train_ds), force=True)
+  ckpt.close()
+  workdir_lib.write_config(workdir, program.config)
+  encode.encode(workdir, tokens, batch_size=256)
+  return tokens
 
 
 def caption_batch(batch: int, side: int, text_len: int, seed: int = 0) -> dict:
@@ -125,9 +158,30 @@ def reference(kind: str = "lm"):
                       kind=kind)
 
 
+# adaLN-Zero families whose step from a fresh init sends nothing through their blocks: every
+# block's gates start at zero, so attention and the MLP get zero gradients and tensor-sharded
+# heads are never tested. Their states start with random adaLN modulation instead (host numpy,
+# the same on every mesh).
+WAKE_ADALN = ("var",)
+
+
+def wake_adaln(state, shardings):
+  """``state`` with every adaLN parameter drawn from N(0, 0.5^2) (seeded by its path)."""
+  def leaf(path, x):
+    name = jax.tree_util.keystr(path)
+    if "adaLN" not in name:
+      return x
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return (0.5 * rng.standard_normal(x.shape)).astype(x.dtype)
+  params = jax.tree_util.tree_map_with_path(leaf, jax.device_get(state.params))
+  return state.replace(params=jax.device_put(params, shardings.params))
+
+
 def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1, **parallel):
   program = setup(mesh_sizes, devices, kind, grad_accum, **parallel)
   state = program.init()
+  if kind in WAKE_ADALN:
+    state = wake_adaln(state, program.state_shardings)
   data = program.eval_batch(batch(kind))
   shardings = program.state_shardings
 
