@@ -44,6 +44,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=ckpt_cfg.keep, save_interval_steps=ckpt_cfg.every,
         enable_async_checkpointing=ckpt_cfg.async_save, create=True)
+    _plain_array_writes_on_cpu()
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
     self._in_flight = None  # the step of an async save not yet known to have finished
@@ -200,6 +201,19 @@ class Checkpointer:
     finally:
       with contextlib.suppress(Exception):  # a failure was reported above, or by save()
         self.manager.close()
+
+
+def _plain_array_writes_on_cpu():
+  """On the CPU backend, Orbax writes every array without replica-parallel slicing.
+
+  Replica-parallel saving splits each replicated array among the devices holding it, so that on
+  a pod every replica writes a part; to do so it compiles a slicing program per array shape and
+  device, which on (simulated) CPU devices, sharing one host's memory and disk, only costs time:
+  14 s for the first save of 80 replicated arrays on 8 simulated devices, 0.4 s without. Other
+  backends keep Orbax's default."""
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def _saved_fields(state):
