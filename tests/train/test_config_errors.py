@@ -179,7 +179,8 @@ def test_sample_on_a_language_model_workdir_is_one_sentence(tmp_path):
   proc = run_module("train.sample", f"--workdir={workdir}", "--classes=1", timeout=120, ok=False)
   last = _one_sentence(proc, "odyssey: ")
   assert last == (f"odyssey: {workdir} holds a 'lm' model; train.sample needs a diffusion model "
-                  "(task 'diffusion'); use python -m train.generate for language models.")
+                  "(task 'diffusion') or a VAR model (task 'var'); use python -m train.generate "
+                  "for language models.")
 
 
 SAMPLE_FLAGS = {
