@@ -79,16 +79,7 @@ class Config:
     """Raises ValueError with one sentence for inconsistent hyperparameters."""
     check_basics(self, "autoencoder", ("in_channels", "latent_channels", "layers_per_block",
                                        "norm_num_groups", "image_size"))
-    if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):
-      raise ValueError(f"model.block_out_channels={self.block_out_channels} must be a non-empty "
-                       "tuple of positive widths; set model.variant (see nets/autoencoder.py).")
-    bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-    if bad:
-      raise ValueError(f"model.block_out_channels {bad} are not divisible by "
-                       f"model.norm_num_groups={self.norm_num_groups}.")
-    if self.image_size % self.downscale:
-      raise ValueError(f"model.image_size={self.image_size} is not divisible by the "
-                       f"downsampling factor {self.downscale} (2 per block but the last).")
+    check_conv_stack(self, "autoencoder")
     if not (math.isfinite(self.scaling_factor) and self.scaling_factor >= 0):
       raise ValueError(f"model.scaling_factor={self.scaling_factor} must be a finite number >= 0 "
                        "(0: train.encode computes it).")
@@ -114,6 +105,21 @@ class Config:
   mlp_width = property(lambda self: self.block_out_channels[-1])
   max_len = property(lambda self: self.latent_size ** 2)  # what the mid-block attention sees
   channels = property(lambda self: self.in_channels)
+
+
+def check_conv_stack(cfg, family: str) -> None:
+  """One sentence for block_out_channels / norm groups / image size that the encoder and decoder
+  cannot build (this family's and nets/vqvae.py's)."""
+  if not cfg.block_out_channels or any(c <= 0 for c in cfg.block_out_channels):
+    raise ValueError(f"model.block_out_channels={cfg.block_out_channels} must be a non-empty "
+                     f"tuple of positive widths; set model.variant (see nets/{family}.py).")
+  bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
+  if bad:
+    raise ValueError(f"model.block_out_channels {bad} are not divisible by "
+                     f"model.norm_num_groups={cfg.norm_num_groups}.")
+  if cfg.image_size % cfg.downscale:
+    raise ValueError(f"model.image_size={cfg.image_size} is not divisible by the "
+                     f"downsampling factor {cfg.downscale} (2 per block but the last).")
 
 
 def _conv_init(key, shape, dtype=jnp.float32):

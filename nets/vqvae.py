@@ -72,16 +72,7 @@ class Config:
     """Raises ValueError with one sentence for inconsistent hyperparameters."""
     check_basics(self, "vqvae", ("in_channels", "layers_per_block", "norm_num_groups",
                                  "image_size", "codebook_size", "embed_dim"))
-    if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):
-      raise ValueError(f"model.block_out_channels={self.block_out_channels} must be a non-empty "
-                       "tuple of positive widths; set model.variant (see nets/vqvae.py).")
-    bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
-    if bad:
-      raise ValueError(f"model.block_out_channels {bad} are not divisible by "
-                       f"model.norm_num_groups={self.norm_num_groups}.")
-    if self.image_size % self.downscale:
-      raise ValueError(f"model.image_size={self.image_size} is not divisible by the "
-                       f"downsampling factor {self.downscale} (2 per block but the last).")
+    autoencoder.check_conv_stack(self, "vqvae")
     self.quantizer.validate()
     if self.scales[-1] != self.latent_size:
       raise ValueError(f"the last of model.scales={self.scales} must be the feature side "

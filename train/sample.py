@@ -32,6 +32,25 @@ from absl import app, flags, logging
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps 32 bits
 
 
+def _check_classes(classes: list[int], num_classes: int) -> None:
+  if not classes:
+    raise ValueError("--classes is empty; give at least one class id.")
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if bad:
+    raise ValueError(f"--classes {bad} are outside the model's {num_classes} classes "
+                     f"(0..{num_classes - 1}).")
+
+
+def _check_common(per_class: int, seed: int, step: int | None) -> None:
+  if per_class < 1:
+    raise ValueError(f"--per_class={per_class} must be at least 1.")
+  if not 0 <= seed < SEED_LIMIT:
+    raise ValueError(f"--seed={seed} must be in [0, 2**32 - 1].")
+  if step is not None and step < 0:
+    raise ValueError(f"--step={step} must be a checkpoint step >= 0 (leave it out for the "
+                     "newest).")
+
+
 def check_task(workdir: str, config) -> None:
   """One sentence when ``workdir`` holds no diffusion model (read from its config.json alone)."""
   task = config.get("task")
@@ -48,12 +67,7 @@ def check_var_flags(config, model_cfg, classes, cfg_scale, top_k, top_p, per_cla
     if value:
       raise ValueError(f"{name} does not apply to a VAR model, which draws scale by scale; "
                        "leave it out.")
-  if not classes:
-    raise ValueError("--classes is empty; give at least one class id.")
-  bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
-  if bad:
-    raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} "
-                     f"classes (0..{model_cfg.num_classes - 1}).")
+  _check_classes(classes, model_cfg.num_classes)
   if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
     raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
                      "guidance scale: 1 = no guidance, 0 = unconditional).")
@@ -63,13 +77,7 @@ def check_var_flags(config, model_cfg, classes, cfg_scale, top_k, top_p, per_cla
   if top_k < 0 or not 0 < top_p <= 1:
     raise ValueError(f"--top_k={top_k} must be >= 0 (0: all codes) and --top_p={top_p} in "
                      "(0, 1].")
-  if per_class < 1:
-    raise ValueError(f"--per_class={per_class} must be at least 1.")
-  if not 0 <= seed < SEED_LIMIT:
-    raise ValueError(f"--seed={seed} must be in [0, 2**32 - 1].")
-  if step is not None and step < 0:
-    raise ValueError(f"--step={step} must be a checkpoint step >= 0 (leave it out for the "
-                     "newest).")
+  _check_common(per_class, seed, step)
 
 
 def sample_var(workdir: str, config, classes: list[int], *, cfg_scale, top_k, top_p, per_class,
@@ -124,12 +132,7 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
     if prompts:
       raise ValueError(f"model '{config.model.name}' is class-conditional; give --classes, not "
                        "--prompt.")
-    if not classes:
-      raise ValueError("--classes is empty; give at least one class id.")
-    bad = [c for c in classes if not 0 <= c < model_cfg.num_classes]
-    if bad:
-      raise ValueError(f"--classes {bad} are outside the model's {model_cfg.num_classes} "
-                       f"classes (0..{model_cfg.num_classes - 1}).")
+    _check_classes(classes, model_cfg.num_classes)
   if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
     raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
                      "guidance scale: 1 = no guidance, 0 = unconditional).")
@@ -143,13 +146,7 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
   if steps < 1 or (limit is not None and steps > limit):
     upper = f"{limit} (the training schedule's diffusion.num_steps)" if limit else "no limit"
     raise ValueError(f"--steps={steps} must be at least 1 and at most {upper}.")
-  if per_class < 1:
-    raise ValueError(f"--per_class={per_class} must be at least 1.")
-  if not 0 <= seed < SEED_LIMIT:
-    raise ValueError(f"--seed={seed} must be in [0, 2**32 - 1].")
-  if step is not None and step < 0:
-    raise ValueError(f"--step={step} must be a checkpoint step >= 0 (leave it out for the "
-                     "newest).")
+  _check_common(per_class, seed, step)
 
 
 def sample(workdir: str, classes: list[int], *, cfg_scale: float | None = None,
