@@ -29,6 +29,30 @@ def psnr(rec_BxHxWxC, x_BxHxWxC):
   return 10.0 * jnp.log10(4.0 / jnp.maximum(mse_B, 1e-10))
 
 
+def check_reconstruction(task, model_cfg, group: str) -> None:
+  """What the image-reconstruction tasks share (this one and the VQ tokenizer's): the data config,
+  ``config.<group>``'s loss and sample_images, images the model's size, splits that fill a batch."""
+  c = task.config
+  g = c[group]
+  image_data.check_image_config(c.data)
+  if task.packed:
+    task.check_packed(model_cfg)
+  if g.loss not in LOSSES:
+    raise ValueError(f"{group}.loss={g.loss!r} is not one of {LOSSES}.")
+  if isinstance(g.sample_images, bool) or not isinstance(g.sample_images, int) \
+      or g.sample_images < 1:
+    raise ValueError(f"{group}.sample_images={g.sample_images!r} must be a positive integer.")
+  shape = tuple(image_data.image_shape(c.data))
+  want = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
+  if shape != want:
+    raise ValueError(f"data images are {shape[0]}x{shape[1]}x{shape[2]} but the model expects "
+                     f"{want[0]}x{want[1]}x{want[2]} (model.image_size, model.in_channels); "
+                     "set data.image_size or the model's.")
+  image_data.check_splits(c.data, {
+      "train": (c.train.batch_size, "train.batch_size"),
+      "val": (c.eval.batch_size, "eval.batch_size")})
+
+
 class AutoencoderTask(images.ImageTask):
   """Images in, the same images out through a KL-regularised latent."""
 
@@ -37,28 +61,10 @@ class AutoencoderTask(images.ImageTask):
     self._reconstruct = {}
 
   def check(self, model_cfg):
-    c = self.config
-    a = c.autoencoder
-    image_data.check_image_config(c.data)
-    if self.packed:
-      self.check_packed(model_cfg)
-    if a.loss not in LOSSES:
-      raise ValueError(f"autoencoder.loss={a.loss!r} is not one of {LOSSES}.")
+    a = self.config.autoencoder
     if not (isinstance(a.kl_weight, (int, float)) and 0 <= a.kl_weight < float("inf")):
       raise ValueError(f"autoencoder.kl_weight={a.kl_weight!r} must be a finite number >= 0.")
-    if isinstance(a.sample_images, bool) or not isinstance(a.sample_images, int) \
-        or a.sample_images < 1:
-      raise ValueError(f"autoencoder.sample_images={a.sample_images!r} must be a positive "
-                       "integer.")
-    shape = tuple(image_data.image_shape(c.data))
-    want = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
-    if shape != want:
-      raise ValueError(f"data images are {shape[0]}x{shape[1]}x{shape[2]} but the model expects "
-                       f"{want[0]}x{want[1]}x{want[2]} (model.image_size, model.in_channels); "
-                       "set data.image_size or the model's.")
-    image_data.check_splits(c.data, {
-        "train": (c.train.batch_size, "train.batch_size"),
-        "val": (c.eval.batch_size, "eval.batch_size")})
+    check_reconstruction(self, model_cfg, "autoencoder")
 
   def init_args(self, batch):
     return (batch["images"],)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from nets import msvq
 from train import diffusion_process, image_data
 from train.tasks import images
-from train.tasks.autoencoder import LOSSES, psnr
+from train.tasks.autoencoder import check_reconstruction, psnr
 
 
 class VQVAETask(images.ImageTask):
@@ -37,13 +37,7 @@ class VQVAETask(images.ImageTask):
     self._reconstruct = {}
 
   def check(self, model_cfg):
-    c = self.config
-    v = c.vqvae
-    image_data.check_image_config(c.data)
-    if self.packed:
-      self.check_packed(model_cfg)
-    if v.loss not in LOSSES:
-      raise ValueError(f"vqvae.loss={v.loss!r} is not one of {LOSSES}.")
+    v = self.config.vqvae
     for name in ("vq_weight", "restart_threshold"):
       value = v[name]
       if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -52,18 +46,7 @@ class VQVAETask(images.ImageTask):
     if isinstance(v.usage_decay, bool) or not isinstance(v.usage_decay, (int, float)) \
         or not 0 <= v.usage_decay < 1:
       raise ValueError(f"vqvae.usage_decay={v.usage_decay!r} must be in [0, 1).")
-    if isinstance(v.sample_images, bool) or not isinstance(v.sample_images, int) \
-        or v.sample_images < 1:
-      raise ValueError(f"vqvae.sample_images={v.sample_images!r} must be a positive integer.")
-    shape = tuple(image_data.image_shape(c.data))
-    want = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
-    if shape != want:
-      raise ValueError(f"data images are {shape[0]}x{shape[1]}x{shape[2]} but the model expects "
-                       f"{want[0]}x{want[1]}x{want[2]} (model.image_size, model.in_channels); "
-                       "set data.image_size or the model's.")
-    image_data.check_splits(c.data, {
-        "train": (c.train.batch_size, "train.batch_size"),
-        "val": (c.eval.batch_size, "eval.batch_size")})
+    check_reconstruction(self, model_cfg, "vqvae")
 
   def init_args(self, batch):
     return (batch["images"],)
