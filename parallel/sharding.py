@@ -111,10 +111,20 @@ def abstract_and_shardings(init_boxed: Callable[[], Any], mesh: Mesh, rules):
   return structs, shardings
 
 
+# The initialisation runs once and is all random-number generation (the model's forward is dead
+# code in it); XLA:CPU lowers each parameter's threefry to rolled loops whose LLVM optimisation
+# takes most of its compile (the VQ tokenizer's: 12 s at the default level, 2 s at 0). On CPU it
+# compiles at backend level 0; the values are the same draws (the integer threefry is exact; a
+# normal initialiser's erf-inverse may differ in the last bit from the default level's).
+_CPU_INIT_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def init_sharded(init_boxed: Callable[[], Any], shardings: Any, mesh: Mesh, rules):
   """Runs ``init_boxed`` under jit so every array is created directly in its target sharding."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=shardings)()
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    return jax.jit(lambda: nn.unbox(init_boxed()), out_shardings=shardings,
+                   compiler_options=_CPU_INIT_COMPILE if cpu else None)()
 
 
 def logical_sharding(mesh: Mesh, rules, logical: tuple) -> NamedSharding:

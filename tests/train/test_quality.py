@@ -100,10 +100,10 @@ def test_faithfulness_with_an_oracle_reader_and_chance_level():
 def trained_reader(tmp_path_factory):
   """experiments/digit_reader.py through loop.run, shortened (the full run is 1,500 steps)."""
   c = digit_reader.get_config()
-  c.train.steps = 400
+  c.train.steps = 300
   c.log.update(every=100, progress=False)
-  c.ckpt.update(every=400, keep=1)
-  c.eval.update(every=400)
+  c.ckpt.update(every=300, keep=1)
+  c.eval.update(every=300)
   workdir = str(tmp_path_factory.mktemp("reader"))
   loop.run(c, workdir)
   return quality.load_reader(workdir)
