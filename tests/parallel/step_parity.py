@@ -177,11 +177,32 @@ def wake_adaln(state, shardings):
   return state.replace(params=jax.device_put(params, shardings.params))
 
 
-def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1, **parallel):
-  program = setup(mesh_sizes, devices, kind, grad_accum, **parallel)
+@functools.lru_cache(maxsize=None)
+def initial_state(kind: str):
+  """``kind``'s initial train state as the single-device run initialises it, on the host.
+
+  Every run of a kind starts from these numbers, placed in its own shardings: one initialisation
+  compile per kind and process instead of one per mesh. That a sharded initialisation draws the
+  same numbers (JAX's partitionable PRNG) is tested apart: ``fresh_init=True`` below, used by
+  test_family_parity's initialisation test and tests/parallel/test_sharding.py."""
+  program = setup(axes(), jax.devices()[:1], kind)
   state = program.init()
   if kind in WAKE_ADALN:
     state = wake_adaln(state, program.state_shardings)
+  return jax.device_get(state)
+
+
+def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1,
+                 fresh_init: bool = False, **parallel):
+  """One train step of ``kind`` on ``mesh_sizes``. ``fresh_init``: initialise on this mesh (its
+  own sharded initialisation) instead of placing :func:`initial_state` in its shardings."""
+  program = setup(mesh_sizes, devices, kind, grad_accum, **parallel)
+  if fresh_init:
+    state = program.init()
+    if kind in WAKE_ADALN:
+      state = wake_adaln(state, program.state_shardings)
+  else:
+    state = jax.device_put(initial_state(kind), program.state_shardings)
   data = program.eval_batch(batch(kind))
   shardings = program.state_shardings
 

@@ -1,9 +1,14 @@
 """Every model family: a train step sharded over data x fsdp x tensor equals the single-device
-step (initial parameters, loss, gradients and the AdamW update), both built by train/program.py."""
+step (loss, gradients and the AdamW update, from the same initial state), both built by
+train/program.py; and the sharded initialisation draws the single-device numbers."""
 
 import pytest
 
-from tests.parallel.step_parity import assert_matches_reference, axes, reference, run_one_step
+import jax
+import numpy as np
+
+from tests.parallel.step_parity import (assert_matches_reference, axes, initial_state, reference,
+                                        run_one_step, setup)
 from nets import registry
 
 # Each family's tiny config in tests/parallel/step_parity.py (make_config's kind).
@@ -26,3 +31,13 @@ def test_sharded_step_equals_single_device(family):
   # of 2.4e-3 (over it) with the blocks' gates at zero.
   assert_matches_reference(got, reference(KINDS[family]),
                            grad_atol={"vqvae": 1e-5, "var": 1e-6}.get(family, 1e-7))
+
+
+# Initialisers of different kinds: embeddings and scanned layers (llama), convolutions and a
+# codebook (vqvae), a joint text/image stack with zero-initialised adaLN (mmdit). The other families
+# start their parity steps from the single-device state (step_parity.initial_state).
+@pytest.mark.parametrize("family", ["llama", "vqvae", "mmdit"])
+def test_sharded_initialisation_draws_the_single_device_numbers(family):
+  program = setup(MESH, kind=KINDS[family])
+  sharded = jax.device_get(program.init())
+  jax.tree.map(np.testing.assert_array_equal, initial_state(KINDS[family]), sharded)

@@ -25,7 +25,7 @@ MESHES = {
 
 @functools.lru_cache(maxsize=None)
 def sharded(name):
-  return run_one_step(MESHES[name])
+  return run_one_step(MESHES[name], fresh_init=True)  # its own sharded initialisation
 
 
 @pytest.mark.parametrize("name", list(MESHES))
