@@ -46,8 +46,10 @@ def one_step(root, sizes, devices, kind="vit", grad_accum=1, **parallel):
   rows = [src[i] for i in range(B)]
   batch = program.eval_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
   # One launch at a time: queued sharded launches can deadlock XLA:CPU (train/decoding.py), so
-  # every launch here is waited for before the next.
-  state = jax.block_until_ready(program.init())
+  # every launch here is waited for before the next. Every mesh starts from the single-device
+  # initial state (test_family_parity tests the sharded initialisation's numbers).
+  state = jax.block_until_ready(jax.device_put(initial_state(root, kind),
+                                               program.state_shardings))
   # The zero-initialised head would leave every body gradient zero: perturb every parameter
   # alike in both runs (same numbers, kept in the state's shardings).
   rng = np.random.default_rng(0)
@@ -74,6 +76,15 @@ MESHES = {"data2_fsdp2_tensor2": (axes(data=2, fsdp=2, tensor=2), {}),
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   return make_folder(tmp_path_factory.mktemp("images"))
+
+
+@functools.lru_cache(maxsize=None)
+def initial_state(root, kind):
+  """The single-device initial state of ``kind`` on the host: one initialisation compile."""
+  c = config(root, axes(), kind)
+  mesh = parallel_mesh.make_mesh(c.mesh, jax.devices()[:1])
+  program = program_lib.build(c, validate(c, num_devices=1), mesh=mesh)
+  return jax.device_get(program.init())
 
 
 @functools.lru_cache(maxsize=None)
