@@ -41,6 +41,12 @@ def _check_classes(classes: list[int], num_classes: int) -> None:
                      f"(0..{num_classes - 1}).")
 
 
+def _check_cfg(cfg_scale: float) -> None:
+  if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
+    raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
+                     "guidance scale: 1 = no guidance, 0 = unconditional).")
+
+
 def _check_common(per_class: int, seed: int, step: int | None) -> None:
   if per_class < 1:
     raise ValueError(f"--per_class={per_class} must be at least 1.")
@@ -68,9 +74,7 @@ def check_var_flags(config, model_cfg, classes, cfg_scale, top_k, top_p, per_cla
       raise ValueError(f"{name} does not apply to a VAR model, which draws scale by scale; "
                        "leave it out.")
   _check_classes(classes, model_cfg.num_classes)
-  if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
-    raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
-                     "guidance scale: 1 = no guidance, 0 = unconditional).")
+  _check_cfg(cfg_scale)
   if cfg_scale != 1.0 and model_cfg.class_dropout_prob <= 0:
     raise ValueError(f"--cfg={cfg_scale} needs a model trained with label dropout (it has no "
                      "unconditional mode); use --cfg=1.")
@@ -133,9 +137,7 @@ def check_flags(config, model_cfg, classes: list[int], cfg_scale: float, steps: 
       raise ValueError(f"model '{config.model.name}' is class-conditional; give --classes, not "
                        "--prompt.")
     _check_classes(classes, model_cfg.num_classes)
-  if not (math.isfinite(cfg_scale) and cfg_scale >= 0):
-    raise ValueError(f"--cfg={cfg_scale} must be a finite number >= 0 (the classifier-free "
-                     "guidance scale: 1 = no guidance, 0 = unconditional).")
+  _check_cfg(cfg_scale)
   dropout = model_cfg.caption_dropout_prob if text else model_cfg.class_dropout_prob
   if cfg_scale != 1.0 and dropout <= 0:
     what = "caption" if text else "label"
