@@ -185,11 +185,15 @@ def initial_state(kind: str):
   compile per kind and process instead of one per mesh. That a sharded initialisation draws the
   same numbers (JAX's partitionable PRNG) is tested apart: ``fresh_init=True`` below, used by
   test_family_parity's initialisation test and tests/parallel/test_sharding.py."""
-  program = setup(axes(), jax.devices()[:1], kind)
+  return jax.device_get(_init(setup(axes(), jax.devices()[:1], kind), kind))
+
+
+def _init(program, kind: str):
+  """``program``'s own (sharded) initialisation, adaLN woken for the WAKE_ADALN kinds."""
   state = program.init()
   if kind in WAKE_ADALN:
     state = wake_adaln(state, program.state_shardings)
-  return jax.device_get(state)
+  return state
 
 
 def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1,
@@ -197,12 +201,8 @@ def run_one_step(mesh_sizes, devices=None, kind: str = "lm", grad_accum: int = 1
   """One train step of ``kind`` on ``mesh_sizes``. ``fresh_init``: initialise on this mesh (its
   own sharded initialisation) instead of placing :func:`initial_state` in its shardings."""
   program = setup(mesh_sizes, devices, kind, grad_accum, **parallel)
-  if fresh_init:
-    state = program.init()
-    if kind in WAKE_ADALN:
-      state = wake_adaln(state, program.state_shardings)
-  else:
-    state = jax.device_put(initial_state(kind), program.state_shardings)
+  state = (_init(program, kind) if fresh_init
+           else jax.device_put(initial_state(kind), program.state_shardings))
   data = program.eval_batch(batch(kind))
   shardings = program.state_shardings
 

@@ -38,11 +38,15 @@ def config(root, sizes, kind="vit", grad_accum=1, **parallel):
   return c
 
 
-def one_step(root, sizes, devices, kind="vit", grad_accum=1, **parallel):
+def build(root, sizes, devices, kind="vit", grad_accum=1, **parallel):
   c = config(root, sizes, kind, grad_accum, **parallel)
   mesh = parallel_mesh.make_mesh(c.mesh, devices)
-  program = program_lib.build(c, validate(c, num_devices=mesh.devices.size), mesh=mesh)
-  src = image_data.packed_source(c.data, "train", program.plan.model_cfg, seed=0)
+  return program_lib.build(c, validate(c, num_devices=mesh.devices.size), mesh=mesh)
+
+
+def one_step(root, sizes, devices, kind="vit", grad_accum=1, **parallel):
+  program = build(root, sizes, devices, kind, grad_accum, **parallel)
+  src = image_data.packed_source(program.config.data, "train", program.plan.model_cfg, seed=0)
   rows = [src[i] for i in range(B)]
   batch = program.eval_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]})
   # One launch at a time: queued sharded launches can deadlock XLA:CPU (train/decoding.py), so
@@ -81,10 +85,7 @@ def folder(tmp_path_factory):
 @functools.lru_cache(maxsize=None)
 def initial_state(root, kind):
   """The single-device initial state of ``kind`` on the host: one initialisation compile."""
-  c = config(root, axes(), kind)
-  mesh = parallel_mesh.make_mesh(c.mesh, jax.devices()[:1])
-  program = program_lib.build(c, validate(c, num_devices=1), mesh=mesh)
-  return jax.device_get(program.init())
+  return jax.device_get(build(root, axes(), jax.devices()[:1], kind).init())
 
 
 @functools.lru_cache(maxsize=None)
