@@ -41,9 +41,23 @@ import parallel  # noqa: E402,F401  (adds parallel/xla_flags.py's CPU_FLAGS befo
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
+from tests import durations  # noqa: E402
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   assert jax.device_count() == 8, (
       f"the tests need 8 simulated CPU devices, found {jax.device_count()}; XLA_FLAGS="
       f"{os.environ.get('XLA_FLAGS')!r} must set --xla_force_host_platform_device_count=8")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  """Slowest files first (tests/durations.py), each file's tests in their own order: with
+  ``--dist loadfile`` the two workers then finish on small files, not one on a 250-s file while
+  the other waits."""
+  seconds = durations.load()
+  order = {}
+  for item in items:
+    order.setdefault(item.nodeid.split("::")[0], len(order))
+  items.sort(key=lambda item: (-seconds.get(item.nodeid.split("::")[0], 0.0),
+                               order[item.nodeid.split("::")[0]]))

@@ -3,6 +3,8 @@ what they should. (Every experiment's launch command runs in tests/user.)"""
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -68,6 +70,22 @@ def test_digits_split_is_fixed_and_scaled():
   assert (len(train), len(val)) == (1437, 360)
   x = train.images
   assert x.shape[1:] == (8, 8, 1) and x.min() == -1.0 and x.max() == 1.0
+
+
+def test_digits_are_scikit_learns_without_importing_it():
+  """The digits file is read directly (scikit-learn's import costs most of a run's start-up); the
+  pixels and labels are exactly ``load_digits``'s, scaled to [-1, 1]."""
+  from sklearn.datasets import load_digits
+  image_data._digits.cache_clear()
+  images, labels = image_data._digits(0)
+  want = load_digits()
+  np.testing.assert_array_equal(images[..., 0], want.images.astype(np.float32) / 8.0 - 1.0)
+  np.testing.assert_array_equal(labels, want.target)
+  assert images.dtype == np.float32 and labels.dtype == np.int32
+  proc = subprocess.run([sys.executable, "-c", "import sys; from train import image_data; "
+                         "image_data._digits(8); print('sklearn' in sys.modules)"],
+                        capture_output=True, text=True, cwd=REPO, check=True)
+  assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
 
 
 def test_image_folder_source(tmp_path):
