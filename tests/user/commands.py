@@ -132,7 +132,7 @@ DOCUMENTED = {
     "python -m train --config=experiments/vit_digits.py --workdir=DIR --cpu_devices=8":
         Runs(IMAGE_EXPERIMENT),
     "python -m train --config=experiments/digit_reader.py --workdir=DIR --cpu_devices=8":
-        Runs(IMAGE_EXPERIMENT),
+        Runs(T2I + "test_digit_reader_experiment_trains_and_evaluates"),
     "python -m train --config=experiments/swin_digits.py --workdir=DIR --cpu_devices=8":
         Runs(VISION_EXPERIMENT),
     "python -m train --config=experiments/vit_native_folder.py --workdir=DIR --cpu_d"

@@ -45,9 +45,12 @@ def test_make_arrayrecord_writes_shards(corpus):
 
 
 def test_train_on_the_arrayrecord_output_as_written(corpus, tmp_path):
-  """Override: --config.train.steps=5 (of 500)."""
+  """Overrides: --config.train.steps=5 (of 500), --config.eval.steps=2 (of 8 batches of the
+  5M-parameter model, at step 0 and 5) and --config.sample.max_new_tokens=48 (of 200), as the
+  other byte-LM user tests."""
   command = substitute(TRAIN, DIR=tmp_path / "run", **{"/data/my_corpus": corpus["corpus"]})
-  out = run(command + f" --config.train.steps={STEPS}", tmp_path / "run.log", timeout=600).stdout
+  out = run(command + f" --config.train.steps={STEPS} --config.eval.steps=2"
+            " --config.sample.max_new_tokens=48", tmp_path / "run.log", timeout=600).stdout
   assert "arrayrecord" in (tmp_path / "run" / "config.json").read_text()
   check_lm_run(tmp_path / "run", out, STEPS, "experiments/lm_stdlib.py:size=small")
 

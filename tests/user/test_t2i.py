@@ -17,11 +17,11 @@ from PIL import Image
 
 from tests.user import check_run, metrics, run, substitute
 from tests.user.commands import doc
+from tests.user.test_image_experiments import T2I_MODULE, check_image_experiment, experiment_runs
 
 T2I = "python -m train --config=experiments/t2i_digits.py --workdir=DIR --cpu_devices=8"
 SAMPLE = ('python -m train.sample --workdir=DIR --prompt="a large 1 at the top left and a large 7 '
           'at the top right" --prompt="a large 3 in the center"')
-READER = "python -m train --config=experiments/digit_reader.py --workdir=DIR --cpu_devices=8"
 QUALITY = "python -m bench.diffusion_quality --reader=READER --runs=t2i=DIR"
 STEPS = 10
 
@@ -80,11 +80,21 @@ def test_train_sample_draws_prompts_and_refuses_classes(t2i, tmp_path):
     assert "Traceback" not in bad.stdout
 
 
-def test_quality_bench_scores_raw_and_ema_at_each_guidance_scale(t2i, tmp_path):
-  root, workdir, _ = t2i
-  reader = root / "reader"
-  run(substitute(doc(READER), DIR=reader) + " --config.train.steps=40", root / "reader.log",
-      timeout=600)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """experiments/digit_reader.py's run as tests/user/test_image_experiments.py makes it (the
+  same command and overrides), checked there as the other image experiments are, here."""
+  return experiment_runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", T2I_MODULE)
+def test_digit_reader_experiment_trains_and_evaluates(name, trained):
+  check_image_experiment(name, trained)
+
+
+def test_quality_bench_scores_raw_and_ema_at_each_guidance_scale(t2i, trained, tmp_path):
+  _, workdir, _ = t2i
+  reader, _ = trained("digit_reader")
   out = run(substitute(doc(QUALITY), READER=reader, DIR=workdir) +
             f" --n=20 --steps=4 --out={tmp_path}", tmp_path / "bench.log", timeout=600).stdout
   doc_json = json.loads((tmp_path / "diffusion_quality.json").read_text())
