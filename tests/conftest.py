@@ -56,8 +56,8 @@ def pytest_collection_modifyitems(session, config, items):
   ``--dist loadfile`` the two workers then finish on small files, not one on a 250-s file while
   the other waits."""
   seconds = durations.load()
+  file_of = lambda item: item.nodeid.split("::")[0]
   order = {}
   for item in items:
-    order.setdefault(item.nodeid.split("::")[0], len(order))
-  items.sort(key=lambda item: (-seconds.get(item.nodeid.split("::")[0], 0.0),
-                               order[item.nodeid.split("::")[0]]))
+    order.setdefault(file_of(item), len(order))
+  items.sort(key=lambda item: (-seconds.get(file_of(item), 0.0), order[file_of(item)]))

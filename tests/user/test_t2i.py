@@ -82,8 +82,8 @@ def test_train_sample_draws_prompts_and_refuses_classes(t2i, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """experiments/digit_reader.py's run as tests/user/test_image_experiments.py makes it (the
-  same command and overrides), checked there as the other image experiments are, here."""
+  """experiments/digit_reader.py's run, made as tests/user/test_image_experiments.py makes the
+  other image experiments (the same command and overrides) and checked here as they are there."""
   return experiment_runs(tmp_path_factory)
 
 
