@@ -1,10 +1,12 @@
 """optax AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask,
-wrapped in ``optax.apply_if_finite`` so a non-finite gradient never reaches the parameters."""
+wrapped in ``skip_nonfinite`` so no non-finite gradient, parameter or optimizer-state value ever
+reaches the train state."""
 
 import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 # Leaf names of parameters that never take weight decay (norm scales, biases).
@@ -88,10 +90,10 @@ def make(opt_cfg, total_steps: int, frozen=None):
   marking parameters the optimizer must never change: they get zero updates, no Adam moments and
   no weight decay, and the gradient clip sees only the others.
 
-  The outer ``optax.apply_if_finite`` rejects (zero update, optimizer state kept) every step
-  whose gradients are not finite and counts them in its state (``notfinite_count`` consecutive,
-  ``total_notfinite`` in all), which is checkpointed with the rest; its own give-up threshold
-  is never reached, because the loop stops the run at ``train.max_bad_steps`` instead.
+  The outer ``skip_nonfinite`` rejects (zero update, optimizer state kept) every step whose
+  gradients, new parameters or new optimizer state are not finite and counts them in its state
+  (``notfinite_count`` consecutive, ``total_notfinite`` in all), which is checkpointed with the
+  rest; the loop stops the run at ``train.max_bad_steps`` consecutive rejections.
   """
   check(opt_cfg)
   lr = schedule(opt_cfg, total_steps)
@@ -103,7 +105,54 @@ def make(opt_cfg, total_steps: int, frozen=None):
   if frozen is not None:
     labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "trained", frozen(p))
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
-  return optax.apply_if_finite(tx, max_consecutive_errors=NEVER_ACCEPT), lr
+  return skip_nonfinite(tx), lr
 
 
-NEVER_ACCEPT = 2**30  # apply_if_finite accepts non-finite updates only after this many in a row
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``inner``, whose update is rejected (zero updates, ``inner``'s state kept) when it would let a
+  non-finite value into the train state: a non-finite gradient (seen as a non-finite global norm,
+  which also rejects finite gradients whose squares overflow float32), or, given ``params``, a
+  non-finite new parameter ``params + updates`` or new ``inner`` state value (finite gradients can
+  still overflow: an absurd learning rate, a second moment past float32's range). Rejections are
+  counted in the state, an ``optax.ApplyIfFiniteState`` (as ``optax.apply_if_finite`` keeps it,
+  so checkpoints of either read alike): ``notfinite_count`` in a row, ``total_notfinite`` in all,
+  ``last_finite`` for the last update. Unlike ``optax.apply_if_finite`` it never gives up and
+  accepts, and it checks the result of the update, not only the gradients.
+
+  Compile time (XLA:CPU, measured on the digits autoencoder's and U-DiT's train steps): the inner
+  update runs unconditionally (no ``lax.cond``, whose branches copy the whole state), and its
+  results are materialised before the per-leaf checks read them (the first barrier): fused, every
+  check recomputes the leaf's whole Adam update and the step compiles in up to 4x the time. The
+  rejection zeroes the updates rather than selecting old parameters, so the caller still updates
+  the parameters in place (no second copy of them at the peak)."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+  def update(grads, state, params=None, **extra_args):
+    updates, new_inner = inner.update(grads, state.inner_state, params, **extra_args)
+    updates, new_inner = jax.lax.optimization_barrier((updates, new_inner))
+    inexact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
+    checks = [jnp.isfinite(optax.tree.norm(grads))]
+    if params is not None:
+      checks += [jnp.all(jnp.isfinite(p + u.astype(p.dtype))) for p, u in
+                 zip(jax.tree.leaves(params), jax.tree.leaves(updates)) if inexact(p)]
+    checks += [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_inner) if inexact(x)]
+    finite = jnp.all(jnp.stack(checks))
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    # The second barrier keeps XLA from fusing the inner update's arithmetic into the state's
+    # select: fused, XLA:CPU compiles a conv model's step (the KL autoencoder's) several times
+    # slower, and runs it slower.
+    new_inner, finite = jax.lax.optimization_barrier((new_inner, finite))
+    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_inner,
+                               state.inner_state)
+    count = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
+    total = jnp.where(finite, state.total_notfinite,
+                      optax.safe_increment(state.total_notfinite))
+    return updates, optax.ApplyIfFiniteState(notfinite_count=count, last_finite=finite,
+                                             total_notfinite=total, inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)

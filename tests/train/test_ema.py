@@ -109,7 +109,7 @@ def _toy_step(decay: float, *, pmap: bool = False, grad_accum: int = 1):
   def loss_fn(params, batch, rng):
     del rng
     return jnp.mean(jnp.sum((params["w"] * batch["x"]) ** 2, axis=-1)), {}
-  tx = optax.apply_if_finite(optax.sgd(0.1), optimizer.NEVER_ACCEPT)  # as optimizer.make wraps
+  tx = optimizer.skip_nonfinite(optax.sgd(0.1))  # as optimizer.make wraps
   lr = optax.constant_schedule(0.1)
   schedule = steps.ema_schedule(ml_collections.ConfigDict(dict(decay=decay, warmup="ratio",
                                                                power=1.0)))

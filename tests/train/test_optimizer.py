@@ -82,5 +82,29 @@ def test_step_whose_new_optimizer_state_overflows_is_skipped_and_counted():
     return jax.tree.map(jnp.zeros_like, grads), acc * 1e30
 
   inner = optax.GradientTransformation(lambda params: jnp.full((), 1e10, jnp.float32), update)
-  tx = optax.apply_if_finite(inner, max_consecutive_errors=optimizer.NEVER_ACCEPT)
+  tx = optimizer.skip_nonfinite(inner)
   _assert_skipped(*_one_step_twice(tx, optax.constant_schedule(1.0), 1.0, jnp.sum))
+
+
+def test_skip_nonfinite_keeps_optax_apply_if_finite_state_and_rejects_without_params():
+  # The state is optax.apply_if_finite's, leaf for leaf: checkpoints written before this guard
+  # (or by a run using optax's) restore into it.
+  inner = optax.adam(0.1)
+  params = {"w": jnp.ones(3)}
+  ours, theirs = optimizer.skip_nonfinite(inner).init(params), optax.apply_if_finite(
+      inner, max_consecutive_errors=2**30).init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  # A NaN gradient (no params given): zero updates, Adam's moments kept, counted.
+  tx = optimizer.skip_nonfinite(inner)
+  bad = {"w": jnp.array([1.0, jnp.nan, 1.0])}
+  updates, state = jax.jit(tx.update)(bad, ours)
+  np.testing.assert_array_equal(updates["w"], np.zeros(3))
+  jax.tree.map(np.testing.assert_array_equal, state.inner_state, ours.inner_state)
+  assert (int(state.notfinite_count), int(state.total_notfinite), bool(state.last_finite)) == (
+      1, 1, False)
+  # Then a finite one: applied, the consecutive count resets, the total stays.
+  updates, state = jax.jit(tx.update)({"w": jnp.ones(3)}, state)
+  assert np.all(np.asarray(updates["w"]) < 0)
+  assert (int(state.notfinite_count), int(state.total_notfinite), bool(state.last_finite)) == (
+      0, 1, True)
