@@ -41,6 +41,7 @@ class Program:
   batch_shardings: dict
   step_fn: Callable  # the pure train step, unjitted (for programs that wrap it)
   step_with_grads: Callable  # step_fn that also returns the gradients it applied (for checks)
+  step_gradients: Callable  # step_fn's first half: (state, batch) -> (loss, metrics, grads)
   train_step: Callable  # (state, batch) -> (state, metrics), jitted once, state donated
   eval_step: Callable  # (params, batch) -> sums
   text_encoder_path: str = ""  # the imported frozen text encoder's folder; "" for none
@@ -117,6 +118,7 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
       grad_accum=config.train.grad_accum, batch_axes=None if pmap else task.batch_axes,
       axis_name=steps.PMAP_AXIS if pmap else None, ema_decay=ema_decay, task_update=task_update)
   step_fn, step_with_grads = make_step(), make_step(with_grads=True)
+  step_gradients = make_step(grads_only=True)
   context = functools.partial(_mesh_context, mesh, rules)
   if pmap:  # called outside the mesh context: inside pmap every array is one device's
     train_step = steps.pmapped(step_fn, mesh)
@@ -131,7 +133,7 @@ def build(config, plan: Plan | None = None, *, mesh: Mesh | None = None,
                  sample_model=sample_model, attention=attention, tx=tx, lr_schedule=lr_schedule,
                  example_batch=example, create_state=create_state, abstract_state=abstract,
                  state_shardings=shardings, batch_shardings=batch_shardings, step_fn=step_fn,
-                 step_with_grads=step_with_grads,
+                 step_with_grads=step_with_grads, step_gradients=step_gradients,
                  train_step=train_step, eval_step=eval_step, text_encoder_path=text_encoder_path)
 
 

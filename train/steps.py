@@ -29,6 +29,7 @@ COUNT_METRICS = ("tokens", "images")
 def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, *,
                     grad_accum: int = 1, batch_axes: dict | None = None,
                     axis_name: str | None = None, with_grads: bool = False,
+                    grads_only: bool = False,
                     ema_decay: Callable | None = None, task_update: Callable | None = None):
   """Builds the pure train step; the caller jits (or pmaps) it once and donates the state.
 
@@ -78,7 +79,7 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
   compute = single if grad_accum == 1 else functools.partial(
       _accumulated, single, grad_accum=grad_accum, batch_axes=batch_axes)
 
-  def train_step(state: TrainState, batch: dict):
+  def gradients(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
     update_rng = jax.random.fold_in(step_rng, 1)
     if axis_name is not None:
@@ -89,6 +90,13 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
       loss = jax.lax.pmean(loss, axis_name)
       metrics = {k: (jax.lax.psum(v, axis_name) if k in COUNT_METRICS
                      else jax.lax.pmean(v, axis_name)) for k, v in metrics.items()}
+    return rng, update_rng, loss, metrics, grads
+
+  if grads_only:
+    return lambda state, batch: gradients(state, batch)[2:]
+
+  def train_step(state: TrainState, batch: dict):
+    rng, update_rng, loss, metrics, grads = gradients(state, batch)
     # A non-finite loss makes every gradient NaN, so skip_nonfinite rejects the step.
     poison = jnp.where(jnp.isfinite(loss), 0.0, jnp.nan)
     applied = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)

@@ -1,5 +1,5 @@
-"""A whole train step with each sequence-parallel strategy (Llama; linear-recurrent models by state
-passing) equals the single-device step."""
+"""A train step with each sequence-parallel strategy (Llama; linear-recurrent models by state
+passing) equals the single-device step: its loss and gradients (step_parity.run_one_step)."""
 
 import functools
 import math

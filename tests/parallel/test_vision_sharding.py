@@ -1,5 +1,5 @@
 """ViT and DiT steps sharded over data x seq with Ulysses and ring equal the single-device step:
-loss, gradients and the AdamW update (data x fsdp x tensor: tests/parallel/test_family_parity.py)."""
+loss and gradients (data x fsdp x tensor: tests/parallel/test_family_parity.py)."""
 
 import functools
 

@@ -57,7 +57,7 @@ def test_checkpoint_of_one_loop_resumes_in_the_other(straight, tmp_path, first, 
 @pytest.mark.parametrize("kind,accum", [("lm", 2), ("vit", 2)])
 def test_accumulated_step_equals_the_large_batch_step(kind, accum):
   # grad_accum micro-batches of B/accum on a data x fsdp x tensor mesh against one step of the
-  # whole batch on one device: same loss, same post-AdamW parameters.
+  # whole batch on one device: same loss, same gradients.
   got = step_parity.run_one_step(step_parity.axes(data=2, fsdp=2, tensor=2), kind=kind,
                                  grad_accum=accum)
   step_parity.assert_matches_reference(got, step_parity.reference(kind))
