@@ -35,13 +35,18 @@ def _inputs(seed=0):
 
 def _params(model, inputs, perturb=True):
   """Initialised parameters; ``perturb`` adds noise everywhere so no zero-init hides a path."""
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), *inputs)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)["params"])
   if not perturb:
     return params
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                   for p, k in zip(leaves, keys)])
+
+  @jax.jit
+  def perturbed(params):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
+                                     for p, k in zip(leaves, keys)])
+
+  return perturbed(params)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -82,6 +87,7 @@ def test_caption_dropout_is_the_forced_drop(built):
   all-ones mask, whatever the caption."""
   name, _, _, (x, t, ids, mask), params = built
   model = FAMILIES[name].Model(_cfg(name, caption_dropout_prob=1.0))
+  model.apply = jax.jit(model.apply, static_argnames="train")  # one compile per call signature
   dropped = model.apply({"params": params}, x, t, ids, mask, train=True,
                         rngs={"dropout": jax.random.PRNGKey(3)})
   forced = model.apply({"params": params}, x, t, ids, mask, force_drop_ids_B=jnp.ones(B, int))
@@ -99,8 +105,8 @@ def test_caption_dropout_is_the_forced_drop(built):
 
 def test_cfg_scale_one_is_conditional_and_zero_unconditional(built):
   _, _, model, (x, t, ids, mask), params = built
-  apply = lambda x, t, y, drop=None: model.apply({"params": params}, x, t, *y,
-                                                 force_drop_ids_B=drop)
+  jitted = jax.jit(model.apply)
+  apply = lambda x, t, y, drop=None: jitted({"params": params}, x, t, *y, force_drop_ids_B=drop)
   cond, uncond = apply(x, t, (ids, mask)), apply(x, t, (ids, mask), jnp.ones(B, int))
   g1 = diffusion_process.cfg_drop_model_fn(apply, 1.0)(x, t, (ids, mask))
   g0 = diffusion_process.cfg_drop_model_fn(apply, 0.0)(x, t, (ids, mask))
@@ -117,13 +123,14 @@ def test_init_output_is_zero_and_ignores_the_caption(built):
   final linear makes visible."""
   name, cfg, model, (x, t, ids, mask), _ = built
   params = _params(model, (x, t, ids, mask), perturb=False)
-  assert not np.asarray(model.apply({"params": params}, x, t, ids, mask)).any()
+  apply = jax.jit(model.apply)
+  assert not np.asarray(apply({"params": params}, x, t, ids, mask)).any()
   final = params["final_layer"]["linear"]
   params["final_layer"]["linear"] = {
       "kernel": jax.random.normal(jax.random.PRNGKey(2), final["kernel"].shape),
       "bias": final["bias"]}
-  a = model.apply({"params": params}, x, t, ids, mask)
-  b = model.apply({"params": params}, x, t, (ids + 5) % 259, mask)
+  a = apply({"params": params}, x, t, ids, mask)
+  b = apply({"params": params}, x, t, (ids + 5) % 259, mask)
   assert np.abs(np.asarray(a)).max() > 1e-3
   np.testing.assert_array_equal(a, b)
 
@@ -259,5 +266,5 @@ def test_task_samples_from_prompts():
     params = _params(model, task.init_args(batch))
     images = task.sample_text_images(model, params, batch["text_ids"], batch["text_mask"], 0)
     assert images.shape == (2, 8, 8, 1) and np.isfinite(np.asarray(images)).all()
-    loss, _ = task.loss_fn(model)(params, batch, jax.random.PRNGKey(0))
+    loss, _ = jax.jit(task.loss_fn(model))(params, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(loss))
