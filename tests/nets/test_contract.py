@@ -62,7 +62,7 @@ def _inputs(family, cfg):
 
 
 def _init(model, inputs):
-  return nn.unbox(model.init(jax.random.PRNGKey(0), *inputs)["params"])
+  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)["params"])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -89,7 +89,7 @@ def test_config_shares_the_concept_names(built):
 
 def test_forward_shape_and_dtype(built):
   family, _, model, inputs, shape, params = built
-  out = model.apply({"params": params}, *inputs)
+  out = jax.jit(model.apply)({"params": params}, *inputs)
   if family.task in ("autoencoder", "vqvae"):
     out = out[0]
   assert out.shape == shape and out.dtype == jnp.float32
