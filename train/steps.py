@@ -97,9 +97,11 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, lr_schedule: opta
 
   def train_step(state: TrainState, batch: dict):
     rng, update_rng, loss, metrics, grads = gradients(state, batch)
-    # A non-finite loss makes every gradient NaN, so skip_nonfinite rejects the step.
+    # A non-finite loss makes one gradient leaf NaN, hence the global norm, so skip_nonfinite
+    # rejects the step (one leaf, not all: an add per leaf is a kernel per leaf to compile).
     poison = jnp.where(jnp.isfinite(loss), 0.0, jnp.nan)
-    applied = jax.tree.map(lambda g: g + poison.astype(g.dtype), grads)
+    leaves, tree = jax.tree.flatten(grads)
+    applied = jax.tree.unflatten(tree, [leaves[0] + poison.astype(leaves[0].dtype), *leaves[1:]])
     updates, opt_state = tx.update(applied, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(applied),
