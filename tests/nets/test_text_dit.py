@@ -87,18 +87,18 @@ def test_caption_dropout_is_the_forced_drop(built):
   all-ones mask, whatever the caption."""
   name, _, _, (x, t, ids, mask), params = built
   model = FAMILIES[name].Model(_cfg(name, caption_dropout_prob=1.0))
-  model.apply = jax.jit(model.apply, static_argnames="train")  # one compile per call signature
-  dropped = model.apply({"params": params}, x, t, ids, mask, train=True,
-                        rngs={"dropout": jax.random.PRNGKey(3)})
-  forced = model.apply({"params": params}, x, t, ids, mask, force_drop_ids_B=jnp.ones(B, int))
+  apply = jax.jit(model.apply, static_argnames="train")  # one compile per call signature
+  dropped = apply({"params": params}, x, t, ids, mask, train=True,
+                  rngs={"dropout": jax.random.PRNGKey(3)})
+  forced = apply({"params": params}, x, t, ids, mask, force_drop_ids_B=jnp.ones(B, int))
   np.testing.assert_array_equal(dropped, forced)
-  other = model.apply({"params": params}, x, t, (ids + 7) % 259, jnp.ones_like(mask),
-                      force_drop_ids_B=jnp.ones(B, int))
+  other = apply({"params": params}, x, t, (ids + 7) % 259, jnp.ones_like(mask),
+                force_drop_ids_B=jnp.ones(B, int))
   np.testing.assert_array_equal(other, forced)
-  cond = model.apply({"params": params}, x, t, ids, mask)
+  cond = apply({"params": params}, x, t, ids, mask)
   assert np.abs(np.asarray(cond - forced)).max() > 1e-4
   # force_drop decides per row: row 0 dropped, the others conditional.
-  mixed = model.apply({"params": params}, x, t, ids, mask, force_drop_ids_B=jnp.array([1, 0, 0]))
+  mixed = apply({"params": params}, x, t, ids, mask, force_drop_ids_B=jnp.array([1, 0, 0]))
   np.testing.assert_allclose(mixed[0], forced[0], atol=1e-6)
   np.testing.assert_allclose(mixed[1:], cond[1:], atol=1e-6)
 
