@@ -2,6 +2,7 @@
 wrapped in ``skip_nonfinite`` so no non-finite gradient, parameter or optimizer-state value ever
 reaches the train state."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -135,12 +136,7 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
   def update(grads, state, params=None, **extra_args):
     updates, new_inner = inner.update(grads, state.inner_state, params, **extra_args)
     updates, new_inner = jax.lax.optimization_barrier((updates, new_inner))
-    inexact = lambda x: jnp.issubdtype(x.dtype, jnp.inexact)
-    checks = [jnp.isfinite(optax.tree.norm(grads))]
-    if params is not None:
-      checks += [jnp.all(jnp.isfinite(p + u.astype(p.dtype))) for p, u in
-                 zip(jax.tree.leaves(params), jax.tree.leaves(updates)) if inexact(p)]
-    checks += [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_inner) if inexact(x)]
+    checks = [jnp.isfinite(optax.tree.norm(grads)), *_finite_flags(params, updates, new_inner)]
     finite = jnp.all(jnp.stack(checks))
     updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
     # The second barrier keeps XLA from fusing the inner update's arithmetic into the state's
@@ -156,3 +152,33 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
                                              total_notfinite=total, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _finite_flags(params, updates, state) -> list:
+  """Scalar all-finite flags that together cover every new parameter ``params + updates`` (when
+  ``params`` is given) and every inexact leaf of the new optimizer ``state``.
+
+  One flag (one reduction) per parameter leaf covers its new value and the state leaves of the
+  same shape at its place in each state subtree that mirrors the parameter tree (Adam's ``mu``
+  and ``nu``): they share the parameter's sharding, so combining them moves no data, and XLA
+  compiles one reduction instead of three (the U-DiT and VQ-VAE train steps compile seconds
+  faster). Any other state leaf gets a flag of its own."""
+  inexact = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  template = jax.tree.leaves(updates)
+  treedef = jax.tree.structure(updates)
+  groups = [[] for _ in template]
+  if params is not None:
+    for i, (p, u) in enumerate(zip(jax.tree.leaves(params), template)):
+      if inexact(p):
+        groups[i].append(p + u.astype(p.dtype))
+  rest = []
+  mirrors = lambda x: jax.tree.structure(x) == treedef
+  for sub in jax.tree.leaves(state, is_leaf=mirrors):
+    if not mirrors(sub):
+      rest += [sub] if inexact(sub) else []
+      continue
+    for i, (x, t) in enumerate(zip(jax.tree.leaves(sub), template)):
+      if inexact(x):
+        (groups[i] if jnp.shape(x) == jnp.shape(t) else rest).append(x)
+  flags = [jnp.all(functools.reduce(jnp.logical_and, map(jnp.isfinite, g))) for g in groups if g]
+  return flags + [jnp.all(jnp.isfinite(x)) for x in rest]

@@ -76,12 +76,21 @@ def test_step_whose_new_parameters_overflow_is_skipped_and_counted():
   _assert_skipped(*_one_step_twice(tx, lr, 2e38, lambda w: -jnp.sum(w)))
 
 
-def test_step_whose_new_optimizer_state_overflows_is_skipped_and_counted():
+# The accumulator as a scalar; as a tree mirroring the parameters, leaf for leaf (as Adam's moments:
+# checked together with the new parameter); mirroring them with another shape (a factored moment).
+ACCUMULATORS = {"scalar": lambda params: jnp.full((), 1e10, jnp.float32),
+                "like_params": lambda params: jax.tree.map(lambda p: jnp.full_like(p, 1e10), params),
+                "other_shape": lambda params: jax.tree.map(lambda p: jnp.full(p.shape + (2,), 1e10),
+                                                          params)}
+
+
+@pytest.mark.parametrize("accumulator", list(ACCUMULATORS))
+def test_step_whose_new_optimizer_state_overflows_is_skipped_and_counted(accumulator):
   # Finite gradients and zero updates, but an accumulator in the optimizer state overflows.
   def update(grads, acc, params=None):
-    return jax.tree.map(jnp.zeros_like, grads), acc * 1e30
+    return jax.tree.map(jnp.zeros_like, grads), jax.tree.map(lambda a: a * 1e30, acc)
 
-  inner = optax.GradientTransformation(lambda params: jnp.full((), 1e10, jnp.float32), update)
+  inner = optax.GradientTransformation(ACCUMULATORS[accumulator], update)
   tx = optimizer.skip_nonfinite(inner)
   _assert_skipped(*_one_step_twice(tx, optax.constant_schedule(1.0), 1.0, jnp.sum))
 
