@@ -174,8 +174,9 @@ def _finite_flags(params, updates, state) -> list:
   rest = []
   mirrors = lambda x: jax.tree.structure(x) == treedef
   for sub in jax.tree.leaves(state, is_leaf=mirrors):
-    if not mirrors(sub):
-      rest += [sub] if inexact(sub) else []
+    if not mirrors(sub):  # a leaf of a subtree that does not mirror the parameters
+      if inexact(sub):
+        rest.append(sub)
       continue
     for i, (x, t) in enumerate(zip(jax.tree.leaves(sub), template)):
       if inexact(x):
