@@ -133,12 +133,13 @@ def default_generation(trained):
 
 
 def test_generate_uses_the_training_mesh_and_any_other(trained, default_generation):
+  # Another 8-device mesh (--mesh=fsdp=4,tensor=2) is compared with the training mesh by
+  # tests/user/test_make_run.py (docs/decoding.md's commands); here, one device.
   default = default_generation
   assert "mesh (data=2, fsdp=2, tensor=2, seq=1, expert=1)" in default.stderr
-  other = _generate(trained, "--mesh=fsdp=4,tensor=2")
-  assert "mesh (data=1, fsdp=4, tensor=2, seq=1, expert=1)" in other.stderr
   one = _generate(trained, "--mesh=data=1", "--cpu_devices=1")
-  assert default.stdout == other.stdout == one.stdout
+  assert "mesh (data=1, fsdp=1, tensor=1, seq=1, expert=1)" in one.stderr, one.stderr[-2000:]
+  assert default.stdout == one.stdout
   assert default.stdout.count("=== prompt") == 2
 
 

@@ -111,7 +111,8 @@ DOCUMENTED = {
         U + "test_registry.py::test_bench_seq_parallel_starts_and_parses_its_flags"),
     # Benchmarks: tests/train/test_bench_*.py run them in --quick mode.
     "python -m bench.mfu": Runs("tests/train/test_bench_mfu.py::"
-                                "test_quick_mfu_bench_writes_sane_figures", "--quick --steps=1"),
+                                "test_quick_mfu_bench_writes_sane_figures",
+                                "--quick --steps=1 --cases=llama,mamba,gated_deltanet,mamba2"),
     "python -m bench.state_passing": Runs("tests/train/test_bench_state_passing.py::"
                                           "test_quick_state_passing_bench_writes_consistent_"
                                           "figures", "--quick, in process through its main()"),
