@@ -154,7 +154,9 @@ DOCUMENTED = {
     "python -m train --config=experiments/mamba_stdlib.py --workdir=DIR --cpu_devices=8":
         Runs(LM_EXPERIMENT),
     "python -m train --config=experiments/megabyte_stdlib.py[:local=mamba] --workdir=DIR "
-    "--cpu_devices=8": Runs(LM_EXPERIMENT, "both forms: without and with :local=mamba"),
+    "--cpu_devices=8": Runs(LM_EXPERIMENT, "with :local=mamba; the form without it differs only in "
+                           "its local blocks (Transformer ones: tests/parallel/"
+                           "test_family_parity.py, tests/train/test_generate.py)"),
     "python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR --cpu_devices=8":
         Runs(LM_EXPERIMENT, "with ODYSSEY_CACHE set to an empty folder, then rerun"),
     # Hugging Face weights, generation and sampling.

@@ -9,7 +9,9 @@ loaded cores): ``--config.train.steps`` (6 of 500; the step-0 and final evaluati
 small for the validation loss to move), ``--config.train.batch_size`` (8 of 16; 8 is divisible by
 every mesh here, moe_lm_stdlib's expert=4 x data=2 included), ``--config.eval.steps`` (2 of 8
 batches) and ``--config.sample.max_new_tokens`` (48 of 200 tokens; the sample stays on).
-(lm_stdlib itself is the make-run test's job.) lm_stdlib_bpe runs with
+(lm_stdlib itself is the make-run test's job; MEGABYTE runs in its hybrid MBLM form,
+``:local=mamba``: the form without it only swaps the local blocks for Transformer ones, whose step
+and generation the family's parity and generation tests cover.) lm_stdlib_bpe runs with
 ``ODYSSEY_CACHE`` (documented) set to an empty folder, as on a fresh machine: the first run must
 build its tokenizer and token streams there, and a rerun with one more step must reuse them
 untouched and resume (and its metric lines stay in order).
@@ -34,7 +36,6 @@ COMMANDS = {
                          "--cpu_devices=8"),
     "mamba_stdlib": doc("python -m train --config=experiments/mamba_stdlib.py --workdir=DIR "
                         "--cpu_devices=8"),
-    "megabyte_stdlib": MEGABYTE.replace("[:local=mamba]", ""),
     "megabyte_stdlib:local=mamba": MEGABYTE.replace("[:local=mamba]", ":local=mamba"),
     "lm_stdlib_bpe": doc("python -m train --config=experiments/lm_stdlib_bpe.py --workdir=DIR "
                          "--cpu_devices=8"),
