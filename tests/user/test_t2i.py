@@ -7,7 +7,7 @@ Overrides, only of step counts and sizes: MMDiT --config.train.steps=10 (of 9,00
 --config.train.batch_size=16 (of 64), --config.opt.warmup_steps=2 (a step count: at step 10 of a
 100-step warm-up the loss has not moved), --config.diffusion.sample_steps=4 (of 50) and
 --config.diffusion.samples_per_class=1 (of 8 columns); the reader 40 steps (of 1,500); the sample
-command --steps=4 --per_class=2; the bench --n=20 (of 250) --steps=4 --cfg_scales=1,4 (of 1,2,4)
+command --steps=4 --per_class=2; the bench --n=10 (of 250) --steps=4 --cfg_scales=1,4 (of 1,2,4)
 --out=tmp.
 """
 
@@ -97,7 +97,7 @@ def test_quality_bench_scores_raw_and_ema_at_each_guidance_scale(t2i, trained, t
   _, workdir, _ = t2i
   reader, _ = trained("digit_reader")
   out = run(substitute(doc(QUALITY), READER=reader, DIR=workdir) +
-            f" --n=20 --steps=4 --cfg_scales=1,4 --out={tmp_path}", tmp_path / "bench.log",
+            f" --n=10 --steps=4 --cfg_scales=1,4 --out={tmp_path}", tmp_path / "bench.log",
             timeout=600).stdout
   doc_json = json.loads((tmp_path / "diffusion_quality.json").read_text())
   rows = doc_json["rows"]
@@ -106,6 +106,6 @@ def test_quality_bench_scores_raw_and_ema_at_each_guidance_scale(t2i, trained, t
   assert {(r["split"], r["weights"], r["cfg_scale"]) for r in rows} == {
       (s, w, c) for s in ("heldout", "val") for w in ("raw", "ema") for c in (1.0, 4.0)}
   for r in rows:
-    assert 0.0 <= r["faithfulness"] <= 1.0 and r["frechet"] > 0 and r["samples"] == 20, r
+    assert 0.0 <= r["faithfulness"] <= 1.0 and r["frechet"] > 0 and r["samples"] == 10, r
   assert "| t2i | mmdit | heldout |" in out, out[-2000:]
   assert (tmp_path / "diffusion_quality.md").exists()
