@@ -614,11 +614,12 @@ def run(args) -> dict:
   dtype = "float32"
   load_before = os.getloadavg()[0]  # other processes' load: how noisy the absolute times are
   before = peak(dtype, args.quick)
-  profile_dir = tempfile.mkdtemp(prefix="odyssey_mfu_profile_")
   during = []
   sample = lambda: during.append(peak(dtype, args.quick, repeats=1))
   cases = tuple(args.cases.split(","))
-  rows = [run_case(name, args.quick, steps_timed, profile_dir, sample, cases) for name in cases]
+  # The profiler traces (tens of MB per run) are read into the rows, then removed.
+  with tempfile.TemporaryDirectory(prefix="odyssey_mfu_profile_") as profile_dir:
+    rows = [run_case(name, args.quick, steps_timed, profile_dir, sample, cases) for name in cases]
   after = peak(dtype, args.quick)
   best = max(before, after, *during, fastest_matmul(rows))
   for row in rows:  # every MFU against the best of the peak measurements

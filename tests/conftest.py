@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -21,8 +23,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tokenizers and token streams built on first use (train/data.py cache_dir) go to a folder of this
 # test process, not the user's ~/.cache/odyssey; subprocesses inherit it. A test of the first use
 # itself sets its own empty one.
+# The folders this process makes here (the pytest controller's, which xdist's workers and every
+# subprocess inherit) are removed when it exits: each run's XLA cache holds ~160 MB.
+_MADE = []
 if "ODYSSEY_CACHE" not in os.environ:
   os.environ["ODYSSEY_CACHE"] = tempfile.mkdtemp(prefix="odyssey-test-cache-")
+  _MADE.append(os.environ["ODYSSEY_CACHE"])
 # One persistent XLA compilation cache for the whole run, shared by both pytest workers and every
 # subprocess they start (set here, in the controller, before the workers spawn): the suite compiles
 # the same programs many times (a run and its resume, make run and generate on its workdir, each
@@ -33,8 +39,10 @@ if "ODYSSEY_CACHE" not in os.environ:
 # without a cache, 54.3 s with the threshold), as writes cost more than the rare hits save.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="odyssey-test-xla-cache-")
+  _MADE.append(os.environ["JAX_COMPILATION_CACHE_DIR"])
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+atexit.register(lambda: [shutil.rmtree(path, ignore_errors=True) for path in _MADE])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402,F401  (adds parallel/xla_flags.py's CPU_FLAGS before JAX starts)
 
