@@ -20,12 +20,12 @@ _TERMINATE = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + _TERMINATE
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The folders this process makes below (the pytest controller's, which xdist's workers and every
+# subprocess inherit) are removed when it exits: each run's XLA cache holds ~160 MB.
+_MADE = []
 # Tokenizers and token streams built on first use (train/data.py cache_dir) go to a folder of this
 # test process, not the user's ~/.cache/odyssey; subprocesses inherit it. A test of the first use
 # itself sets its own empty one.
-# The folders this process makes here (the pytest controller's, which xdist's workers and every
-# subprocess inherit) are removed when it exits: each run's XLA cache holds ~160 MB.
-_MADE = []
 if "ODYSSEY_CACHE" not in os.environ:
   os.environ["ODYSSEY_CACHE"] = tempfile.mkdtemp(prefix="odyssey-test-cache-")
   _MADE.append(os.environ["ODYSSEY_CACHE"])
