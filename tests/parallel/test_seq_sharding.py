@@ -45,9 +45,10 @@ def test_ring_llama_step_uses_collective_permute():
 # (parallel/state_passing.py) while the hybrid's attention layer runs its own strategy in the
 # same step, in sequence order. name -> (kind, mesh sizes, config.parallel overrides). seq=4 with
 # ring attention is left to tests/parallel/test_state_passing.py (the recurrence on every mesh)
-# and test_seq_parallel.py (in-order ring attention): each whole-step case costs a minute.
+# and test_seq_parallel.py (in-order ring attention): each whole-step case costs a minute. A
+# seq=2 Ulysses case (one shard boundary) is left out too: data=2 x seq=4 passes states over
+# three boundaries with the same strategy.
 LINEAR = {
-    "gdn_seq2_ulysses": ("gdn", axes(seq=2), dict(seq_strategy="ulysses")),
     "gdn_seq8_ring": ("gdn", axes(seq=8), dict(seq_strategy="ring")),
     "gdn_data2_seq4_ulysses": ("gdn", axes(data=2, seq=4), dict(seq_strategy="ulysses")),
     "ssd_tensor2_seq4": ("ssd", axes(tensor=2, seq=4), dict()),
