@@ -37,8 +37,12 @@ run: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/python -m train \
 	  --config=experiments/lm_stdlib.py:size=tiny --workdir=$(WORKDIR) --cpu_devices=8 $(ARGS)
 
+# PYTHONDONTWRITEBYTECODE is emptied for the suite: where a shell sets it (this project's build
+# machines do), every Python process of the suite (the two pytest workers and the hundred-odd
+# commands they run) would compile odyssey's modules, and pytest its rewritten test modules, from
+# source again. The caches go to __pycache__, which git ignores; nothing else changes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40 --junitxml=workdirs/tests.xml tests
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=40 --junitxml=workdirs/tests.xml tests
 
 clean:
 	rm -rf workdirs
