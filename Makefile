@@ -6,8 +6,8 @@
 PYTHON ?= $(shell for p in python3 python3.12 python3.13 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[2-9]*/bin/python3 2>/dev/null); do $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 BIN := $(VENV)/bin
-# Reinstall when the dependency list changes: odyssey with its test extra (what `make run` needs),
-# then the parity extra (what only `make test` needs: PyTorch alone unpacks to ~4 GB).
+# Reinstall when the dependency list changes: odyssey with its small test extra (all `make run`
+# installs), then the parity extra (only `make test` needs it: PyTorch alone unpacks to ~4 GB).
 CKSUM := $(shell cksum pyproject.toml | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(CKSUM)
 PARITY := $(VENV)/.parity-$(CKSUM)
@@ -23,9 +23,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The installer: uv, which fetches and unpacks the wheels in parallel (the parity extra's PyTorch
-# alone is ~4 GB unpacked; pip took ~85 s for what uv does in ~35 s on 2 cores), with pip as the
-# fallback where uv cannot reach the package index (uv reads UV_INDEX_URL, not pip.conf). Both
-# compile the bytecode, as pip does by default.
+# alone is ~4 GB unpacked; the whole install took pip 86 s and uv 46-49 s, on 2 cores with an empty
+# download cache), with pip as the fallback where uv cannot reach the package index (uv reads
+# UV_INDEX_URL, not pip.conf). Both compile the bytecode, as pip does by default.
 INSTALL = { test -x $(BIN)/uv && $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode $(1); } || $(BIN)/python -m pip install --quiet $(1)
 
 $(STAMP): pyproject.toml | $(BIN)/python
